@@ -1,0 +1,1 @@
+"""NVIDIA DALI data path (--use_dali)."""

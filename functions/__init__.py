@@ -1,0 +1,1 @@
+"""Helper modules shared by run_sflmoco.py and run_sflswav.py."""

@@ -1,0 +1,1 @@
+"""Split ResNet backbones and self-supervised heads."""
