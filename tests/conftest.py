@@ -1,0 +1,23 @@
+"""Shared test fixtures: locations of real data, CPU-only defaults."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+# Real CIFAR-10 images (a trimmed official layout) kept beside the repository; override with SFL_CIFAR10_MINI.
+CIFAR10_MINI = Path(os.environ.get("SFL_CIFAR10_MINI", REPO_ROOT.parent / "shared" / "data" / "cifar10-mini"))
+
+
+@pytest.fixture
+def cifar10_mini_dir() -> Path:
+    """The folder that holds cifar-10-batches-py/ with real images; skips the test when absent."""
+    if not (CIFAR10_MINI / "cifar-10-batches-py" / "data_batch_1").is_file():
+        pytest.skip(f"real CIFAR-10 sample not found at {CIFAR10_MINI}")
+    return CIFAR10_MINI
