@@ -1,0 +1,279 @@
+"""Every command-line option of both entry scripts, YAML presets (--config), and validation.
+
+Option names follow the seed scripts (MocoSFL and its SwAV descendant). `parse_args(method, argv)` returns
+the resolved options; values come from, in increasing priority: the defaults here, the `--config` YAML
+file, the command line.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from functions.errors import UserError
+from functions.partition import add_partition_arguments, resolve_partition_method
+
+CONFIG_DIR = Path(__file__).resolve().parent
+METHODS = ("moco", "swav")
+
+# Options that do not change what a run computes: a resumed run may change them freely.
+RUNTIME_OPTIONS = frozenset({
+    "config", "resume", "checkpoint", "eval_only", "output_dir", "data_dir", "device", "num_workers",
+    "num_epoch", "max_steps", "eval_freq", "linear_epochs", "skip_linear", "knn_k", "knn_t",
+    "log_freq", "tensorboard", "progress", "eval_batch_size",
+})
+
+
+def _float_list(text: str) -> float:
+    return float(text)
+
+
+def build_parser(method: str) -> argparse.ArgumentParser:
+    """The parser of one entry script (`method` is "moco" or "swav")."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}")
+    entry = "run_sflmoco.py" if method == "moco" else "run_sflswav.py"
+    parser = argparse.ArgumentParser(
+        prog=entry,
+        description=("Split federated self-supervised learning with "
+                     + ("MoCo (MocoSFL)." if method == "moco" else "SwAV (multi-crop, prototypes, Sinkhorn).")),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", type=str, default=None,
+                        help="YAML file of option values (keys = option names without --); the command line overrides it")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--output_dir", type=str, default=None,
+                     help="run folder (config, partition, logs, tensorboard, metrics.json, checkpoints); "
+                          "default ./outputs/<method>_<dataset>_<arch>_cut<cutlayer>_client<num_client>_seed<seed>")
+    run.add_argument("--seed", type=int, default=1234, help="seed of the partition, client sampling, augmentations and initial weights")
+    run.add_argument("--device", type=str, default=None,
+                     help="torch device (cuda, cuda:1, cpu); default: cuda when present, else cpu; under torchrun the local rank's GPU")
+    run.add_argument("--resume", action="store_true", help="continue training from checkpoint_last.pt in --output_dir")
+    run.add_argument("--checkpoint", type=str, default=None, help="checkpoint file to evaluate with --eval_only")
+    run.add_argument("--eval_only", action="store_true", help="only evaluate --checkpoint (kNN, linear and semi-supervised probes)")
+    run.add_argument("--num_workers", type=int, default=2, help="data-loading worker processes of the torch data path")
+    run.add_argument("--log_freq", type=int, default=20, help="training steps between progress-bar / loss-log updates")
+    run.add_argument("--is_distributed", action="store_true",
+                     help="accepted for compatibility with the seed scripts; torchrun's environment decides")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", type=str, default="cifar10", choices=["cifar10", "cifar100", "synthetic"],
+                      help="training data set (synthetic = small random images, for tests)")
+    data.add_argument("--data_dir", type=str, default="./data",
+                      help="folder holding cifar-10-batches-py/ or cifar-100-python/ (downloaded when missing)")
+    data.add_argument("--data_proportion", type=float, default=1.0, help="fraction of the training set to use")
+    data.add_argument("--use_dali", action="store_true", help="augment with NVIDIA DALI instead of torchvision")
+    data.add_argument("--dali_device", type=str, default=None, choices=["gpu", "cpu"],
+                      help="where DALI runs its operators; default gpu when CUDA is present")
+
+    sfl = parser.add_argument_group("split federated learning")
+    sfl.add_argument("--num_client", type=int, default=10, help="number of simulated clients")
+    sfl.add_argument("--cutlayer", type=int, default=1, help="client keeps this many ResNet units (1 = stem only, 2 = stem + first block, ...)")
+    sfl.add_argument("--batch_size", type=int, default=64, help="samples per client per step")
+    sfl.add_argument("--client_sample_ratio", type=float, default=1.0, help="fraction of clients in the pool, redrawn each epoch")
+    sfl.add_argument("--avg_freq", type=int, default=1, help="FedAvg of client models this many times per epoch")
+    sfl.add_argument("--hetero", action="store_true",
+                     help="heterogeneous clients: each client's batch is proportional to its data size (rich clients send more rows)")
+    sfl.add_argument("--hetero_string", type=str, default="0.2_0.8|16|0.8_0.2",
+                     help="with --hetero and --partition iid: 'A_B|C|D_E' = a fraction A of clients holds a fraction B of the "
+                          "data (the others, D, hold E); C is the rich clients' batch multiplier")
+    add_partition_arguments(sfl)
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--arch", type=str, default="ResNet18", help="ResNet18, ResNet34 or ResNet50 (CIFAR stem)")
+    model.add_argument("--width", type=int, default=64, help="base channel count of the ResNet (64 = standard)")
+    model.add_argument("--disable_WS", action="store_true", help="plain convolutions instead of weight-standardised ones")
+    model.add_argument("--disable_c_residual", action="store_true", help="no shortcut connections in the client's blocks")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--num_epoch", type=int, default=200, help="training epochs (one epoch: every sample seen about once)")
+    optim.add_argument("--max_steps", type=int, default=0, help="stop after this many training steps in total (0 = no limit)")
+    optim.add_argument("--lr", type=float, default=0.06, help="server learning rate")
+    optim.add_argument("--c_lr", type=float, default=-1.0, help="client learning rate (-1 = same as --lr)")
+    optim.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    optim.add_argument("--weight_decay", type=float, default=5e-4, help="SGD weight decay")
+    optim.add_argument("--cos", action="store_true", help="cosine learning-rate decay over the epochs (else MultiStepLR)")
+    optim.add_argument("--milestones", type=int, nargs="*", default=[], help="MultiStepLR epochs at which the lr is multiplied by the gamma")
+    optim.add_argument("--s_gamma", type=float, default=0.1, help="server MultiStepLR factor")
+    optim.add_argument("--c_gamma", type=float, default=0.1, help="client MultiStepLR factor")
+    optim.add_argument("--use_fp16", action="store_true", help="mixed precision (CUDA only; full precision with a warning on CPU)")
+    optim.add_argument("--amp_dtype", type=str, default="fp16", choices=["fp16", "bf16"], help="mixed-precision type with --use_fp16")
+
+    evaluation = parser.add_argument_group("evaluation")
+    evaluation.add_argument("--eval_freq", type=int, default=1, help="kNN monitor every this many epochs (0 = only at the end)")
+    evaluation.add_argument("--knn_k", type=int, default=200, help="neighbours of the kNN monitor")
+    evaluation.add_argument("--knn_t", type=float, default=0.1, help="temperature of the kNN monitor")
+    evaluation.add_argument("--eval_batch_size", type=int, default=512, help="batch size of feature extraction")
+    evaluation.add_argument("--linear_epochs", type=int, default=100, help="epochs of the final linear and semi-supervised probes")
+    evaluation.add_argument("--skip_linear", action="store_true", help="skip the final linear and semi-supervised probes")
+
+    if method == "moco":
+        moco = parser.add_argument_group("MoCo")
+        moco.add_argument("--moco_version", type=str, default="V2", choices=["V1", "smallV2", "V2", "largeV2"],
+                          help="projection head: V1 linear, smallV2/V2/largeV2 two-layer MLP of growing width")
+        moco.add_argument("--K", type=int, default=6000, help="keys in the shared queue (negatives)")
+        moco.add_argument("--K_dim", type=int, default=128, help="dimension of keys and queries")
+        moco.add_argument("--T", type=float, default=0.1, help="InfoNCE temperature")
+        moco.add_argument("--moco_momentum", type=float, default=0.99, help="momentum of the key encoders (client copies and server)")
+        moco.add_argument("--symmetric", action="store_true", help="add the swapped InfoNCE term (both views serve as query and key)")
+        moco.add_argument("--fedavg_momentum", action="store_true", help="FedAvg also averages the clients' momentum copies")
+    else:
+        swav = parser.add_argument_group("SwAV")
+        swav.add_argument("--nmb_crops", type=int, nargs="+", default=[2, 6], help="number of crops of each size")
+        swav.add_argument("--size_crops", type=int, nargs="+", default=[32, 16], help="crop sizes in pixels")
+        swav.add_argument("--min_scale_crops", type=float, nargs="+", default=[0.14, 0.05], help="RandomResizedCrop minimum area fraction per size")
+        swav.add_argument("--max_scale_crops", type=float, nargs="+", default=[1.0, 0.14], help="RandomResizedCrop maximum area fraction per size")
+        swav.add_argument("--crops_for_assign", type=int, nargs="+", default=[0, 1], help="crops whose codes are predicted")
+        swav.add_argument("--temperature", type=float, default=0.1, help="softmax temperature of the swapped prediction")
+        swav.add_argument("--epsilon", type=float, default=0.05, help="entropy regularisation of Sinkhorn-Knopp")
+        swav.add_argument("--sinkhorn_iterations", type=int, default=3, help="Sinkhorn-Knopp iterations")
+        swav.add_argument("--feat_dim", type=int, default=128, help="embedding dimension")
+        swav.add_argument("--hidden_mlp", type=int, default=2048, help="hidden width of the projection MLP (0 = linear)")
+        swav.add_argument("--nmb_prototypes", type=int, default=100, help="number of prototypes")
+        swav.add_argument("--queue_length", type=int, default=0, help="embeddings kept per assignment crop for Sinkhorn (0 = no queue)")
+        swav.add_argument("--epoch_queue_starts", type=int, default=15, help="epoch from which the queue is filled and used")
+        swav.add_argument("--freeze_prototypes_niters", type=int, default=300, help="steps during which the prototypes do not move")
+        swav.add_argument("--server_update", type=str, default="joint", choices=["joint", "per_client"],
+                          help="joint: one loss over all clients, one server step; per_client: one server step per client")
+        swav.add_argument("--use_swav_scheduler", action="store_true",
+                          help="linear warm-up then per-step cosine decay (SwAV's schedule) instead of --cos / milestones")
+        swav.add_argument("--start_warmup", type=float, default=0.0, help="lr at the start of the warm-up")
+        swav.add_argument("--warmup_epochs", type=int, default=10, help="warm-up epochs of --use_swav_scheduler")
+        swav.add_argument("--final_s_lr", type=float, default=0.0006, help="server lr at the end of --use_swav_scheduler")
+        swav.add_argument("--final_c_lr", type=float, default=-1.0, help="client lr at the end of --use_swav_scheduler (-1 = same as --final_s_lr)")
+    return parser
+
+
+def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """Read a YAML preset; every key must be an option of this entry script."""
+    config_path = Path(path)
+    if not config_path.is_file():
+        raise UserError(f"config file {path} not found")
+    try:
+        values = yaml.safe_load(config_path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise UserError(f"config file {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"config file {path} must map option names to values")
+    known = {action.dest for action in parser._actions}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(f"unknown option {unknown[0]!r} in config file {path} (see --help for the option names)")
+    return values
+
+
+def parse_args(method: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse defaults <- --config YAML <- command line, validate, and fill derived values."""
+    parser = build_parser(method)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", type=str, default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        parser.set_defaults(**load_config_file(known.config, parser))
+    args = parser.parse_args(argv)
+    args.method = method
+    return finalize_args(args)
+
+
+def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Check contradictions (one clear line each) and fill the derived values."""
+    args.partition = resolve_partition_method(args)
+    if args.c_lr == -1.0:
+        args.c_lr = args.lr
+    if args.output_dir is None:
+        args.output_dir = os.path.join(
+            "outputs", f"{args.method}_{args.dataset}_{args.arch}_cut{args.cutlayer}_client{args.num_client}_seed{args.seed}")
+    positive = {"num_client": args.num_client, "batch_size": args.batch_size, "avg_freq": args.avg_freq,
+                "num_epoch": args.num_epoch, "width": args.width, "eval_batch_size": args.eval_batch_size}
+    for name, value in positive.items():
+        if value < 1:
+            raise UserError(f"--{name} must be at least 1 (got {value})")
+    if not 0.0 < args.client_sample_ratio <= 1.0:
+        raise UserError(f"--client_sample_ratio must be in (0, 1] (got {args.client_sample_ratio})")
+    if args.max_steps < 0:
+        raise UserError(f"--max_steps must be 0 (no limit) or positive (got {args.max_steps})")
+    if args.lr <= 0 or args.c_lr <= 0:
+        raise UserError("--lr and --c_lr must be positive")
+    if args.eval_only and not args.checkpoint:
+        raise UserError("--eval_only needs --checkpoint PATH (a checkpoint_last.pt of an earlier run)")
+    if args.hetero:
+        parse_hetero_string(args.hetero_string)
+    _check_cutlayer(args)
+    if args.method == "moco":
+        if args.K < 1 or args.K_dim < 1 or args.T <= 0:
+            raise UserError("--K, --K_dim and --T must be positive")
+        if not 0.0 <= args.moco_momentum < 1.0:
+            raise UserError(f"--moco_momentum must be in [0, 1) (got {args.moco_momentum})")
+    else:
+        _check_swav(args)
+    return args
+
+
+def _check_cutlayer(args: argparse.Namespace) -> None:
+    from models.resnet import num_cut_points
+
+    points = num_cut_points(args.arch)  # raises UserError for an unknown arch
+    if not 1 <= args.cutlayer <= points:
+        raise UserError(f"--cutlayer {args.cutlayer} is past {args.arch}, which has cut points 1..{points} "
+                        f"(1 = stem only, {points} = the whole backbone on the client)")
+
+
+def _check_swav(args: argparse.Namespace) -> None:
+    lists = {"nmb_crops": args.nmb_crops, "size_crops": args.size_crops,
+             "min_scale_crops": args.min_scale_crops, "max_scale_crops": args.max_scale_crops}
+    lengths = {name: len(value) for name, value in lists.items()}
+    if len(set(lengths.values())) != 1:
+        described = ", ".join(f"--{name} has {length}" for name, length in lengths.items())
+        raise UserError(f"the crop lists must have the same length: {described}")
+    for low, high in zip(args.min_scale_crops, args.max_scale_crops):
+        if not 0.0 < low <= high <= 1.0:
+            raise UserError(f"crop scales must satisfy 0 < min <= max <= 1 (got min {low}, max {high})")
+    if any(n < 1 for n in args.nmb_crops) or any(s < 1 for s in args.size_crops):
+        raise UserError("--nmb_crops and --size_crops must be positive")
+    total_crops = sum(args.nmb_crops)
+    if total_crops < 2:
+        raise UserError("SwAV needs at least two crops in total (--nmb_crops)")
+    for crop in args.crops_for_assign:
+        if not 0 <= crop < total_crops:
+            raise UserError(f"--crops_for_assign {crop} is out of range: there are {total_crops} crops (0..{total_crops - 1})")
+    if len(set(args.crops_for_assign)) != len(args.crops_for_assign):
+        raise UserError("--crops_for_assign lists a crop twice")
+    if args.nmb_prototypes < 2:
+        raise UserError("--nmb_prototypes must be at least 2")
+    if args.queue_length < 0 or args.epsilon <= 0 or args.temperature <= 0 or args.sinkhorn_iterations < 1:
+        raise UserError("--queue_length must be >= 0; --epsilon, --temperature and --sinkhorn_iterations positive")
+    if args.final_c_lr == -1.0:
+        args.final_c_lr = args.final_s_lr
+
+
+_HETERO = re.compile(r"^([0-9.]+)_([0-9.]+)\|([0-9.]+)\|([0-9.]+)_([0-9.]+)$")
+
+
+def parse_hetero_string(text: str) -> tuple[float, float, float]:
+    """'A_B|C|D_E' -> (rich client fraction A, their data fraction B, batch multiplier C)."""
+    match = _HETERO.match(text.strip())
+    if not match:
+        raise UserError(f"--hetero_string {text!r} must look like 'A_B|C|D_E', e.g. '0.2_0.8|16|0.8_0.2'")
+    rich_clients, rich_data, multiplier, poor_clients, poor_data = (float(g) for g in match.groups())
+    if abs(rich_clients + poor_clients - 1) > 1e-6 or abs(rich_data + poor_data - 1) > 1e-6:
+        raise UserError(f"--hetero_string {text!r}: A + D and B + E must each be 1")
+    if not (0 < rich_clients < 1 and 0 < rich_data < 1 and multiplier >= 1):
+        raise UserError(f"--hetero_string {text!r}: fractions must be in (0, 1) and the multiplier at least 1")
+    return rich_clients, rich_data, multiplier
+
+
+def training_signature(args: argparse.Namespace) -> dict[str, Any]:
+    """The options that define what a run computes; a checkpoint resumes only under the same ones."""
+    return {key: value for key, value in sorted(vars(args).items()) if key not in RUNTIME_OPTIONS}
+
+
+def save_resolved_config(args: argparse.Namespace, path: str | os.PathLike) -> None:
+    """Write every resolved option as YAML (usable again with --config)."""
+    values = {key: value for key, value in sorted(vars(args).items())
+              if key not in {"config", "resume", "eval_only", "checkpoint", "method"}}
+    Path(path).write_text(yaml.safe_dump(values, sort_keys=True))

@@ -1,0 +1,153 @@
+"""The client side of one process: every simulated client's model, optimizer and momentum copy.
+
+The training loop sees one object: `forward` turns the pool's crops into smashed activations (rows grouped by
+client, as the loader stacked them), `backward` sends each client exactly the gradient rows it produced
+(sliced by `query_index`, the running sum of `query_num`), `step` updates the clients of the pool, and `fedavg`
+averages them. Inside it is a plain loop over per-client modules.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from functions.sflmoco_functions import momentum_update_
+
+
+def query_index(rows_per_client: Sequence[int]) -> list[int]:
+    """Row offsets [0, n0, n0+n1, ...]: client j owns rows query_index[j]:query_index[j+1] of every crop."""
+    return np.concatenate([[0], np.cumsum(rows_per_client)]).astype(int).tolist()
+
+
+class ClientSide:
+    """All clients simulated by this process; clients start from identical weights (the template)."""
+
+    def __init__(self, template: nn.Module, num_client: int, *, lr: float, momentum: float, weight_decay: float,
+                 keep_momentum_copies: bool, device: torch.device) -> None:
+        template = template.to(device)
+        self.models = [copy.deepcopy(template) for _ in range(num_client)]
+        self.momentum_models = [self._frozen_copy(model) for model in self.models] if keep_momentum_copies else []
+        self.optimizers = [torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+                           for model in self.models]
+        self._outputs: list[tuple[int, list[torch.Tensor]]] = []
+        self._rows: list[int] = []
+
+    @staticmethod
+    def _frozen_copy(model: nn.Module) -> nn.Module:
+        frozen = copy.deepcopy(model)
+        for parameter in frozen.parameters():
+            parameter.requires_grad_(False)
+        return frozen
+
+    @property
+    def num_client(self) -> int:
+        return len(self.models)
+
+    def forward(self, crops: Sequence[torch.Tensor], client_ids: Sequence[int],
+                rows_per_client: Sequence[int]) -> list[torch.Tensor]:
+        """Each client's model on its own rows of every crop; returns one smashed tensor per crop, rows in input order."""
+        offsets = query_index(rows_per_client)
+        self._outputs = []
+        self._rows = list(rows_per_client)
+        per_crop: list[list[torch.Tensor]] = [[] for _ in crops]
+        for j, client in enumerate(client_ids):
+            model = self.models[client]
+            outputs = [model(crop[offsets[j]:offsets[j + 1]]) for crop in crops]
+            self._outputs.append((client, outputs))
+            for k, output in enumerate(outputs):
+                per_crop[k].append(output)
+        return [torch.cat(chunks) for chunks in per_crop]
+
+    @torch.no_grad()
+    def momentum_forward(self, crops: Sequence[torch.Tensor], client_ids: Sequence[int],
+                         rows_per_client: Sequence[int]) -> list[torch.Tensor]:
+        """Each client's momentum copy on its own rows (MoCo's key path); no graph."""
+        offsets = query_index(rows_per_client)
+        per_crop: list[list[torch.Tensor]] = [[] for _ in crops]
+        for j, client in enumerate(client_ids):
+            model = self.momentum_models[client]
+            for k, crop in enumerate(crops):
+                per_crop[k].append(model(crop[offsets[j]:offsets[j + 1]]))
+        return [torch.cat(chunks) for chunks in per_crop]
+
+    def backward(self, gradients: Sequence[torch.Tensor | None]) -> None:
+        """Back-propagate the server's gradient rows into the client that sent them (gradient_dict[j] = grad[qi[j]:qi[j+1]])."""
+        offsets = query_index(self._rows)
+        for j, (_, outputs) in enumerate(self._outputs):
+            pairs = [(output, gradient[offsets[j]:offsets[j + 1]])
+                     for output, gradient in zip(outputs, gradients) if gradient is not None]
+            if pairs:
+                torch.autograd.backward([p[0] for p in pairs], [p[1] for p in pairs])
+        self._outputs = []
+
+    def zero_grad(self, client_ids: Sequence[int]) -> None:
+        for client in client_ids:
+            self.optimizers[client].zero_grad(set_to_none=True)
+
+    def step(self, client_ids: Sequence[int], scaler: torch.amp.GradScaler) -> None:
+        """One optimizer step of each client in the pool (through the shared GradScaler)."""
+        for client in client_ids:
+            scaler.step(self.optimizers[client])
+
+    @torch.no_grad()
+    def update_momentum_copies(self, client_ids: Sequence[int], momentum: float) -> None:
+        for client in client_ids:
+            momentum_update_(self.momentum_models[client], self.models[client], momentum)
+
+    def set_lr(self, lr: float) -> None:
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+    @torch.no_grad()
+    def averaged_state(self, client_ids: Sequence[int], weights: Sequence[float],
+                       momentum_copies: bool = False) -> dict[str, torch.Tensor]:
+        """Weighted average of the given clients' weights (weights are normalised to sum to 1)."""
+        models = self.momentum_models if momentum_copies else self.models
+        total = float(sum(weights))
+        states = [models[client].state_dict() for client in client_ids]
+        averaged = {}
+        for name, reference in states[0].items():
+            if not reference.is_floating_point():
+                averaged[name] = reference.clone()
+                continue
+            accumulator = torch.zeros_like(reference, dtype=torch.float64)
+            for state, weight in zip(states, weights):
+                accumulator.add_(state[name].to(torch.float64), alpha=weight / total)
+            averaged[name] = accumulator.to(reference.dtype)
+        return averaged
+
+    @torch.no_grad()
+    def fedavg(self, client_ids: Sequence[int], weights: Sequence[float], include_momentum_copies: bool = False) -> None:
+        """FedAvg: the weighted average of the pool's client models is loaded into every client."""
+        averaged = self.averaged_state(client_ids, weights)
+        for model in self.models:
+            model.load_state_dict(averaged)
+        if include_momentum_copies and self.momentum_models:
+            averaged_momentum = self.averaged_state(client_ids, weights, momentum_copies=True)
+            for model in self.momentum_models:
+                model.load_state_dict(averaged_momentum)
+
+    def averaged_model(self, client_ids: Sequence[int], weights: Sequence[float]) -> nn.Module:
+        """A separate module holding the pool's weighted average (for evaluation; the clients are unchanged)."""
+        model = copy.deepcopy(self.models[client_ids[0]])
+        model.load_state_dict(self.averaged_state(client_ids, weights))
+        return model
+
+    def state_dict(self) -> dict:
+        return {
+            "models": [model.state_dict() for model in self.models],
+            "momentum_models": [model.state_dict() for model in self.momentum_models],
+            "optimizers": [optimizer.state_dict() for optimizer in self.optimizers],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for model, model_state in zip(self.models, state["models"], strict=True):
+            model.load_state_dict(model_state)
+        for model, model_state in zip(self.momentum_models, state["momentum_models"], strict=True):
+            model.load_state_dict(model_state)
+        for optimizer, optimizer_state in zip(self.optimizers, state["optimizers"], strict=True):
+            optimizer.load_state_dict(optimizer_state)

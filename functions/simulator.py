@@ -1,0 +1,534 @@
+"""The one training loop of split federated self-supervised learning, shared by MoCo and SwAV.
+
+Per step: the pool's clients run their layers on their own rows, the server stacks all rows and computes
+the method's loss, one backward and one server step, the gradient rows go back to the clients that sent
+them, each client steps. FedAvg `--avg_freq` times per epoch; learning rates are a pure function of
+(epoch, step); kNN monitor, atomic checkpoints, tensorboard, output.log and metrics.json in the run folder.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from configs import save_resolved_config, training_signature, parse_hetero_string
+from functions.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_atomic
+from functions.cifar import ImageDataset, load_dataset
+from functions.clients import ClientSide
+from functions.distributed import Runtime, setup_runtime
+from functions.errors import UserError
+from functions.evaluation import extract_features, knn_accuracy, linear_probe, semi_supervised_probes
+from functions.loaders import FederatedLoaders, FederatedSchedule, default_steps_per_epoch
+from functions.partition import make_partition, partition_hash, save_partition
+from functions.server_method import ServerMethod, ViewSpec
+from models.resnet import build_split_resnet
+
+CHECKPOINT_FORMAT = 1
+logger = logging.getLogger("sfl")
+
+MethodFactory = Callable[[argparse.Namespace, nn.Module, torch.device], ServerMethod]
+
+
+# ----------------------------------------------------------------------------------------------- set-up helpers
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def setup_logging(output_dir: Path, is_main: bool) -> None:
+    """Log to output.log in the run folder and to stdout (main process only)."""
+    logger.handlers.clear()
+    logger.setLevel(logging.INFO if is_main else logging.WARNING)
+    logger.propagate = False
+    formatter = logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if is_main:
+        handlers.append(logging.FileHandler(output_dir / "output.log"))
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        logger.addHandler(handler)
+
+
+def prepare_output_dir(path: str) -> Path:
+    output_dir = Path(path)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"--output_dir {path} is not writable ({error.strerror}); choose another folder") from None
+    return output_dir
+
+
+def client_batch_sizes(args: argparse.Namespace, client_sizes: Sequence[int]) -> list[int]:
+    """Rows each client sends per step: --batch_size, or with --hetero proportional to the client's data size."""
+    if not args.hetero:
+        return [args.batch_size] * len(client_sizes)
+    mean_size = float(np.mean(client_sizes))
+    return [max(1, int(round(args.batch_size * size / mean_size))) for size in client_sizes]
+
+
+def hetero_partition(num_samples: int, num_client: int, hetero_string: str, seed: int) -> list[np.ndarray]:
+    """IID split where a fraction A of clients (rich) holds a fraction B of the data (MocoSFL's --hetero_string)."""
+    rich_fraction, rich_data, _ = parse_hetero_string(hetero_string)
+    num_rich = max(1, int(round(rich_fraction * num_client)))
+    if num_rich >= num_client:
+        raise UserError(f"--hetero_string {hetero_string!r} leaves no poor clients among {num_client}")
+    order = np.random.default_rng([seed, 7]).permutation(num_samples)
+    rich_total = int(round(rich_data * num_samples))
+    rich_parts = np.array_split(order[:rich_total], num_rich)
+    poor_parts = np.array_split(order[rich_total:], num_client - num_rich)
+    parts = [np.sort(part).astype(np.int64) for part in (*rich_parts, *poor_parts)]
+    if min(len(part) for part in parts) == 0:
+        raise UserError(f"--hetero_string {hetero_string!r} leaves a client with no data; use fewer clients")
+    return parts
+
+
+class LearningRateSchedule:
+    """Server and client learning rates as a pure function of (epoch, step in epoch): nothing to checkpoint."""
+
+    def __init__(self, args: argparse.Namespace, steps_per_epoch: int) -> None:
+        self.args = args
+        self.steps_per_epoch = steps_per_epoch
+
+    def rates(self, epoch: int, step: int) -> tuple[float, float]:
+        args = self.args
+        if getattr(args, "use_swav_scheduler", False):
+            return (self._warmup_cosine(args.lr, args.final_s_lr, epoch, step),
+                    self._warmup_cosine(args.c_lr, args.final_c_lr, epoch, step))
+        if args.cos:
+            factor = 0.5 * (1.0 + math.cos(math.pi * epoch / args.num_epoch))
+            return args.lr * factor, args.c_lr * factor
+        passed = sum(1 for milestone in args.milestones if epoch >= milestone)
+        return args.lr * args.s_gamma ** passed, args.c_lr * args.c_gamma ** passed
+
+    def _warmup_cosine(self, base: float, final: float, epoch: int, step: int) -> float:
+        """SwAV's schedule: linear warm-up from --start_warmup, then cosine to the final lr, per step."""
+        iteration = epoch * self.steps_per_epoch + step
+        warmup = self.args.warmup_epochs * self.steps_per_epoch
+        if iteration < warmup:
+            return self.args.start_warmup + (base - self.args.start_warmup) * iteration / warmup
+        total = max(1, self.args.num_epoch * self.steps_per_epoch - warmup)
+        progress = min(1.0, (iteration - warmup) / total)
+        return final + 0.5 * (base - final) * (1 + math.cos(math.pi * progress))
+
+
+class MetricsLog:
+    """metrics.json of a run: lists of [step or epoch, value] and the final results, written atomically."""
+
+    def __init__(self, path: Path, **header: Any) -> None:
+        self.path = path
+        self.data: dict[str, Any] = {**header, "train_loss": [], "knn_acc": [], "final": {}}
+
+    def append(self, key: str, index: int, value: float) -> None:
+        self.data.setdefault(key, []).append([index, value])
+
+    def save(self) -> None:
+        temporary = self.path.with_suffix(".json.tmp")
+        temporary.write_text(json.dumps(self.data, indent=1))
+        os.replace(temporary, self.path)
+
+
+def fedavg_positions(steps_per_epoch: int, avg_freq: int) -> set[int]:
+    """Steps (0-based, within an epoch) after which FedAvg runs: avg_freq times, evenly spaced, the last at the end."""
+    return {max(0, round((i + 1) * steps_per_epoch / avg_freq) - 1) for i in range(avg_freq)}
+
+
+# ------------------------------------------------------------------------------------------------------ trainer
+class Trainer:
+    """Everything one SFL run holds: data, clients, server method, optimizers, schedule, logs, checkpoints."""
+
+    def __init__(self, args: argparse.Namespace, build_method: MethodFactory, view_spec: ViewSpec,
+                 runtime: Runtime, output_dir: Path) -> None:
+        self.args = args
+        self.runtime = runtime
+        self.device = runtime.device
+        self.output_dir = output_dir
+        seed_everything(args.seed)
+
+        self.dataset: ImageDataset = load_dataset(args.dataset, args.data_dir, data_proportion=args.data_proportion,
+                                                  seed=args.seed)
+        self.client_indices = self._partition()
+        self.client_sizes = [len(indices) for indices in self.client_indices]
+        self.partition_hash = partition_hash(self.client_indices)
+        self.batch_sizes = client_batch_sizes(args, self.client_sizes)
+        steps = default_steps_per_epoch(self.client_indices, self.batch_sizes, args.client_sample_ratio)
+        self.schedule = FederatedSchedule(self.client_indices, self.batch_sizes, args.client_sample_ratio, steps, args.seed)
+        self.loaders: FederatedLoaders = build_loaders(args, self.dataset, self.schedule, view_spec, runtime)
+        self.steps_per_epoch = self.loaders.train.steps_per_epoch
+
+        split = build_split_resnet(**model_options(args))
+        self.method = build_method(args, split.server.to(self.device), self.device)
+        self.clients = ClientSide(split.client, args.num_client, lr=args.c_lr, momentum=args.momentum,
+                                  weight_decay=args.weight_decay, keep_momentum_copies=self.method.client_momentum > 0,
+                                  device=self.device)
+        self.server_optimizer = torch.optim.SGD(self.method.optimized_parameters(), lr=args.lr,
+                                                momentum=args.momentum, weight_decay=args.weight_decay)
+        self.lr_schedule = LearningRateSchedule(args, self.steps_per_epoch)
+        self.amp_dtype = self._amp_dtype()
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.epoch = 0            # epoch in progress (0-based)
+        self.step_in_epoch = 0    # next step to run in that epoch
+        self.global_step = 0      # steps done since the start of the run
+        self.metrics = MetricsLog(output_dir / "metrics.json", method=args.method, data_backend=self.loaders.backend,
+                                  world_size=runtime.world_size, steps_per_epoch=self.steps_per_epoch,
+                                  partition_hash=self.partition_hash)
+        self.writer = None
+
+    # -------------------------------------------------------------------------------------------- construction
+    def _partition(self) -> list[np.ndarray]:
+        args = self.args
+        labels = self.dataset.train_labels
+        if args.hetero and args.partition == "iid":
+            indices = hetero_partition(len(labels), args.num_client, args.hetero_string, args.seed)
+        else:
+            indices = make_partition(labels, args.num_client, args.partition, self.dataset.num_classes,
+                                     dirichlet_alpha=args.dirichlet_alpha, noniid_ratio=args.noniid_ratio,
+                                     min_client_samples=args.min_client_samples, seed=args.seed)
+        if self.runtime.is_main:
+            save_partition(self.output_dir, labels, indices, self.dataset.num_classes,
+                           extra={"partition": args.partition, "dirichlet_alpha": args.dirichlet_alpha,
+                                  "noniid_ratio": args.noniid_ratio, "seed": args.seed, "hetero": args.hetero})
+        return indices
+
+    def _amp_dtype(self) -> torch.dtype | None:
+        if not self.args.use_fp16:
+            return None
+        if not self.runtime.is_cuda:
+            logger.warning("--use_fp16 needs CUDA: training in full precision on %s", self.device)
+            return None
+        return torch.bfloat16 if self.args.amp_dtype == "bf16" else torch.float16
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    # ---------------------------------------------------------------------------------------------- training
+    def set_learning_rates(self, epoch: int, step: int) -> tuple[float, float]:
+        server_lr, client_lr = self.lr_schedule.rates(epoch, step)
+        for group in self.server_optimizer.param_groups:
+            group["lr"] = server_lr
+        self.clients.set_lr(client_lr)
+        return server_lr, client_lr
+
+    def train_step(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One SFL step over the pool: clients forward, joint server loss, one backward, server and client steps."""
+        method, clients, pool = self.method, self.clients, batch.client_ids
+        self.server_optimizer.zero_grad(set_to_none=True)
+        clients.zero_grad(pool)
+        with self.autocast():
+            smashed = clients.forward([batch.crops[k] for k in method.trainable_crops], pool, batch.rows_per_client)
+            server_inputs = [s.detach().requires_grad_(True) for s in smashed]
+            momentum_smashed = (clients.momentum_forward([batch.crops[k] for k in method.momentum_crops], pool,
+                                                         batch.rows_per_client) if method.momentum_crops else [])
+            loss, stats = method.compute_loss(server_inputs, momentum_smashed, self.epoch)
+        self.scaler.scale(loss).backward()
+        clients.backward([s.grad for s in server_inputs])
+        method.before_server_step(self.global_step)
+        self.scaler.step(self.server_optimizer)
+        clients.step(pool, self.scaler)
+        self.scaler.update()
+        method.after_server_step()
+        if method.client_momentum > 0:
+            clients.update_momentum_copies(pool, method.client_momentum)
+        return loss.detach(), {name: value.detach() for name, value in stats.items()}
+
+    def fedavg(self, pool: Sequence[int]) -> None:
+        self.clients.fedavg(pool, [self.client_sizes[c] for c in pool],
+                            include_momentum_copies=getattr(self.args, "fedavg_momentum", False))
+
+    def train(self) -> None:
+        args = self.args
+        total_epochs = args.num_epoch
+        if self.global_step == 0 and args.eval_freq > 0:
+            self.log_knn(0)
+        while self.epoch < total_epochs and not self.reached_max_steps():
+            self.train_epoch()
+            if self.step_in_epoch == 0:  # the epoch finished (not cut by --max_steps)
+                completed = self.epoch
+                if args.eval_freq > 0 and completed % args.eval_freq == 0:
+                    self.log_knn(completed)
+                self.save_checkpoint()
+        self.save_checkpoint()
+
+    def reached_max_steps(self) -> bool:
+        return self.args.max_steps > 0 and self.global_step >= self.args.max_steps
+
+    def train_epoch(self) -> None:
+        from tqdm import tqdm
+
+        args, epoch = self.args, self.epoch
+        pool = self.loaders.train.pool(epoch)
+        self.method.start_epoch(epoch)
+        self.method.train()
+        avg_after = fedavg_positions(self.steps_per_epoch, args.avg_freq)
+        pending_losses: list[tuple[int, torch.Tensor]] = []
+        stat_sums: dict[str, torch.Tensor] = {}
+        stat_count = 0
+        bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, desc=f"epoch {epoch + 1}/{args.num_epoch}",
+                   disable=not self.runtime.is_main, dynamic_ncols=True, leave=False, file=sys.stdout)
+        window_start, window_images = time.perf_counter(), 0
+        server_lr = client_lr = 0.0
+        first = True
+        for batch in self.loaders.train.epoch(epoch, start_step=self.step_in_epoch):
+            step = self.step_in_epoch
+            if first or getattr(args, "use_swav_scheduler", False):
+                server_lr, client_lr = self.set_learning_rates(epoch, step)
+                first = False
+            batch = batch.to(self.device)
+            loss, stats = self.train_step(batch)
+            self.global_step += 1
+            self.step_in_epoch += 1
+            pending_losses.append((self.global_step, loss))
+            for name, value in stats.items():
+                stat_sums[name] = stat_sums.get(name, 0.0) + value
+            stat_count += 1
+            window_images += sum(batch.rows_per_client)
+            if step in avg_after:
+                self.fedavg(pool)
+            bar.update(1)
+            done = self.step_in_epoch == self.steps_per_epoch or self.reached_max_steps()
+            if len(pending_losses) >= args.log_freq or done:
+                elapsed = time.perf_counter() - window_start
+                images_per_sec = window_images / max(elapsed, 1e-9)
+                losses = self._flush_losses(pending_losses)
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{server_lr:.4g}", img_s=f"{images_per_sec:.0f}")
+                self.log_scalar("train/loss", losses[-1], self.global_step)
+                self.log_scalar("train/lr", server_lr, self.global_step)
+                self.log_scalar("train/client_lr", client_lr, self.global_step)
+                self.log_scalar("train/images_per_sec", images_per_sec, self.global_step)
+                window_start, window_images = time.perf_counter(), 0
+            if done:
+                break
+        bar.close()
+        epoch_stats = {name: float(value) / max(1, stat_count) for name, value in stat_sums.items()}
+        epoch_stats.update(self.method.epoch_summary())
+        recent = [loss for _, loss in self.metrics.data["train_loss"][-stat_count:]] if stat_count else [float("nan")]
+        summary = f"epoch {epoch + 1}: loss {np.mean(recent):.4f}, lr {server_lr:.4g}, step {self.global_step}"
+        for name, value in epoch_stats.items():
+            self.metrics.append(name, epoch + 1, value)
+            self.log_scalar(f"train/{name}", value, epoch + 1)
+            summary += f", {name} {value:.4g}"
+        logger.info(summary)
+        if self.step_in_epoch >= self.steps_per_epoch:
+            self.epoch += 1
+            self.step_in_epoch = 0
+        self.metrics.save()
+
+    def _flush_losses(self, pending: list[tuple[int, torch.Tensor]]) -> list[float]:
+        """Move the logged losses to the host in one transfer (no per-step synchronisation)."""
+        values = torch.stack([loss.float() for _, loss in pending]).cpu().tolist()
+        for (step, _), value in zip(pending, values):
+            if not math.isfinite(value):
+                raise UserError(f"the loss became {value} at step {step}; the last good checkpoint is "
+                                f"{self.output_dir / CHECKPOINT_NAME} (try a lower --lr)")
+            self.metrics.append("train_loss", step, value)
+        pending.clear()
+        return values
+
+    # -------------------------------------------------------------------------------------------- evaluation
+    def log_scalar(self, tag: str, value: float, step: int) -> None:
+        if self.writer is None and self.runtime.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.output_dir / "tensorboard"))
+        if self.writer is not None:
+            self.writer.add_scalar(tag, value, step)
+
+    def evaluation_encoder(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Averaged client model followed by the server's backbone, in eval mode."""
+        pool = self.loaders.train.pool(min(self.epoch, self.args.num_epoch - 1))
+        client_model = self.clients.averaged_model(pool, [self.client_sizes[c] for c in pool]).eval()
+        method = self.method.eval()
+
+        def encode(images: torch.Tensor) -> torch.Tensor:
+            return method.encode_features(client_model(images))
+
+        return encode
+
+    def features(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        encode = self.evaluation_encoder()
+        train_features, train_labels = extract_features(encode, self.loaders.memory, self.device)
+        test_features, test_labels = extract_features(encode, self.loaders.test, self.device)
+        self.method.train()
+        return train_features, train_labels, test_features, test_labels
+
+    def log_knn(self, epoch: int) -> float:
+        train_features, train_labels, test_features, test_labels = self.features()
+        accuracy = knn_accuracy(train_features, train_labels, test_features, test_labels, self.dataset.num_classes,
+                                k=self.args.knn_k, temperature=self.args.knn_t)
+        logger.info(f"kNN accuracy after epoch {epoch}: {accuracy:.2f} %")
+        self.metrics.append("knn_acc", epoch, accuracy)
+        self.log_scalar("eval/knn_acc", accuracy, epoch)
+        self.metrics.save()
+        return accuracy
+
+    def final_evaluation(self) -> dict[str, float]:
+        args = self.args
+        train_features, train_labels, test_features, test_labels = self.features()
+        num_classes = self.dataset.num_classes
+        results: dict[str, Any] = {
+            "knn_acc": knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes,
+                                    k=args.knn_k, temperature=args.knn_t),
+            "step": self.global_step,
+            "epoch": self.epoch + self.step_in_epoch / self.steps_per_epoch,
+        }
+        if not args.skip_linear:
+            probe = linear_probe(train_features, train_labels, test_features, test_labels, num_classes,
+                                 epochs=args.linear_epochs, seed=args.seed, device=self.device)
+            results["linear_acc"] = probe["test_acc"]
+            results.update(semi_supervised_probes(train_features, train_labels, test_features, test_labels,
+                                                  num_classes, epochs=args.linear_epochs, seed=args.seed,
+                                                  device=self.device))
+        else:
+            results["linear_acc"] = None
+        self.metrics.data["final"] = results
+        self.metrics.save()
+        described = ", ".join(f"{key} {value:.2f}" if isinstance(value, float) else f"{key} {value}"
+                              for key, value in results.items())
+        logger.info(f"final evaluation: {described}")
+        for key, value in results.items():
+            if isinstance(value, float):
+                self.log_scalar(f"final/{key}", value, self.global_step)
+        return results
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "args": vars(self.args).copy(),
+            "signature": training_signature(self.args),
+            "partition_hash": self.partition_hash,
+            "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+            "method": self.method.state_dict(), "method_extra": self.method.extra_state(),
+            "clients": self.clients.state_dict(),
+            "server_optimizer": self.server_optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "metrics": self.metrics.data,
+        }
+
+    def save_checkpoint(self) -> None:
+        if self.runtime.is_main:
+            save_atomic(self.state_dict(), self.output_dir / CHECKPOINT_NAME)
+
+    def load_state_dict(self, state: dict[str, Any], check_signature: bool = True) -> None:
+        if check_signature:
+            check_same_configuration(state, self.args, self.partition_hash)
+        self.method.load_state_dict(state["method"])
+        self.method.load_extra_state(state["method_extra"])
+        self.clients.load_state_dict(state["clients"])
+        self.server_optimizer.load_state_dict(state["server_optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
+        rng = state["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        header = {key: self.metrics.data[key] for key in ("data_backend", "world_size")}
+        self.metrics.data = {**state["metrics"], **header}
+
+
+def check_same_configuration(state: dict[str, Any], args: argparse.Namespace, current_hash: str) -> None:
+    """Refuse to resume a checkpoint made under different training options (names the first difference)."""
+    saved = state["signature"]
+    current = training_signature(args)
+    for key in sorted(set(saved) | set(current)):
+        if saved.get(key) != current.get(key):
+            raise UserError(f"the checkpoint in {args.output_dir} was made with --{key} {saved.get(key)!r}, this run has "
+                            f"{current.get(key)!r}; use the same options, or a new --output_dir")
+    if state["partition_hash"] != current_hash:
+        raise UserError(f"the checkpoint in {args.output_dir} was made on a different data partition; "
+                        "use the same data and partition options, or a new --output_dir")
+
+
+def model_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword arguments of build_split_resnet for this run."""
+    options: dict[str, Any] = dict(arch=args.arch, cutlayer=args.cutlayer, use_ws=not args.disable_WS,
+                                   client_residual=not args.disable_c_residual, width=args.width)
+    if args.method == "moco":
+        options.update(head="moco", moco_version=args.moco_version, K_dim=args.K_dim)
+    else:
+        options.update(head="swav", hidden_mlp=args.hidden_mlp, feat_dim=args.feat_dim,
+                       nmb_prototypes=args.nmb_prototypes)
+    return options
+
+
+def build_loaders(args: argparse.Namespace, dataset: ImageDataset, schedule: FederatedSchedule, view_spec: ViewSpec,
+                  runtime: Runtime) -> FederatedLoaders:
+    """The torch (torchvision) or DALI data path; both return the same FederatedLoaders contract."""
+    if args.use_dali:
+        try:
+            import nvidia.dali  # noqa: F401
+        except ImportError:
+            raise UserError("--use_dali needs NVIDIA DALI: pip install nvidia-dali-cuda120 (or drop --use_dali)") from None
+        raise UserError("--use_dali is not available yet in this version; drop --use_dali to use the torchvision path")
+    from multicropdataset import build_torch_loaders, multicrop_transforms
+
+    transforms = multicrop_transforms(dataset.mean, dataset.std, list(view_spec.nmb_crops), list(view_spec.size_crops),
+                                      list(view_spec.min_scale_crops), list(view_spec.max_scale_crops))
+    return build_torch_loaders(dataset.train_images, dataset.train_labels, dataset.test_images, dataset.test_labels,
+                               dataset.mean, dataset.std, schedule, transforms, eval_batch_size=args.eval_batch_size,
+                               num_workers=args.num_workers, device=runtime.device)
+
+
+# ------------------------------------------------------------------------------------------------ entry point
+def run(args: argparse.Namespace, build_method: MethodFactory, view_spec: ViewSpec) -> dict[str, Any]:
+    """Train (or resume, or only evaluate) one run and return its final results."""
+    runtime = setup_runtime(args.device)
+    if args.eval_only:
+        return evaluate_checkpoint(args, build_method, view_spec, runtime)
+    output_dir = prepare_output_dir(args.output_dir)
+    setup_logging(output_dir, runtime.is_main)
+    checkpoint_path = output_dir / CHECKPOINT_NAME
+    if not args.resume and checkpoint_path.exists():
+        raise UserError(f"{checkpoint_path} exists: add --resume to continue that run, or choose a new --output_dir")
+    if args.resume and not checkpoint_path.exists():
+        raise UserError(f"--resume: no {CHECKPOINT_NAME} in {output_dir}; run without --resume to start")
+    state = load_checkpoint(checkpoint_path) if args.resume else None
+    if runtime.is_main:
+        save_resolved_config(args, output_dir / "config.yaml")
+    trainer = Trainer(args, build_method, view_spec, runtime, output_dir)
+    logger.info(f"{args.method}: {args.num_client} clients, {trainer.steps_per_epoch} steps per epoch, "
+                f"device {runtime.device}, data {trainer.loaders.backend}, output {output_dir}")
+    if state is not None:
+        trainer.load_state_dict(state)
+        logger.info(f"resumed from {checkpoint_path} at epoch {trainer.epoch + 1}, step {trainer.global_step}")
+    trainer.train()
+    results = trainer.final_evaluation()
+    trainer.save_checkpoint()
+    if trainer.writer is not None:
+        trainer.writer.close()
+    return results
+
+
+def evaluate_checkpoint(args: argparse.Namespace, build_method: MethodFactory, view_spec: ViewSpec,
+                        runtime: Runtime) -> dict[str, Any]:
+    """--eval_only: rebuild the run a checkpoint came from and run the final evaluation on it."""
+    state = load_checkpoint(args.checkpoint)
+    saved = argparse.Namespace(**state["args"])
+    saved.data_dir, saved.device, saved.num_workers = args.data_dir, args.device, args.num_workers
+    saved.linear_epochs, saved.skip_linear, saved.eval_batch_size = args.linear_epochs, args.skip_linear, args.eval_batch_size
+    output_dir = prepare_output_dir(str(Path(args.checkpoint).resolve().parent / "eval_only"))
+    setup_logging(output_dir, runtime.is_main)
+    trainer = Trainer(saved, build_method, view_spec, runtime, output_dir)
+    trainer.load_state_dict(state, check_signature=False)
+    return trainer.final_evaluation()

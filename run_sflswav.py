@@ -1,0 +1,22 @@
+"""SFL-SwAV: split federated SwAV (multi-crop, prototypes, Sinkhorn over all clients' rows).
+
+    python run_sflswav.py --config configs/swav_recommended.yaml
+"""
+from __future__ import annotations
+
+import sys
+
+from functions.errors import run_cli
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from configs import parse_args
+    from functions.sflswav_functions import SwavServer, swav_view_spec
+    from functions.simulator import run
+
+    args = parse_args("swav", argv)
+    return run(args, SwavServer, swav_view_spec(args))
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(sys.argv[1:]))
