@@ -205,7 +205,9 @@ class TorchTrainLoader:
         )
         return self._batches(plans, loader)
 
-    def _batches(self, plans: list, loader: DataLoader) -> Iterator[StepBatch]:
+    def _batches(
+        self, plans: list[list[tuple[int, np.ndarray, np.ndarray]]], loader: DataLoader
+    ) -> Iterator[StepBatch]:
         """Pair each collated step with its plan's client layout; move it to the device when one is set."""
         for plan, crops in zip(plans, loader):
             batch = StepBatch(

@@ -22,7 +22,7 @@ from functions.errors import UserError, run_cli
 PARTITION_METHODS = ("iid", "shard", "dirichlet")
 DIRICHLET_MAX_DRAWS = 200  # redraws allowed to reach min_client_samples before giving up
 ANNOTATE_MAX_CELLS = 400  # write counts into heatmap cells only while they stay legible
-_TITLE_KEYS = ("dataset", "method", "dirichlet_alpha", "noniid_ratio", "seed")  # extra keys shown on the plot
+_TITLE_KEYS = ("dataset", "method", "partition", "dirichlet_alpha", "noniid_ratio", "seed")  # extra keys shown on the plot
 
 
 def _check_request(labels: np.ndarray, num_client: int, num_classes: int, min_client_samples: int) -> None:
@@ -34,7 +34,7 @@ def _check_request(labels: np.ndarray, num_client: int, num_classes: int, min_cl
     num_samples = int(labels.shape[0])
     if num_client > num_samples:
         raise UserError(f"cannot split {num_samples} samples across {num_client} clients; "
-                        f"use at most {num_samples} clients or more data (--data_proportion)")
+                        f"use at most {num_samples} clients (or a larger --data_proportion)")
     if num_client * min_client_samples > num_samples:
         raise UserError(f"{num_client} clients x --min_client_samples {min_client_samples} needs "
                         f"{num_client * min_client_samples} samples but there are {num_samples}; "
@@ -211,6 +211,7 @@ def _json_text(value: Any, level: int = 0) -> str:
     pad, inner = " " * level, " " * (level + 1)
 
     def is_flat(item: Any) -> bool:
+        """True for scalars and for lists that hold no lists or dicts."""
         return not isinstance(item, (dict, list, tuple)) or (
             isinstance(item, (list, tuple)) and not any(isinstance(part, (dict, list, tuple)) for part in item))
 

@@ -451,10 +451,12 @@ def check_same_configuration(state: dict[str, Any], args: argparse.Namespace, cu
     """Refuse to resume a checkpoint made under different training options (names the first difference)."""
     saved = state["signature"]
     current = training_signature(args)
-    for key in sorted(set(saved) | set(current)):
-        if saved.get(key) != current.get(key):
-            raise UserError(f"the checkpoint in {args.output_dir} was made with --{key} {saved.get(key)!r}, this run has "
-                            f"{current.get(key)!r}; use the same options, or a new --output_dir")
+    differing = [key for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
+    if differing:
+        was = " ".join(f"--{key} {saved.get(key)!r}" for key in differing)
+        now = " ".join(f"--{key} {current.get(key)!r}" for key in differing)
+        raise UserError(f"the checkpoint in {args.output_dir} was made with {was}, this run has {now}; "
+                        "use the same options, or a new --output_dir")
     if state["partition_hash"] != current_hash:
         raise UserError(f"the checkpoint in {args.output_dir} was made on a different data partition; "
                         "use the same data and partition options, or a new --output_dir")

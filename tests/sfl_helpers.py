@@ -1,0 +1,23 @@
+"""Small builders shared by the training-loop tests: tiny synthetic runs that finish in seconds on CPU."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from configs import parse_args
+from functions.distributed import Runtime
+from functions.simulator import Trainer
+
+TINY_MOCO = ["--dataset", "synthetic", "--arch", "ResNet18", "--width", "8", "--num_workers", "0",
+             "--K", "64", "--K_dim", "16", "--num_epoch", "2", "--skip_linear", "--eval_freq", "0",
+             "--log_freq", "1", "--seed", "3"]
+
+
+def moco_trainer(output_dir: Path, *extra: str) -> Trainer:
+    """A Trainer for SFL-MoCo on synthetic data with a narrow ResNet-18, on CPU."""
+    from functions.sflmoco_functions import MocoServer, moco_view_spec
+
+    args = parse_args("moco", [*TINY_MOCO, "--output_dir", str(output_dir), *extra])
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return Trainer(args, MocoServer, moco_view_spec(args), Runtime(device=torch.device("cpu")), output_dir)
