@@ -82,7 +82,7 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     sfl.add_argument("--hetero_string", type=str, default="0.2_0.8|16|0.8_0.2",
                      help="with --hetero and --partition iid: 'A_B|C|D_E' = a fraction A of clients holds a fraction B of the "
                           "data (the others, D, hold E); C is the rich clients' batch multiplier")
-    add_partition_arguments(sfl)
+    add_partition_arguments(parser)
 
     model = parser.add_argument_group("model")
     model.add_argument("--arch", type=str, default="ResNet18", help="ResNet18, ResNet34 or ResNet50 (CIFAR stem)")

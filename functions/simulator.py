@@ -479,10 +479,14 @@ def build_loaders(args: argparse.Namespace, dataset: ImageDataset, schedule: Fed
     """The torch (torchvision) or DALI data path; both return the same FederatedLoaders contract."""
     if args.use_dali:
         try:
-            import nvidia.dali  # noqa: F401
-        except ImportError:
+            from Dali.get_dali_dataloader import build_dali_loaders
+        except ImportError as error:
+            if "nvidia" not in str(error):
+                raise
             raise UserError("--use_dali needs NVIDIA DALI: pip install nvidia-dali-cuda120 (or drop --use_dali)") from None
-        raise UserError("--use_dali is not available yet in this version; drop --use_dali to use the torchvision path")
+        return build_dali_loaders(dataset, schedule, view_spec, device=runtime.device, dali_device=args.dali_device,
+                                  eval_batch_size=args.eval_batch_size, num_threads=max(1, args.num_workers),
+                                  seed=args.seed)
     from multicropdataset import build_torch_loaders, multicrop_transforms
 
     transforms = multicrop_transforms(dataset.mean, dataset.std, list(view_spec.nmb_crops), list(view_spec.size_crops),
