@@ -28,10 +28,6 @@ RUNTIME_OPTIONS = frozenset({
 })
 
 
-def _float_list(text: str) -> float:
-    return float(text)
-
-
 def build_parser(method: str) -> argparse.ArgumentParser:
     """The parser of one entry script (`method` is "moco" or "swav")."""
     if method not in METHODS:
@@ -247,6 +243,9 @@ def _check_swav(args: argparse.Namespace) -> None:
         raise UserError("--nmb_prototypes must be at least 2")
     if args.queue_length < 0 or args.epsilon <= 0 or args.temperature <= 0 or args.sinkhorn_iterations < 1:
         raise UserError("--queue_length must be >= 0; --epsilon, --temperature and --sinkhorn_iterations positive")
+    if args.server_update == "per_client" and args.use_fp16 and args.amp_dtype == "fp16":
+        raise UserError("--server_update per_client steps the server once per client and cannot share fp16 loss "
+                        "scaling with the clients; use --amp_dtype bf16 or --server_update joint")
     if args.final_c_lr == -1.0:
         args.final_c_lr = args.final_s_lr
 

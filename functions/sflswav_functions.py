@@ -6,6 +6,7 @@ collapse monitors, prototype normalisation and the per-crop embedding queue.
 """
 from __future__ import annotations
 
+import argparse
 import math
 from typing import Mapping, Sequence
 
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from functions.errors import UserError
+from functions.server_method import ServerMethod, ViewSpec
 
 __all__ = [
     "sinkhorn_knopp",
@@ -24,6 +26,9 @@ __all__ = [
     "embedding_std",
     "normalize_prototypes_",
     "EmbeddingQueue",
+    "SwavServer",
+    "swav_view_spec",
+    "resolution_groups",
 ]
 
 
@@ -239,3 +244,102 @@ class EmbeddingQueue:
             )
         self.embeddings.copy_(embeddings.to(self.embeddings.device, torch.float32))
         self.filled.copy_(torch.as_tensor(state["filled"], dtype=torch.long).clamp(0, self.length))
+
+
+# ------------------------------------------------------------------------------------------ the server method
+def resolution_groups(crops: Sequence[Tensor]) -> list[Tensor]:
+    """Consecutive crops of the same spatial size concatenated (one server pass per resolution), order kept."""
+    groups: list[list[Tensor]] = []
+    for crop in crops:
+        if groups and groups[-1][0].shape[-2:] == crop.shape[-2:]:
+            groups[-1].append(crop)
+        else:
+            groups.append([crop])
+    return [torch.cat(group) for group in groups]
+
+
+class SwavServer(ServerMethod):
+    """SwAV's server side: projection head, prototypes, Sinkhorn codes over ALL clients' rows, swapped prediction.
+
+    Rows arrive crop-major (crop 0 of every client, then crop 1, ...), the same image order in every crop, so
+    crop v's scores and crop i's codes line up row by row across the whole stacked batch.
+    """
+
+    name = "swav"
+
+    def __init__(self, args: argparse.Namespace, server: nn.Module, device: torch.device) -> None:
+        super().__init__(server)
+        self.nmb_crops = tuple(args.nmb_crops)
+        self.trainable_crops = tuple(range(sum(args.nmb_crops)))
+        self.crops_for_assign = tuple(args.crops_for_assign)
+        self.temperature = args.temperature
+        self.epsilon = args.epsilon
+        self.sinkhorn_iterations = args.sinkhorn_iterations
+        self.freeze_prototypes_niters = args.freeze_prototypes_niters
+        self.epoch_queue_starts = args.epoch_queue_starts
+        self.queue = (EmbeddingQueue(len(args.crops_for_assign), args.queue_length, args.feat_dim, device=device)
+                      if args.queue_length > 0 else None)
+        self.distributed = False  # set by the distributed set-up: Sinkhorn sums are then all-reduced
+        self._monitor: dict[str, Tensor] = {}
+        self._monitor_steps = 0
+
+    @property
+    def prototypes(self) -> nn.Linear:
+        return self.server.prototypes
+
+    def compute_loss(self, smashed: Sequence[Tensor], momentum_smashed: Sequence[Tensor],
+                     epoch: int) -> tuple[Tensor, dict[str, Tensor]]:
+        normalize_prototypes_(self.prototypes)
+        embeddings = self.server(resolution_groups(smashed))
+        scores = self.prototypes(embeddings)
+        rows = smashed[0].shape[0]
+        crop_embeddings = embeddings.split(rows)
+        crop_scores = scores.split(rows)
+        use_queue = self.queue is not None and epoch >= self.epoch_queue_starts
+        codes: dict[int, Tensor] = {}
+        with torch.no_grad():
+            for slot, crop in enumerate(self.crops_for_assign):
+                assignment_scores = crop_scores[crop].detach()
+                if use_queue:
+                    assignment_scores = self.queue.scores_with_queue(slot, assignment_scores, self.prototypes)
+                    self.queue.push(slot, crop_embeddings[crop].detach())
+                codes[crop] = sinkhorn_knopp(assignment_scores, self.epsilon, self.sinkhorn_iterations,
+                                             distributed=self.distributed)[-rows:]
+        loss = swapped_prediction_loss(crop_scores, codes, self.temperature)
+        self._record(codes[self.crops_for_assign[0]], crop_embeddings[0].detach())
+        return loss, {}
+
+    @torch.no_grad()
+    def _record(self, codes: Tensor, embeddings: Tensor) -> None:
+        """Accumulate the epoch's monitoring values on the device (read once per epoch, no per-step sync)."""
+        values = {"code_entropy": code_entropy(codes), "prototypes_used": prototypes_used(codes).float(),
+                  "embedding_std": embedding_std(embeddings.float())}
+        for name, value in values.items():
+            self._monitor[name] = self._monitor.get(name, 0.0) + value
+        self._monitor_steps += 1
+
+    def before_server_step(self, global_step: int) -> None:
+        # SwAV keeps the prototypes still at first, so the codes do not chase a moving target.
+        if global_step < self.freeze_prototypes_niters:
+            self.prototypes.weight.grad = None
+
+    def start_epoch(self, epoch: int) -> None:
+        self._monitor, self._monitor_steps = {}, 0
+
+    def epoch_summary(self) -> dict[str, float]:
+        summary = {name: float(value) / max(1, self._monitor_steps) for name, value in self._monitor.items()}
+        summary["ln_nmb_prototypes"] = math.log(self.prototypes.out_features)
+        return summary
+
+    def extra_state(self) -> dict:
+        return {"queue": self.queue.state_dict() if self.queue is not None else None}
+
+    def load_extra_state(self, state: dict) -> None:
+        if self.queue is not None:
+            self.queue.load_state_dict(state["queue"])
+
+
+def swav_view_spec(args: argparse.Namespace) -> ViewSpec:
+    """Multi-crop: --nmb_crops crops of --size_crops pixels with their RandomResizedCrop scale ranges."""
+    return ViewSpec(nmb_crops=tuple(args.nmb_crops), size_crops=tuple(args.size_crops),
+                    min_scale_crops=tuple(args.min_scale_crops), max_scale_crops=tuple(args.max_scale_crops))

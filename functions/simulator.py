@@ -26,7 +26,7 @@ from torch import nn
 from configs import save_resolved_config, training_signature, parse_hetero_string
 from functions.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_atomic
 from functions.cifar import ImageDataset, load_dataset
-from functions.clients import ClientSide
+from functions.clients import ClientSide, query_index
 from functions.distributed import Runtime, setup_runtime
 from functions.errors import UserError
 from functions.evaluation import extract_features, knn_accuracy, linear_probe, semi_supervised_probes
@@ -236,17 +236,39 @@ class Trainer:
             server_inputs = [s.detach().requires_grad_(True) for s in smashed]
             momentum_smashed = (clients.momentum_forward([batch.crops[k] for k in method.momentum_crops], pool,
                                                          batch.rows_per_client) if method.momentum_crops else [])
-            loss, stats = method.compute_loss(server_inputs, momentum_smashed, self.epoch)
-        self.scaler.scale(loss).backward()
+        if getattr(self.args, "server_update", "joint") == "per_client":
+            loss, stats = self._per_client_server_updates(server_inputs, momentum_smashed, batch.rows_per_client)
+        else:
+            with self.autocast():
+                loss, stats = method.compute_loss(server_inputs, momentum_smashed, self.epoch)
+            self.scaler.scale(loss).backward()
+            method.before_server_step(self.global_step)
+            self.scaler.step(self.server_optimizer)
         clients.backward([s.grad for s in server_inputs])
-        method.before_server_step(self.global_step)
-        self.scaler.step(self.server_optimizer)
         clients.step(pool, self.scaler)
         self.scaler.update()
         method.after_server_step()
         if method.client_momentum > 0:
             clients.update_momentum_copies(pool, method.client_momentum)
         return loss.detach(), {name: value.detach() for name, value in stats.items()}
+
+    def _per_client_server_updates(self, server_inputs: list[torch.Tensor], momentum_smashed: list[torch.Tensor],
+                                   rows_per_client: Sequence[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The seed's 2023-07-27 variant (ablation): one loss and one server step per client, in pool order."""
+        offsets = query_index(rows_per_client)
+        losses = []
+        stats: dict[str, torch.Tensor] = {}
+        for j in range(len(rows_per_client)):
+            rows = slice(offsets[j], offsets[j + 1])
+            self.server_optimizer.zero_grad(set_to_none=True)
+            with self.autocast():
+                loss, stats = self.method.compute_loss([x[rows] for x in server_inputs],
+                                                       [x[rows] for x in momentum_smashed], self.epoch)
+            loss.backward()  # gradient rows of this client accumulate into server_inputs[k].grad[rows]
+            self.method.before_server_step(self.global_step)
+            self.server_optimizer.step()
+            losses.append(loss.detach())
+        return torch.stack(losses).mean(), stats
 
     def fedavg(self, pool: Sequence[int]) -> None:
         self.clients.fedavg(pool, [self.client_sizes[c] for c in pool],

@@ -21,3 +21,17 @@ def moco_trainer(output_dir: Path, *extra: str) -> Trainer:
     args = parse_args("moco", [*TINY_MOCO, "--output_dir", str(output_dir), *extra])
     output_dir.mkdir(parents=True, exist_ok=True)
     return Trainer(args, MocoServer, moco_view_spec(args), Runtime(device=torch.device("cpu")), output_dir)
+
+
+TINY_SWAV = ["--dataset", "synthetic", "--arch", "ResNet18", "--width", "8", "--num_workers", "0",
+             "--nmb_prototypes", "12", "--feat_dim", "16", "--hidden_mlp", "32", "--num_epoch", "2",
+             "--skip_linear", "--eval_freq", "0", "--log_freq", "1", "--seed", "5"]
+
+
+def swav_trainer(output_dir: Path, *extra: str) -> Trainer:
+    """A Trainer for SFL-SwAV on synthetic data with a narrow ResNet-18, on CPU."""
+    from functions.sflswav_functions import SwavServer, swav_view_spec
+
+    args = parse_args("swav", [*TINY_SWAV, "--output_dir", str(output_dir), *extra])
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return Trainer(args, SwavServer, swav_view_spec(args), Runtime(device=torch.device("cpu")), output_dir)
