@@ -272,8 +272,6 @@ def _build_head(
 
 def _init_weights(model: nn.Module) -> None:
     """Kaiming-normal convs (fan_out, ReLU), GroupNorm weight 1 and bias 0; Linear layers keep PyTorch's default."""
-    # The last norm of each block is not zero-initialised: a block without shortcut
-    # (client_residual=False) would then output zeros and stop all gradient.
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
@@ -401,7 +399,21 @@ def build_unsplit_resnet(
             assert isinstance(block, _ResidualBlock)
             block.disable_residual()
         model.client_residual_cut = cutlayer
+    _zero_init_residual_branches(backbone)
     return model
+
+
+def _zero_init_residual_branches(backbone: nn.Module) -> None:
+    """Zero the last norm's scale in every block that keeps its shortcut, so each block starts as the identity.
+
+    With GroupNorm and weight standardisation, a randomly initialised ResNet-18 otherwise scrambles its input
+    (kNN on its features is near chance on CIFAR-10), which gives SwAV's swapped prediction no signal to start
+    from. Blocks without a shortcut (client_residual=False) keep scale 1, or they would output zeros.
+    """
+    for block in backbone.modules():
+        if isinstance(block, _ResidualBlock) and block.shortcut is not None:
+            last_norm = block.norm3 if isinstance(block, Bottleneck) else block.norm2
+            nn.init.zeros_(last_norm.weight)
 
 
 def split_unsplit(model: UnsplitResNet, cutlayer: int) -> SplitResNet:

@@ -207,9 +207,16 @@ def test_client_residual_false_changes_client_only() -> None:
         module.eval()
     with torch.no_grad():
         assert torch.allclose(residual.server(smashed), plain.server(smashed))
-    # Every client weight that still exists is the one the residual model drew.
+    # Every client weight that still exists is the one the residual model drew, except the scale of each
+    # block's last norm: zero (block starts as the identity) with a shortcut, one without.
     client_a = residual.client.state_dict()
-    assert all(torch.equal(value, client_a[key]) for key, value in plain.client.state_dict().items())
+    last_scales = {f"layer{stage}_{index}.norm2.weight" for stage in (1, 2) for index in (0, 1)} & set(client_a)
+    assert last_scales
+    for key, value in plain.client.state_dict().items():
+        if key in last_scales:
+            assert torch.all(value == 1) and torch.all(client_a[key] == 0), key
+        else:
+            assert torch.equal(value, client_a[key]), key
     assert all(not block.residual for name, block in plain.client.named_children() if name != "stem")
     # layer2_0's projection shortcut is gone without the residual.
     assert any(key.startswith("layer2_0.shortcut") for key in client_a)
@@ -279,3 +286,18 @@ def test_client_is_functional_friendly() -> None:
     second = {name: p * 1.5 for name, p in params.items()}
     assert torch.allclose(vmapped[0], functional_call(client, params, (x,)), atol=1e-5)
     assert torch.allclose(vmapped[1], functional_call(client, second, (batches[1],)), atol=1e-5)
+
+
+def test_blocks_with_a_shortcut_start_as_the_identity() -> None:
+    # Zero-initialised last norm scale: the residual branch adds nothing at first, so a block passes relu(x).
+    torch.manual_seed(0)
+    model = build_unsplit_resnet("ResNet18", width=WIDTH, head="none")
+    block = model.backbone.layer1_1
+    x = torch.relu(torch.randn(2, WIDTH, 8, 8))
+    with torch.no_grad():
+        assert torch.allclose(block(x), x)
+    torch.manual_seed(0)
+    bottleneck = build_unsplit_resnet("ResNet50", width=WIDTH, head="none").backbone.layer1_1
+    x = torch.relu(torch.randn(2, 4 * WIDTH, 8, 8))
+    with torch.no_grad():
+        assert torch.allclose(bottleneck(x), x)

@@ -1,0 +1,130 @@
+"""Training-loader throughput: DALI (CPU or GPU operators) against the torch path, MoCo pairs and SwAV multi-crop.
+
+    python -m Dali.bench_loaders                      # real CIFAR-10 if --data_dir has it, else synthetic images
+    python -m Dali.bench_loaders --data_dir ./data --images 4096 --runs 5 --json bench.json
+
+Each configuration reads one warm-up epoch, then `--runs` timed epochs; the table gives the median source
+images per second (each image yields 2 crops for MoCo, 8 for the 2x32 + 6x16 multi-crop) and the machine's
+load average before and after, since other jobs on a shared machine change the numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from functions.cifar import ImageDataset, load_dataset
+from functions.errors import UserError, run_cli
+from functions.loaders import FederatedSchedule, TrainLoader
+from functions.server_method import ViewSpec
+
+VIEW_SPECS = {
+    "moco 2x32": ViewSpec(nmb_crops=(2,), size_crops=(32,), min_scale_crops=(0.2,), max_scale_crops=(1.0,)),
+    "swav 2x32+6x16": ViewSpec(nmb_crops=(2, 6), size_crops=(32, 16), min_scale_crops=(0.14, 0.05),
+                               max_scale_crops=(1.0, 0.14)),
+}
+
+
+def epoch_images_per_second(loader: TrainLoader, epoch: int) -> float:
+    """Source images per second of one full epoch of `loader` (crops are produced but not used)."""
+    start, rows = time.perf_counter(), 0
+    for batch in loader.epoch(epoch):
+        rows += batch.num_rows
+    return rows / (time.perf_counter() - start)
+
+
+def median_throughput(loader: TrainLoader, runs: int) -> float:
+    """Median images per second over `runs` epochs after one warm-up epoch."""
+    epoch_images_per_second(loader, 0)
+    return statistics.median(epoch_images_per_second(loader, epoch) for epoch in range(1, runs + 1))
+
+
+def load_images(data_dir: str, images: int) -> ImageDataset:
+    """The first `images` CIFAR-10 training images from data_dir, or synthetic ones when it has none."""
+    if (Path(data_dir) / "cifar-10-batches-py").is_dir():
+        dataset = load_dataset("cifar10", data_dir, download=False)
+    else:
+        dataset = load_dataset("synthetic", data_dir, synthetic_train=images, synthetic_test=16)
+    if dataset.train_images.shape[0] < images:
+        raise UserError(f"{dataset.source} has {dataset.train_images.shape[0]} training images, fewer than "
+                        f"--images {images}; lower --images")
+    dataset.train_images = dataset.train_images[:images]
+    dataset.train_labels = dataset.train_labels[:images]
+    return dataset
+
+
+def loader_builders(dataset: ImageDataset, schedule: FederatedSchedule, views: ViewSpec, dali_threads: int,
+                    dali_device: str) -> dict[str, Callable[[], TrainLoader]]:
+    """Named constructors of the compared training loaders."""
+    from multicropdataset import build_torch_loaders, multicrop_transforms
+
+    def torch_loader(workers: int) -> TrainLoader:
+        crops = multicrop_transforms(dataset.mean, dataset.std, list(views.nmb_crops), list(views.size_crops),
+                                     list(views.min_scale_crops), list(views.max_scale_crops))
+        return build_torch_loaders(dataset.train_images, dataset.train_labels, dataset.test_images,
+                                   dataset.test_labels, dataset.mean, dataset.std, schedule, crops,
+                                   num_workers=workers).train
+
+    def dali_loader() -> TrainLoader:
+        from Dali.get_dali_dataloader import build_dali_loaders
+
+        return build_dali_loaders(dataset, schedule, views, device=torch.device("cpu"), dali_device=dali_device,
+                                  eval_batch_size=512, num_threads=dali_threads, seed=0).train
+
+    return {
+        f"dali {dali_device}, {dali_threads} threads": dali_loader,
+        "torch, num_workers 0": lambda: torch_loader(0),
+        "torch, num_workers 2": lambda: torch_loader(2),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+    """Measure every loader on every view spec; print a markdown table and return the numbers."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data_dir", default="./data", help="folder holding cifar-10-batches-py/ (else synthetic)")
+    parser.add_argument("--images", type=int, default=2048, help="training images per epoch")
+    parser.add_argument("--num_client", type=int, default=8, help="clients in every step")
+    parser.add_argument("--batch_size", type=int, default=32, help="rows per client per step")
+    parser.add_argument("--runs", type=int, default=5, help="timed epochs per loader (after one warm-up epoch)")
+    parser.add_argument("--dali_threads", type=int, default=2, help="DALI CPU threads")
+    parser.add_argument("--dali_device", choices=["cpu", "gpu"], default="cpu", help="where DALI runs its operators")
+    parser.add_argument("--json", default=None, help="also write the results to this file")
+    args = parser.parse_args(argv)
+    if args.images < args.num_client * args.batch_size or args.runs < 1:
+        raise UserError("--images must cover at least one step (num_client x batch_size) and --runs be at least 1")
+
+    dataset = load_images(args.data_dir, args.images)
+    shards = np.array_split(np.arange(args.images), args.num_client)
+    steps = args.images // (args.num_client * args.batch_size)
+    schedule = FederatedSchedule(shards, [args.batch_size] * args.num_client, 1.0, steps, seed=0)
+    load_before = os.getloadavg()[0]
+    results: dict[str, dict[str, float]] = {}
+    for view_name, views in VIEW_SPECS.items():
+        for loader_name, build in loader_builders(dataset, schedule, views, args.dali_threads,
+                                                  args.dali_device).items():
+            results.setdefault(loader_name, {})[view_name] = median_throughput(build(), args.runs)
+            print(f"{view_name:16s} {loader_name:26s} {results[loader_name][view_name]:8.0f} images/s", flush=True)
+    load_after = os.getloadavg()[0]
+
+    print(f"\n{dataset.source}: {args.images} images per epoch, {args.num_client} clients x {args.batch_size} rows, "
+          f"{os.cpu_count()} CPUs, torch {torch.get_num_threads()} threads, "
+          f"load average {load_before:.1f} before, {load_after:.1f} after")
+    print("| loader | " + " | ".join(VIEW_SPECS) + " |")
+    print("| --- |" + " --- |" * len(VIEW_SPECS))
+    for loader_name, row in results.items():
+        print(f"| {loader_name} | " + " | ".join(f"{row[view]:.0f}" for view in VIEW_SPECS) + " |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"results": results, "load_before": load_before,
+                                               "load_after": load_after, "arguments": vars(args)}, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main())
