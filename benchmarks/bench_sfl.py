@@ -12,7 +12,8 @@ numbers are the cost of the training step alone:
 
 A step is what `Trainer.train_step` does: clients forward, server loss (MoCo's InfoNCE with queue and momentum
 encoders, or SwAV's swapped prediction with Sinkhorn codes), one backward, server step, client steps, momentum
-copies. `images_per_sec` counts samples (each with all its views: 2 for MoCo, `--nmb_crops` for SwAV) of the
+copies. With `--client_only` only the client half is timed (loop and vmap): forward, momentum forward, backward
+of a fixed stand-in server gradient, client steps, momentum copies. `images_per_sec` counts samples (each with all its views: 2 for MoCo, `--nmb_crops` for SwAV) of the
 global batch, `--sampled_clients` x `--per_client_batch`. Warm-up steps are excluded; each of `--repeats` timed
 runs covers `--steps` steps, and the median is reported. CUDA is timed with CUDA events and its peak memory is
 `torch.cuda.max_memory_allocated`; on CPU the time is wall-clock and `peak_mem_mb` is the increase of the
@@ -67,6 +68,7 @@ class Setting:
     arch: str
     width: int
     engine: str | None     # the vectorised client side's engine (vmap mode only)
+    client_only: bool = False
 
 
 # ------------------------------------------------------------------------------------------------- options
@@ -83,7 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cutlayer", type=int, nargs="+", default=[1], help="cut layers to measure")
     parser.add_argument("--amp", action="store_true",
                         help="mixed precision: fp16 autocast with a GradScaler on CUDA, bf16 autocast on CPU")
-    parser.add_argument("--modes", type=str, nargs="+", default=list(MODES), choices=MODES, help="what to measure")
+    parser.add_argument("--modes", type=str, nargs="+", default=None, choices=MODES,
+                        help="what to measure (default: all three; loop and vmap with --client_only)")
+    parser.add_argument("--client_only", action="store_true",
+                        help="time only the client side (forward, momentum forward, backward of a fixed gradient, "
+                             "step, momentum copies), without the server")
     parser.add_argument("--engine", type=str, default="auto", choices=ENGINES,
                         help="engine of the vmap mode: grouped convolutions, torch.vmap, or auto (grouped when possible)")
     parser.add_argument("--arch", type=str, default="ResNet18", help="ResNet18, ResNet34 or ResNet50")
@@ -116,6 +122,11 @@ def parse_options(argv: Sequence[str] | None) -> argparse.Namespace:
         raise UserError(f"--threads must be at least 1 (got {options.threads})")
     for cutlayer in options.cutlayer:
         check_cutlayer(options.arch, cutlayer)
+    if options.modes is None:
+        options.modes = ["loop", "vmap"] if options.client_only else list(MODES)
+    if options.client_only and "centralised" in options.modes:
+        raise UserError("--client_only times the client side of SFL, which the centralised step has not; "
+                        "use --modes loop vmap")
     options.device = resolve_device(options.device)
     return options
 
@@ -231,6 +242,31 @@ def sfl_step(clients: ClientSide | VectorisedClientSide, method: ServerMethod, o
     return step
 
 
+def client_only_step(clients: ClientSide | VectorisedClientSide, method: ServerMethod, scaler: torch.amp.GradScaler,
+                     crops: Sequence[torch.Tensor], pool: list[int], rows: list[int],
+                     autocast: Callable[[], ContextManager]) -> Step:
+    """The client half of an SFL step alone: a fixed server gradient stands in for the server."""
+    gradients: list[torch.Tensor] = []
+
+    def step() -> torch.Tensor:
+        clients.zero_grad(pool)
+        with autocast():
+            smashed = clients.forward([crops[k] for k in method.trainable_crops], pool, rows)
+            if method.momentum_crops:
+                clients.momentum_forward([crops[k] for k in method.momentum_crops], pool, rows)
+        if not gradients:
+            generator = torch.Generator().manual_seed(0)
+            gradients.extend(torch.randn(s.shape, generator=generator).to(s.device, s.dtype) for s in smashed)
+        clients.backward(gradients)
+        clients.step(pool, scaler)
+        scaler.update()
+        if method.client_momentum > 0:
+            clients.update_momentum_copies(pool, method.client_momentum)
+        return torch.stack([s.detach().float().square().mean() for s in smashed]).sum()
+
+    return step
+
+
 def build_step(setting: Setting, device: torch.device, seed: int) -> tuple[Step, str | None]:
     """The train step of one setting, built from the same initial weights and data in every mode."""
     args = method_args(setting.method, seed)
@@ -258,6 +294,8 @@ def build_step(setting: Setting, device: torch.device, seed: int) -> tuple[Step,
     generator = torch.Generator().manual_seed(seed + 1)
     pool = sorted(torch.randperm(setting.clients, generator=generator)[: setting.sampled_clients].tolist())
     engine = clients.engine if isinstance(clients, VectorisedClientSide) else None
+    if setting.client_only:
+        return client_only_step(clients, method, scaler, crops, pool, rows, autocast), engine
     return sfl_step(clients, method, optimizer, scaler, crops, pool, rows, autocast), engine
 
 
@@ -315,6 +353,7 @@ def measure(setting: Setting, device: torch.device, *, steps: int, warmup: int, 
         "cpu_step_ms": None if device.type == "cuda" else 1000.0 * cpu_median / steps,
         "peak_mem_mb": peak_mem_mb,
         "peak_mem_kind": peak_mem_kind,
+        # The first step's loss (with --client_only: the mean square of the smashed activations), equal across modes.
         "first_loss": float(first_loss),
         "steps": steps,
         "warmup": warmup,
@@ -331,7 +370,7 @@ def settings_of(options: argparse.Namespace) -> list[Setting]:
         sampled = options.sampled_clients if options.sampled_clients is not None else min(clients, 100)
         common = dict(method=options.method, device=str(options.device), clients=clients, sampled_clients=sampled,
                       per_client_batch=options.per_client_batch, amp=options.amp, arch=options.arch,
-                      width=options.width)
+                      width=options.width, client_only=options.client_only)
         if "centralised" in options.modes:
             settings.append(Setting(mode="centralised", cutlayer=None, engine=None, **common))
         for cutlayer in options.cutlayer:
@@ -380,6 +419,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     finally:
         torch.set_num_threads(threads)  # main() may run inside a larger process (tests)
     print(format_table(records))
+    if options.client_only:
+        print("client side only: forward, momentum forward, backward of a fixed gradient, step, momentum copies")
     if options.device.type == "cpu":
         print("peak MB on CPU: increase of the process's peak resident set during the setting (0 = below an earlier peak)")
     if json_path is not None:

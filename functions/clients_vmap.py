@@ -112,7 +112,7 @@ class StackedSGD(torch.optim.Optimizer):
             finite: Tensor | None = None
             if under_scaler:
                 # Per client: a client with an inf/NaN gradient skips its update, the others step.
-                finite = torch.stack([g.flatten(1).isfinite().all(dim=1) for g in grads]).all(dim=0)
+                finite = torch.stack([g.reshape(g.shape[0], -1).isfinite().all(dim=1) for g in grads]).all(dim=0)
             lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
             for parameter, grad in zip(parameters, grads):
                 weights = parameter.index_select(0, pool)
@@ -250,6 +250,12 @@ class _ClientModules(Sequence[nn.Module]):
     def __iter__(self) -> Iterator[nn.Module]:
         return (self._materialise(c) for c in range(self._count))
 
+    def __add__(self, other: Sequence[nn.Module]) -> list[nn.Module]:
+        return list(self) + list(other)
+
+    def __radd__(self, other: Sequence[nn.Module]) -> list[nn.Module]:
+        return list(other) + list(self)
+
 
 @dataclass
 class _RowGroup:
@@ -271,7 +277,7 @@ class _ShapePlan:
 
 
 class VectorisedClientSide:
-    """All clients simulated by this process, stacked and run in one vmap pass; clients start from the template."""
+    """All clients simulated by this process, stacked and run in one vectorised pass; clients start from the template."""
 
     def __init__(self, template: nn.Module, num_client: int, *, lr: float, momentum: float, weight_decay: float,
                  keep_momentum_copies: bool, device: torch.device, engine: str = "auto") -> None:

@@ -43,6 +43,14 @@ def test_a_tiny_cpu_run_records_every_mode_with_the_same_first_loss(tmp_path, me
     assert all(r["first_loss"] == pytest.approx(first, rel=1e-5) for r in records)
 
 
+def test_client_only_times_loop_and_vmap_on_the_same_smashed_data(tmp_path):
+    records = bench_sfl.main([*TINY, "--clients", "4", "--cutlayer", "2", "--client_only"])
+    assert [(r["mode"], r["client_only"]) for r in records] == [("loop", True), ("vmap", True)]
+    assert records[1]["first_loss"] == pytest.approx(records[0]["first_loss"], rel=1e-5)
+    with pytest.raises(UserError, match="--client_only"):
+        bench_sfl.parse_options(["--device", "cpu", "--client_only", "--modes", "centralised", "vmap"])
+
+
 def test_the_default_pool_is_at_most_a_hundred_clients():
     options = bench_sfl.parse_options(["--device", "cpu", "--clients", "7", "150", "--modes", "loop"])
     assert [(s.clients, s.sampled_clients) for s in bench_sfl.settings_of(options)] == [(7, 7), (150, 100)]
