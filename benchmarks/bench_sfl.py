@@ -8,13 +8,15 @@ numbers are the cost of the training step alone:
 * centralised: the unsplit network (client units, then server units and head) with one optimizer, on the same
   global batch and with the same loss; the ceiling that SFL approaches.
 * loop: the SFL step of the training loop with `functions.clients.ClientSide` (a Python loop over clients).
-* vmap: the same step with `functions.clients_vmap.VectorisedClientSide` (one vmap pass over the pool).
+* vmap: the same step with `functions.clients_vmap.VectorisedClientSide` (one pass over the whole pool; its
+  `--engine` is grouped convolutions when the client model allows, else torch.vmap).
 
 A step is what `Trainer.train_step` does: clients forward, server loss (MoCo's InfoNCE with queue and momentum
 encoders, or SwAV's swapped prediction with Sinkhorn codes), one backward, server step, client steps, momentum
 copies. With `--client_only` only the client half is timed (loop and vmap): forward, momentum forward, backward
-of a fixed stand-in server gradient, client steps, momentum copies. `images_per_sec` counts samples (each with all its views: 2 for MoCo, `--nmb_crops` for SwAV) of the
-global batch, `--sampled_clients` x `--per_client_batch`. Warm-up steps are excluded; each of `--repeats` timed
+of a fixed stand-in server gradient, client steps, momentum copies. `images_per_sec` counts samples of the global
+batch, `--sampled_clients` x `--per_client_batch`, each with all its views (2 for MoCo, sum(--nmb_crops) of the
+SwAV defaults for SwAV). Warm-up steps are excluded; each of `--repeats` timed
 runs covers `--steps` steps, and the median is reported. CUDA is timed with CUDA events and its peak memory is
 `torch.cuda.max_memory_allocated`; on CPU the time is wall-clock and `peak_mem_mb` is the increase of the
 process's peak resident set during that setting (0 when an earlier setting already went higher). CPU records

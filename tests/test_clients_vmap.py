@@ -92,11 +92,14 @@ def _weights(models, client: int) -> list[torch.Tensor]:
 
 
 def _assert_same_clients(loop, vectorised, clients, tolerance=TOLERANCE) -> None:
+    assert len(vectorised.models) == len(loop.models)
+    assert len(vectorised.momentum_models) == len(loop.momentum_models)
     for c in clients:
         for expected, actual in zip(_weights(loop.models, c), _weights(vectorised.models, c)):
             torch.testing.assert_close(actual, expected, **tolerance)
-        for expected, actual in zip(_weights(loop.momentum_models, c), _weights(vectorised.momentum_models, c)):
-            torch.testing.assert_close(actual, expected, **tolerance)
+        if len(loop.momentum_models):
+            for expected, actual in zip(_weights(loop.momentum_models, c), _weights(vectorised.momentum_models, c)):
+                torch.testing.assert_close(actual, expected, **tolerance)
 
 
 ROWS = {"equal": [2, 2, 2], "unequal": [2, 1, 3], "many_counts": [1, 2, 3, 4, 5, 6]}
