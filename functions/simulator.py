@@ -27,6 +27,7 @@ from configs import save_resolved_config, training_signature, parse_hetero_strin
 from functions.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_atomic
 from functions.cifar import ImageDataset, load_dataset
 from functions.clients import ClientSide, query_index
+from functions.clients_vmap import VectorisedClientSide
 from functions.distributed import Runtime, setup_runtime
 from functions.errors import UserError
 from functions.evaluation import extract_features, knn_accuracy, linear_probe, semi_supervised_probes
@@ -173,7 +174,8 @@ class Trainer:
 
         split = build_split_resnet(**model_options(args))
         self.method = build_method(args, split.server.to(self.device), self.device)
-        self.clients = ClientSide(split.client, args.num_client, lr=args.c_lr, momentum=args.momentum,
+        client_side = VectorisedClientSide if args.client_exec == "vmap" else ClientSide
+        self.clients = client_side(split.client, args.num_client, lr=args.c_lr, momentum=args.momentum,
                                   weight_decay=args.weight_decay, keep_momentum_copies=self.method.client_momentum > 0,
                                   device=self.device)
         self.server_optimizer = torch.optim.SGD(self.method.optimized_parameters(), lr=args.lr,

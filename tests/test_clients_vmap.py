@@ -31,6 +31,7 @@ def _one_thread():
 
 
 def _template(cutlayer: int) -> nn.Module:
+    """The client part of a narrow (width 8) ResNet-18 cut at `cutlayer`, in float64."""
     torch.manual_seed(0)
     return build_split_resnet("ResNet18", cutlayer, head="none", width=8).client.double()
 
@@ -88,10 +89,12 @@ def _step(clients, crops, pool, rows, scaler, seed, poison_rows=None):
 
 
 def _weights(models, client: int) -> list[torch.Tensor]:
+    """Copies of client `client`'s parameters, in module order."""
     return [p.detach().clone() for p in models[client].parameters()]
 
 
 def _assert_same_clients(loop, vectorised, clients, tolerance=TOLERANCE) -> None:
+    """Both client sides hold the same weights and momentum copies for the given clients."""
     assert len(vectorised.models) == len(loop.models)
     assert len(vectorised.momentum_models) == len(loop.momentum_models)
     for c in clients:
