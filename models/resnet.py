@@ -293,40 +293,6 @@ def _features_any(backbone: nn.Module, inputs: torch.Tensor | Sequence[torch.Ten
     return torch.cat([_features(backbone, group) for group in inputs], dim=0)
 
 
-class UnsplitResNet(nn.Module):
-    """The whole network in one module: backbone units, pooling, head (and SwAV prototypes)."""
-
-    def __init__(
-        self,
-        backbone: nn.Sequential,
-        head: nn.Module,
-        prototypes: nn.Linear | None,
-        feature_dim: int,
-        arch: str,
-        client_residual_cut: int | None,
-    ) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-        self.prototypes = prototypes
-        self.feature_dim = feature_dim
-        self.arch = _ARCH_DISPLAY[_arch_key(arch)]
-        # Cut layer whose client blocks had their shortcut removed; None when all shortcuts are present.
-        self.client_residual_cut = client_residual_cut
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled backbone features (B, feature_dim) of images x (B, 3, H, W)."""
-        return _features(self.backbone, x)
-
-    def features_multi(self, groups: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Features of several image groups (one pass each, e.g. multi-crop resolutions) concatenated in order."""
-        return _features_any(self.backbone, list(groups))
-
-    def forward(self, x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
-        """head(features(x)); x may be one batch or a sequence of groups."""
-        return self.head(_features_any(self.backbone, x))
-
-
 class ServerNet(nn.Module):
     """Server part: the backbone units after the cut, pooling, head (and SwAV prototypes)."""
 
@@ -348,6 +314,24 @@ class ServerNet(nn.Module):
     def forward(self, smashed: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         """head(features(...)); for SwAV the L2-normalised embedding (scores come from self.prototypes)."""
         return self.head(_features_any(self.backbone, smashed))
+
+
+class UnsplitResNet(ServerNet):
+    """The whole network in one module: backbone units, pooling, head (and SwAV prototypes)."""
+
+    def __init__(
+        self,
+        backbone: nn.Sequential,
+        head: nn.Module,
+        prototypes: nn.Linear | None,
+        feature_dim: int,
+        arch: str,
+        client_residual_cut: int | None,
+    ) -> None:
+        super().__init__(backbone, head, prototypes, feature_dim)
+        self.arch = _ARCH_DISPLAY[_arch_key(arch)]
+        # Cut layer whose client blocks had their shortcut removed; None when all shortcuts are present.
+        self.client_residual_cut = client_residual_cut
 
 
 @dataclass
