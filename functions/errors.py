@@ -1,6 +1,7 @@
-"""User-facing errors: one clear line and exit code 2, never a traceback."""
+"""User-facing errors: one clear line and exit code 2, never a traceback; interrupted runs exit 128 + signal."""
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Callable, NoReturn
 
@@ -11,14 +12,35 @@ class UserError(Exception):
     """An error the user can fix (bad option, missing data); its message is one line that says what to do."""
 
 
-def exit_with_error(message: str) -> NoReturn:
+class TrainingInterrupted(Exception):
+    """Training stopped on a signal after saving its checkpoint; the message says how to resume."""
+
+    def __init__(self, message: str, signal_number: int) -> None:
+        super().__init__(message)
+        self.signal_number = signal_number
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention for a process ended by a signal: 128 + the signal number (130, 143)."""
+        return 128 + self.signal_number
+
+
+def exit_with_error(message: str, exit_code: int = USER_ERROR_EXIT_CODE) -> NoReturn:
+    """Print `error: message` on stderr and exit with `exit_code`."""
     print(f"error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(USER_ERROR_EXIT_CODE)
+    raise SystemExit(exit_code)
 
 
 def run_cli(main: Callable[[], object]) -> None:
-    """Run an entry point; a UserError becomes one line on stderr and exit code 2."""
+    """Run an entry point: a UserError exits 2, an interrupted run 128 + signal, each with one line on stderr."""
     try:
         main()
     except UserError as error:
         exit_with_error(str(error))
+    except TrainingInterrupted as interrupted:
+        print(f"interrupted: {interrupted}", file=sys.stderr, flush=True)
+        raise SystemExit(interrupted.exit_code) from None
+    except KeyboardInterrupt:
+        # A second Ctrl-C (or one outside training): stop at once; a checkpoint on disk is always a complete one.
+        exit_with_error("interrupted before a checkpoint could be saved; the last complete checkpoint, if any, "
+                        "is still in --output_dir", 128 + signal.SIGINT)

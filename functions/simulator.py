@@ -13,9 +13,13 @@ import logging
 import math
 import os
 import random
+import shlex
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -24,12 +28,12 @@ import torch
 from torch import nn
 
 from configs import save_resolved_config, training_signature, parse_hetero_string
-from functions.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_atomic
+from functions.checkpoint import CHECKPOINT_NAME, load_checkpoint, remove_stale_temporaries, save_atomic
 from functions.cifar import ImageDataset, load_dataset
 from functions.clients import ClientSide, query_index
 from functions.clients_vmap import VectorisedClientSide
 from functions.distributed import Runtime, setup_runtime
-from functions.errors import UserError
+from functions.errors import TrainingInterrupted, UserError
 from functions.evaluation import extract_features, knn_accuracy, linear_probe, semi_supervised_probes
 from functions.loaders import FederatedLoaders, FederatedSchedule, default_steps_per_epoch
 from functions.partition import make_partition, partition_hash, save_partition
@@ -37,6 +41,13 @@ from functions.server_method import ServerMethod, ViewSpec
 from models.resnet import build_split_resnet
 
 CHECKPOINT_FORMAT = 1
+# Keys every checkpoint of this format holds; a file without them is refused before anything is loaded.
+CHECKPOINT_KEYS = frozenset({"format", "args", "signature", "partition_hash", "epoch", "step_in_epoch", "global_step",
+                             "method", "method_extra", "clients", "server_optimizer", "scaler", "rng", "metrics"})
+# Set to 1 (or any non-empty value other than 0) to never download CIFAR: a missing folder is then an error at once.
+NO_DOWNLOAD_ENV = "SFL_NO_DOWNLOAD"
+# Below this fp16 loss scale even unscaled gradients overflow: the run has diverged, skipping steps cannot save it.
+MIN_LOSS_SCALE = 1.0
 logger = logging.getLogger("sfl")
 
 MethodFactory = Callable[[argparse.Namespace, nn.Module, torch.device], ServerMethod]
@@ -44,6 +55,7 @@ MethodFactory = Callable[[argparse.Namespace, nn.Module, torch.device], ServerMe
 
 # ----------------------------------------------------------------------------------------------- set-up helpers
 def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and every CUDA device) from one number."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -128,6 +140,73 @@ class LearningRateSchedule:
         return final + 0.5 * (base - final) * (1 + math.cos(math.pi * progress))
 
 
+def download_allowed() -> bool:
+    """Whether a missing CIFAR folder may be downloaded (not when SFL_NO_DOWNLOAD is set, e.g. offline clusters)."""
+    return os.environ.get(NO_DOWNLOAD_ENV, "").strip() in ("", "0")
+
+
+class StopSignal:
+    """SIGTERM / SIGINT turned into a request the loop polls between steps; a second signal stops at once."""
+
+    HANDLED = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signal_number: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        """True once a stop signal arrived."""
+        return self.signal_number is not None
+
+    @property
+    def name(self) -> str:
+        """Name of the signal received (SIGTERM, SIGINT)."""
+        return signal.Signals(self.signal_number).name if self.signal_number is not None else ""
+
+    def request(self, signal_number: int) -> None:
+        """Ask the loop to stop after the current step (what the handler does; tests may call it directly)."""
+        self.signal_number = signal_number
+
+    def _handle(self, signal_number: int, frame: Any) -> None:
+        if self.requested:
+            # The user insists: abandon the step; save_atomic removes its temporary file on the way out.
+            raise KeyboardInterrupt
+        self.request(signal_number)
+
+    def __enter__(self) -> "StopSignal":
+        # Handlers can only be installed from the main thread (a loop driven from another thread keeps the defaults).
+        if threading.current_thread() is threading.main_thread():
+            for number in self.HANDLED:
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for number, previous in self._previous.items():
+            signal.signal(number, previous)
+        self._previous.clear()
+
+
+@dataclass
+class LogWindow:
+    """The steps since the last log point: their losses (still on the device), images and learning rates."""
+
+    losses: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    images: int = 0
+    start: float = field(default_factory=time.perf_counter)
+    server_lr: float = 0.0
+    client_lr: float = 0.0
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    """The command that continues this run: the one that started it plus --resume, or its saved config."""
+    script = "run_sflmoco.py" if args.method == "moco" else "run_sflswav.py"
+    if Path(sys.argv[0]).name == script:
+        return shlex.join(["python", sys.argv[0], *(a for a in sys.argv[1:] if a != "--resume"), "--resume"])
+    # Called from Python (not the entry script): the run folder's config.yaml holds every resolved option.
+    return shlex.join(["python", script, "--config", str(Path(args.output_dir) / "config.yaml"), "--resume"])
+
+
 class MetricsLog:
     """metrics.json of a run: lists of [step or epoch, value] and the final results, written atomically."""
 
@@ -154,19 +233,21 @@ class Trainer:
     """Everything one SFL run holds: data, clients, server method, optimizers, schedule, logs, checkpoints."""
 
     def __init__(self, args: argparse.Namespace, build_method: MethodFactory, view_spec: ViewSpec,
-                 runtime: Runtime, output_dir: Path) -> None:
+                 runtime: Runtime, output_dir: Path, stop: StopSignal | None = None) -> None:
         self.args = args
         self.runtime = runtime
         self.device = runtime.device
         self.output_dir = output_dir
+        self.stop = stop if stop is not None else StopSignal()
         seed_everything(args.seed)
 
-        self.dataset: ImageDataset = load_dataset(args.dataset, args.data_dir, data_proportion=args.data_proportion,
-                                                  seed=args.seed)
+        self.dataset: ImageDataset = load_dataset(args.dataset, args.data_dir, download=download_allowed(),
+                                                  data_proportion=args.data_proportion, seed=args.seed)
         self.client_indices = self._partition()
         self.client_sizes = [len(indices) for indices in self.client_indices]
         self.partition_hash = partition_hash(self.client_indices)
         self.batch_sizes = client_batch_sizes(args, self.client_sizes)
+        self._warn_small_shards()
         steps = default_steps_per_epoch(self.client_indices, self.batch_sizes, args.client_sample_ratio)
         self.schedule = FederatedSchedule(self.client_indices, self.batch_sizes, args.client_sample_ratio, steps, args.seed)
         self.loaders: FederatedLoaders = build_loaders(args, self.dataset, self.schedule, view_spec, runtime)
@@ -183,9 +264,12 @@ class Trainer:
         self.lr_schedule = LearningRateSchedule(args, self.steps_per_epoch)
         self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        # Steps whose update the GradScaler skipped (inf/NaN gradients), counted on the device: read at log points.
+        self.skipped_steps = torch.zeros((), dtype=torch.int64, device=self.device)
         self.epoch = 0            # epoch in progress (0-based)
         self.step_in_epoch = 0    # next step to run in that epoch
         self.global_step = 0      # steps done since the start of the run
+        self.saved_step: int | None = None  # global step of the checkpoint on disk written by this process
         self.metrics = MetricsLog(output_dir / "metrics.json", method=args.method, data_backend=self.loaders.backend,
                                   world_size=runtime.world_size, steps_per_epoch=self.steps_per_epoch,
                                   partition_hash=self.partition_hash)
@@ -206,6 +290,16 @@ class Trainer:
                            extra={"partition": args.partition, "dirichlet_alpha": args.dirichlet_alpha,
                                   "noniid_ratio": args.noniid_ratio, "seed": args.seed, "hetero": args.hetero})
         return indices
+
+    def _warn_small_shards(self) -> None:
+        """Say when clients hold fewer samples than their batch: their batches repeat samples within a step."""
+        # Not an error: a client reads its shard as an endless stream of reshuffled passes (there is no drop-last),
+        # so a batch larger than the shard wraps around; each repeat is a new stream position with its own augmentation.
+        small = [(size, batch) for size, batch in zip(self.client_sizes, self.batch_sizes) if size < batch]
+        if small:
+            size, batch = min(small)
+            logger.warning(f"{len(small)} of {len(self.client_sizes)} clients hold fewer samples than their batch "
+                           f"(smallest: {size} samples, batch {batch}); their batches repeat samples within a step")
 
     def _amp_dtype(self) -> torch.dtype | None:
         if not self.args.use_fp16:
@@ -231,6 +325,7 @@ class Trainer:
     def train_step(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One SFL step over the pool: clients forward, joint server loss, one backward, server and client steps."""
         method, clients, pool = self.method, self.clients, batch.client_ids
+        scale_before = self._loss_scale() if self.scaler.is_enabled() else None
         self.server_optimizer.zero_grad(set_to_none=True)
         clients.zero_grad(pool)
         with self.autocast():
@@ -249,10 +344,21 @@ class Trainer:
         clients.backward([s.grad for s in server_inputs])
         clients.step(pool, self.scaler)
         self.scaler.update()
+        if scale_before is not None:
+            # The scaler lowers its scale exactly when some optimizer found inf/NaN gradients and skipped its step.
+            self.skipped_steps += (self._loss_scale() < scale_before).long()
         method.after_server_step()
         if method.client_momentum > 0:
             clients.update_momentum_copies(pool, method.client_momentum)
         return loss.detach(), {name: value.detach() for name, value in stats.items()}
+
+    def _loss_scale(self) -> torch.Tensor:
+        """The GradScaler's current scale as a device tensor (a copy), read without a host synchronisation."""
+        scale = getattr(self.scaler, "_scale", None)
+        if isinstance(scale, torch.Tensor):
+            return scale.detach().clone()
+        # Before its first step the scaler has no tensor yet; its scale is then the initial one (no sync either).
+        return torch.tensor(self.scaler.get_scale(), dtype=torch.float32, device=self.device)
 
     def _per_client_server_updates(self, server_inputs: list[torch.Tensor], momentum_smashed: list[torch.Tensor],
                                    rows_per_client: Sequence[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -277,23 +383,40 @@ class Trainer:
                             include_momentum_copies=getattr(self.args, "fedavg_momentum", False))
 
     def train(self) -> None:
+        """Run epochs until --num_epoch or --max_steps; on a stop signal save and raise TrainingInterrupted."""
         args = self.args
         total_epochs = args.num_epoch
-        if self.global_step == 0 and args.eval_freq > 0:
+        if self.global_step == 0 and args.eval_freq > 0 and not self.stop.requested:
             self.log_knn(0)
-        while self.epoch < total_epochs and not self.reached_max_steps():
+        while self.epoch < total_epochs and not self.reached_max_steps() and not self.stop.requested:
             self.train_epoch()
-            if self.step_in_epoch == 0:  # the epoch finished (not cut by --max_steps)
+            if self.step_in_epoch == 0:  # the epoch finished (not cut by --max_steps or a signal)
                 completed = self.epoch
                 if args.eval_freq > 0 and completed % args.eval_freq == 0:
-                    self.log_knn(completed)
-                self.save_checkpoint()
+                    if self.stop.requested:  # save first: a scheduler's grace period may be short
+                        logger.info(f"{self.stop.name}: skipping the kNN monitor of epoch {completed}")
+                    else:
+                        self.log_knn(completed)
+                if not self.stop.requested:
+                    self.save_checkpoint()
         self.save_checkpoint()
+        if self.stop.requested:
+            self.interrupted()
+
+    def interrupted(self) -> None:
+        """Log and raise the stop of a signalled run (its checkpoint is saved); the message says how to resume."""
+        message = (f"{self.stop.name} received: stopped after step {self.global_step} (epoch {self.epoch + 1}, "
+                   f"step {self.step_in_epoch} of {self.steps_per_epoch}) and saved {self.output_dir / CHECKPOINT_NAME}; "
+                   f"resume with: {resume_command(self.args)}")
+        logger.warning(message)
+        raise TrainingInterrupted(message, int(self.stop.signal_number))
 
     def reached_max_steps(self) -> bool:
+        """Whether --max_steps (when set) is reached."""
         return self.args.max_steps > 0 and self.global_step >= self.args.max_steps
 
     def train_epoch(self) -> None:
+        """Train the rest of the current epoch, or up to --max_steps, or until a stop signal (after a whole step)."""
         from tqdm import tqdm
 
         args, epoch = self.args, self.epoch
@@ -301,49 +424,58 @@ class Trainer:
         self.method.start_epoch(epoch)
         self.method.train()
         avg_after = fedavg_positions(self.steps_per_epoch, args.avg_freq)
-        pending_losses: list[tuple[int, torch.Tensor]] = []
+        window = LogWindow()
         stat_sums: dict[str, torch.Tensor] = {}
         stat_count = 0
         bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, desc=f"epoch {epoch + 1}/{args.num_epoch}",
                    disable=not self.runtime.is_main, dynamic_ncols=True, leave=False, file=sys.stdout)
-        window_start, window_images = time.perf_counter(), 0
-        server_lr = client_lr = 0.0
         first = True
-        for batch in self.loaders.train.epoch(epoch, start_step=self.step_in_epoch):
-            step = self.step_in_epoch
-            if first or getattr(args, "use_swav_scheduler", False):
-                server_lr, client_lr = self.set_learning_rates(epoch, step)
-                first = False
-            batch = batch.to(self.device)
-            loss, stats = self.train_step(batch)
-            self.global_step += 1
-            self.step_in_epoch += 1
-            pending_losses.append((self.global_step, loss))
-            for name, value in stats.items():
-                stat_sums[name] = stat_sums.get(name, 0.0) + value
-            stat_count += 1
-            window_images += sum(batch.rows_per_client)
-            if step in avg_after:
-                self.fedavg(pool)
-            bar.update(1)
-            done = self.step_in_epoch == self.steps_per_epoch or self.reached_max_steps()
-            if len(pending_losses) >= args.log_freq or done:
-                elapsed = time.perf_counter() - window_start
-                images_per_sec = window_images / max(elapsed, 1e-9)
-                losses = self._flush_losses(pending_losses)
-                bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{server_lr:.4g}", img_s=f"{images_per_sec:.0f}")
-                self.log_scalar("train/loss", losses[-1], self.global_step)
-                self.log_scalar("train/lr", server_lr, self.global_step)
-                self.log_scalar("train/client_lr", client_lr, self.global_step)
-                self.log_scalar("train/images_per_sec", images_per_sec, self.global_step)
-                window_start, window_images = time.perf_counter(), 0
-            if done:
-                break
-        bar.close()
+        batches = iter(self.loaders.train.epoch(epoch, start_step=self.step_in_epoch))
+        try:
+            while not self.stop.requested:
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    break
+                except Exception:
+                    # A signal sent to the whole process group also ends the data workers; the last step is complete.
+                    if self.stop.requested:
+                        break
+                    raise
+                step = self.step_in_epoch
+                if first or getattr(args, "use_swav_scheduler", False):
+                    window.server_lr, window.client_lr = self.set_learning_rates(epoch, step)
+                    first = False
+                batch = batch.to(self.device)
+                loss, stats = self.train_step(batch)
+                self.global_step += 1
+                self.step_in_epoch += 1
+                window.losses.append((self.global_step, loss))
+                window.images += sum(batch.rows_per_client)
+                for name, value in stats.items():
+                    stat_sums[name] = stat_sums.get(name, 0.0) + value
+                stat_count += 1
+                if step in avg_after:
+                    self.fedavg(pool)
+                bar.update(1)
+                done = self.step_in_epoch == self.steps_per_epoch or self.reached_max_steps()
+                if len(window.losses) >= args.log_freq or done:
+                    self._log_window(window, bar)
+                if done:
+                    break
+            if window.losses:  # stopped by a signal between log points: log (and check) the steps done
+                self._log_window(window, bar)
+        finally:
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()  # shuts data workers down now rather than at garbage collection
+            bar.close()
         epoch_stats = {name: float(value) / max(1, stat_count) for name, value in stat_sums.items()}
         epoch_stats.update(self.method.epoch_summary())
         recent = [loss for _, loss in self.metrics.data["train_loss"][-stat_count:]] if stat_count else [float("nan")]
-        summary = f"epoch {epoch + 1}: loss {np.mean(recent):.4f}, lr {server_lr:.4g}, step {self.global_step}"
+        summary = f"epoch {epoch + 1}: loss {np.mean(recent):.4f}, lr {window.server_lr:.4g}, step {self.global_step}"
+        if self.scaler.is_enabled():
+            summary += f", skipped_steps {int(self.skipped_steps)}"
         for name, value in epoch_stats.items():
             self.metrics.append(name, epoch + 1, value)
             self.log_scalar(f"train/{name}", value, epoch + 1)
@@ -354,16 +486,52 @@ class Trainer:
             self.step_in_epoch = 0
         self.metrics.save()
 
+    def _log_window(self, window: "LogWindow", bar: Any) -> None:
+        """Check and log the losses of the steps since the last log point (one host transfer)."""
+        elapsed = time.perf_counter() - window.start
+        images_per_sec = window.images / max(elapsed, 1e-9)
+        losses = self._flush_losses(window.losses)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{window.server_lr:.4g}", img_s=f"{images_per_sec:.0f}")
+        self.log_scalar("train/loss", losses[-1], self.global_step)
+        self.log_scalar("train/lr", window.server_lr, self.global_step)
+        self.log_scalar("train/client_lr", window.client_lr, self.global_step)
+        self.log_scalar("train/images_per_sec", images_per_sec, self.global_step)
+        if self.scaler.is_enabled():
+            self._log_loss_scale()
+        window.start, window.images = time.perf_counter(), 0
+
+    def _log_loss_scale(self) -> None:
+        """fp16: log the skipped-step count and the loss scale; stop when the scale shows the run diverged."""
+        skipped, scale = int(self.skipped_steps), float(self.scaler.get_scale())
+        self.metrics.append("skipped_steps", self.global_step, skipped)
+        self.log_scalar("train/skipped_steps", skipped, self.global_step)
+        self.log_scalar("train/loss_scale", scale, self.global_step)
+        if scale < MIN_LOSS_SCALE:
+            raise UserError(f"the fp16 loss scale fell to {scale:.3g} by step {self.global_step} ({skipped} steps "
+                            f"skipped): gradients overflow even unscaled; {self._last_good_checkpoint()} "
+                            "(try a lower --lr or --amp_dtype bf16)")
+
     def _flush_losses(self, pending: list[tuple[int, torch.Tensor]]) -> list[float]:
-        """Move the logged losses to the host in one transfer (no per-step synchronisation)."""
+        """Move the logged losses to the host in one transfer (no per-step synchronisation) and check them."""
         values = torch.stack([loss.float() for _, loss in pending]).cpu().tolist()
         for (step, _), value in zip(pending, values):
-            if not math.isfinite(value):
-                raise UserError(f"the loss became {value} at step {step}; the last good checkpoint is "
-                                f"{self.output_dir / CHECKPOINT_NAME} (try a lower --lr)")
-            self.metrics.append("train_loss", step, value)
+            if math.isfinite(value):
+                self.metrics.append("train_loss", step, value)
+            elif not self.scaler.is_enabled():
+                raise UserError(f"the loss became {value} at step {step}; stopped without saving that state; "
+                                f"{self._last_good_checkpoint()} (try a lower --lr)")
+            # With fp16 loss scaling a non-finite loss means the scaler skipped that update: counted, not fatal.
         pending.clear()
         return values
+
+    def _last_good_checkpoint(self) -> str:
+        """Where the last checkpoint of healthy weights is, for error messages."""
+        path = self.output_dir / CHECKPOINT_NAME
+        if self.saved_step is not None:
+            return f"the last good checkpoint is {path} (step {self.saved_step})"
+        if path.is_file():
+            return f"the last good checkpoint is {path} (the one this run resumed from)"
+        return "no checkpoint was written yet"
 
     # -------------------------------------------------------------------------------------------- evaluation
     def log_scalar(self, tag: str, value: float, step: int) -> None:
@@ -373,6 +541,12 @@ class Trainer:
             self.writer = SummaryWriter(str(self.output_dir / "tensorboard"))
         if self.writer is not None:
             self.writer.add_scalar(tag, value, step)
+
+    def close(self) -> None:
+        """Flush and close the tensorboard writer (safe to call twice)."""
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
     def evaluation_encoder(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """Averaged client model followed by the server's backbone, in eval mode."""
@@ -443,23 +617,45 @@ class Trainer:
             "clients": self.clients.state_dict(),
             "server_optimizer": self.server_optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
+            "skipped_steps": int(self.skipped_steps),
             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
             "metrics": self.metrics.data,
         }
 
     def save_checkpoint(self) -> None:
-        if self.runtime.is_main:
-            save_atomic(self.state_dict(), self.output_dir / CHECKPOINT_NAME)
+        """Write checkpoint_last.pt atomically; refuse (keeping the previous file) when the weights are not finite."""
+        if not self.runtime.is_main:
+            return
+        state = self.state_dict()
+        broken = first_non_finite({key: state[key] for key in ("method", "method_extra", "clients", "server_optimizer")})
+        if broken is not None:
+            raise UserError(f"{broken} became non-finite by step {self.global_step}; stopped without saving that "
+                            f"state; {self._last_good_checkpoint()} (try a lower --lr)")
+        save_atomic(state, self.output_dir / CHECKPOINT_NAME)
+        self.saved_step = self.global_step
 
-    def load_state_dict(self, state: dict[str, Any], check_signature: bool = True) -> None:
+    def load_state_dict(self, state: dict[str, Any], check_signature: bool = True,
+                        source: str = "the checkpoint") -> None:
+        """Continue from a checkpoint: weights, optimizers, queues, position in the schedule, RNG and metrics."""
+        missing = sorted(CHECKPOINT_KEYS - set(state))
+        if missing:
+            raise UserError(f"{source} is incomplete (no {', '.join(missing)}); delete it or pass another --output_dir")
+        if state["format"] != CHECKPOINT_FORMAT:
+            raise UserError(f"{source} has format {state['format']!r}, this version reads format {CHECKPOINT_FORMAT}; "
+                            "evaluate or resume it with the version that wrote it")
         if check_signature:
             check_same_configuration(state, self.args, self.partition_hash)
-        self.method.load_state_dict(state["method"])
-        self.method.load_extra_state(state["method_extra"])
-        self.clients.load_state_dict(state["clients"])
-        self.server_optimizer.load_state_dict(state["server_optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        try:
+            self.method.load_state_dict(state["method"])
+            self.method.load_extra_state(state["method_extra"])
+            self.clients.load_state_dict(state["clients"])
+            self.server_optimizer.load_state_dict(state["server_optimizer"])
+            self.scaler.load_state_dict(state["scaler"])
+        except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as error:
+            reason = " ".join(str(error).split())[:200] or type(error).__name__
+            raise UserError(f"{source} does not fit this run ({reason}); delete it or pass another --output_dir") from None
+        self.skipped_steps.fill_(int(state.get("skipped_steps", 0)))
         self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         rng = state["rng"]
         random.setstate(rng["python"])
@@ -469,6 +665,30 @@ class Trainer:
             torch.cuda.set_rng_state_all(rng["cuda"])
         header = {key: self.metrics.data[key] for key in ("data_backend", "world_size")}
         self.metrics.data = {**state["metrics"], **header}
+
+
+def first_non_finite(tree: Any, name: str = "") -> str | None:
+    """Name of the first floating tensor holding inf or NaN in nested dicts/lists/tuples, or None (one sync)."""
+    named: list[tuple[str, torch.Tensor]] = []
+
+    def collect(node: Any, path: str) -> None:
+        if isinstance(node, torch.Tensor):
+            if node.is_floating_point() or node.is_complex():
+                named.append((path, node))
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                collect(value, f"{path}.{key}" if path else str(key))
+        elif isinstance(node, (list, tuple)):
+            for index, value in enumerate(node):
+                collect(value, f"{path}[{index}]")
+
+    collect(tree, name)
+    if not named:
+        return None
+    flags = torch.stack([tensor.isfinite().all().cpu() for _, tensor in named])
+    if bool(flags.all()):
+        return None
+    return named[int((~flags).nonzero()[0, 0])][0]
 
 
 def check_same_configuration(state: dict[str, Any], args: argparse.Namespace, current_hash: str) -> None:
@@ -533,20 +753,29 @@ def run(args: argparse.Namespace, build_method: MethodFactory, view_spec: ViewSp
         raise UserError(f"{checkpoint_path} exists: add --resume to continue that run, or choose a new --output_dir")
     if args.resume and not checkpoint_path.exists():
         raise UserError(f"--resume: no {CHECKPOINT_NAME} in {output_dir}; run without --resume to start")
-    state = load_checkpoint(checkpoint_path) if args.resume else None
+    state = load_checkpoint(checkpoint_path) if args.resume else None  # a bad file is refused before anything changes
     if runtime.is_main:
+        for leftover in remove_stale_temporaries(checkpoint_path):
+            logger.info(f"removed {leftover.name}, left by a save that was killed before it completed")
         save_resolved_config(args, output_dir / "config.yaml")
-    trainer = Trainer(args, build_method, view_spec, runtime, output_dir)
-    logger.info(f"{args.method}: {args.num_client} clients, {trainer.steps_per_epoch} steps per epoch, "
-                f"device {runtime.device}, data {trainer.loaders.backend}, output {output_dir}")
-    if state is not None:
-        trainer.load_state_dict(state)
-        logger.info(f"resumed from {checkpoint_path} at epoch {trainer.epoch + 1}, step {trainer.global_step}")
-    trainer.train()
-    results = trainer.final_evaluation()
-    trainer.save_checkpoint()
-    if trainer.writer is not None:
-        trainer.writer.close()
+    # From here a SIGTERM/SIGINT ends the current step, saves the checkpoint and exits with the resume command.
+    with StopSignal() as stop:
+        trainer = Trainer(args, build_method, view_spec, runtime, output_dir, stop=stop)
+        try:
+            logger.info(f"{args.method}: {args.num_client} clients, {trainer.steps_per_epoch} steps per epoch, "
+                        f"device {runtime.device}, data {trainer.loaders.backend}, output {output_dir}")
+            if state is not None:
+                trainer.load_state_dict(state, source=str(checkpoint_path))
+                logger.info(f"resumed from {checkpoint_path} at epoch {trainer.epoch + 1}, step {trainer.global_step}")
+            trainer.train()
+        except BaseException:
+            trainer.close()
+            raise
+    try:
+        results = trainer.final_evaluation()
+        trainer.save_checkpoint()
+    finally:
+        trainer.close()
     return results
 
 
@@ -554,11 +783,16 @@ def evaluate_checkpoint(args: argparse.Namespace, build_method: MethodFactory, v
                         runtime: Runtime) -> dict[str, Any]:
     """--eval_only: rebuild the run a checkpoint came from and run the final evaluation on it."""
     state = load_checkpoint(args.checkpoint)
+    if not isinstance(state.get("args"), dict):
+        raise UserError(f"{args.checkpoint} is incomplete (no args); pass a checkpoint_last.pt written by a training run")
     saved = argparse.Namespace(**state["args"])
     saved.data_dir, saved.device, saved.num_workers = args.data_dir, args.device, args.num_workers
     saved.linear_epochs, saved.skip_linear, saved.eval_batch_size = args.linear_epochs, args.skip_linear, args.eval_batch_size
     output_dir = prepare_output_dir(str(Path(args.checkpoint).resolve().parent / "eval_only"))
     setup_logging(output_dir, runtime.is_main)
     trainer = Trainer(saved, build_method, view_spec, runtime, output_dir)
-    trainer.load_state_dict(state, check_signature=False)
-    return trainer.final_evaluation()
+    trainer.load_state_dict(state, check_signature=False, source=str(args.checkpoint))
+    try:
+        return trainer.final_evaluation()
+    finally:
+        trainer.close()
