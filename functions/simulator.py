@@ -173,6 +173,11 @@ class StopSignal:
             # The user insists: abandon the step; save_atomic removes its temporary file on the way out.
             raise KeyboardInterrupt
         self.request(signal_number)
+        # A signal sent to the whole process group (Ctrl-C, Slurm) also ends the data-loader workers; torch's
+        # SIGCHLD handler would then raise in the middle of the step. The loop fetches no further batch now.
+        sigchld = getattr(signal, "SIGCHLD", None)
+        if sigchld is not None and sigchld not in self._previous:
+            self._previous[sigchld] = signal.signal(sigchld, signal.SIG_DFL)
 
     def __enter__(self) -> "StopSignal":
         # Handlers can only be installed from the main thread (a loop driven from another thread keeps the defaults).
