@@ -238,12 +238,12 @@ class Trainer:
     """Everything one SFL run holds: data, clients, server method, optimizers, schedule, logs, checkpoints."""
 
     def __init__(self, args: argparse.Namespace, build_method: MethodFactory, view_spec: ViewSpec,
-                 runtime: Runtime, output_dir: Path, stop: StopSignal | None = None) -> None:
+                 runtime: Runtime, output_dir: Path) -> None:
         self.args = args
         self.runtime = runtime
         self.device = runtime.device
         self.output_dir = output_dir
-        self.stop = stop if stop is not None else StopSignal()
+        self.stop = StopSignal()  # listens only inside `with trainer.stop:` (see run())
         seed_everything(args.seed)
 
         self.dataset: ImageDataset = load_dataset(args.dataset, args.data_dir, download=download_allowed(),
@@ -673,7 +673,7 @@ class Trainer:
 
 
 def first_non_finite(tree: Any, name: str = "") -> str | None:
-    """Name of the first floating tensor holding inf or NaN in nested dicts/lists/tuples, or None (one sync)."""
+    """Name of the first floating tensor holding inf or NaN in nested dicts/lists/tuples, or None."""
     named: list[tuple[str, torch.Tensor]] = []
 
     def collect(node: Any, path: str) -> None:
@@ -688,12 +688,15 @@ def first_non_finite(tree: Any, name: str = "") -> str | None:
                 collect(value, f"{path}[{index}]")
 
     collect(tree, name)
-    if not named:
-        return None
-    flags = torch.stack([tensor.isfinite().all().cpu() for _, tensor in named])
-    if bool(flags.all()):
-        return None
-    return named[int((~flags).nonzero()[0, 0])][0]
+    positions_by_device: dict[torch.device, list[int]] = {}
+    for position, (_, tensor) in enumerate(named):
+        positions_by_device.setdefault(tensor.device, []).append(position)
+    finite = [True] * len(named)
+    for positions in positions_by_device.values():  # one host transfer per device
+        flags = torch.stack([named[p][1].isfinite().all() for p in positions]).cpu().tolist()
+        for position, flag in zip(positions, flags):
+            finite[position] = flag
+    return next((path for (path, _), ok in zip(named, finite) if not ok), None)
 
 
 def check_same_configuration(state: dict[str, Any], args: argparse.Namespace, current_hash: str) -> None:
@@ -763,20 +766,17 @@ def run(args: argparse.Namespace, build_method: MethodFactory, view_spec: ViewSp
         for leftover in remove_stale_temporaries(checkpoint_path):
             logger.info(f"removed {leftover.name}, left by a save that was killed before it completed")
         save_resolved_config(args, output_dir / "config.yaml")
-    # From here a SIGTERM/SIGINT ends the current step, saves the checkpoint and exits with the resume command.
-    with StopSignal() as stop:
-        trainer = Trainer(args, build_method, view_spec, runtime, output_dir, stop=stop)
-        try:
-            logger.info(f"{args.method}: {args.num_client} clients, {trainer.steps_per_epoch} steps per epoch, "
-                        f"device {runtime.device}, data {trainer.loaders.backend}, output {output_dir}")
-            if state is not None:
-                trainer.load_state_dict(state, source=str(checkpoint_path))
-                logger.info(f"resumed from {checkpoint_path} at epoch {trainer.epoch + 1}, step {trainer.global_step}")
-            trainer.train()
-        except BaseException:
-            trainer.close()
-            raise
+    trainer = Trainer(args, build_method, view_spec, runtime, output_dir)
     try:
+        logger.info(f"{args.method}: {args.num_client} clients, {trainer.steps_per_epoch} steps per epoch, "
+                    f"device {runtime.device}, data {trainer.loaders.backend}, output {output_dir}")
+        if state is not None:
+            trainer.load_state_dict(state, source=str(checkpoint_path))
+            logger.info(f"resumed from {checkpoint_path} at epoch {trainer.epoch + 1}, step {trainer.global_step}")
+        # While training, SIGTERM/SIGINT end the current step, save the checkpoint and exit with the resume command.
+        # Outside it (data loading, final evaluation) they act as usual: there is nothing new to save.
+        with trainer.stop:
+            trainer.train()
         results = trainer.final_evaluation()
         trainer.save_checkpoint()
     finally:

@@ -140,22 +140,28 @@ run_cli(lambda: run_sflmoco.main(sys.argv[1:]))
 """
 
 
-def test_sigterm_mid_epoch_saves_and_the_printed_resume_reaches_the_uninterrupted_weights(tmp_path):
+def start_slow_run(tmp_path: Path, argv: list[str], **popen: object) -> tuple[subprocess.Popen, Path]:
+    """Start the slowed entry script; return the process once it has finished two steps."""
     driver = tmp_path / "driver.py"
     driver.write_text(SLOW_DRIVER.format(repo=str(REPO_ROOT)))
     progress = tmp_path / "progress.txt"
-    interrupted_dir = tmp_path / "interrupted"
-    argv = [*FAST, "--output_dir", str(interrupted_dir)]
     child = subprocess.Popen([sys.executable, str(driver), str(progress), *argv], cwd=REPO_ROOT, env=entry_env(),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    deadline = time.monotonic() + SUBPROCESS_TIMEOUT_S
+    while not (progress.is_file() and len(progress.read_text().split()) >= 2):
+        if child.poll() is not None or time.monotonic() > deadline:
+            child.kill()
+            raise AssertionError(f"the run made no progress: {child.communicate()}")
+        time.sleep(0.05)
+    return child, progress
+
+
+def test_sigterm_mid_epoch_saves_and_the_printed_resume_reaches_the_uninterrupted_weights(tmp_path):
+    interrupted_dir = tmp_path / "interrupted"
+    child, _ = start_slow_run(tmp_path, [*FAST, "--output_dir", str(interrupted_dir)])
     try:
-        deadline = time.monotonic() + SUBPROCESS_TIMEOUT_S
-        while not (progress.is_file() and len(progress.read_text().split()) >= 2):
-            assert child.poll() is None, child.communicate()
-            assert time.monotonic() < deadline, "the run made no progress"
-            time.sleep(0.05)
         child.send_signal(signal.SIGTERM)
-        stdout, stderr = child.communicate(timeout=SUBPROCESS_TIMEOUT_S)
+        _, stderr = child.communicate(timeout=SUBPROCESS_TIMEOUT_S)
     finally:
         if child.poll() is None:
             child.kill()
@@ -188,6 +194,23 @@ def test_sigterm_mid_epoch_saves_and_the_printed_resume_reaches_the_uninterrupte
         assert torch.equal(actual[name], tensor), name
     losses = lambda folder: json.loads((folder / "metrics.json").read_text())["train_loss"]  # noqa: E731
     assert losses(interrupted_dir) == losses(straight_dir)
+
+
+def test_sigterm_to_the_whole_process_group_with_data_workers_stops_cleanly(tmp_path):
+    # Slurm and Ctrl-C signal every process of the group: the data-loader workers die too, the step must not.
+    run_dir = tmp_path / "run"
+    child, _ = start_slow_run(tmp_path, [*FAST, "--num_workers", "2", "--output_dir", str(run_dir)],
+                              start_new_session=True)
+    try:
+        os.killpg(child.pid, signal.SIGTERM)
+        _, stderr = child.communicate(timeout=SUBPROCESS_TIMEOUT_S)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "Traceback" not in stderr and "resume with: " in stderr
+    saved = load_checkpoint(run_dir / CHECKPOINT_NAME)
+    assert saved["global_step"] >= 2 and saved["step_in_epoch"] == saved["global_step"]
 
 
 def test_stop_signal_requests_once_then_a_second_signal_stops_at_once():
