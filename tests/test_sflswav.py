@@ -142,3 +142,26 @@ def test_crop_options_are_validated():
         parse_args("swav", ["--nmb_crops", "2", "6", "--size_crops", "32"])
     with pytest.raises(UserError, match="crops_for_assign 8 is out of range"):
         parse_args("swav", ["--crops_for_assign", "0", "8"])
+
+
+def test_swav_resume_continues_exactly_with_its_queue(tmp_path):
+    import json
+
+    import run_sflswav
+    from functions.checkpoint import CHECKPOINT_NAME, load_checkpoint
+    from sfl_helpers import TINY_SWAV
+
+    def run(name, *extra):
+        run_sflswav.main([*TINY_SWAV, *MULTI_CROP, "--num_client", "2", "--batch_size", "4", "--queue_length", "16",
+                          "--epoch_queue_starts", "0", "--output_dir", str(tmp_path / name), *extra])
+        return tmp_path / name
+
+    straight = run("straight", "--max_steps", "6")
+    run("split", "--max_steps", "3")
+    split = run("split", "--max_steps", "6", "--resume")
+    expected, actual = load_checkpoint(straight / CHECKPOINT_NAME), load_checkpoint(split / CHECKPOINT_NAME)
+    for key, value in expected["method"].items():
+        assert torch.equal(actual["method"][key], value), key
+    assert torch.equal(actual["method_extra"]["queue"]["embeddings"], expected["method_extra"]["queue"]["embeddings"])
+    assert (json.loads((split / "metrics.json").read_text())["train_loss"]
+            == json.loads((straight / "metrics.json").read_text())["train_loss"])
