@@ -111,6 +111,7 @@ def overflow_at(trainer, step: int) -> None:
 
 
 def server_weights(trainer) -> dict[str, torch.Tensor]:
+    """A copy of the server's trainable weights."""
     return {name: p.detach().clone() for name, p in trainer.method.server.named_parameters()}
 
 
