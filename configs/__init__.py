@@ -24,7 +24,7 @@ METHODS = ("moco", "swav")
 RUNTIME_OPTIONS = frozenset({
     "config", "resume", "checkpoint", "eval_only", "output_dir", "data_dir", "device", "num_workers",
     "num_epoch", "max_steps", "eval_freq", "linear_epochs", "skip_linear", "knn_k", "knn_t",
-    "log_freq", "eval_batch_size", "client_exec",
+    "log_freq", "eval_batch_size", "client_exec", "is_distributed",
 })
 
 
