@@ -103,11 +103,15 @@ class ClientSide:
                 group["lr"] = lr
 
     @torch.no_grad()
-    def averaged_state(self, client_ids: Sequence[int], weights: Sequence[float],
-                       momentum_copies: bool = False) -> dict[str, torch.Tensor]:
-        """Weighted average of the given clients' weights (weights are normalised to sum to 1)."""
+    def averaged_state(self, client_ids: Sequence[int], weights: Sequence[float], momentum_copies: bool = False,
+                       total: float | None = None, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Weighted average of the given clients' weights: sum_i weights[i] / total * client_i.
+
+        `total` defaults to the sum of `weights`; a larger total gives this process's part of an average over
+        clients held by several processes. Accumulated in float64, returned in `dtype` (default: the weights').
+        """
         models = self.momentum_models if momentum_copies else self.models
-        total = float(sum(weights))
+        total = float(sum(weights)) if total is None else float(total)
         states = [models[client].state_dict() for client in client_ids]
         averaged = {}
         for name, reference in states[0].items():
@@ -117,19 +121,23 @@ class ClientSide:
             accumulator = torch.zeros_like(reference, dtype=torch.float64)
             for state, weight in zip(states, weights):
                 accumulator.add_(state[name].to(torch.float64), alpha=weight / total)
-            averaged[name] = accumulator.to(reference.dtype)
+            averaged[name] = accumulator.to(dtype or reference.dtype)
         return averaged
+
+    @torch.no_grad()
+    def set_every_client(self, state: dict[str, torch.Tensor], momentum_copies: bool = False) -> None:
+        """Load one state (e.g. an average) into every client's model, or into every momentum copy."""
+        models = self.momentum_models if momentum_copies else self.models
+        for model in models:
+            reference = model.state_dict()
+            model.load_state_dict({name: value.to(reference[name].dtype) for name, value in state.items()})
 
     @torch.no_grad()
     def fedavg(self, client_ids: Sequence[int], weights: Sequence[float], include_momentum_copies: bool = False) -> None:
         """FedAvg: the weighted average of the pool's client models is loaded into every client."""
-        averaged = self.averaged_state(client_ids, weights)
-        for model in self.models:
-            model.load_state_dict(averaged)
+        self.set_every_client(self.averaged_state(client_ids, weights))
         if include_momentum_copies and self.momentum_models:
-            averaged_momentum = self.averaged_state(client_ids, weights, momentum_copies=True)
-            for model in self.momentum_models:
-                model.load_state_dict(averaged_momentum)
+            self.set_every_client(self.averaged_state(client_ids, weights, momentum_copies=True), momentum_copies=True)
 
     def averaged_model(self, client_ids: Sequence[int], weights: Sequence[float]) -> nn.Module:
         """A separate module holding the pool's weighted average (for evaluation; the clients are unchanged)."""

@@ -518,35 +518,42 @@ class VectorisedClientSide:
 
     # ----------------------------------------------------------------------------------------- averaging
     @torch.no_grad()
-    def averaged_state(self, client_ids: Sequence[int], weights: Sequence[float],
-                       momentum_copies: bool = False) -> dict[str, Tensor]:
-        """Weighted average of the given clients' weights (weights are normalised to sum to 1)."""
+    def averaged_state(self, client_ids: Sequence[int], weights: Sequence[float], momentum_copies: bool = False,
+                       total: float | None = None, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+        """Weighted average of the given clients' weights: sum_i weights[i] / total * client_i.
+
+        `total` defaults to the sum of `weights`; a larger total gives this process's part of an average over
+        clients held by several processes. Accumulated in float64, returned in `dtype` (default: the weights').
+        """
         stacked = self._momentum_stacked if momentum_copies else self._stacked
         if not stacked:
             raise RuntimeError("this client side keeps no momentum copies (keep_momentum_copies=False)")
         pool = self._check_pool(client_ids)
         if len(weights) != len(pool):
             raise ValueError(f"{len(pool)} clients but {len(weights)} averaging weights")
-        total = float(sum(weights))
+        total = float(sum(weights)) if total is None else float(total)
         # Accumulated in float64, as the loop does; one tensor op instead of a loop over clients.
         coefficients = torch.tensor([float(w) / total for w in weights], dtype=torch.float64, device=self.device)
         index = self._step_index(pool)
         averaged = {}
         for name, tensor in stacked.items():
             rows = tensor.detach().index_select(0, index).to(torch.float64)
-            averaged[name] = (rows * _view_as_rows(coefficients, rows)).sum(dim=0).to(tensor.dtype)
+            averaged[name] = (rows * _view_as_rows(coefficients, rows)).sum(dim=0).to(dtype or tensor.dtype)
         return averaged
+
+    @torch.no_grad()
+    def set_every_client(self, state: dict[str, Tensor], momentum_copies: bool = False) -> None:
+        """Load one state (e.g. an average) into every client's model, or into every momentum copy."""
+        stacked = self._momentum_stacked if momentum_copies else self._stacked
+        for name, tensor in stacked.items():
+            tensor.copy_(state[name].to(tensor.dtype).unsqueeze(0).expand_as(tensor))
 
     @torch.no_grad()
     def fedavg(self, client_ids: Sequence[int], weights: Sequence[float], include_momentum_copies: bool = False) -> None:
         """FedAvg: the weighted average of the pool's client models is loaded into every client."""
-        averaged = self.averaged_state(client_ids, weights)
-        for name, tensor in self._stacked.items():
-            tensor.copy_(averaged[name].unsqueeze(0).expand_as(tensor))
+        self.set_every_client(self.averaged_state(client_ids, weights))
         if include_momentum_copies and self._momentum_stacked:
-            averaged_momentum = self.averaged_state(client_ids, weights, momentum_copies=True)
-            for name, tensor in self._momentum_stacked.items():
-                tensor.copy_(averaged_momentum[name].unsqueeze(0).expand_as(tensor))
+            self.set_every_client(self.averaged_state(client_ids, weights, momentum_copies=True), momentum_copies=True)
 
     def averaged_model(self, client_ids: Sequence[int], weights: Sequence[float]) -> nn.Module:
         """A separate module holding the pool's weighted average (for evaluation; the clients are unchanged)."""

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from functions.distributed import all_gather_rows, forward_server
 from functions.errors import UserError
 from functions.server_method import ServerMethod, ViewSpec
 
@@ -175,10 +176,12 @@ class MocoServer(ServerMethod):
         generator = torch.Generator().manual_seed(args.seed)
         self.queue = KeyQueue(args.K, args.K_dim, device=device, generator=generator)
         self._pending_keys: Tensor | None = None
+        # Set by the distributed set-up: keys of every rank then join one queue, identical on every rank.
+        self.distributed = False
 
     def compute_loss(self, smashed: Sequence[Tensor], momentum_smashed: Sequence[Tensor],
                      epoch: int) -> tuple[Tensor, dict[str, Tensor]]:
-        queries = self.server(torch.cat(list(smashed))).chunk(len(smashed))
+        queries = forward_server(self, torch.cat(list(smashed))).chunk(len(smashed))
         with torch.no_grad():
             keys = self.server_momentum(torch.cat(list(momentum_smashed))).chunk(len(momentum_smashed))
         negatives = self.queue.negatives
@@ -187,7 +190,8 @@ class MocoServer(ServerMethod):
         else:
             loss, accuracy = info_nce_loss(queries[0], keys[0], negatives, self.temperature)
         # Keys join the queue only after this step's loss: they are never their own negatives.
-        self._pending_keys = torch.cat(keys)
+        # Under torchrun each crop's keys are gathered in rank order, which is the single-process row order.
+        self._pending_keys = torch.cat([all_gather_rows(k) for k in keys] if self.distributed else list(keys))
         return loss, {"contrastive_acc": accuracy}
 
     def after_server_step(self) -> None:

@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from functions.distributed import all_gather_rows, forward_server
 from functions.errors import UserError
 from functions.server_method import ServerMethod, ViewSpec
 
@@ -279,7 +280,8 @@ class SwavServer(ServerMethod):
         self.epoch_queue_starts = args.epoch_queue_starts
         self.queue = (EmbeddingQueue(len(args.crops_for_assign), args.queue_length, args.feat_dim, device=device)
                       if args.queue_length > 0 else None)
-        self.distributed = False  # set by the distributed set-up: Sinkhorn sums are then all-reduced
+        # Set by the distributed set-up: Sinkhorn sums are then all-reduced and the queue holds every rank's rows.
+        self.distributed = False
         self._monitor: dict[str, Tensor] = {}
         self._monitor_steps = 0
 
@@ -290,7 +292,7 @@ class SwavServer(ServerMethod):
     def compute_loss(self, smashed: Sequence[Tensor], momentum_smashed: Sequence[Tensor],
                      epoch: int) -> tuple[Tensor, dict[str, Tensor]]:
         normalize_prototypes_(self.prototypes)
-        embeddings = self.server(resolution_groups(smashed))
+        embeddings = forward_server(self, resolution_groups(smashed))
         scores = self.prototypes(embeddings)
         rows = smashed[0].shape[0]
         crop_embeddings = embeddings.split(rows)
@@ -301,8 +303,12 @@ class SwavServer(ServerMethod):
             for slot, crop in enumerate(self.crops_for_assign):
                 assignment_scores = crop_scores[crop].detach()
                 if use_queue:
-                    assignment_scores = self.queue.scores_with_queue(slot, assignment_scores, self.prototypes)
-                    self.queue.push(slot, crop_embeddings[crop].detach())
+                    # One queue, identical on every rank (the gathered batches, newest first): its rows enter the
+                    # global Sinkhorn once, from rank 0, exactly as in a single process.
+                    if not self.distributed or dist.get_rank() == 0:
+                        assignment_scores = self.queue.scores_with_queue(slot, assignment_scores, self.prototypes)
+                    pushed = crop_embeddings[crop].detach()
+                    self.queue.push(slot, all_gather_rows(pushed) if self.distributed else pushed)
                 codes[crop] = sinkhorn_knopp(assignment_scores, self.epsilon, self.sinkhorn_iterations,
                                              distributed=self.distributed)[-rows:]
         loss = swapped_prediction_loss(crop_scores, codes, self.temperature)

@@ -32,10 +32,12 @@ from functions.checkpoint import CHECKPOINT_NAME, load_checkpoint, remove_stale_
 from functions.cifar import ImageDataset, load_dataset
 from functions.clients import ClientSide, query_index
 from functions.clients_vmap import VectorisedClientSide
-from functions.distributed import Runtime, setup_runtime
+from functions.distributed import (Runtime, all_reduce_max_flag, all_reduce_sum, broadcast_object,
+                                   check_clients_per_rank, client_shares, planned_world_size, setup_runtime,
+                                   shutdown_runtime, wrap_server)
 from functions.errors import TrainingInterrupted, UserError
 from functions.evaluation import extract_features, knn_accuracy, linear_probe, semi_supervised_probes
-from functions.loaders import FederatedLoaders, FederatedSchedule, default_steps_per_epoch
+from functions.loaders import FederatedLoaders, FederatedSchedule, _pool_size, default_steps_per_epoch
 from functions.partition import make_partition, partition_hash, save_partition
 from functions.server_method import ServerMethod, ViewSpec
 from models.resnet import build_split_resnet
@@ -79,7 +81,7 @@ def prepare_output_dir(path: str) -> Path:
     output_dir = Path(path)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / ".write_test"
+        probe = output_dir / f".write_test.{os.getpid()}"  # one per process: ranks probe the same folder
         probe.write_text("ok")
         probe.unlink()
     except OSError as error:
@@ -215,14 +217,17 @@ def resume_command(args: argparse.Namespace) -> str:
 class MetricsLog:
     """metrics.json of a run: lists of [step or epoch, value] and the final results, written atomically."""
 
-    def __init__(self, path: Path, **header: Any) -> None:
+    def __init__(self, path: Path, enabled: bool = True, **header: Any) -> None:
         self.path = path
+        self.enabled = enabled  # only the main process writes; the others keep the same values in memory
         self.data: dict[str, Any] = {**header, "train_loss": [], "knn_acc": [], "final": {}}
 
     def append(self, key: str, index: int, value: float) -> None:
         self.data.setdefault(key, []).append([index, value])
 
     def save(self) -> None:
+        if not self.enabled:
+            return
         temporary = self.path.with_suffix(".json.tmp")
         temporary.write_text(json.dumps(self.data, indent=1))
         os.replace(temporary, self.path)
@@ -255,11 +260,19 @@ class Trainer:
         self._warn_small_shards()
         steps = default_steps_per_epoch(self.client_indices, self.batch_sizes, args.client_sample_ratio)
         self.schedule = FederatedSchedule(self.client_indices, self.batch_sizes, args.client_sample_ratio, steps, args.seed)
+        if runtime.is_distributed:
+            check_clients_per_rank(self.schedule.pool_size, args.num_client, args.client_sample_ratio,
+                                   runtime.world_size)
+            if getattr(args, "server_update", "joint") != "joint":
+                raise UserError("--server_update per_client steps the server once per client in pool order and "
+                                "cannot be split over processes; run it as one process or use --server_update joint")
         self.loaders: FederatedLoaders = build_loaders(args, self.dataset, self.schedule, view_spec, runtime)
         self.steps_per_epoch = self.loaders.train.steps_per_epoch
 
         split = build_split_resnet(**model_options(args))
         self.method = build_method(args, split.server.to(self.device), self.device)
+        if runtime.is_distributed:
+            wrap_server(self.method, runtime)  # before the optimizer: BatchNorm layers are replaced
         client_side = VectorisedClientSide if args.client_exec == "vmap" else ClientSide
         self.clients = client_side(split.client, args.num_client, lr=args.c_lr, momentum=args.momentum,
                                   weight_decay=args.weight_decay, keep_momentum_copies=self.method.client_momentum > 0,
@@ -275,7 +288,11 @@ class Trainer:
         self.step_in_epoch = 0    # next step to run in that epoch
         self.global_step = 0      # steps done since the start of the run
         self.saved_step: int | None = None  # global step of the checkpoint on disk written by this process
-        self.metrics = MetricsLog(output_dir / "metrics.json", method=args.method, data_backend=self.loaders.backend,
+        # Rank holding the current state of each client (momentum copy, optimizer) when only one does; -1: all do.
+        self.client_holder = np.full(args.num_client, -1, dtype=np.int64)
+        self._agreed_stop = False
+        self._pool_rows: dict[int, int] = {}
+        self.metrics = MetricsLog(output_dir / "metrics.json", enabled=runtime.is_main, method=args.method, data_backend=self.loaders.backend,
                                   world_size=runtime.world_size, steps_per_epoch=self.steps_per_epoch,
                                   partition_hash=self.partition_hash)
         self.writer = None
@@ -338,16 +355,26 @@ class Trainer:
             server_inputs = [s.detach().requires_grad_(True) for s in smashed]
             momentum_smashed = (clients.momentum_forward([batch.crops[k] for k in method.momentum_crops], pool,
                                                          batch.rows_per_client) if method.momentum_crops else [])
+        world_size = self.runtime.world_size
         if getattr(self.args, "server_update", "joint") == "per_client":
             loss, stats = self._per_client_server_updates(server_inputs, momentum_smashed, batch.rows_per_client)
         else:
             with self.autocast():
                 loss, stats = method.compute_loss(server_inputs, momentum_smashed, self.epoch)
-            self.scaler.scale(loss).backward()
+            # DDP averages the server gradients over ranks; weighting each rank's mean loss by its share of the
+            # step's rows (times the world size) makes that average the gradient of the global mean loss.
+            weight = world_size * self.row_share(batch) if world_size > 1 else 1.0
+            self.scaler.scale(loss * weight if world_size > 1 else loss).backward()
             method.before_server_step(self.global_step)
             self.scaler.step(self.server_optimizer)
-        clients.backward([s.grad for s in server_inputs])
+        gradients = [s.grad for s in server_inputs]
+        if world_size > 1:
+            # The smashed rows' gradients are not averaged by DDP: undo the world-size factor of the weight.
+            gradients = [g / world_size if g is not None else None for g in gradients]
+        clients.backward(gradients)
         clients.step(pool, self.scaler)
+        if world_size > 1 and self.scaler.is_enabled():
+            self._agree_on_overflow()
         self.scaler.update()
         if scale_before is not None:
             # The scaler lowers its scale exactly when some optimizer found inf/NaN gradients and skipped its step.
@@ -356,6 +383,37 @@ class Trainer:
         if method.client_momentum > 0:
             clients.update_momentum_copies(pool, method.client_momentum)
         return loss.detach(), {name: value.detach() for name, value in stats.items()}
+
+    def pool_rows(self, epoch: int) -> int:
+        """Rows of one step of `epoch` over the whole pool (every rank's clients)."""
+        if epoch not in self._pool_rows:
+            self._pool_rows[epoch] = sum(self.batch_sizes[c] for c in self.loaders.train.pool(epoch))
+        return self._pool_rows[epoch]
+
+    def row_share(self, batch) -> float:
+        """This process's fraction of the step's rows (1 in a single process)."""
+        if not self.runtime.is_distributed:
+            return 1.0
+        return batch.num_rows / self.pool_rows(self.epoch)
+
+    def own_clients(self, epoch: int) -> list[int]:
+        """The clients of `epoch`'s pool this process trains (all of them in a single process)."""
+        pool = self.loaders.train.pool(epoch)
+        if not self.runtime.is_distributed:
+            return pool
+        return client_shares(pool, self.runtime.world_size)[self.runtime.rank]
+
+    def _agree_on_overflow(self) -> None:
+        """fp16 under torchrun: every rank lowers its loss scale when any rank's optimizers met inf/NaN."""
+        states = getattr(self.scaler, "_per_optimizer_states", {})
+        found = [flag for state in states.values() for flag in state.get("found_inf_per_device", {}).values()]
+        local = (torch.stack([flag.to(self.device).float().sum() for flag in found]).sum() if found
+                 else torch.zeros((), device=self.device)).reshape(1)
+        torch.distributed.all_reduce(local, op=torch.distributed.ReduceOp.MAX)
+        server_flags = states.get(id(self.server_optimizer), {}).get("found_inf_per_device", {})
+        for flag in server_flags.values():
+            flag.copy_(torch.maximum(flag, (local > 0).to(flag.dtype).to(flag.device).reshape(flag.shape)))
+            break
 
     def _loss_scale(self) -> torch.Tensor:
         """The GradScaler's current scale as a device tensor (a copy), read without a host synchronisation."""
@@ -384,37 +442,101 @@ class Trainer:
         return torch.stack(losses).mean(), stats
 
     def fedavg(self, pool: Sequence[int]) -> None:
-        self.clients.fedavg(pool, [self.client_sizes[c] for c in pool],
-                            include_momentum_copies=getattr(self.args, "fedavg_momentum", False))
+        """FedAvg of the pool's clients weighted by data size, loaded into every client (over all ranks)."""
+        include_momentum = getattr(self.args, "fedavg_momentum", False)
+        if not self.runtime.is_distributed:
+            self.clients.fedavg(pool, [self.client_sizes[c] for c in pool], include_momentum_copies=include_momentum)
+            return
+        self.clients.set_every_client(self.global_average(pool))
+        if include_momentum and self.method.client_momentum > 0:
+            self.clients.set_every_client(self.global_average(pool, momentum_copies=True), momentum_copies=True)
+
+    def global_average(self, pool: Sequence[int], momentum_copies: bool = False) -> dict[str, torch.Tensor]:
+        """Data-size weighted average of the pool's clients: each rank sums its own share, then one all-reduce."""
+        own = client_shares(pool, self.runtime.world_size)[self.runtime.rank]
+        total = float(sum(self.client_sizes[c] for c in pool))
+        partial = self.clients.averaged_state(own, [self.client_sizes[c] for c in own], momentum_copies=momentum_copies,
+                                              total=total, dtype=torch.float64)
+        for value in partial.values():
+            if value.is_floating_point():
+                all_reduce_sum(value)
+        return partial
+
+    def share_client_states(self, client_ids: Sequence[int]) -> None:
+        """Give every rank the current state of these clients (from the rank that trained them last)."""
+        by_source: dict[int, list[int]] = {}
+        for client in client_ids:
+            if self.client_holder[client] >= 0:
+                by_source.setdefault(int(self.client_holder[client]), []).append(int(client))
+        if not by_source:
+            return
+        full: dict | None = None
+        for source in sorted(by_source):  # the same order on every rank: holders are known everywhere
+            ids = by_source[source]
+            payload = None
+            if self.runtime.rank == source:
+                states = self.clients.state_dict()
+                payload = {key: [_to_cpu(states[key][c]) for c in ids] if states[key] else []
+                           for key in ("models", "momentum_models", "optimizers")}
+            payload = broadcast_object(payload, source, self.device)
+            if self.runtime.rank != source:
+                full = full if full is not None else self.clients.state_dict()
+                for key, values in payload.items():
+                    for client, value in zip(ids, values):
+                        full[key][client] = value
+            self.client_holder[ids] = -1
+        if full is not None:
+            self.clients.load_state_dict(full)
+
+    def hand_over_clients(self, epoch: int) -> None:
+        """Before `epoch`: clients that change rank get their state from the last one; mark the new holders."""
+        pool = self.loaders.train.pool(epoch)
+        shares = client_shares(pool, self.runtime.world_size)
+        owner = {client: rank for rank, share in enumerate(shares) for client in share}
+        moving = [c for c in pool if self.client_holder[c] not in (-1, owner[c])]
+        self.share_client_states(moving)
+        for client, rank in owner.items():
+            self.client_holder[client] = rank
+
+    def stopping(self) -> bool:
+        """Whether to stop: the signal itself in one process; under torchrun the decision all ranks agreed on."""
+        return self._agreed_stop if self.runtime.is_distributed else self.stop.requested
+
+    def agree_on_stop(self) -> None:
+        """Under torchrun: stop when any rank got a signal (all ranks must leave the loop at the same step)."""
+        if self.runtime.is_distributed:
+            self._agreed_stop = all_reduce_max_flag(self.stop.requested or self._agreed_stop, self.device)
 
     def train(self) -> None:
         """Run epochs until --num_epoch or --max_steps; on a stop signal save and raise TrainingInterrupted."""
         args = self.args
         total_epochs = args.num_epoch
-        if self.global_step == 0 and args.eval_freq > 0 and not self.stop.requested:
+        self.agree_on_stop()
+        if self.global_step == 0 and args.eval_freq > 0 and not self.stopping():
             self.log_knn(0)
-        while self.epoch < total_epochs and not self.reached_max_steps() and not self.stop.requested:
+        while self.epoch < total_epochs and not self.reached_max_steps() and not self.stopping():
             self.train_epoch()
+            self.agree_on_stop()
             if self.step_in_epoch == 0:  # the epoch finished (not cut by --max_steps or a signal)
                 completed = self.epoch
                 if args.eval_freq > 0 and completed % args.eval_freq == 0:
-                    if self.stop.requested:  # save first: a scheduler's grace period may be short
-                        logger.info(f"{self.stop.name}: skipping the kNN monitor of epoch {completed}")
+                    if self.stopping():  # save first: a scheduler's grace period may be short
+                        logger.info(f"{self.stop.name or 'stop'}: skipping the kNN monitor of epoch {completed}")
                     else:
                         self.log_knn(completed)
-                if not self.stop.requested:
+                if not self.stopping():
                     self.save_checkpoint()
         self.save_checkpoint()
-        if self.stop.requested:
+        if self.stopping():
             self.interrupted()
 
     def interrupted(self) -> None:
         """Log and raise the stop of a signalled run (its checkpoint is saved); the message says how to resume."""
-        message = (f"{self.stop.name} received: stopped after step {self.global_step} (epoch {self.epoch + 1}, "
+        message = (f"{self.stop.name or 'a stop signal (on another rank)'} received: stopped after step {self.global_step} (epoch {self.epoch + 1}, "
                    f"step {self.step_in_epoch} of {self.steps_per_epoch}) and saved {self.output_dir / CHECKPOINT_NAME}; "
                    f"resume with: {resume_command(self.args)}")
         logger.warning(message)
-        raise TrainingInterrupted(message, int(self.stop.signal_number))
+        raise TrainingInterrupted(message, int(self.stop.signal_number or signal.SIGTERM))
 
     def reached_max_steps(self) -> bool:
         """Whether --max_steps (when set) is reached."""
@@ -426,6 +548,8 @@ class Trainer:
 
         args, epoch = self.args, self.epoch
         pool = self.loaders.train.pool(epoch)
+        if self.runtime.is_distributed:
+            self.hand_over_clients(epoch)
         self.method.start_epoch(epoch)
         self.method.train()
         avg_after = fedavg_positions(self.steps_per_epoch, args.avg_freq)
@@ -435,9 +559,11 @@ class Trainer:
         bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, desc=f"epoch {epoch + 1}/{args.num_epoch}",
                    disable=not self.runtime.is_main, dynamic_ncols=True, leave=False, file=sys.stdout)
         first = True
-        batches = iter(self.loaders.train.epoch(epoch, start_step=self.step_in_epoch))
+        own = self.own_clients(epoch)
+        batches = iter(self.loaders.train.epoch(epoch, start_step=self.step_in_epoch,
+                                                clients=own if self.runtime.is_distributed else None))
         try:
-            while not self.stop.requested:
+            while not self.stopping():
                 try:
                     batch = next(batches)
                 except StopIteration:
@@ -453,12 +579,14 @@ class Trainer:
                     first = False
                 batch = batch.to(self.device)
                 loss, stats = self.train_step(batch)
+                share = self.row_share(batch)
                 self.global_step += 1
                 self.step_in_epoch += 1
-                window.losses.append((self.global_step, loss))
-                window.images += sum(batch.rows_per_client)
+                # Under torchrun each rank logs its row-weighted part; the sum over ranks is the global loss.
+                window.losses.append((self.global_step, loss * share if self.runtime.is_distributed else loss))
+                window.images += self.pool_rows(epoch)
                 for name, value in stats.items():
-                    stat_sums[name] = stat_sums.get(name, 0.0) + value
+                    stat_sums[name] = stat_sums.get(name, 0.0) + value * share
                 stat_count += 1
                 if step in avg_after:
                     self.fedavg(pool)
@@ -475,6 +603,11 @@ class Trainer:
             if close is not None:
                 close()  # shuts data workers down now rather than at garbage collection
             bar.close()
+        if self.runtime.is_distributed and stat_sums:
+            names = sorted(stat_sums)
+            reduced = all_reduce_sum(torch.stack([torch.as_tensor(stat_sums[n], device=self.device).float()
+                                                  for n in names]))
+            stat_sums = dict(zip(names, reduced.unbind()))
         epoch_stats = {name: float(value) / max(1, stat_count) for name, value in stat_sums.items()}
         epoch_stats.update(self.method.epoch_summary())
         recent = [loss for _, loss in self.metrics.data["train_loss"][-stat_count:]] if stat_count else [float("nan")]
@@ -504,6 +637,7 @@ class Trainer:
         if self.scaler.is_enabled():
             self._log_loss_scale()
         window.start, window.images = time.perf_counter(), 0
+        self.agree_on_stop()
 
     def _log_loss_scale(self) -> None:
         """fp16: log the skipped-step count and the loss scale; stop when the scale shows the run diverged."""
@@ -518,7 +652,10 @@ class Trainer:
 
     def _flush_losses(self, pending: list[tuple[int, torch.Tensor]]) -> list[float]:
         """Move the logged losses to the host in one transfer (no per-step synchronisation) and check them."""
-        values = torch.stack([loss.float() for _, loss in pending]).cpu().tolist()
+        stacked = torch.stack([loss.float() for _, loss in pending])
+        if self.runtime.is_distributed:
+            all_reduce_sum(stacked)  # one collective per log window: the global losses, identical on every rank
+        values = stacked.cpu().tolist()
         for (step, _), value in zip(pending, values):
             if math.isfinite(value):
                 self.metrics.append("train_loss", step, value)
@@ -556,7 +693,15 @@ class Trainer:
     def evaluation_encoder(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """Averaged client model followed by the server's backbone, in eval mode."""
         pool = self.loaders.train.pool(min(self.epoch, self.args.num_epoch - 1))
-        client_model = self.clients.averaged_model(pool, [self.client_sizes[c] for c in pool]).eval()
+        if self.runtime.is_distributed:
+            # Every rank evaluates the same averaged model (only rank 0 writes), so no rank waits on another.
+            client_model = self.clients.averaged_model(pool[:1], [1.0])
+            reference = client_model.state_dict()
+            client_model.load_state_dict({name: value.to(reference[name].dtype)
+                                          for name, value in self.global_average(pool).items()})
+            client_model.eval()
+        else:
+            client_model = self.clients.averaged_model(pool, [self.client_sizes[c] for c in pool]).eval()
         method = self.method.eval()
 
         def encode(images: torch.Tensor) -> torch.Tensor:
@@ -629,11 +774,19 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
-        """Write checkpoint_last.pt atomically; refuse (keeping the previous file) when the weights are not finite."""
-        if not self.runtime.is_main:
-            return
+        """Write checkpoint_last.pt atomically; refuse (keeping the previous file) when the weights are not finite.
+
+        Under torchrun every rank calls it: clients trained on other ranks send their state first, then every
+        rank checks the same state (so all stop together on a non-finite one) and rank 0 writes.
+        """
+        if self.runtime.is_distributed:
+            self.share_client_states(range(self.args.num_client))
         state = self.state_dict()
         broken = first_non_finite({key: state[key] for key in ("method", "method_extra", "clients", "server_optimizer")})
+        if not self.runtime.is_main:
+            if broken is not None:
+                raise UserError(f"{broken} became non-finite by step {self.global_step}; stopped without saving")
+            return
         if broken is not None:
             raise UserError(f"{broken} became non-finite by step {self.global_step}; stopped without saving that "
                             f"state; {self._last_good_checkpoint()} (try a lower --lr)")
@@ -661,6 +814,7 @@ class Trainer:
             reason = " ".join(str(error).split())[:200] or type(error).__name__
             raise UserError(f"{source} does not fit this run ({reason}); delete it or pass another --output_dir") from None
         self.skipped_steps.fill_(int(state.get("skipped_steps", 0)))
+        self.client_holder.fill(-1)  # every rank loaded every client's state
         self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         rng = state["rng"]
         random.setstate(rng["python"])
@@ -670,6 +824,17 @@ class Trainer:
             torch.cuda.set_rng_state_all(rng["cuda"])
         header = {key: self.metrics.data[key] for key in ("data_backend", "world_size")}
         self.metrics.data = {**state["metrics"], **header}
+
+
+def _to_cpu(tree: Any) -> Any:
+    """The same nested dicts/lists with every tensor copied to the CPU (to send it to other ranks)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().cpu()
+    if isinstance(tree, dict):
+        return {key: _to_cpu(value) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [_to_cpu(value) for value in tree] if isinstance(tree, list) else tuple(_to_cpu(v) for v in tree)
+    return tree
 
 
 def first_non_finite(tree: Any, name: str = "") -> str | None:
@@ -750,8 +915,21 @@ def build_loaders(args: argparse.Namespace, dataset: ImageDataset, schedule: Fed
 
 # ------------------------------------------------------------------------------------------------ entry point
 def run(args: argparse.Namespace, build_method: MethodFactory, view_spec: ViewSpec) -> dict[str, Any]:
-    """Train (or resume, or only evaluate) one run and return its final results."""
+    """Train (or resume, or only evaluate) one run and return its final results (every rank, under torchrun)."""
+    world_size = planned_world_size()
+    if world_size > 1:  # before joining the process group: a run that cannot be split fails at once, on every rank
+        check_clients_per_rank(_pool_size(args.num_client, args.client_sample_ratio), args.num_client,
+                               args.client_sample_ratio, world_size)
     runtime = setup_runtime(args.device)
+    try:
+        return _run_on(runtime, args, build_method, view_spec)
+    finally:
+        shutdown_runtime(runtime)
+
+
+def _run_on(runtime: Runtime, args: argparse.Namespace, build_method: MethodFactory,
+            view_spec: ViewSpec) -> dict[str, Any]:
+    """run() once the process knows its rank and device."""
     if args.eval_only:
         return evaluate_checkpoint(args, build_method, view_spec, runtime)
     output_dir = prepare_output_dir(args.output_dir)

@@ -1,0 +1,132 @@
+"""torchrun with two processes (gloo, CPU) against one process: same losses, weights, resume, clear refusals."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from functions.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from functions.distributed import client_shares
+from sfl_helpers import TINY_MOCO, TINY_SWAV
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="torch.distributed with gloo is not available")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _launch(script: str, argv: list[str], processes: int) -> subprocess.CompletedProcess:
+    """Run an entry script as one plain process or under torchrun with `processes` CPU processes."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    if processes == 1:
+        command = [sys.executable, script, *argv]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                   "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), script, *argv]
+    return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
+
+
+def _train(script: str, base: list[str], output_dir: Path, processes: int, *extra: str) -> Path:
+    result = _launch(script, [*base, "--device", "cpu", "--output_dir", str(output_dir), *extra], processes)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output_dir
+
+
+def _losses(output_dir: Path) -> list[list[float]]:
+    return json.loads((output_dir / "metrics.json").read_text())["train_loss"]
+
+
+def _tensors(tree, path: str = ""):
+    """(path, tensor) of every tensor in nested dicts and lists."""
+    if isinstance(tree, torch.Tensor):
+        yield path, tree
+    elif isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _tensors(value, f"{path}.{key}")
+    elif isinstance(tree, (list, tuple)):
+        for index, value in enumerate(tree):
+            yield from _tensors(value, f"{path}[{index}]")
+
+
+def _assert_same_run(expected_dir: Path, actual_dir: Path, loss_tolerance: float, weight_tolerance: float) -> None:
+    """Same logged losses and same checkpoint tensors (weights, momentum copies, optimizers, queues)."""
+    expected_losses, actual_losses = _losses(expected_dir), _losses(actual_dir)
+    assert [step for step, _ in actual_losses] == [step for step, _ in expected_losses]
+    for (step, expected), (_, actual) in zip(expected_losses, actual_losses):
+        assert actual == pytest.approx(expected, abs=loss_tolerance), f"loss of step {step}"
+    expected, actual = load_checkpoint(expected_dir / CHECKPOINT_NAME), load_checkpoint(actual_dir / CHECKPOINT_NAME)
+    assert actual["global_step"] == expected["global_step"]
+    for key in ("method", "method_extra", "clients", "server_optimizer"):
+        expected_tensors, actual_tensors = dict(_tensors(expected[key], key)), dict(_tensors(actual[key], key))
+        assert actual_tensors.keys() == expected_tensors.keys(), key
+        for name, value in expected_tensors.items():
+            if value.is_floating_point():
+                assert torch.allclose(actual_tensors[name], value, rtol=weight_tolerance, atol=weight_tolerance), name
+            else:
+                assert torch.equal(actual_tensors[name], value), name
+
+
+def test_client_shares_cut_the_pool_into_contiguous_blocks_in_rank_order():
+    assert client_shares([7, 1, 4, 9, 3], 2) == [[1, 3, 4], [7, 9]]
+    assert client_shares([0, 1, 2, 3], 4) == [[0], [1], [2], [3]]
+    assert sum(client_shares(list(range(10)), 3), []) == list(range(10))
+
+
+# MoCo with client sampling: pools change between epochs, so clients move between ranks (their optimizer state
+# and momentum copy travel with them), FedAvg runs mid-epoch and at the epoch's end, the queue wraps around.
+MOCO_SAMPLED = [*TINY_MOCO, "--num_client", "4", "--batch_size", "24", "--client_sample_ratio", "0.5",
+                "--avg_freq", "2", "--max_steps", "14", "--log_freq", "3"]
+
+
+def test_two_processes_train_moco_like_one_process(tmp_path):
+    one = _train("run_sflmoco.py", MOCO_SAMPLED, tmp_path / "one", 1)
+    two = _train("run_sflmoco.py", MOCO_SAMPLED, tmp_path / "two", 2)
+    # Only the order of floating-point sums differs (DDP's gradient all-reduce, FedAvg's partial sums).
+    _assert_same_run(one, two, loss_tolerance=1e-4, weight_tolerance=1e-4)
+    metrics = json.loads((two / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+
+
+# SwAV with a BatchNorm projection head, the queue in use from the start and hetero clients (unequal rows per rank).
+SWAV_QUEUE = [*TINY_SWAV, "--num_client", "4", "--batch_size", "8", "--queue_length", "32",
+              "--epoch_queue_starts", "0", "--max_steps", "4", "--hetero", "--hetero_string", "0.25_0.5|8|0.75_0.5"]
+
+
+def test_two_processes_train_swav_like_one_process(tmp_path):
+    one = _train("run_sflswav.py", SWAV_QUEUE, tmp_path / "one", 1)
+    two = _train("run_sflswav.py", SWAV_QUEUE, tmp_path / "two", 2)
+    # Sinkhorn's exp(score / epsilon) with epsilon 0.05 amplifies reduction-order differences in the scores.
+    _assert_same_run(one, two, loss_tolerance=1e-3, weight_tolerance=1e-3)
+
+
+def test_resume_under_torchrun_continues_the_run(tmp_path):
+    base = [*TINY_MOCO, "--num_client", "4", "--batch_size", "24", "--client_sample_ratio", "0.5", "--log_freq", "2"]
+    straight = _train("run_sflmoco.py", [*base, "--max_steps", "10"], tmp_path / "straight", 2)
+    _train("run_sflmoco.py", [*base, "--max_steps", "5"], tmp_path / "split", 2)
+    assert load_checkpoint(tmp_path / "split" / CHECKPOINT_NAME)["global_step"] == 5
+    split = _train("run_sflmoco.py", [*base, "--max_steps", "10", "--resume"], tmp_path / "split", 2)
+    _assert_same_run(straight, split, loss_tolerance=1e-5, weight_tolerance=1e-5)
+
+
+def test_fewer_clients_than_processes_is_one_clear_error(tmp_path):
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
+    result = subprocess.run([sys.executable, "run_sflmoco.py", *TINY_MOCO, "--num_client", "1", "--output_dir",
+                             str(tmp_path / "run")], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "fewer than the 2 processes" in lines[0]
