@@ -44,7 +44,7 @@ from functions.loaders import (
     FederatedSchedule,
     NormalisedImageLoader,
     StepBatch,
-    _splitmix64_finalize,
+    splitmix64_finalize,
     check_image_array,
     check_mean_std,
 )
@@ -156,11 +156,11 @@ def uniform_draws(keys: np.ndarray, seed: int, crop_index: int, count: int) -> n
     """(len(keys), count) floats in [0, 1), a pure function of (sample key, seed, crop index, draw number)."""
     if not 0 <= count <= _DRAW_STRIDE:
         raise ValueError(f"a crop has at most {_DRAW_STRIDE} draws, asked for {count}")
-    seed_mix = _splitmix64_finalize(np.array([(int(seed) ^ _SEED_TAG) & ((1 << 64) - 1)], dtype=np.uint64))[0]
-    stream = _splitmix64_finalize(np.asarray(keys, dtype=np.uint64) ^ seed_mix)
+    seed_mix = splitmix64_finalize(np.array([(int(seed) ^ _SEED_TAG) & ((1 << 64) - 1)], dtype=np.uint64))[0]
+    stream = splitmix64_finalize(np.asarray(keys, dtype=np.uint64) ^ seed_mix)
     counters = (np.arange(count, dtype=np.uint64) + np.uint64(crop_index * _DRAW_STRIDE + 1)) * _GOLDEN_GAMMA
     with np.errstate(over="ignore"):
-        bits = _splitmix64_finalize(stream[:, None] + counters[None, :])
+        bits = splitmix64_finalize(stream[:, None] + counters[None, :])
     # The top 53 bits give every double in [0, 1) on a 2**-53 grid, as numpy's own generators do.
     return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 

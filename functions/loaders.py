@@ -86,7 +86,7 @@ class FederatedLoaders:
     num_classes: int
 
 
-def _splitmix64_finalize(values: np.ndarray) -> np.ndarray:
+def splitmix64_finalize(values: np.ndarray) -> np.ndarray:
     """Bijective 64-bit mixing of a uint64 array (the SplitMix64 output function)."""
     z = values.astype(np.uint64, copy=True)
     with np.errstate(over="ignore"):
@@ -98,7 +98,7 @@ def _splitmix64_finalize(values: np.ndarray) -> np.ndarray:
     return z
 
 
-def _pool_size(num_clients: int, client_sample_ratio: float) -> int:
+def pool_size_of(num_clients: int, client_sample_ratio: float) -> int:
     """Clients per epoch: ratio of all clients rounded half up, at least one."""
     return max(1, min(num_clients, int(math.floor(client_sample_ratio * num_clients + 0.5))))
 
@@ -139,7 +139,7 @@ def default_steps_per_epoch(
     num_clients = len(shards)
     total_samples = sum(shard.size for shard in shards)
     # Each client is in a pool of k out of N with probability k/N, so that is the expected row share.
-    expected_rows_per_step = _pool_size(num_clients, client_sample_ratio) / num_clients * sum(sizes)
+    expected_rows_per_step = pool_size_of(num_clients, client_sample_ratio) / num_clients * sum(sizes)
     return max(1, int(round(total_samples / expected_rows_per_step)))
 
 
@@ -165,8 +165,8 @@ class FederatedSchedule:
         self.client_sample_ratio = float(client_sample_ratio)
         self.steps_per_epoch = int(steps_per_epoch)
         self.seed = int(seed)
-        self.pool_size = _pool_size(self.num_clients, self.client_sample_ratio)
-        self._key_offset = _splitmix64_finalize(np.array([self.seed ^ 0x9E3779B97F4A7C15], dtype=np.uint64))[0]
+        self.pool_size = pool_size_of(self.num_clients, self.client_sample_ratio)
+        self._key_offset = splitmix64_finalize(np.array([self.seed ^ 0x9E3779B97F4A7C15], dtype=np.uint64))[0]
         self._pools: dict[int, list[int]] = {}
         # _epochs_in_pool_before[e][c] = number of epochs before e in which client c trained.
         self._epochs_in_pool_before: list[np.ndarray] = [np.zeros(self.num_clients, dtype=np.int64)]
@@ -247,7 +247,7 @@ class FederatedSchedule:
         packed = (np.uint64(client) << np.uint64(_POSITION_BITS)) | positions
         # Adding a seed-derived offset then mixing is a bijection, so keys never collide within a run.
         with np.errstate(over="ignore"):
-            return _splitmix64_finalize(packed + self._key_offset)
+            return splitmix64_finalize(packed + self._key_offset)
 
     def step_plan(
         self, epoch: int, step: int, clients: Sequence[int] | None = None

@@ -37,7 +37,7 @@ from functions.distributed import (Runtime, all_reduce_max_flag, all_reduce_sum,
                                    shutdown_runtime, wrap_server)
 from functions.errors import TrainingInterrupted, UserError
 from functions.evaluation import extract_features, knn_accuracy, linear_probe, semi_supervised_probes
-from functions.loaders import FederatedLoaders, FederatedSchedule, _pool_size, default_steps_per_epoch
+from functions.loaders import FederatedLoaders, FederatedSchedule, pool_size_of, default_steps_per_epoch
 from functions.partition import make_partition, partition_hash, save_partition
 from functions.server_method import ServerMethod, ViewSpec
 from models.resnet import build_split_resnet
@@ -918,7 +918,7 @@ def run(args: argparse.Namespace, build_method: MethodFactory, view_spec: ViewSp
     """Train (or resume, or only evaluate) one run and return its final results (every rank, under torchrun)."""
     world_size = planned_world_size()
     if world_size > 1:  # before joining the process group: a run that cannot be split fails at once, on every rank
-        check_clients_per_rank(_pool_size(args.num_client, args.client_sample_ratio), args.num_client,
+        check_clients_per_rank(pool_size_of(args.num_client, args.client_sample_ratio), args.num_client,
                                args.client_sample_ratio, world_size)
     runtime = setup_runtime(args.device)
     try:
