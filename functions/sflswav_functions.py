@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from functions.distributed import all_gather_rows, forward_server
+from functions.distributed import all_gather_rows, all_reduce_sum, forward_server
 from functions.errors import UserError
 from functions.server_method import ServerMethod, ViewSpec
 
@@ -259,6 +259,23 @@ def resolution_groups(crops: Sequence[Tensor]) -> list[Tensor]:
     return [torch.cat(group) for group in groups]
 
 
+@torch.no_grad()
+def _global_monitor_values(codes: Tensor, embeddings: Tensor) -> dict[str, Tensor]:
+    """code_entropy, prototypes_used and embedding_std over every rank's rows (one all-reduce)."""
+    codes = codes.detach().float()
+    unit = F.normalize(embeddings.detach().float(), dim=1)
+    entropy_sum = -torch.xlogy(codes, codes).sum()
+    winners = torch.bincount(codes.argmax(dim=1), minlength=codes.shape[1]).float()
+    rows = torch.tensor([float(codes.shape[0])], device=codes.device)
+    totals = all_reduce_sum(torch.cat([entropy_sum.reshape(1), rows, winners, unit.sum(0), (unit * unit).sum(0)]))
+    num_prototypes, dim = codes.shape[1], unit.shape[1]
+    entropy_total, count = totals[0], totals[1]
+    used = (totals[2:2 + num_prototypes] > 0).sum().float()
+    first, second = totals[2 + num_prototypes:2 + num_prototypes + dim], totals[2 + num_prototypes + dim:]
+    variance = (second - first * first / count).clamp_min(0) / (count - 1).clamp_min(1)  # unbiased, as embedding_std
+    return {"code_entropy": entropy_total / count, "prototypes_used": used, "embedding_std": variance.sqrt().mean()}
+
+
 class SwavServer(ServerMethod):
     """SwAV's server side: projection head, prototypes, Sinkhorn codes over ALL clients' rows, swapped prediction.
 
@@ -318,8 +335,11 @@ class SwavServer(ServerMethod):
     @torch.no_grad()
     def _record(self, codes: Tensor, embeddings: Tensor) -> None:
         """Accumulate the epoch's monitoring values on the device (read once per epoch, no per-step sync)."""
-        values = {"code_entropy": code_entropy(codes), "prototypes_used": prototypes_used(codes).float(),
-                  "embedding_std": embedding_std(embeddings.float())}
+        if self.distributed:
+            values = _global_monitor_values(codes, embeddings)
+        else:
+            values = {"code_entropy": code_entropy(codes), "prototypes_used": prototypes_used(codes).float(),
+                      "embedding_std": embedding_std(embeddings.float())}
         for name, value in values.items():
             self._monitor[name] = self._monitor.get(name, 0.0) + value
         self._monitor_steps += 1

@@ -165,3 +165,15 @@ def test_swav_resume_continues_exactly_with_its_queue(tmp_path):
     assert torch.equal(actual["method_extra"]["queue"]["embeddings"], expected["method_extra"]["queue"]["embeddings"])
     assert (json.loads((split / "metrics.json").read_text())["train_loss"]
             == json.loads((straight / "metrics.json").read_text())["train_loss"])
+
+
+def test_monitors_from_summed_statistics_equal_the_local_ones():
+    # Under torchrun the monitors are built from per-rank sums (all-reduced); in one process they must equal
+    # the direct per-batch values, so summing over ranks gives the global ones.
+    torch.manual_seed(0)
+    codes = torch.softmax(torch.randn(12, 7) * 3, dim=1)
+    embeddings = torch.randn(12, 5)
+    summed = swav._global_monitor_values(codes, embeddings)
+    assert torch.allclose(summed["code_entropy"], swav.code_entropy(codes), atol=1e-5)
+    assert summed["prototypes_used"] == swav.prototypes_used(codes).float()
+    assert torch.allclose(summed["embedding_std"], swav.embedding_std(embeddings), atol=1e-5)
