@@ -24,7 +24,7 @@ METHODS = ("moco", "swav")
 RUNTIME_OPTIONS = frozenset({
     "config", "resume", "checkpoint", "eval_only", "output_dir", "data_dir", "device", "num_workers",
     "num_epoch", "max_steps", "eval_freq", "linear_epochs", "skip_linear", "knn_k", "knn_t",
-    "log_freq", "eval_batch_size", "client_exec", "is_distributed",
+    "log_freq", "eval_batch_size", "client_exec", "is_distributed", "compile",
 })
 
 
@@ -54,6 +54,8 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     run.add_argument("--eval_only", action="store_true", help="only evaluate --checkpoint (kNN, linear and semi-supervised probes)")
     run.add_argument("--num_workers", type=int, default=2, help="data-loading worker processes of the torch data path")
     run.add_argument("--log_freq", type=int, default=20, help="training steps between progress-bar / loss-log updates")
+    run.add_argument("--compile", action="store_true",
+                     help="torch.compile the server part (first steps slower while it compiles; off by default)")
     run.add_argument("--is_distributed", action="store_true",
                      help="accepted for compatibility with the seed scripts; torchrun's environment decides")
 

@@ -271,6 +271,9 @@ class Trainer:
 
         split = build_split_resnet(**model_options(args))
         self.method = build_method(args, split.server.to(self.device), self.device)
+        if getattr(args, "compile", False):
+            # In place, so parameter names (and checkpoints) stay those of the plain module.
+            self.method.server.compile()
         if runtime.is_distributed:
             wrap_server(self.method, runtime)  # before the optimizer: BatchNorm layers are replaced
         client_side = VectorisedClientSide if args.client_exec == "vmap" else ClientSide

@@ -87,3 +87,19 @@ def test_fp16_on_cpu_warns_and_trains_in_full_precision(tmp_path, caplog):
         logger.removeHandler(caplog.handler)
     assert trainer.amp_dtype is None and not trainer.scaler.is_enabled()
     assert any("--use_fp16 needs CUDA" in record.getMessage() for record in caplog.records)
+
+
+def test_compiled_server_trains_like_the_plain_one(tmp_path):
+    import torch
+
+    plain = moco_trainer(tmp_path / "plain", "--num_client", "2", "--batch_size", "4")
+    compiled = moco_trainer(tmp_path / "compiled", "--num_client", "2", "--batch_size", "4", "--compile")
+    batch = next(plain.loaders.train.epoch(0))
+    for trainer in (plain, compiled):
+        trainer.set_learning_rates(0, 0)
+    plain_loss, _ = plain.train_step(batch)
+    compiled_loss, _ = compiled.train_step(batch)
+    assert torch.allclose(compiled_loss, plain_loss, atol=1e-4)
+    assert plain.method.state_dict().keys() == compiled.method.state_dict().keys()
+    assert getattr(compiled.method.server, "_compiled_call_impl", None) is not None
+    assert getattr(plain.method.server, "_compiled_call_impl", None) is None
