@@ -41,6 +41,15 @@ def _check_features(features: Tensor, labels: Tensor | None, name: str) -> None:
         )
 
 
+
+def _check_feature_sets(train_features: Tensor, train_labels: Tensor, test_features: Tensor,
+                        test_labels: Tensor | None) -> None:
+    """Both sets well formed and of the same feature dimension."""
+    _check_features(train_features, train_labels, "train")
+    _check_features(test_features, test_labels, "test")
+    if train_features.shape[1] != test_features.shape[1]:
+        raise ValueError(f"train features have {train_features.shape[1]} dims, test features {test_features.shape[1]}")
+
 def _check_label_range(labels: Tensor, num_classes: int, name: str) -> None:
     """Raise UserError if a label falls outside [0, num_classes)."""
     if num_classes < 1:
@@ -101,10 +110,7 @@ def knn_predict(
 
     Returns (M, num_classes) float64 scores on ``device`` (default: where the train features are).
     """
-    _check_features(train_features, train_labels, "train")
-    _check_features(test_features, None, "test")
-    if train_features.shape[1] != test_features.shape[1]:
-        raise ValueError(f"train features have {train_features.shape[1]} dims, test features {test_features.shape[1]}")
+    _check_feature_sets(train_features, train_labels, test_features, None)
     if train_features.shape[0] == 0:
         raise UserError("the kNN monitor needs at least one training feature; the memory set is empty")
     if k < 1:
@@ -196,10 +202,7 @@ def linear_probe(
     batch order comes from ``seed``, so a run is reproducible without touching the global RNG.
     ``test_acc`` is measured once, after the last epoch (never the best over epochs).
     """
-    _check_features(train_features, train_labels, "train")
-    _check_features(test_features, test_labels, "test")
-    if train_features.shape[1] != test_features.shape[1]:
-        raise ValueError(f"train features have {train_features.shape[1]} dims, test features {test_features.shape[1]}")
+    _check_feature_sets(train_features, train_labels, test_features, test_labels)
     if train_features.shape[0] == 0:
         raise UserError("the linear probe needs at least one labelled training feature")
     if epochs < 1:

@@ -366,8 +366,8 @@ class Trainer:
                 loss, stats = method.compute_loss(server_inputs, momentum_smashed, self.epoch)
             # DDP averages the server gradients over ranks; weighting each rank's mean loss by its share of the
             # step's rows (times the world size) makes that average the gradient of the global mean loss.
-            weight = world_size * self.row_share(batch) if world_size > 1 else 1.0
-            self.scaler.scale(loss * weight if world_size > 1 else loss).backward()
+            backward_loss = loss * (world_size * self.row_share(batch)) if world_size > 1 else loss
+            self.scaler.scale(backward_loss).backward()
             method.before_server_step(self.global_step)
             self.scaler.step(self.server_optimizer)
         gradients = [s.grad for s in server_inputs]
