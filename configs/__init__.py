@@ -25,6 +25,7 @@ RUNTIME_OPTIONS = frozenset({
     "config", "resume", "checkpoint", "eval_only", "output_dir", "data_dir", "device", "num_workers",
     "num_epoch", "max_steps", "eval_freq", "linear_epochs", "skip_linear", "knn_k", "knn_t",
     "log_freq", "eval_batch_size", "client_exec", "is_distributed", "compile",
+    "channels_last",
 })
 
 
@@ -56,6 +57,9 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     run.add_argument("--log_freq", type=int, default=20, help="training steps between progress-bar / loss-log updates")
     run.add_argument("--compile", action="store_true",
                      help="torch.compile the server part (first steps slower while it compiles; off by default)")
+    run.add_argument("--channels_last", action="store_true",
+                     help="convolutions in the NHWC (channels_last) memory layout, clients and server; same results "
+                          "up to rounding (see the README's speed section)")
     run.add_argument("--is_distributed", action="store_true",
                      help="accepted for compatibility with the seed scripts; torchrun's environment decides")
 

@@ -26,8 +26,10 @@ class ClientSide:
     """All clients simulated by this process; clients start from identical weights (the template)."""
 
     def __init__(self, template: nn.Module, num_client: int, *, lr: float, momentum: float, weight_decay: float,
-                 keep_momentum_copies: bool, device: torch.device) -> None:
-        template = template.to(device)
+                 keep_momentum_copies: bool, device: torch.device,
+                 memory_format: torch.memory_format = torch.contiguous_format) -> None:
+        # channels_last: the convolution kernels in NHWC; the caller passes NHWC crops too.
+        template = template.to(device, memory_format=memory_format)
         self.models = [copy.deepcopy(template) for _ in range(num_client)]
         self.momentum_models = [self._frozen_copy(model) for model in self.models] if keep_momentum_copies else []
         self.optimizers = [torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)

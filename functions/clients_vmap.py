@@ -158,8 +158,9 @@ def can_pack(template: nn.Module) -> bool:
 class _PackedConv2d(nn.Module):
     """A convolution over channel-packed clients: weight (clients, out, in/groups, k, k) -> one grouped convolution."""
 
-    def __init__(self, conv: nn.Conv2d) -> None:
+    def __init__(self, conv: nn.Conv2d, memory_format: torch.memory_format) -> None:
         super().__init__()
+        self.memory_format = memory_format
         # Placeholders with the original names: functional_call substitutes the stacked tensors.
         self.weight = nn.Parameter(torch.empty(0, *conv.weight.shape, device=conv.weight.device))
         self.bias = None if conv.bias is None else nn.Parameter(torch.empty(0, *conv.bias.shape, device=conv.bias.device))
@@ -174,6 +175,7 @@ class _PackedConv2d(nn.Module):
             # The model's own formula; it works per output channel, so packing the clients does not change it.
             kernel = WSConv2d.standardized_weight(types.SimpleNamespace(weight=kernel))  # type: ignore[arg-type]
         bias = None if self.bias is None else self.bias.flatten()
+        kernel = kernel.contiguous(memory_format=self.memory_format)
         return F.conv2d(x, kernel, bias, self.stride, self.padding, self.dilation, self.groups * clients)
 
 
@@ -194,17 +196,17 @@ class _PackedGroupNorm(nn.Module):
         return F.group_norm(x, self.num_groups * clients, weight, bias, self.eps)
 
 
-def _packed_copy(template: nn.Module) -> nn.Module:
+def _packed_copy(template: nn.Module, memory_format: torch.memory_format) -> nn.Module:
     """The template with every convolution and GroupNorm replaced by its channel-packed version (same names)."""
     if isinstance(template, nn.Conv2d):
-        return _PackedConv2d(template)
+        return _PackedConv2d(template, memory_format)
     if isinstance(template, nn.GroupNorm):
         return _PackedGroupNorm(template)
     packed = copy.deepcopy(template)
     for module in list(packed.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Conv2d):
-                setattr(module, name, _PackedConv2d(child))
+                setattr(module, name, _PackedConv2d(child, memory_format))
             elif isinstance(child, nn.GroupNorm):
                 setattr(module, name, _PackedGroupNorm(child))
     return packed
@@ -280,7 +282,8 @@ class VectorisedClientSide:
     """All clients simulated by this process, stacked and run in one vectorised pass; clients start from the template."""
 
     def __init__(self, template: nn.Module, num_client: int, *, lr: float, momentum: float, weight_decay: float,
-                 keep_momentum_copies: bool, device: torch.device, engine: str = "auto") -> None:
+                 keep_momentum_copies: bool, device: torch.device, engine: str = "auto",
+                 memory_format: torch.memory_format = torch.contiguous_format) -> None:
         if engine not in ENGINES:
             raise UserError(f"client engine {engine!r} is not one of {', '.join(ENGINES)}")
         if engine == "grouped" and not can_pack(template):
@@ -311,7 +314,9 @@ class VectorisedClientSide:
                                               num_client if keep_momentum_copies else 0, trainable=False)
         # "grouped": channel-packed clients (rows, clients * channels, H, W); "vmap": client-major (clients, rows, ...).
         self.engine = ("grouped" if can_pack(template) else "vmap") if engine == "auto" else engine
-        self._packed = _packed_copy(self._template) if self.engine == "grouped" else None
+        # channels_last: packed activations and kernels in NHWC (the "vmap" engine keeps torch.vmap's layouts).
+        self.memory_format = memory_format
+        self._packed = _packed_copy(self._template, memory_format) if self.engine == "grouped" else None
         self._client_pass = torch.vmap(self._call_client, in_dims=(0, 0))
         self._plans: OrderedDict[tuple, list[_ShapePlan]] = OrderedDict()
         self._pool_indices: OrderedDict[tuple[int, ...], Tensor | None] = OrderedDict()
@@ -427,6 +432,7 @@ class VectorisedClientSide:
         rows_per_client = num_crops * group.padded_rows
         if self.engine == "grouped":
             packed = rows_in.reshape(rows_per_client, group.size * rows_in.shape[1], *rows_in.shape[2:])
+            packed = packed.contiguous(memory_format=self.memory_format)
             output = functional_call(self._packed, weights, (packed,))
             return output.reshape(rows_per_client * group.size, output.shape[1] // group.size, *output.shape[2:])
         output = self._client_pass(weights, rows_in.reshape(group.size, rows_per_client, *rows_in.shape[1:]))
@@ -456,7 +462,8 @@ class VectorisedClientSide:
             if plan.output_index is not None:
                 joined = joined.index_select(0, plan.output_index)
             for k, chunk in zip(plan.crops, joined.chunk(len(plan.crops))):
-                outputs[k] = chunk
+                # Unpacking and reordering rows give NCHW; the server gets the layout it was asked to use.
+                outputs[k] = chunk.contiguous(memory_format=self.memory_format)
         return [output for output in outputs if output is not None]
 
     # ----------------------------------------------------------------------------------------- training

@@ -270,7 +270,9 @@ class Trainer:
         self.steps_per_epoch = self.loaders.train.steps_per_epoch
 
         split = build_split_resnet(**model_options(args))
-        self.method = build_method(args, split.server.to(self.device), self.device)
+        # Before the method copies the server (MoCo's key encoder), so every copy has the same layout.
+        self.memory_format = torch.channels_last if getattr(args, "channels_last", False) else torch.contiguous_format
+        self.method = build_method(args, split.server.to(self.device, memory_format=self.memory_format), self.device)
         if getattr(args, "compile", False):
             # In place, so parameter names (and checkpoints) stay those of the plain module.
             self.method.server.compile()
@@ -279,7 +281,7 @@ class Trainer:
         client_side = VectorisedClientSide if args.client_exec == "vmap" else ClientSide
         self.clients = client_side(split.client, args.num_client, lr=args.c_lr, momentum=args.momentum,
                                   weight_decay=args.weight_decay, keep_momentum_copies=self.method.client_momentum > 0,
-                                  device=self.device)
+                                  device=self.device, memory_format=self.memory_format)
         self.server_optimizer = torch.optim.SGD(self.method.optimized_parameters(), lr=args.lr,
                                                 momentum=args.momentum, weight_decay=args.weight_decay)
         self.lr_schedule = LearningRateSchedule(args, self.steps_per_epoch)
@@ -350,13 +352,14 @@ class Trainer:
     def train_step(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One SFL step over the pool: clients forward, joint server loss, one backward, server and client steps."""
         method, clients, pool = self.method, self.clients, batch.client_ids
+        crops = [crop.contiguous(memory_format=self.memory_format) for crop in batch.crops]
         scale_before = self._loss_scale() if self.scaler.is_enabled() else None
         self.server_optimizer.zero_grad(set_to_none=True)
         clients.zero_grad(pool)
         with self.autocast():
-            smashed = clients.forward([batch.crops[k] for k in method.trainable_crops], pool, batch.rows_per_client)
+            smashed = clients.forward([crops[k] for k in method.trainable_crops], pool, batch.rows_per_client)
             server_inputs = [s.detach().requires_grad_(True) for s in smashed]
-            momentum_smashed = (clients.momentum_forward([batch.crops[k] for k in method.momentum_crops], pool,
+            momentum_smashed = (clients.momentum_forward([crops[k] for k in method.momentum_crops], pool,
                                                          batch.rows_per_client) if method.momentum_crops else [])
         world_size = self.runtime.world_size
         if getattr(self.args, "server_update", "joint") == "per_client":

@@ -36,8 +36,9 @@ def _template(cutlayer: int) -> nn.Module:
     return build_split_resnet("ResNet18", cutlayer, head="none", width=8).client.double()
 
 
-def _client_sides(cutlayer: int, num_client: int, engine: str = "auto",
-                  template: nn.Module | None = None) -> tuple[ClientSide, VectorisedClientSide]:
+def _client_sides(cutlayer: int, num_client: int, engine: str = "auto", template: nn.Module | None = None,
+                  memory_format: torch.memory_format = torch.contiguous_format
+                  ) -> tuple[ClientSide, VectorisedClientSide]:
     """A loop and a vectorised client side holding the same, client-specific weights."""
     template = _template(cutlayer) if template is None else template
     loop = ClientSide(template, num_client, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
@@ -48,7 +49,7 @@ def _client_sides(cutlayer: int, num_client: int, engine: str = "auto",
             for parameter in model.parameters():
                 parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
     vectorised = VectorisedClientSide(template, num_client, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
-                                      keep_momentum_copies=True, device=CPU, engine=engine)
+                                      keep_momentum_copies=True, device=CPU, engine=engine, memory_format=memory_format)
     vectorised.load_state_dict(loop.state_dict())
     return loop, vectorised
 
@@ -138,6 +139,33 @@ def test_vectorised_steps_equal_the_loop_and_leave_other_clients_alone(cutlayer,
     for c in outside:  # neither weight decay nor momentum copies may touch clients outside the pool
         assert all(torch.equal(a, b) for a, b in zip(_weights(vectorised.models, c), before[c]))
         assert all(torch.equal(a, b) for a, b in zip(_weights(vectorised.momentum_models, c), before_copies[c]))
+
+
+@pytest.mark.parametrize("cutlayer", [1, 2])
+def test_channels_last_gives_the_contiguous_loops_numbers_and_nhwc_smashed_data(cutlayer):
+    rows, pool, num_client = [2, 1, 3], [3, 0, 1], 4
+    loop, vectorised = _client_sides(cutlayer, num_client, "grouped", memory_format=torch.channels_last)
+    nhwc_loop = ClientSide(_template(cutlayer), num_client, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
+                           keep_momentum_copies=True, device=CPU, memory_format=torch.channels_last)
+    nhwc_loop.load_state_dict(loop.state_dict())
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in nhwc_loop.models[0].parameters() if p.dim() == 4)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    for step in range(2):
+        crops = _crops(sum(rows), seed=step)
+        nhwc_crops = [crop.contiguous(memory_format=torch.channels_last) for crop in crops]
+        expected_loss, expected_rows, expected_grads = _step(loop, crops, pool, rows, scaler, seed=10 + step)
+        for side in (vectorised, nhwc_loop):
+            smashed = side.forward(nhwc_crops, pool, rows)
+            assert all(s.is_contiguous(memory_format=torch.channels_last) and not s.is_contiguous() for s in smashed)
+            loss, gradient_rows, grads = _step(side, nhwc_crops, pool, rows, scaler, seed=10 + step)
+            torch.testing.assert_close(loss, expected_loss, **TOLERANCE)
+            for actual, expected in zip(gradient_rows, expected_rows):
+                torch.testing.assert_close(actual, expected, **TOLERANCE)
+            for c in pool:
+                for actual, expected in zip(grads[c], expected_grads[c]):
+                    torch.testing.assert_close(actual, expected, **TOLERANCE)
+    _assert_same_clients(loop, vectorised, range(num_client))
+    _assert_same_clients(loop, nhwc_loop, range(num_client))
 
 
 @pytest.mark.parametrize("engine", ["grouped", "vmap"])
@@ -294,4 +322,25 @@ def test_trainer_steps_are_the_same_with_either_client_side(tmp_path, case):
     for actual, expected in zip(vmap_trainer.method.server.parameters(), loop_trainer.method.server.parameters()):
         torch.testing.assert_close(actual, expected, **TRAINER_TOLERANCE)
     for actual, expected in zip(vmap_trainer.method.state_dict().values(), loop_trainer.method.state_dict().values()):
+        torch.testing.assert_close(actual, expected, **TRAINER_TOLERANCE)
+
+
+@pytest.mark.parametrize("build, client_exec", [(moco_trainer, "vmap"), (moco_trainer, "loop"), (swav_trainer, "vmap")],
+                         ids=["moco_vmap", "moco_loop", "swav_vmap"])
+def test_channels_last_trains_like_the_default_layout(tmp_path, build, client_exec):
+    options = ["--num_client", "3", "--batch_size", "4", "--client_exec", client_exec]
+    default, nhwc = build(tmp_path / "nchw", *options), build(tmp_path / "nhwc", *options, "--channels_last")
+    server_kernels = [p for p in nhwc.method.parameters() if p.dim() == 4]
+    assert server_kernels and all(p.is_contiguous(memory_format=torch.channels_last) for p in server_kernels)
+    batches = default.loaders.train.epoch(0)
+    for trainer in (default, nhwc):
+        trainer.set_learning_rates(0, 0)
+    for step in range(2):
+        batch = next(batches)
+        expected_loss, _ = default.train_step(batch)
+        loss, _ = nhwc.train_step(batch)
+        torch.testing.assert_close(loss, expected_loss, **TRAINER_TOLERANCE)
+        default.global_step = nhwc.global_step = step + 1
+    _assert_same_clients(default.clients, nhwc.clients, range(3), TRAINER_TOLERANCE)
+    for actual, expected in zip(nhwc.method.state_dict().values(), default.method.state_dict().values()):
         torch.testing.assert_close(actual, expected, **TRAINER_TOLERANCE)
