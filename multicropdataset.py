@@ -126,11 +126,17 @@ class FederatedViewsDataset(Dataset):
     def __getitem__(self, item: tuple[int, int]) -> list[torch.Tensor]:
         """The crops of image `index`, augmented from the random state seeded by `sample_key`."""
         index, sample_key = item
-        # Seeding per sample (not per worker) is what makes the views independent of worker count.
-        torch.default_generator.manual_seed(int(sample_key))
-        random.seed(int(sample_key))
         image = Image.fromarray(self.images[int(index)])
-        return [crop_transform(image) for crop_transform in self.crop_transforms]
+        # Seeding per sample (not per worker) is what makes the views independent of worker count. The global
+        # states are restored afterwards: with --num_workers 0 they are the training process's own.
+        python_state = random.getstate()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(int(sample_key))
+                random.seed(int(sample_key))
+                return [crop_transform(image) for crop_transform in self.crop_transforms]
+        finally:
+            random.setstate(python_state)
 
 
 def collate_crops(samples: list[list[torch.Tensor]]) -> list[torch.Tensor]:

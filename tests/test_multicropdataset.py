@@ -86,6 +86,20 @@ def test_same_key_same_crops_different_key_different_crops(real_images: np.ndarr
     assert all(not torch.equal(a, b) for a, b in zip(first, other, strict=True))
 
 
+def test_augmenting_a_sample_leaves_the_global_random_states_alone() -> None:
+    # With --num_workers 0 the views are made in the training process: its random streams must not move.
+    import random
+
+    dataset = FederatedViewsDataset(synthetic_images(4), multicrop_transforms(MEAN, STD, **SWAV_CIFAR))
+    torch.manual_seed(11)
+    random.seed(11)
+    expected = (torch.rand(3), random.random())
+    torch.manual_seed(11)
+    random.seed(11)
+    dataset[(2, 99)]
+    assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
+
+
 def test_grayscale_fraction_is_about_one_fifth(real_images: np.ndarray) -> None:
     dataset = FederatedViewsDataset(real_images, [moco_transform(MEAN, STD)])
     colour_images = [i for i in range(400) if not np.array_equal(real_images[i, ..., 0], real_images[i, ..., 1])]
