@@ -562,8 +562,11 @@ class Trainer:
         window = LogWindow()
         stat_sums: dict[str, torch.Tensor] = {}
         stat_count = 0
+        # A bar on a terminal; redirected to a file (Slurm, nohup) its carriage returns would garble the log, so
+        # _log_window prints a plain line per log point instead.
         bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, desc=f"epoch {epoch + 1}/{args.num_epoch}",
-                   disable=not self.runtime.is_main, dynamic_ncols=True, leave=False, file=sys.stdout)
+                   disable=not (self.runtime.is_main and sys.stdout.isatty()), dynamic_ncols=True, leave=False,
+                   file=sys.stdout)
         first = True
         own = self.own_clients(epoch)
         batches = iter(self.loaders.train.epoch(epoch, start_step=self.step_in_epoch,
@@ -636,6 +639,9 @@ class Trainer:
         images_per_sec = window.images / max(elapsed, 1e-9)
         losses = self._flush_losses(window.losses)
         bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{window.server_lr:.4g}", img_s=f"{images_per_sec:.0f}")
+        if bar.disable and self.runtime.is_main:
+            print(f"epoch {self.epoch + 1}/{self.args.num_epoch} step {self.step_in_epoch}/{self.steps_per_epoch}: "
+                  f"loss {losses[-1]:.4f}, lr {window.server_lr:.4g}, {images_per_sec:.0f} img/s", flush=True)
         self.log_scalar("train/loss", losses[-1], self.global_step)
         self.log_scalar("train/lr", window.server_lr, self.global_step)
         self.log_scalar("train/client_lr", window.client_lr, self.global_step)

@@ -150,3 +150,13 @@ def test_a_run_writes_every_output(tmp_path):
     assert metrics["final"]["step"] == 3 and metrics["final"]["knn_acc"] == results["knn_acc"]
     assert metrics["data_backend"] == "torch" and metrics["world_size"] == 1
     assert "contrastive_acc" in metrics
+
+
+def test_redirected_output_gets_plain_progress_lines_not_a_bar(tmp_path, capsys):
+    # Under pytest stdout is not a terminal, as in a Slurm log: one line per log point, no carriage returns.
+    _run(tmp_path, "run", "--max_steps", "4", "--log_freq", "2")
+    printed = capsys.readouterr().out
+    assert "\r" not in printed
+    progress = [line for line in printed.splitlines() if line.startswith("epoch 1/2 step ")]
+    assert [line.split(":")[0].split(" step ")[1].split("/")[0] for line in progress] == ["2", "4"]
+    assert all(" img/s" in line and "loss " in line for line in progress)
