@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from functions.cifar import ImageDataset, load_dataset
+from functions.cifar import ImageDataset, load_dataset, make_synthetic
 from functions.errors import UserError, run_cli
 from functions.loaders import FederatedSchedule, TrainLoader
 from functions.server_method import ViewSpec
@@ -46,42 +46,84 @@ def median_throughput(loader: TrainLoader, runs: int) -> float:
     return statistics.median(epoch_images_per_second(loader, epoch) for epoch in range(1, runs + 1))
 
 
-def load_images(data_dir: str, images: int) -> ImageDataset:
-    """The first `images` CIFAR-10 training images from data_dir, or synthetic ones when it has none."""
-    if (Path(data_dir) / "cifar-10-batches-py").is_dir():
-        dataset = load_dataset("cifar10", data_dir, download=False)
-    else:
-        dataset = load_dataset("synthetic", data_dir, synthetic_train=images, synthetic_test=16)
-    if dataset.train_images.shape[0] < images:
-        raise UserError(f"{dataset.source} has {dataset.train_images.shape[0]} training images, fewer than "
-                        f"--images {images}; lower --images")
+SYNTHETIC_CHUNK = 8192  # images generated at once: keeps the generator's float64 scratch to a few hundred MB
+
+
+def synthetic_images(images: int, seed: int = 0) -> ImageDataset:
+    """`images` synthetic training images (and 16 test images), generated chunk by chunk to bound memory."""
+    first = load_dataset("synthetic", ".", synthetic_train=min(images, SYNTHETIC_CHUNK), synthetic_test=16, seed=seed)
+    chunks, labels = [first.train_images], [first.train_labels]
+    for number, start in enumerate(range(SYNTHETIC_CHUNK, images, SYNTHETIC_CHUNK), start=1):
+        # Each chunk has its own seed (hence its own colour palette); the mean and std stay the first chunk's,
+        # which is all a throughput measurement needs.
+        chunk_images, chunk_labels, _, _ = make_synthetic(min(SYNTHETIC_CHUNK, images - start), 1, seed + number)
+        chunks.append(chunk_images)
+        labels.append(chunk_labels)
+    if len(chunks) > 1:
+        first.train_images, first.train_labels = np.concatenate(chunks), np.concatenate(labels)
+    return first
+
+
+def load_images(data_dir: str, images: int, *, synthetic_when_short: bool = False) -> ImageDataset:
+    """The first `images` CIFAR-10 training images from data_dir, or synthetic ones when it has none.
+
+    When data_dir holds fewer than `images`, that is a UserError, or with `synthetic_when_short` a synthetic
+    set whose `source` says why it was used.
+    """
+    if not (Path(data_dir) / "cifar-10-batches-py").is_dir():
+        return synthetic_images(images)
+    dataset = load_dataset("cifar10", data_dir, download=False)
+    available = dataset.train_images.shape[0]
+    if available < images:
+        if not synthetic_when_short:
+            raise UserError(f"{dataset.source} has {available} training images, fewer than --images {images}; "
+                            "lower --images")
+        synthetic = synthetic_images(images)
+        synthetic.source = f"synthetic ({dataset.source} holds {available} training images, {images} needed)"
+        return synthetic
     dataset.train_images = dataset.train_images[:images]
     dataset.train_labels = dataset.train_labels[:images]
     return dataset
 
 
+def dali_import_error() -> str | None:
+    """Why NVIDIA DALI cannot be imported here, or None when it can."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except (ImportError, OSError) as error:
+        return str(error) or type(error).__name__
+    return None
+
+
+def torch_train_loader(dataset: ImageDataset, schedule: FederatedSchedule, views: ViewSpec, *, num_workers: int,
+                       device: torch.device | None = None) -> TrainLoader:
+    """The torchvision training loader of the schedule, delivering its crops to `device` (None: CPU, unpinned)."""
+    from multicropdataset import build_torch_loaders, multicrop_transforms
+
+    crops = multicrop_transforms(dataset.mean, dataset.std, list(views.nmb_crops), list(views.size_crops),
+                                 list(views.min_scale_crops), list(views.max_scale_crops))
+    return build_torch_loaders(dataset.train_images, dataset.train_labels, dataset.test_images, dataset.test_labels,
+                               dataset.mean, dataset.std, schedule, crops, num_workers=num_workers,
+                               device=device).train
+
+
+def dali_train_loader(dataset: ImageDataset, schedule: FederatedSchedule, views: ViewSpec, *, dali_device: str,
+                      num_threads: int, device: torch.device = torch.device("cpu"), seed: int = 0) -> TrainLoader:
+    """The DALI training loader of the schedule (operators on `dali_device`), delivering its crops to `device`."""
+    from Dali.get_dali_dataloader import build_dali_loaders
+
+    return build_dali_loaders(dataset, schedule, views, device=device, dali_device=dali_device,
+                              eval_batch_size=512, num_threads=num_threads, seed=seed).train
+
+
 def loader_builders(dataset: ImageDataset, schedule: FederatedSchedule, views: ViewSpec, dali_threads: int,
                     dali_device: str) -> dict[str, Callable[[], TrainLoader]]:
     """Named constructors of the compared training loaders."""
-    from multicropdataset import build_torch_loaders, multicrop_transforms
-
-    def torch_loader(workers: int) -> TrainLoader:
-        crops = multicrop_transforms(dataset.mean, dataset.std, list(views.nmb_crops), list(views.size_crops),
-                                     list(views.min_scale_crops), list(views.max_scale_crops))
-        return build_torch_loaders(dataset.train_images, dataset.train_labels, dataset.test_images,
-                                   dataset.test_labels, dataset.mean, dataset.std, schedule, crops,
-                                   num_workers=workers).train
-
-    def dali_loader() -> TrainLoader:
-        from Dali.get_dali_dataloader import build_dali_loaders
-
-        return build_dali_loaders(dataset, schedule, views, device=torch.device("cpu"), dali_device=dali_device,
-                                  eval_batch_size=512, num_threads=dali_threads, seed=0).train
-
     return {
-        f"dali {dali_device}, {dali_threads} threads": dali_loader,
-        "torch, num_workers 0": lambda: torch_loader(0),
-        "torch, num_workers 2": lambda: torch_loader(2),
+        f"dali {dali_device}, {dali_threads} threads": lambda: dali_train_loader(
+            dataset, schedule, views, dali_device=dali_device, num_threads=dali_threads),
+        "torch, num_workers 0": lambda: torch_train_loader(dataset, schedule, views, num_workers=0),
+        "torch, num_workers 2": lambda: torch_train_loader(dataset, schedule, views, num_workers=2),
     }
 
 

@@ -1,8 +1,10 @@
-"""Train-step throughput of split federated SSL: the centralised ceiling, the loop client side and the vectorised one.
+"""Split federated SSL throughput: train step (centralised, loop, vmap), data path, largest batch that fits.
 
-    python benchmarks/bench_sfl.py --method moco --clients 10 100 --per_client_batch 1 --cutlayer 1 2 --json out.json
+    python benchmarks/bench_sfl.py --method moco --clients 10 100 1000 --per_client_batch 1 --cutlayer 1 2
+    python benchmarks/bench_sfl.py --method swav --clients 10 100 --modes data --data_dir ./data
+    python benchmarks/bench_sfl.py --method swav --clients 10 100 --cutlayer 1 2 --find_max_batch      # CUDA only
 
-Every setting runs on synthetic tensors already on the device (no data loading, no augmentation), so the
+The step modes run on synthetic tensors already on the device (no data loading, no augmentation), so their
 numbers are the cost of the training step alone:
 
 * centralised: the unsplit network (client units, then server units and head) with one optimizer, on the same
@@ -22,35 +24,58 @@ runs covers `--steps` steps, and the median is reported. CUDA is timed with CUDA
 process's peak resident set during that setting (0 when an earlier setting already went higher). CPU records
 also carry `cpu_step_ms`, the process CPU time per step: with `--threads 1` it is the step's cost even when other
 programs compete for the cores, where wall-clock numbers become noisy.
+
+The `data` mode (only when asked in `--modes`) times the training loader instead: per client count, each client
+holds `--data_images_per_client` images of the first clients x that many CIFAR-10 images of `--data_dir`
+(synthetic images when it has none or too few; the record's `data_source` says which), the pool of
+`--sampled_clients` clients reads `--per_client_batch` rows each per step, and every loader of `--loaders` (torch
+with `--num_workers`; DALI with its operators on `--dali_device`) makes the method's views: MoCo's two 32-pixel
+crops or the SwAV defaults' multi-crop. The clock runs while the loader produces step batches, crops on
+`--device` (wall-clock; on CUDA synchronised before it stops); warm-up steps, repeats and the median are as for
+the step modes, and `images_per_sec` again counts source images (rows of the global batch) with all their crops.
+`cpu_step_ms` leaves out torch's worker processes (None when `--num_workers` > 0), and DALI's GPU memory is not
+in `peak_mem_mb` (DALI allocates outside torch).
+
+`--find_max_batch` (CUDA only) searches, for every client count, cut layer and step mode, the largest
+`--per_client_batch` whose warm-up and one more step run without CUDA running out of memory: doubling from
+`--per_client_batch` up to `--max_batch_limit`, then bisection, everything freed between tries. Its records are
+measured at that batch (`global_batch` = pool x batch, `max_batch_search` true; batch 0 when even the start does
+not fit).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import platform
 import resource
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from configs import parse_args  # noqa: E402
+from Dali.bench_loaders import dali_import_error, dali_train_loader, load_images, torch_train_loader  # noqa: E402
 from functions.clients import ClientSide  # noqa: E402
 from functions.clients_vmap import ENGINES, VectorisedClientSide  # noqa: E402
 from functions.errors import UserError, run_cli  # noqa: E402
-from functions.server_method import ServerMethod  # noqa: E402
+from functions.loaders import FederatedSchedule, StepBatch, TrainLoader  # noqa: E402
+from functions.server_method import ServerMethod, ViewSpec  # noqa: E402
 from models.resnet import build_split_resnet, build_unsplit_resnet, check_cutlayer  # noqa: E402
 
-MODES = ("centralised", "loop", "vmap")
+MODES = ("centralised", "loop", "vmap")   # the train-step modes, measured by default
+DATA_MODE = "data"                        # the training loader, measured only when asked
+LOADERS = ("torch", "dali")
 METHODS = ("moco", "swav")
 Step = Callable[[], torch.Tensor]
 
@@ -81,14 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--method", type=str, default="moco", choices=METHODS, help="server-side SSL method")
     parser.add_argument("--device", type=str, default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--clients", type=int, nargs="+", default=[10, 100], help="numbers of simulated clients")
-    parser.add_argument("--per_client_batch", type=int, default=1, help="samples each sampled client sends per step")
+    parser.add_argument("--per_client_batch", type=int, default=1,
+                        help="samples each sampled client sends per step (--find_max_batch: where the search starts)")
     parser.add_argument("--sampled_clients", type=int, default=None,
                         help="clients in the pool each step (default: min(clients, 100))")
     parser.add_argument("--cutlayer", type=int, nargs="+", default=[1], help="cut layers to measure")
     parser.add_argument("--amp", action="store_true",
                         help="mixed precision: fp16 autocast with a GradScaler on CUDA, bf16 autocast on CPU")
-    parser.add_argument("--modes", type=str, nargs="+", default=None, choices=MODES,
-                        help="what to measure (default: all three; loop and vmap with --client_only)")
+    parser.add_argument("--modes", type=str, nargs="+", default=None, choices=(*MODES, DATA_MODE),
+                        help="what to measure: train steps (centralised, loop, vmap) and the training loader (data) "
+                             "(default: the three step modes; loop and vmap with --client_only)")
     parser.add_argument("--client_only", action="store_true",
                         help="time only the client side (forward, momentum forward, backward of a fixed gradient, "
                              "step, momentum copies), without the server")
@@ -102,6 +129,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights, the data and the pool")
     parser.add_argument("--json", type=str, default=None, help="write the records to this JSON file")
+    data = parser.add_argument_group("data mode (--modes ... data)")
+    data.add_argument("--loaders", type=str, nargs="+", default=None, choices=LOADERS,
+                      help="training loaders to time (default: torch and dali; dali is skipped with a note when "
+                           "NVIDIA DALI is not installed, unless asked for explicitly)")
+    data.add_argument("--data_dir", type=str, default="./data",
+                      help="folder holding cifar-10-batches-py/ (synthetic images when absent or too small)")
+    data.add_argument("--data_images_per_client", type=int, default=64, help="images each client holds")
+    data.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes of the torch loader")
+    data.add_argument("--dali_device", type=str, default=None, choices=("cpu", "gpu"),
+                      help="where DALI runs its operators (default: gpu on a CUDA --device, else cpu)")
+    data.add_argument("--dali_threads", type=int, default=2, help="DALI CPU threads")
+    search = parser.add_argument_group("largest batch (CUDA only)")
+    search.add_argument("--find_max_batch", action="store_true",
+                        help="per client count, cut layer and step mode: search the largest --per_client_batch that "
+                             "fits in GPU memory (doubling, then bisection) and measure the step there")
+    search.add_argument("--max_batch_limit", type=int, default=4096,
+                        help="largest per-client batch the search tries")
     return parser
 
 
@@ -109,12 +153,16 @@ def parse_options(argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse and check the options (one clear UserError per mistake)."""
     options = build_parser().parse_args(argv)
     positive = {"per_client_batch": options.per_client_batch, "width": options.width, "steps": options.steps,
-                "repeats": options.repeats, **{f"clients {n}": n for n in options.clients}}
+                "repeats": options.repeats, "data_images_per_client": options.data_images_per_client,
+                "dali_threads": options.dali_threads, "max_batch_limit": options.max_batch_limit,
+                **{f"clients {n}": n for n in options.clients}}
     for name, value in positive.items():
         if value < 1:
             raise UserError(f"--{name} must be at least 1 (got {value})")
     if options.warmup < 1:
         raise UserError(f"--warmup must be at least 1 (got {options.warmup}): the first step builds caches and is never timed")
+    if options.num_workers < 0:
+        raise UserError(f"--num_workers must be at least 0 (got {options.num_workers})")
     if options.sampled_clients is not None and options.sampled_clients < 1:
         raise UserError(f"--sampled_clients must be at least 1 (got {options.sampled_clients})")
     if options.sampled_clients is not None and options.sampled_clients > min(options.clients):
@@ -130,7 +178,40 @@ def parse_options(argv: Sequence[str] | None) -> argparse.Namespace:
         raise UserError("--client_only times the client side of SFL, which the centralised step has not; "
                         "use --modes loop vmap")
     options.device = resolve_device(options.device)
+    if options.find_max_batch:
+        if options.device.type != "cuda":
+            raise UserError("--find_max_batch needs a CUDA device (it searches for the batch at which GPU memory "
+                            "runs out); use --device cuda on a machine with a GPU")
+        if not set(options.modes) & set(MODES):
+            raise UserError("--find_max_batch searches the step modes; add centralised, loop or vmap to --modes")
+        if options.max_batch_limit < options.per_client_batch:
+            raise UserError(f"--max_batch_limit {options.max_batch_limit} is below --per_client_batch "
+                            f"{options.per_client_batch}, where the search starts; raise it")
+    resolve_loaders(options)
     return options
+
+
+def resolve_loaders(options: argparse.Namespace) -> None:
+    """Fill options.loader_names (e.g. torch, dali-cpu) and options.notes for the data mode; DALI is checked here."""
+    options.notes = []
+    options.loader_names = []
+    if options.dali_device is None:
+        options.dali_device = "gpu" if options.device.type == "cuda" else "cpu"
+    if DATA_MODE not in options.modes:
+        return
+    explicit = options.loaders is not None
+    loaders = list(dict.fromkeys(options.loaders)) if explicit else list(LOADERS)
+    if "dali" in loaders:
+        missing = dali_import_error()
+        if missing is not None and explicit:
+            raise UserError(f"--loaders dali needs NVIDIA DALI, which cannot be imported here ({missing}); "
+                            "pip install nvidia-dali-cuda120, or leave dali out of --loaders")
+        if missing is not None:
+            loaders.remove("dali")
+            options.notes.append(f"DALI not measured: it cannot be imported here ({missing})")
+        elif options.dali_device == "gpu" and not torch.cuda.is_available():
+            raise UserError("--dali_device gpu needs a CUDA GPU, and none is available; use --dali_device cpu")
+    options.loader_names = [f"dali-{options.dali_device}" if name == "dali" else name for name in loaders]
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -182,6 +263,17 @@ def synthetic_crops(method: str, args: argparse.Namespace, rows: int, device: to
     else:
         sizes = [size for count, size in zip(args.nmb_crops, args.size_crops) for _ in range(count)]
     return [torch.randn(rows, 3, size, size, generator=generator).to(device) for size in sizes]
+
+
+def view_spec_of(method: str, args: argparse.Namespace) -> ViewSpec:
+    """The views the method's loader makes: MoCo's two 32-pixel crops, or the multi-crop of the SwAV options."""
+    if method == "moco":
+        from functions.sflmoco_functions import moco_view_spec
+
+        return moco_view_spec(args)
+    from functions.sflswav_functions import swav_view_spec
+
+    return swav_view_spec(args)
 
 
 def autocast_for(device: torch.device, amp: bool) -> tuple[Callable[[], ContextManager], torch.amp.GradScaler]:
@@ -329,6 +421,7 @@ def measure(setting: Setting, device: torch.device, *, steps: int, warmup: int, 
             seed: int) -> dict[str, Any]:
     """Throughput and peak memory of one setting; the first (warm-up) step's loss is kept as a cross-check."""
     if device.type == "cuda":
+        gc.collect()  # what an earlier setting left in reference cycles would otherwise still hold GPU memory
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     rss_before = _peak_rss_mb()
@@ -348,6 +441,8 @@ def measure(setting: Setting, device: torch.device, *, steps: int, warmup: int, 
     return {
         **asdict(setting),
         "engine": engine,
+        "global_batch": setting.sampled_clients * setting.per_client_batch,
+        "max_batch_search": False,
         "images_per_sec": images / median,
         "step_ms": 1000.0 * median / steps,
         "step_ms_all": [1000.0 * s / steps for s in seconds],
@@ -377,28 +472,224 @@ def settings_of(options: argparse.Namespace) -> list[Setting]:
             settings.append(Setting(mode="centralised", cutlayer=None, engine=None, **common))
         for cutlayer in options.cutlayer:
             settings.extend(Setting(mode=mode, cutlayer=cutlayer, engine=options.engine if mode == "vmap" else None,
-                                    **common) for mode in options.modes if mode != "centralised")
+                                    **common) for mode in options.modes if mode in ("loop", "vmap"))
     return settings
 
 
+# ---------------------------------------------------------------------------------------------- data path
+@dataclass(frozen=True)
+class DataSetting:
+    """One measured training loader."""
+
+    method: str
+    device: str
+    clients: int
+    sampled_clients: int
+    per_client_batch: int
+    loader: str                # "torch", "dali-cpu" or "dali-gpu"
+    num_workers: int | None    # DataLoader worker processes (torch only)
+    dali_threads: int | None   # DALI CPU threads (DALI only)
+    images_per_client: int
+
+
+def timed_batches(batches: Iterator[StepBatch], steps: int, device: torch.device) -> tuple[float, float, list[int]]:
+    """(seconds, process CPU seconds, rows of each batch) of producing the next `steps` step batches on `device`."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    begin, cpu_begin = time.perf_counter(), time.process_time()
+    rows = [next(batches).num_rows for _ in range(steps)]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the crops are on the GPU only once their copies have finished
+    return time.perf_counter() - begin, time.process_time() - cpu_begin, rows
+
+
+def measure_loader(setting: DataSetting, loader: TrainLoader, device: torch.device, *, steps: int, warmup: int,
+                   repeats: int, data_source: str) -> dict[str, Any]:
+    """Throughput and peak memory of one training loader over warm-up plus `repeats` x `steps` steps of epoch 0."""
+    if loader.steps_per_epoch != warmup + repeats * steps:
+        raise ValueError(f"the loader has {loader.steps_per_epoch} steps per epoch, the measurement needs "
+                         f"{warmup + repeats * steps}")
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    rss_before = _peak_rss_mb()
+    batches = loader.epoch(0)
+    first = next(batches)
+    crop_sizes, rows = [int(crop.shape[-1]) for crop in first.crops], [first.num_rows]
+    del first  # not kept through the timed steps
+    rows.extend(next(batches).num_rows for _ in range(warmup - 1))
+    timings = []
+    for _ in range(repeats):
+        seconds, cpu_seconds, timed_rows = timed_batches(batches, steps, device)
+        timings.append((seconds, cpu_seconds))
+        rows.extend(timed_rows)
+    if next(batches, None) is not None:  # ending the epoch also stops torch's workers and drains DALI
+        raise RuntimeError("the loader delivered more steps than its epoch has")
+    if len(set(rows)) != 1:
+        raise RuntimeError(f"the loader delivered steps of different sizes: {sorted(set(rows))}")
+    seconds = [wall for wall, _ in timings]
+    median = statistics.median(seconds)
+    cpu_median = statistics.median(cpu for _, cpu in timings)
+    if device.type == "cuda":
+        peak_mem_mb, peak_mem_kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_memory_allocated"
+    else:
+        peak_mem_mb, peak_mem_kind = max(0.0, _peak_rss_mb() - rss_before), "cpu_peak_rss_increase"
+    # Process CPU time misses the work of torch's worker processes, so it is left out where they do it.
+    cpu_step_ms = None if device.type == "cuda" or setting.num_workers else 1000.0 * cpu_median / steps
+    return {
+        "method": setting.method,
+        "mode": DATA_MODE,
+        **asdict(setting),
+        "cutlayer": None,
+        "amp": False,
+        "engine": None,
+        "data_source": data_source,
+        "rows_per_step": rows[0],
+        "crop_sizes": crop_sizes,
+        "global_batch": setting.sampled_clients * setting.per_client_batch,
+        "images_per_sec": rows[0] * steps / median,
+        "step_ms": 1000.0 * median / steps,
+        "step_ms_all": [1000.0 * s / steps for s in seconds],
+        "cpu_step_ms": cpu_step_ms,
+        "peak_mem_mb": peak_mem_mb,
+        "peak_mem_kind": peak_mem_kind,
+        "steps": steps,
+        "warmup": warmup,
+        "repeats": repeats,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+
+
+def data_records(options: argparse.Namespace) -> list[dict[str, Any]]:
+    """Per client count, the images and the schedule, then one measurement per loader of options.loader_names."""
+    args = method_args(options.method, options.seed)
+    views = view_spec_of(options.method, args)
+    records = []
+    for clients in options.clients:
+        sampled = options.sampled_clients if options.sampled_clients is not None else min(clients, 100)
+        dataset = load_images(options.data_dir, clients * options.data_images_per_client, synthetic_when_short=True)
+        data_source = "cifar10" if dataset.name == "cifar10" else dataset.source
+        shards = list(np.arange(clients * options.data_images_per_client).reshape(clients, -1))
+        schedule = FederatedSchedule(shards, [options.per_client_batch] * clients, sampled / clients,
+                                     options.warmup + options.repeats * options.steps, seed=options.seed)
+        for name in options.loader_names:
+            print(f"measuring {options.method} data:{name} clients={clients} ...", file=sys.stderr, flush=True)
+            setting = DataSetting(method=options.method, device=str(options.device), clients=clients,
+                                  sampled_clients=sampled, per_client_batch=options.per_client_batch, loader=name,
+                                  num_workers=options.num_workers if name == "torch" else None,
+                                  dali_threads=None if name == "torch" else options.dali_threads,
+                                  images_per_client=options.data_images_per_client)
+            if name == "torch":
+                loader = torch_train_loader(dataset, schedule, views, num_workers=options.num_workers,
+                                            device=options.device)
+            else:
+                loader = dali_train_loader(dataset, schedule, views, dali_device=options.dali_device,
+                                           num_threads=options.dali_threads, device=options.device, seed=options.seed)
+            records.append(measure_loader(setting, loader, options.device, steps=options.steps,
+                                          warmup=options.warmup, repeats=options.repeats, data_source=data_source))
+            del loader  # a DALI pipeline holds threads and buffers until it is collected
+    return records
+
+
+# ------------------------------------------------------------------------------------------- largest batch
+def largest_fitting(fits: Callable[[int], bool], start: int, limit: int) -> int:
+    """The largest n in [start, limit] with fits(n), for a monotone fits: doubling, then bisection; 0 if start fails."""
+    if not 1 <= start <= limit:
+        raise ValueError(f"need 1 <= start <= limit, got start {start} and limit {limit}")
+    if not fits(start):
+        return 0
+    fitting, failing = start, None
+    while failing is None and fitting < limit:
+        candidate = min(2 * fitting, limit)
+        if fits(candidate):
+            fitting = candidate
+        else:
+            failing = candidate
+    if failing is None:
+        return fitting  # the limit itself fits
+    while failing - fitting > 1:
+        middle = (fitting + failing) // 2
+        if fits(middle):
+            fitting = middle
+        else:
+            failing = middle
+    return fitting
+
+
+def step_fits(build: Callable[[], Step], warmup: int, device: torch.device) -> bool:
+    """Whether building a step, its `warmup` warm-up steps and one more step run without CUDA running out of memory."""
+    out_of_memory = False
+    step: Step | None = None
+    try:
+        step = build()
+        for _ in range(warmup + 1):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    except torch.cuda.OutOfMemoryError:
+        out_of_memory = True
+    # Outside the except block the error and the frames it held are gone; dropping the step frees the rest.
+    step = None
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return not out_of_memory
+
+
+def max_batch_record(setting: Setting, device: torch.device, *, limit: int, steps: int, warmup: int, repeats: int,
+                     seed: int) -> dict[str, Any]:
+    """The record of `setting` at the largest per-client batch in [setting.per_client_batch, limit] that fits."""
+    def fits(batch: int) -> bool:
+        print(f"  per_client_batch={batch} ...", file=sys.stderr, flush=True)
+        return step_fits(lambda: build_step(replace(setting, per_client_batch=batch), device, seed)[0], warmup, device)
+
+    largest = largest_fitting(fits, setting.per_client_batch, limit)
+    search = {"max_batch_search": True, "max_batch_limit": limit}
+    if largest == 0:
+        return {**asdict(replace(setting, per_client_batch=0)), "global_batch": 0, "images_per_sec": None,
+                "step_ms": None, "step_ms_all": [], "cpu_step_ms": None, "peak_mem_mb": None, "peak_mem_kind": None,
+                "first_loss": None, **search}
+    record = measure(replace(setting, per_client_batch=largest), device, steps=steps, warmup=warmup, repeats=repeats,
+                     seed=seed)
+    return {**record, **search}
+
+
+# ------------------------------------------------------------------------------------------------- output
+def _cell(value: float | None, spec: str) -> str:
+    """`value` formatted with `spec`, or "-" when there is none."""
+    return "-" if value is None else format(value, spec)
+
+
+def mode_label(record: dict[str, Any]) -> str:
+    """The table's mode column: data:<loader>, vmap:<engine> or the mode, prefixed max: for a batch search."""
+    if record["mode"] == DATA_MODE:
+        return f"data:{record['loader']}"
+    label = f"vmap:{record['engine']}" if record["engine"] else record["mode"]
+    return f"max:{label}" if record.get("max_batch_search") else label
+
+
 def format_table(records: Sequence[dict[str, Any]]) -> str:
-    """A plain-text table of the records, with each mode's speed relative to the loop of the same setting."""
-    loop_speed = {(r["clients"], r["cutlayer"]): r["images_per_sec"] for r in records if r["mode"] == "loop"}
+    """A plain-text table of the records, with each step mode's speed relative to the loop of the same setting."""
+    loop_speed = {(r["clients"], r["cutlayer"]): r["images_per_sec"] for r in records
+                  if r["mode"] == "loop" and r["images_per_sec"] is not None}
     best_loop = {clients: max(v for (c, _), v in loop_speed.items() if c == clients) for clients, _ in loop_speed}
-    header = (f"{'method':<6} {'mode':<12} {'device':<6} {'clients':>7} {'pool':>5} {'batch':>5} {'cut':>3} "
-              f"{'amp':>3} {'img/s':>10} {'ms/step':>9} {'cpu ms':>9} {'peak MB':>9} {'x loop':>7}")
+    header = (f"{'method':<6} {'mode':<16} {'device':<6} {'clients':>7} {'pool':>5} {'batch':>5} {'global':>7} "
+              f"{'cut':>3} {'amp':>3} {'img/s':>10} {'ms/step':>9} {'cpu ms':>9} {'peak MB':>9} {'x loop':>7}")
     lines = [header, "-" * len(header)]
     for r in records:
         # The centralised step has no cut: it is compared with the fastest loop of the same client count.
-        reference = (best_loop.get(r["clients"]) if r["cutlayer"] is None
+        reference = (None if r["mode"] == DATA_MODE or r["images_per_sec"] is None
+                     else best_loop.get(r["clients"]) if r["cutlayer"] is None
                      else loop_speed.get((r["clients"], r["cutlayer"])))
         relative = f"{r['images_per_sec'] / reference:.2f}" if reference else "-"
         cut = "-" if r["cutlayer"] is None else str(r["cutlayer"])
-        mode = f"vmap:{r['engine']}" if r["engine"] else r["mode"]
-        cpu_ms = "-" if r["cpu_step_ms"] is None else f"{r['cpu_step_ms']:.2f}"
-        lines.append(f"{r['method']:<6} {mode:<12} {r['device']:<6} {r['clients']:>7} {r['sampled_clients']:>5} "
-                     f"{r['per_client_batch']:>5} {cut:>3} {'yes' if r['amp'] else 'no':>3} "
-                     f"{r['images_per_sec']:>10.1f} {r['step_ms']:>9.2f} {cpu_ms:>9} {r['peak_mem_mb']:>9.1f} {relative:>7}")
+        lines.append(f"{r['method']:<6} {mode_label(r):<16} {r['device']:<6} {r['clients']:>7} "
+                     f"{r['sampled_clients']:>5} {r['per_client_batch']:>5} "
+                     f"{r['sampled_clients'] * r['per_client_batch']:>7} {cut:>3} {'yes' if r['amp'] else 'no':>3} "
+                     f"{_cell(r['images_per_sec'], '.1f'):>10} {_cell(r['step_ms'], '.2f'):>9} "
+                     f"{_cell(r['cpu_step_ms'], '.2f'):>9} {_cell(r['peak_mem_mb'], '.1f'):>9} {relative:>7}")
     return "\n".join(lines)
 
 
@@ -414,17 +705,31 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     records = []
     try:
         for setting in settings_of(options):
-            print(f"measuring {setting.method} {setting.mode} clients={setting.clients} cut={setting.cutlayer} ...",
-                  file=sys.stderr, flush=True)
-            records.append(measure(setting, options.device, steps=options.steps, warmup=options.warmup,
-                                   repeats=options.repeats, seed=options.seed))
+            print(f"{'searching the largest batch of' if options.find_max_batch else 'measuring'} {setting.method} "
+                  f"{setting.mode} clients={setting.clients} cut={setting.cutlayer} ...", file=sys.stderr, flush=True)
+            if options.find_max_batch:
+                records.append(max_batch_record(setting, options.device, limit=options.max_batch_limit,
+                                                steps=options.steps, warmup=options.warmup, repeats=options.repeats,
+                                                seed=options.seed))
+            else:
+                records.append(measure(setting, options.device, steps=options.steps, warmup=options.warmup,
+                                       repeats=options.repeats, seed=options.seed))
+        if DATA_MODE in options.modes:
+            records.extend(data_records(options))
     finally:
         torch.set_num_threads(threads)  # main() may run inside a larger process (tests)
     print(format_table(records))
     if options.client_only:
         print("client side only: forward, momentum forward, backward of a fixed gradient, step, momentum copies")
+    if options.find_max_batch:
+        print(f"max: the largest per-client batch (up to --max_batch_limit {options.max_batch_limit}) whose step fits "
+              "in GPU memory, measured there; batch 0 = even --per_client_batch does not fit")
     if options.device.type == "cpu":
         print("peak MB on CPU: increase of the process's peak resident set during the setting (0 = below an earlier peak)")
+    for source in dict.fromkeys(r["data_source"] for r in records if r["mode"] == DATA_MODE):
+        print(f"data: {source}")
+    for note in options.notes:
+        print(note)
     if json_path is not None:
         json_path.write_text(json.dumps(records, indent=1))
     return records

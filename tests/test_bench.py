@@ -73,3 +73,235 @@ def test_the_script_exits_with_one_line_when_cuda_is_missing():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: --device cuda: CUDA is not available here; use --device cpu"]
+
+
+# ------------------------------------------------------------------------------------------------ data mode
+DATA_TINY = ["--device", "cpu", "--threads", "1", "--modes", "data", "--clients", "4", "--sampled_clients", "3",
+             "--per_client_batch", "2", "--data_images_per_client", "8", "--steps", "2", "--warmup", "1",
+             "--repeats", "2"]
+
+
+def expected_crop_sizes(method: str) -> list[int]:
+    """The crop sizes the method's options ask for, one per crop in order."""
+    if method == "moco":
+        return [32, 32]
+    args = bench_sfl.method_args("swav", 0)
+    return [size for count, size in zip(args.nmb_crops, args.size_crops) for _ in range(count)]
+
+
+def check_data_record(record: dict, method: str, loader: str) -> None:
+    """A data record of DATA_TINY: the pool's rows every step, the method's crops, step-record conventions."""
+    assert (record["method"], record["mode"], record["loader"], record["device"]) == (method, "data", loader, "cpu")
+    assert (record["clients"], record["sampled_clients"], record["per_client_batch"]) == (4, 3, 2)
+    assert record["rows_per_step"] == 3 * 2 and record["global_batch"] == 3 * 2
+    assert record["crop_sizes"] == expected_crop_sizes(method)
+    assert record["cutlayer"] is None and record["amp"] is False and record["engine"] is None
+    assert record["images_per_client"] == 8
+    assert len(record["step_ms_all"]) == 2 and record["step_ms"] > 0
+    assert record["images_per_sec"] == pytest.approx(3 * 2 * 1000.0 / record["step_ms"])
+    assert record["peak_mem_mb"] >= 0 and record["peak_mem_kind"] == "cpu_peak_rss_increase"
+
+
+def table_row(output: str, mode_label: str) -> list[str]:
+    """The cells of the one printed table row whose mode column is `mode_label`."""
+    rows = [line.split() for line in output.splitlines() if line.split()[1:2] == [mode_label]]
+    assert len(rows) == 1, output
+    return rows[0]
+
+
+def test_the_data_mode_times_the_torch_loader_on_synthetic_images(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    returned = bench_sfl.main([*DATA_TINY, "--loaders", "torch", "--data_dir", str(tmp_path), "--json", str(path)])
+    assert json.loads(path.read_text()) == json.loads(json.dumps(returned))
+    [record] = returned
+    check_data_record(record, "moco", "torch")
+    assert record["num_workers"] == 0 and record["dali_threads"] is None and record["cpu_step_ms"] > 0
+    assert record["data_source"] == "synthetic"  # tmp_path holds no CIFAR-10
+    output = capsys.readouterr().out
+    row = table_row(output, "data:torch")
+    # method mode device clients pool batch global cut amp img/s ms/step cpu-ms peak-MB x-loop
+    assert row[:9] == ["moco", "data:torch", "cpu", "4", "3", "2", "6", "-", "no"]
+    assert float(row[9]) == pytest.approx(record["images_per_sec"], abs=0.1) and row[-1] == "-"
+    assert "data: synthetic" in output
+
+
+def test_the_data_mode_times_dali_on_cpu_next_to_the_step_modes(tmp_path, capsys):
+    pytest.importorskip("nvidia.dali")
+    records = bench_sfl.main([*DATA_TINY, "--method", "swav", "--modes", "loop", "data", "--cutlayer", "1",
+                              "--width", "4", "--data_dir", str(tmp_path)])
+    # Step modes first, then per client count every loader (default: torch and DALI, on CPU operators here).
+    assert [(r["mode"], r.get("loader")) for r in records] == [("loop", None), ("data", "torch"), ("data", "dali-cpu")]
+    check_data_record(records[1], "swav", "torch")
+    check_data_record(records[2], "swav", "dali-cpu")
+    assert records[2]["dali_threads"] == 2 and records[2]["num_workers"] is None
+    output = capsys.readouterr().out
+    assert table_row(output, "data:dali-cpu")[-1] == "-" and table_row(output, "loop")[-1] == "1.00"
+
+
+def test_the_data_mode_reads_real_images_when_there_are_enough(cifar10_mini_dir):
+    [record] = bench_sfl.main([*DATA_TINY, "--loaders", "torch", "--data_dir", str(cifar10_mini_dir)])
+    assert record["data_source"] == "cifar10"
+    # More images than the folder holds: synthetic ones, and the source says why.
+    from Dali.bench_loaders import load_images
+    from functions.cifar import load_dataset
+
+    available = load_dataset("cifar10", cifar10_mini_dir, download=False).train_images.shape[0]
+    short = load_images(str(cifar10_mini_dir), available + 1, synthetic_when_short=True)
+    assert short.train_images.shape == (available + 1, 32, 32, 3)
+    assert short.source.startswith("synthetic (") and f"holds {available} training images" in short.source
+    with pytest.raises(UserError, match="fewer than"):
+        load_images(str(cifar10_mini_dir), available + 1)
+
+
+def test_dali_is_skipped_with_a_note_unless_asked_for(monkeypatch):
+    monkeypatch.setattr(bench_sfl, "dali_import_error", lambda: "No module named 'nvidia'")
+    options = bench_sfl.parse_options(["--device", "cpu", "--modes", "data"])
+    assert options.loader_names == ["torch"]
+    assert len(options.notes) == 1 and "DALI" in options.notes[0] and "No module named" in options.notes[0]
+    with pytest.raises(UserError, match="--loaders dali needs NVIDIA DALI"):
+        bench_sfl.parse_options(["--device", "cpu", "--modes", "data", "--loaders", "torch", "dali"])
+
+
+def test_the_data_mode_is_measured_only_when_asked():
+    assert bench_sfl.parse_options(["--device", "cpu"]).modes == ["centralised", "loop", "vmap"]
+    options = bench_sfl.parse_options(["--device", "cpu", "--modes", "data", "--loaders", "torch"])
+    assert bench_sfl.settings_of(options) == [] and options.loader_names == ["torch"]
+    with pytest.raises(UserError, match="--num_workers"):
+        bench_sfl.parse_options(["--device", "cpu", "--modes", "data", "--num_workers", "-1"])
+
+
+# ------------------------------------------------------------------------------------------- largest batch
+def counting(threshold: int) -> tuple[list[int], object]:
+    """A monotone predicate n <= threshold and the list of the values it was asked about."""
+    asked: list[int] = []
+
+    def fits(n: int) -> bool:
+        asked.append(n)
+        return n <= threshold
+
+    return asked, fits
+
+
+def test_largest_fitting_finds_every_threshold_of_a_monotone_predicate():
+    for start in range(1, 6):
+        for limit in range(start, 41):
+            for threshold in range(0, 46):
+                asked, fits = counting(threshold)
+                expected = min(threshold, limit) if threshold >= start else 0
+                assert bench_sfl.largest_fitting(fits, start, limit) == expected, (start, limit, threshold)
+                assert all(start <= n <= limit for n in asked)
+
+
+@pytest.mark.parametrize("threshold", [1, 2, 3, 1000, 2047, 2048, 4095, 4096, 10**6])
+def test_largest_fitting_asks_a_logarithmic_number_of_times(threshold):
+    asked, fits = counting(threshold)
+    assert bench_sfl.largest_fitting(fits, 1, 4096) == min(threshold, 4096)
+    assert len(asked) <= 2 * 12 + 1  # 12 doublings reach 4096, then at most 12 bisection steps
+    assert len(set(asked)) == len(asked)  # no size is tried twice
+
+
+def test_largest_fitting_edge_cases():
+    asked, fits = counting(0)
+    assert bench_sfl.largest_fitting(fits, 4, 64) == 0 and asked == [4]  # the start does not fit: one try
+    asked, fits = counting(100)
+    assert bench_sfl.largest_fitting(fits, 4, 64) == 64 and asked == [4, 8, 16, 32, 64]  # the limit fits
+    asked, fits = counting(100)
+    assert bench_sfl.largest_fitting(fits, 5, 5) == 5 and asked == [5]
+    with pytest.raises(ValueError):
+        bench_sfl.largest_fitting(fits, 8, 4)
+
+
+class FakeStep:
+    """A step that counts its calls and runs out of memory at call number `fail_at` (never when None)."""
+
+    def __init__(self, fail_at: int | None) -> None:
+        self.fail_at, self.calls = fail_at, 0
+
+    def __call__(self) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return torch.zeros(())
+
+
+@pytest.mark.parametrize("fail_at, fits", [(None, True), (1, False), (3, False), (4, True)])
+def test_step_fits_is_false_exactly_when_a_step_runs_out_of_memory(monkeypatch, fail_at, fits):
+    import gc
+    import types
+    import weakref
+
+    built: list[weakref.ref] = []
+    alive_at_collection: list[bool] = []
+
+    def build() -> FakeStep:
+        step = FakeStep(fail_at)
+        built.append(weakref.ref(step))
+        return step
+
+    def collect() -> int:
+        found = gc.collect()
+        alive_at_collection.append(built[0]() is not None)
+        return found
+
+    # The step (model, optimizer, activations) must be unreachable when the search collects garbage.
+    monkeypatch.setattr(bench_sfl, "gc", types.SimpleNamespace(collect=collect))
+    # Two warm-up steps and one more: calls 1 to 3; a failure at call 4 would need a fourth step.
+    assert bench_sfl.step_fits(build, 2, torch.device("cpu")) is fits
+    assert len(built) == 1 and alive_at_collection == [False]
+
+
+def test_step_fits_lets_other_errors_through_and_oom_while_building_is_a_miss():
+    def out_of_memory() -> FakeStep:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    assert bench_sfl.step_fits(out_of_memory, 1, torch.device("cpu")) is False
+
+    def broken() -> FakeStep:
+        raise RuntimeError("not a memory problem")
+
+    with pytest.raises(RuntimeError, match="not a memory problem"):
+        bench_sfl.step_fits(broken, 1, torch.device("cpu"))
+
+
+def tiny_setting(per_client_batch: int) -> "bench_sfl.Setting":
+    """A loop setting small enough for CPU: 4 clients, 3 in the pool, width 4, cut 1."""
+    return bench_sfl.Setting(method="moco", mode="loop", device="cpu", clients=4, sampled_clients=3,
+                             per_client_batch=per_client_batch, cutlayer=1, amp=False, arch="ResNet18", width=4,
+                             engine=None)
+
+
+def test_the_batch_search_measures_the_largest_batch_before_memory_runs_out(monkeypatch, capsys):
+    real_build_step = bench_sfl.build_step
+    tried: list[int] = []
+
+    def build_step_with_3_rows_of_memory(setting, device, seed):
+        tried.append(setting.per_client_batch)
+        if setting.per_client_batch > 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return real_build_step(setting, device, seed)
+
+    monkeypatch.setattr(bench_sfl, "build_step", build_step_with_3_rows_of_memory)
+    record = bench_sfl.max_batch_record(tiny_setting(1), torch.device("cpu"), limit=16, steps=1, warmup=1, repeats=1,
+                                        seed=0)
+    assert max(tried) == 4 and tried[-1] == 3  # 4 was tried and missed; the record is measured at 3
+    assert (record["per_client_batch"], record["global_batch"], record["max_batch_search"]) == (3, 9, True)
+    assert record["max_batch_limit"] == 16
+    assert record["images_per_sec"] == pytest.approx(9 * 1000.0 / record["step_ms"])
+
+    def never_fits(setting, device, seed):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(bench_sfl, "build_step", never_fits)
+    none = bench_sfl.max_batch_record(tiny_setting(2), torch.device("cpu"), limit=16, steps=1, warmup=1, repeats=1,
+                                      seed=0)
+    assert (none["per_client_batch"], none["global_batch"], none["images_per_sec"]) == (0, 0, None)
+    table = bench_sfl.format_table([record, none])
+    cells = [line.split() for line in table.splitlines()[2:]]
+    assert [row[1] for row in cells] == ["max:loop", "max:loop"]
+    assert cells[0][5:7] == ["3", "9"] and cells[0][-1] == "1.00"
+    assert cells[1][5:7] == ["0", "0"] and cells[1][9:] == ["-", "-", "-", "-", "-"]
+
+
+def test_the_batch_search_needs_cuda():
+    with pytest.raises(UserError, match="^--find_max_batch needs a CUDA device"):
+        bench_sfl.parse_options(["--device", "cpu", "--find_max_batch"])
