@@ -96,6 +96,8 @@ class Setting:
     width: int
     engine: str | None     # the vectorised client side's engine (vmap mode only)
     client_only: bool = False
+    channels_last: bool = False   # convolutions in NHWC, as --channels_last of the training scripts
+    compile: bool = False         # torch.compile of the server part, as --compile of the training scripts
 
 
 # ------------------------------------------------------------------------------------------------- options
@@ -119,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--client_only", action="store_true",
                         help="time only the client side (forward, momentum forward, backward of a fixed gradient, "
                              "step, momentum copies), without the server")
+    parser.add_argument("--channels_last", action="store_true",
+                        help="NHWC memory layout for clients and server (the training scripts' --channels_last)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the server part (the training scripts' --compile); compilation happens "
+                             "in the warm-up steps, which are not timed")
     parser.add_argument("--engine", type=str, default="auto", choices=ENGINES,
                         help="engine of the vmap mode: grouped convolutions, torch.vmap, or auto (grouped when possible)")
     parser.add_argument("--arch", type=str, default="ResNet18", help="ResNet18, ResNet34 or ResNet50")
@@ -366,18 +373,25 @@ def build_step(setting: Setting, device: torch.device, seed: int) -> tuple[Step,
     args = method_args(setting.method, seed)
     options = model_options(setting.method, args, setting.arch, setting.width)
     rows = [setting.per_client_batch] * setting.sampled_clients
-    crops = synthetic_crops(setting.method, args, sum(rows), device, seed)
+    memory_format = torch.channels_last if setting.channels_last else torch.contiguous_format
+    crops = [crop.contiguous(memory_format=memory_format)
+             for crop in synthetic_crops(setting.method, args, sum(rows), device, seed)]
     autocast, scaler = autocast_for(device, setting.amp)
     torch.manual_seed(seed)
     if setting.mode == "centralised":
-        method = build_method(setting.method, args, build_unsplit_resnet(**options).to(device), device)
+        method = build_method(setting.method, args, build_unsplit_resnet(**options).to(device, memory_format=memory_format),
+                              device)
+        if setting.compile:
+            method.server.compile()
         optimizer = torch.optim.SGD(method.optimized_parameters(), lr=args.lr, momentum=args.momentum,
                                     weight_decay=args.weight_decay)
         return centralised_step(method, optimizer, scaler, crops, autocast), None
     split = build_split_resnet(cutlayer=setting.cutlayer, **options)
-    method = build_method(setting.method, args, split.server.to(device), device)
+    method = build_method(setting.method, args, split.server.to(device, memory_format=memory_format), device)
+    if setting.compile:
+        method.server.compile()
     client_options = dict(lr=args.c_lr, momentum=args.momentum, weight_decay=args.weight_decay,
-                          keep_momentum_copies=method.client_momentum > 0, device=device)
+                          keep_momentum_copies=method.client_momentum > 0, device=device, memory_format=memory_format)
     clients: ClientSide | VectorisedClientSide
     if setting.mode == "loop":
         clients = ClientSide(split.client, setting.clients, **client_options)
@@ -467,7 +481,8 @@ def settings_of(options: argparse.Namespace) -> list[Setting]:
         sampled = options.sampled_clients if options.sampled_clients is not None else min(clients, 100)
         common = dict(method=options.method, device=str(options.device), clients=clients, sampled_clients=sampled,
                       per_client_batch=options.per_client_batch, amp=options.amp, arch=options.arch,
-                      width=options.width, client_only=options.client_only)
+                      width=options.width, client_only=options.client_only, channels_last=options.channels_last,
+                      compile=options.compile)
         if "centralised" in options.modes:
             settings.append(Setting(mode="centralised", cutlayer=None, engine=None, **common))
         for cutlayer in options.cutlayer:
@@ -667,6 +682,7 @@ def mode_label(record: dict[str, Any]) -> str:
     if record["mode"] == DATA_MODE:
         return f"data:{record['loader']}"
     label = f"vmap:{record['engine']}" if record["engine"] else record["mode"]
+    label += "+nhwc" * bool(record.get("channels_last")) + "+compile" * bool(record.get("compile"))
     return f"max:{label}" if record.get("max_batch_search") else label
 
 
@@ -675,7 +691,7 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
     loop_speed = {(r["clients"], r["cutlayer"]): r["images_per_sec"] for r in records
                   if r["mode"] == "loop" and r["images_per_sec"] is not None}
     best_loop = {clients: max(v for (c, _), v in loop_speed.items() if c == clients) for clients, _ in loop_speed}
-    header = (f"{'method':<6} {'mode':<16} {'device':<6} {'clients':>7} {'pool':>5} {'batch':>5} {'global':>7} "
+    header = (f"{'method':<6} {'mode':<24} {'device':<6} {'clients':>7} {'pool':>5} {'batch':>5} {'global':>7} "
               f"{'cut':>3} {'amp':>3} {'img/s':>10} {'ms/step':>9} {'cpu ms':>9} {'peak MB':>9} {'x loop':>7}")
     lines = [header, "-" * len(header)]
     for r in records:
@@ -685,7 +701,7 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
                      else loop_speed.get((r["clients"], r["cutlayer"])))
         relative = f"{r['images_per_sec'] / reference:.2f}" if reference else "-"
         cut = "-" if r["cutlayer"] is None else str(r["cutlayer"])
-        lines.append(f"{r['method']:<6} {mode_label(r):<16} {r['device']:<6} {r['clients']:>7} "
+        lines.append(f"{r['method']:<6} {mode_label(r):<24} {r['device']:<6} {r['clients']:>7} "
                      f"{r['sampled_clients']:>5} {r['per_client_batch']:>5} "
                      f"{r['sampled_clients'] * r['per_client_batch']:>7} {cut:>3} {'yes' if r['amp'] else 'no':>3} "
                      f"{_cell(r['images_per_sec'], '.1f'):>10} {_cell(r['step_ms'], '.2f'):>9} "

@@ -305,3 +305,23 @@ def test_the_batch_search_measures_the_largest_batch_before_memory_runs_out(monk
 def test_the_batch_search_needs_cuda():
     with pytest.raises(UserError, match="^--find_max_batch needs a CUDA device"):
         bench_sfl.parse_options(["--device", "cpu", "--find_max_batch"])
+
+
+def test_channels_last_and_compile_reach_the_measured_step(tmp_path, monkeypatch):
+    compiled, layouts = [], []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda module, *a, **k: compiled.append(type(module).__name__))
+    for side in (bench_sfl.ClientSide, bench_sfl.VectorisedClientSide):
+        original = side.__init__
+
+        def recording_init(self, *args, _original=original, **kwargs):
+            layouts.append(kwargs["memory_format"])
+            _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(side, "__init__", recording_init)
+    records = bench_sfl.main([*TINY, "--clients", "3", "--cutlayer", "2", "--channels_last", "--compile"])
+    assert [(r["mode"], r["channels_last"], r["compile"]) for r in records] == [
+        ("centralised", True, True), ("loop", True, True), ("vmap", True, True)]
+    assert len(compiled) == 3  # the server part of every mode (the whole network for the centralised step)
+    assert layouts == [torch.channels_last, torch.channels_last]
+    assert all(r["first_loss"] == pytest.approx(records[0]["first_loss"], rel=1e-5) for r in records)
+    assert "vmap:grouped+nhwc+compile" in bench_sfl.format_table(records)
