@@ -98,6 +98,7 @@ class Setting:
     client_only: bool = False
     channels_last: bool = False   # convolutions in NHWC, as --channels_last of the training scripts
     compile: bool = False         # torch.compile of the server part, as --compile of the training scripts
+    method_config: str | None = None  # YAML preset of the method options (None: the entry script's defaults)
 
 
 # ------------------------------------------------------------------------------------------------- options
@@ -121,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--client_only", action="store_true",
                         help="time only the client side (forward, momentum forward, backward of a fixed gradient, "
                              "step, momentum copies), without the server")
+    parser.add_argument("--method_config", type=str, default=None,
+                        help="YAML preset (e.g. configs/swav_seed.yaml) whose method options the step and the loader "
+                             "use: crops, prototypes, queue, MoCo head; network, cut, clients and batch still come "
+                             "from this command's options")
     parser.add_argument("--channels_last", action="store_true",
                         help="NHWC memory layout for clients and server (the training scripts' --channels_last)")
     parser.add_argument("--compile", action="store_true",
@@ -237,9 +242,10 @@ def resolve_device(name: str | None) -> torch.device:
 
 
 # ------------------------------------------------------------------------------------------ building a step
-def method_args(method: str, seed: int) -> argparse.Namespace:
-    """The method's options at their defaults (those of run_sflmoco.py / run_sflswav.py)."""
-    return parse_args(method, ["--seed", str(seed), "--output_dir", "unused"])
+def method_args(method: str, seed: int, method_config: str | None = None) -> argparse.Namespace:
+    """The method's options: the defaults of run_sflmoco.py / run_sflswav.py, or those of a YAML preset."""
+    preset = ["--config", method_config] if method_config else []
+    return parse_args(method, [*preset, "--seed", str(seed), "--output_dir", "unused"])
 
 
 def build_method(method: str, args: argparse.Namespace, server: torch.nn.Module, device: torch.device) -> ServerMethod:
@@ -370,7 +376,7 @@ def client_only_step(clients: ClientSide | VectorisedClientSide, method: ServerM
 
 def build_step(setting: Setting, device: torch.device, seed: int) -> tuple[Step, str | None]:
     """The train step of one setting, built from the same initial weights and data in every mode."""
-    args = method_args(setting.method, seed)
+    args = method_args(setting.method, seed, setting.method_config)
     options = model_options(setting.method, args, setting.arch, setting.width)
     rows = [setting.per_client_batch] * setting.sampled_clients
     memory_format = torch.channels_last if setting.channels_last else torch.contiguous_format
@@ -482,7 +488,7 @@ def settings_of(options: argparse.Namespace) -> list[Setting]:
         common = dict(method=options.method, device=str(options.device), clients=clients, sampled_clients=sampled,
                       per_client_batch=options.per_client_batch, amp=options.amp, arch=options.arch,
                       width=options.width, client_only=options.client_only, channels_last=options.channels_last,
-                      compile=options.compile)
+                      compile=options.compile, method_config=options.method_config)
         if "centralised" in options.modes:
             settings.append(Setting(mode="centralised", cutlayer=None, engine=None, **common))
         for cutlayer in options.cutlayer:
@@ -579,7 +585,7 @@ def measure_loader(setting: DataSetting, loader: TrainLoader, device: torch.devi
 
 def data_records(options: argparse.Namespace) -> list[dict[str, Any]]:
     """Per client count, the images and the schedule, then one measurement per loader of options.loader_names."""
-    args = method_args(options.method, options.seed)
+    args = method_args(options.method, options.seed, options.method_config)
     views = view_spec_of(options.method, args)
     records = []
     for clients in options.clients:

@@ -325,3 +325,17 @@ def test_channels_last_and_compile_reach_the_measured_step(tmp_path, monkeypatch
     assert layouts == [torch.channels_last, torch.channels_last]
     assert all(r["first_loss"] == pytest.approx(records[0]["first_loss"], rel=1e-5) for r in records)
     assert "vmap:grouped+nhwc+compile" in bench_sfl.format_table(records)
+
+
+def test_a_method_preset_sets_the_crops_and_prototypes_of_the_step(tmp_path):
+    assert bench_sfl.method_args("swav", 0, str(REPO_ROOT / "configs" / "swav_seed.yaml")).size_crops == [224, 96]
+    preset = tmp_path / "tiny_swav.yaml"
+    preset.write_text("nmb_crops: [2, 1]\nsize_crops: [16, 8]\nmin_scale_crops: [0.2, 0.05]\n"
+                      "max_scale_crops: [1.0, 0.2]\nnmb_prototypes: 5\nfreeze_prototypes_niters: 0\n")
+    options = [*TINY, "--method", "swav", "--clients", "3", "--modes", "vmap", "data", "--loaders", "torch"]
+    default = bench_sfl.main(options)
+    small = bench_sfl.main([*options, "--method_config", str(preset)])
+    assert small[0]["method_config"] == str(preset) and default[0]["method_config"] is None
+    assert [r["crop_sizes"] for r in small if r["mode"] == "data"] == [[16, 16, 8]]
+    # At initialisation the swapped prediction is near ln K: ln 5 = 1.6 here, ln 300 = 5.7 with the defaults.
+    assert small[0]["first_loss"] < 3.0 < default[0]["first_loss"]
