@@ -339,3 +339,15 @@ def test_a_method_preset_sets_the_crops_and_prototypes_of_the_step(tmp_path):
     assert [r["crop_sizes"] for r in small if r["mode"] == "data"] == [[16, 16, 8]]
     # At initialisation the swapped prediction is near ln K: ln 5 = 1.6 here, ln 300 = 5.7 with the defaults.
     assert small[0]["first_loss"] < 3.0 < default[0]["first_loss"]
+
+
+def test_every_benchmark_call_of_the_gpu_script_uses_existing_options():
+    import shlex
+
+    script = (REPO_ROOT / "benchmarks" / "gpu_tables.sh").read_text().replace("\\\n", " ")
+    calls = [line.strip() for line in script.splitlines() if line.strip().startswith("bench ")]
+    assert len(calls) >= 8
+    for call in calls:
+        words = shlex.split(call.removesuffix(";;").replace("$method", "moco").replace("${method}", "moco"))[2:]
+        bench_sfl.build_parser().parse_args(words)  # an unknown or misspelt option exits here
+        assert all(not word.startswith("$") for word in words), call
