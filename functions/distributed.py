@@ -73,6 +73,18 @@ def planned_world_size() -> int:
     return _environment_int("WORLD_SIZE", "1")
 
 
+def launcher_prefix() -> str:
+    """How this run was launched, to repeat in a printed command: python, or torchrun with its process counts."""
+    world_size = planned_world_size()
+    if world_size <= 1:
+        return "python"
+    per_node = _environment_int("LOCAL_WORLD_SIZE", str(world_size))
+    if per_node >= world_size:
+        return f"torchrun --nproc_per_node {per_node}"
+    # Several nodes: the rendezvous options are the user's own and not visible here.
+    return f"torchrun --nnodes {world_size // per_node} --nproc_per_node {per_node} <your rendezvous options>"
+
+
 def setup_runtime(requested_device: str | None) -> Runtime:
     """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); join the process group when WORLD_SIZE > 1."""
     world_size = _environment_int("WORLD_SIZE", "1")

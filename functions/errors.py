@@ -15,9 +15,10 @@ class UserError(Exception):
 class TrainingInterrupted(Exception):
     """Training stopped on a signal after saving its checkpoint; the message says how to resume."""
 
-    def __init__(self, message: str, signal_number: int) -> None:
+    def __init__(self, message: str, signal_number: int, announce: bool = True) -> None:
         super().__init__(message)
         self.signal_number = signal_number
+        self.announce = announce  # False on torchrun's other ranks: rank 0 prints the message
 
     @property
     def exit_code(self) -> int:
@@ -38,7 +39,8 @@ def run_cli(main: Callable[[], object]) -> None:
     except UserError as error:
         exit_with_error(str(error))
     except TrainingInterrupted as interrupted:
-        print(f"interrupted: {interrupted}", file=sys.stderr, flush=True)
+        if interrupted.announce:
+            print(f"interrupted: {interrupted}", file=sys.stderr, flush=True)
         raise SystemExit(interrupted.exit_code) from None
     except KeyboardInterrupt:
         # A second Ctrl-C (or one outside training): stop at once; a checkpoint on disk is always a complete one.

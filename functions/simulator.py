@@ -33,8 +33,8 @@ from functions.cifar import ImageDataset, load_dataset
 from functions.clients import ClientSide, query_index
 from functions.clients_vmap import VectorisedClientSide
 from functions.distributed import (Runtime, all_reduce_max_flag, all_reduce_sum, broadcast_object,
-                                   check_clients_per_rank, client_shares, planned_world_size, setup_runtime,
-                                   shutdown_runtime, wrap_server)
+                                   check_clients_per_rank, client_shares, launcher_prefix, planned_world_size,
+                                   setup_runtime, shutdown_runtime, wrap_server)
 from functions.errors import TrainingInterrupted, UserError
 from functions.evaluation import extract_features, knn_accuracy, linear_probe, semi_supervised_probes
 from functions.loaders import FederatedLoaders, FederatedSchedule, pool_size_of, default_steps_per_epoch
@@ -148,7 +148,7 @@ def download_allowed() -> bool:
 
 
 class StopSignal:
-    """SIGTERM / SIGINT turned into a request the loop polls between steps; a second signal stops at once."""
+    """SIGTERM / SIGINT turned into a request the loop polls between steps; a second SIGINT stops at once."""
 
     HANDLED = (signal.SIGTERM, signal.SIGINT)
 
@@ -172,8 +172,12 @@ class StopSignal:
 
     def _handle(self, signal_number: int, frame: Any) -> None:
         if self.requested:
-            # The user insists: abandon the step; save_atomic removes its temporary file on the way out.
-            raise KeyboardInterrupt
+            if signal_number == signal.SIGINT:
+                # The user insists (a second Ctrl-C): abandon the step; save_atomic removes its temporary file.
+                raise KeyboardInterrupt
+            # A repeated SIGTERM changes nothing: torchrun sends it more than once while stopping its workers,
+            # and a scheduler that will not wait follows up with SIGKILL anyway.
+            return
         self.request(signal_number)
         # A signal sent to the whole process group (Ctrl-C, Slurm) also ends the data-loader workers; torch's
         # SIGCHLD handler would then raise in the middle of the step. The loop fetches no further batch now.
@@ -209,9 +213,11 @@ def resume_command(args: argparse.Namespace) -> str:
     """The command that continues this run: the one that started it plus --resume, or its saved config."""
     script = "run_sflmoco.py" if args.method == "moco" else "run_sflswav.py"
     if Path(sys.argv[0]).name == script:
-        return shlex.join(["python", sys.argv[0], *(a for a in sys.argv[1:] if a != "--resume"), "--resume"])
-    # Called from Python (not the entry script): the run folder's config.yaml holds every resolved option.
-    return shlex.join(["python", script, "--config", str(Path(args.output_dir) / "config.yaml"), "--resume"])
+        arguments = [sys.argv[0], *(a for a in sys.argv[1:] if a != "--resume"), "--resume"]
+    else:
+        # Called from Python (not the entry script): the run folder's config.yaml holds every resolved option.
+        arguments = [script, "--config", str(Path(args.output_dir) / "config.yaml"), "--resume"]
+    return f"{launcher_prefix()} {shlex.join(arguments)}"
 
 
 class MetricsLog:
@@ -541,8 +547,9 @@ class Trainer:
         message = (f"{self.stop.name or 'a stop signal (on another rank)'} received: stopped after step {self.global_step} (epoch {self.epoch + 1}, "
                    f"step {self.step_in_epoch} of {self.steps_per_epoch}) and saved {self.output_dir / CHECKPOINT_NAME}; "
                    f"resume with: {resume_command(self.args)}")
-        logger.warning(message)
-        raise TrainingInterrupted(message, int(self.stop.signal_number or signal.SIGTERM))
+        if self.runtime.is_main:  # every rank stops; one says so
+            logger.warning(message)
+        raise TrainingInterrupted(message, int(self.stop.signal_number or signal.SIGTERM), announce=self.runtime.is_main)
 
     def reached_max_steps(self) -> bool:
         """Whether --max_steps (when set) is reached."""

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -130,3 +132,71 @@ def test_fewer_clients_than_processes_is_one_clear_error(tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "fewer than the 2 processes" in lines[0]
+
+
+@pytest.mark.parametrize("environment, expected", [
+    ({}, "python run_sflmoco.py --lr 0.1 --resume"),
+    ({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}, "torchrun --nproc_per_node 2 run_sflmoco.py --lr 0.1 --resume"),
+    ({"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4"},
+     "torchrun --nnodes 2 --nproc_per_node 4 <your rendezvous options> run_sflmoco.py --lr 0.1 --resume"),
+])
+def test_the_printed_resume_command_repeats_the_launcher(monkeypatch, environment, expected):
+    from configs import parse_args
+    from functions.simulator import resume_command
+
+    for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(sys, "argv", ["run_sflmoco.py", "--lr", "0.1", "--resume"])
+    assert resume_command(parse_args("moco", ["--lr", "0.1"])) == expected
+
+
+def test_only_the_announcing_rank_prints_an_interruption(capsys):
+    from functions.errors import TrainingInterrupted, run_cli
+
+    def stopped(announce: bool):
+        def main():
+            raise TrainingInterrupted("SIGTERM received: stopped after step 3", 15, announce=announce)
+        return main
+
+    for announce, printed in ((True, "interrupted: SIGTERM received: stopped after step 3\n"), (False, "")):
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(stopped(announce))
+        assert exit_info.value.code == 143 and capsys.readouterr().err == printed
+
+
+def test_sigterm_to_torchrun_saves_once_and_prints_the_torchrun_resume_command(tmp_path):
+    # A launcher that signals twice (`timeout` forwarding to torchrun and a scheduler's own SIGTERM) makes torchrun
+    # send SIGTERM twice to every worker. Every rank must still finish its step and stop together, rank 0 saving
+    # the checkpoint and printing how to resume.
+    from test_robustness import SLOW_DRIVER
+
+    driver, progress, run_dir = tmp_path / "driver.py", tmp_path / "progress.txt", tmp_path / "run"
+    driver.write_text(SLOW_DRIVER.format(repo=str(REPO_ROOT)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SFL_NO_DOWNLOAD": "1"}
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    argv = [*TINY_MOCO, "--num_client", "4", "--batch_size", "8", "--num_epoch", "50", "--log_freq", "1",
+            "--device", "cpu", "--output_dir", str(run_dir)]
+    child = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                              "127.0.0.1", "--master_port", str(_free_port()), str(driver), str(progress), *argv],
+                             cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (progress.is_file() and len(progress.read_text().split()) >= 4):  # both ranks, two steps each
+            assert child.poll() is None and time.monotonic() < deadline, child.communicate()
+            time.sleep(0.05)
+        child.send_signal(signal.SIGTERM)
+        time.sleep(0.01)
+        child.send_signal(signal.SIGTERM)
+        _, stderr = child.communicate(timeout=120)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    announced = [line for line in stderr.splitlines() if line.startswith("interrupted: SIGTERM received")]
+    assert len(announced) == 1, stderr[-3000:]
+    assert "resume with: torchrun --nproc_per_node 2 run_sflmoco.py" in announced[0]
+    assert "before a checkpoint could be saved" not in stderr and "[rank" not in stderr, stderr[-3000:]
+    saved = load_checkpoint(run_dir / CHECKPOINT_NAME)
+    assert saved["global_step"] >= 2
