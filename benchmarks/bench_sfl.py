@@ -1,6 +1,6 @@
 """Split federated SSL throughput: train step (centralised, loop, vmap), data path, largest batch that fits.
 
-    python benchmarks/bench_sfl.py --method moco --clients 10 100 1000 --per_client_batch 1 --cutlayer 1 2
+    python benchmarks/bench_sfl.py --method moco          # 10, 100, 1000 clients x batch 1, cut 1 and 2, the three step modes
     python benchmarks/bench_sfl.py --method swav --clients 10 100 --modes data --data_dir ./data
     python benchmarks/bench_sfl.py --method swav --clients 10 100 --cutlayer 1 2 --find_max_batch      # CUDA only
 
@@ -108,12 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--method", type=str, default="moco", choices=METHODS, help="server-side SSL method")
     parser.add_argument("--device", type=str, default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
-    parser.add_argument("--clients", type=int, nargs="+", default=[10, 100], help="numbers of simulated clients")
+    parser.add_argument("--clients", type=int, nargs="+", default=[10, 100, 1000], help="numbers of simulated clients")
     parser.add_argument("--per_client_batch", type=int, default=1,
                         help="samples each sampled client sends per step (--find_max_batch: where the search starts)")
     parser.add_argument("--sampled_clients", type=int, default=None,
                         help="clients in the pool each step (default: min(clients, 100))")
-    parser.add_argument("--cutlayer", type=int, nargs="+", default=[1], help="cut layers to measure")
+    parser.add_argument("--cutlayer", type=int, nargs="+", default=[1, 2], help="cut layers to measure")
     parser.add_argument("--amp", action="store_true",
                         help="mixed precision: fp16 autocast with a GradScaler on CUDA, bf16 autocast on CPU")
     parser.add_argument("--modes", type=str, nargs="+", default=None, choices=(*MODES, DATA_MODE),

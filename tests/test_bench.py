@@ -52,8 +52,16 @@ def test_client_only_times_loop_and_vmap_on_the_same_smashed_data(tmp_path):
 
 
 def test_the_default_pool_is_at_most_a_hundred_clients():
-    options = bench_sfl.parse_options(["--device", "cpu", "--clients", "7", "150", "--modes", "loop"])
+    options = bench_sfl.parse_options(["--device", "cpu", "--clients", "7", "150", "--modes", "loop", "--cutlayer", "1"])
     assert [(s.clients, s.sampled_clients) for s in bench_sfl.settings_of(options)] == [(7, 7), (150, 100)]
+
+
+def test_the_defaults_cover_the_issue_grid_of_clients_cuts_and_modes():
+    options = bench_sfl.parse_options(["--device", "cpu"])
+    settings = bench_sfl.settings_of(options)
+    assert {(s.clients, s.sampled_clients) for s in settings} == {(10, 10), (100, 100), (1000, 100)}
+    assert {(s.mode, s.cutlayer) for s in settings} == {("centralised", None), ("loop", 1), ("vmap", 1), ("loop", 2),
+                                                         ("vmap", 2)}
 
 
 @pytest.mark.parametrize("argv, message", [
