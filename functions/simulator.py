@@ -946,6 +946,41 @@ def run(args: argparse.Namespace, build_method: MethodFactory, view_spec: ViewSp
         shutdown_runtime(runtime)
 
 
+def starting_state(args: argparse.Namespace, runtime: Runtime, checkpoint_path: Path) -> dict[str, Any] | None:
+    """The checkpoint to resume from (None for a new run), decided by rank 0 and the same on every rank.
+
+    Ranks that see the file read it themselves (a shared file system); when some do not (nodes with their own
+    disks), rank 0 sends its copy. A refusal is raised on every rank, so no rank is left waiting for the others.
+    """
+    problem: str | None = None
+    if runtime.is_main:
+        if not args.resume and checkpoint_path.exists():
+            problem = f"{checkpoint_path} exists: add --resume to continue that run, or choose a new --output_dir"
+        elif args.resume and not checkpoint_path.exists():
+            problem = f"--resume: no {CHECKPOINT_NAME} in {checkpoint_path.parent}; run without --resume to start"
+    if not runtime.is_distributed:
+        if problem:
+            raise UserError(problem)
+        return load_checkpoint(checkpoint_path) if args.resume else None
+    problem = broadcast_object(problem, 0, runtime.device)
+    if problem:
+        raise UserError(problem)
+    if not args.resume:
+        return None
+    if not all_reduce_max_flag(not checkpoint_path.exists(), runtime.device):
+        return load_checkpoint(checkpoint_path)
+    state: dict[str, Any] | None = None
+    if runtime.is_main:
+        try:
+            state = load_checkpoint(checkpoint_path)
+        except UserError as error:
+            problem = str(error)
+    problem, state = broadcast_object((problem, state), 0, runtime.device)
+    if problem:
+        raise UserError(problem)
+    return state
+
+
 def _run_on(runtime: Runtime, args: argparse.Namespace, build_method: MethodFactory,
             view_spec: ViewSpec) -> dict[str, Any]:
     """run() once the process knows its rank and device."""
@@ -954,11 +989,7 @@ def _run_on(runtime: Runtime, args: argparse.Namespace, build_method: MethodFact
     output_dir = prepare_output_dir(args.output_dir)
     setup_logging(output_dir, runtime.is_main)
     checkpoint_path = output_dir / CHECKPOINT_NAME
-    if not args.resume and checkpoint_path.exists():
-        raise UserError(f"{checkpoint_path} exists: add --resume to continue that run, or choose a new --output_dir")
-    if args.resume and not checkpoint_path.exists():
-        raise UserError(f"--resume: no {CHECKPOINT_NAME} in {output_dir}; run without --resume to start")
-    state = load_checkpoint(checkpoint_path) if args.resume else None  # a bad file is refused before anything changes
+    state = starting_state(args, runtime, checkpoint_path)  # a bad file is refused before anything changes
     if runtime.is_main:
         for leftover in remove_stale_temporaries(checkpoint_path):
             logger.info(f"removed {leftover.name}, left by a save that was killed before it completed")

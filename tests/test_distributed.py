@@ -200,3 +200,40 @@ def test_sigterm_to_torchrun_saves_once_and_prints_the_torchrun_resume_command(t
     assert "before a checkpoint could be saved" not in stderr and "[rank" not in stderr, stderr[-3000:]
     saved = load_checkpoint(run_dir / CHECKPOINT_NAME)
     assert saved["global_step"] >= 2
+
+
+def _launch_two_nodes(script: str, argv: list[str], output_dirs: tuple[Path, Path]) -> list[subprocess.CompletedProcess]:
+    """torchrun as two one-process "nodes" on this machine, each node with its own --output_dir (its own disk)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SFL_NO_DOWNLOAD": "1"}
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    port = str(_free_port())
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                               "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", port, script,
+                               *argv, "--output_dir", str(output_dirs[node])],
+                              cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for node in (0, 1)]
+    results = []
+    for node in nodes:
+        stdout, stderr = node.communicate(timeout=240)
+        results.append(subprocess.CompletedProcess(node.args, node.returncode, stdout, stderr))
+    return results
+
+
+def test_resume_across_nodes_without_a_shared_disk_takes_rank_zeros_checkpoint(tmp_path):
+    base = [*TINY_MOCO, "--num_client", "4", "--batch_size", "8", "--device", "cpu"]
+    straight = _train("run_sflmoco.py", [*base, "--max_steps", "5"], tmp_path / "straight", 1)
+    node0, node1 = tmp_path / "node0", tmp_path / "node1"  # node 1 never sees node 0's files
+    _train("run_sflmoco.py", [*base, "--max_steps", "3"], node0, 1)
+    results = _launch_two_nodes("run_sflmoco.py", [*base, "--max_steps", "5", "--resume"], (node0, node1))
+    assert [r.returncode for r in results] == [0, 0], results[0].stderr[-2000:] + results[1].stderr[-2000:]
+    assert not (node1 / CHECKPOINT_NAME).exists()
+    _assert_same_run(straight, node0, loss_tolerance=1e-4, weight_tolerance=1e-4)
+
+    # A refusal decided on rank 0 (no checkpoint to resume) is one line on every rank, not a crash of the others.
+    results = _launch_two_nodes("run_sflmoco.py", [*base, "--max_steps", "5", "--resume"], (node1, node0))
+    for result in results:
+        assert result.returncode != 0
+        worker_errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert worker_errors == [f"error: --resume: no {CHECKPOINT_NAME} in {node1}; run without --resume to start"]
+        assert "[rank" not in result.stderr, result.stderr[-2000:]
