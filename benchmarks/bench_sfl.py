@@ -639,6 +639,12 @@ def largest_fitting(fits: Callable[[int], bool], start: int, limit: int) -> int:
     return fitting
 
 
+# Failures of CUDA libraries that also mean "this batch is too large here" (cuBLAS allocations, cuDNN kernels without
+# support for the size, 32-bit index limits); any other error stops the search.
+TOO_LARGE_MARKERS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_NOT_SUPPORTED", "32-bit index",
+                     "canUse32BitIndexMath")
+
+
 def step_fits(build: Callable[[], Step], warmup: int, device: torch.device) -> bool:
     """Whether building a step, its `warmup` warm-up steps and one more step run without CUDA running out of memory."""
     out_of_memory = False
@@ -650,6 +656,11 @@ def step_fits(build: Callable[[], Step], warmup: int, device: torch.device) -> b
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     except torch.cuda.OutOfMemoryError:
+        out_of_memory = True
+    except RuntimeError as error:
+        if not any(marker in str(error) for marker in TOO_LARGE_MARKERS):
+            raise
+        print(f"  too large: {str(error).splitlines()[0][:160]}", file=sys.stderr, flush=True)
         out_of_memory = True
     # Outside the except block the error and the frames it held are gone; dropping the step frees the rest.
     step = None

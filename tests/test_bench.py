@@ -264,6 +264,12 @@ def test_step_fits_lets_other_errors_through_and_oom_while_building_is_a_miss():
 
     assert bench_sfl.step_fits(out_of_memory, 1, torch.device("cpu")) is False
 
+    def unsupported_size() -> FakeStep:
+        raise RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a "
+                           "non-contiguous input.")
+
+    assert bench_sfl.step_fits(unsupported_size, 1, torch.device("cpu")) is False
+
     def broken() -> FakeStep:
         raise RuntimeError("not a memory problem")
 
