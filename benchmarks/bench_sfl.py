@@ -190,6 +190,10 @@ def parse_options(argv: Sequence[str] | None) -> argparse.Namespace:
         raise UserError("--client_only times the client side of SFL, which the centralised step has not; "
                         "use --modes loop vmap")
     options.device = resolve_device(options.device)
+    if options.device.type == "cuda":
+        if options.device.index is None:
+            options.device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(options.device)  # CUDA events record on the current device's stream
     if options.find_max_batch:
         if options.device.type != "cuda":
             raise UserError("--find_max_batch needs a CUDA device (it searches for the batch at which GPU memory "

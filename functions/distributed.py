@@ -94,9 +94,11 @@ def setup_runtime(requested_device: str | None) -> Runtime:
         raise UserError(f"RANK={rank} and WORLD_SIZE={world_size} do not describe a process of the run; "
                         "launch with torchrun")
     device = resolve_device(requested_device, local_rank)
+    if device.type == "cuda":
+        # Streams, events and libraries that default to "the current device" then use the run's GPU (--device cuda:1).
+        torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":
-            torch.cuda.set_device(device)
             dist.init_process_group("nccl", device_id=device)
         else:
             dist.init_process_group("gloo")

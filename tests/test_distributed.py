@@ -237,3 +237,18 @@ def test_resume_across_nodes_without_a_shared_disk_takes_rank_zeros_checkpoint(t
         worker_errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
         assert worker_errors == [f"error: --resume: no {CHECKPOINT_NAME} in {node1}; run without --resume to start"]
         assert "[rank" not in result.stderr, result.stderr[-2000:]
+
+
+def test_a_single_process_on_a_second_gpu_makes_it_the_current_device(monkeypatch):
+    # Without set_device, CUDA events, streams and DALI would default to GPU 0 while the run works on GPU 1.
+    from functions import distributed
+
+    selected = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", selected.append)
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    runtime = distributed.setup_runtime("cuda:1")
+    assert runtime.device == torch.device("cuda", 1) and selected == [torch.device("cuda", 1)]
+    assert not runtime.is_distributed
