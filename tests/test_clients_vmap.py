@@ -305,15 +305,7 @@ def test_trainer_steps_are_the_same_with_either_client_side(tmp_path, case):
                                                 momentum=args.momentum, weight_decay=args.weight_decay,
                                                 keep_momentum_copies=keep_copies, device=CPU)
     vmap_trainer.clients.load_state_dict(loop_side.state_dict())
-    batches = loop_trainer.loaders.train.epoch(0)
-    for trainer in (loop_trainer, vmap_trainer):
-        trainer.set_learning_rates(0, 0)
-    for step in range(2):
-        batch = next(batches)
-        expected_loss, _ = loop_trainer.train_step(batch)
-        loss, _ = vmap_trainer.train_step(batch)
-        torch.testing.assert_close(loss, expected_loss, **TRAINER_TOLERANCE)
-        loop_trainer.global_step = vmap_trainer.global_step = step + 1
+    batch = _train_side_by_side(loop_trainer, vmap_trainer, steps=2)
     if "--hetero" in extra:
         assert len(set(batch.rows_per_client)) > 1
     if "--client_sample_ratio" in extra:
@@ -321,8 +313,27 @@ def test_trainer_steps_are_the_same_with_either_client_side(tmp_path, case):
     _assert_same_clients(loop_side, vmap_trainer.clients, range(args.num_client), TRAINER_TOLERANCE)
     for actual, expected in zip(vmap_trainer.method.server.parameters(), loop_trainer.method.server.parameters()):
         torch.testing.assert_close(actual, expected, **TRAINER_TOLERANCE)
-    for actual, expected in zip(vmap_trainer.method.state_dict().values(), loop_trainer.method.state_dict().values()):
-        torch.testing.assert_close(actual, expected, **TRAINER_TOLERANCE)
+    _assert_same_server(loop_trainer, vmap_trainer)
+
+
+def _train_side_by_side(expected, actual, steps: int):
+    """`steps` training steps of both trainers on the same batches, with equal losses; returns the last batch."""
+    batches = expected.loaders.train.epoch(0)
+    for trainer in (expected, actual):
+        trainer.set_learning_rates(0, 0)
+    for step in range(steps):
+        batch = next(batches)
+        expected_loss, _ = expected.train_step(batch)
+        loss, _ = actual.train_step(batch)
+        torch.testing.assert_close(loss, expected_loss, **TRAINER_TOLERANCE)
+        expected.global_step = actual.global_step = step + 1
+    return batch
+
+
+def _assert_same_server(expected, actual) -> None:
+    """Both trainers' server methods hold the same tensors (weights, momentum encoder, queue, prototypes)."""
+    for value, expected_value in zip(actual.method.state_dict().values(), expected.method.state_dict().values()):
+        torch.testing.assert_close(value, expected_value, **TRAINER_TOLERANCE)
 
 
 @pytest.mark.parametrize("build, client_exec", [(moco_trainer, "vmap"), (moco_trainer, "loop"), (swav_trainer, "vmap")],
@@ -332,15 +343,6 @@ def test_channels_last_trains_like_the_default_layout(tmp_path, build, client_ex
     default, nhwc = build(tmp_path / "nchw", *options), build(tmp_path / "nhwc", *options, "--channels_last")
     server_kernels = [p for p in nhwc.method.parameters() if p.dim() == 4]
     assert server_kernels and all(p.is_contiguous(memory_format=torch.channels_last) for p in server_kernels)
-    batches = default.loaders.train.epoch(0)
-    for trainer in (default, nhwc):
-        trainer.set_learning_rates(0, 0)
-    for step in range(2):
-        batch = next(batches)
-        expected_loss, _ = default.train_step(batch)
-        loss, _ = nhwc.train_step(batch)
-        torch.testing.assert_close(loss, expected_loss, **TRAINER_TOLERANCE)
-        default.global_step = nhwc.global_step = step + 1
+    _train_side_by_side(default, nhwc, steps=2)
     _assert_same_clients(default.clients, nhwc.clients, range(3), TRAINER_TOLERANCE)
-    for actual, expected in zip(nhwc.method.state_dict().values(), default.method.state_dict().values()):
-        torch.testing.assert_close(actual, expected, **TRAINER_TOLERANCE)
+    _assert_same_server(default, nhwc)
