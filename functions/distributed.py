@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -17,6 +17,8 @@ import torch.distributed as dist
 from torch import nn
 
 from functions.errors import UserError
+
+Result = TypeVar("Result")
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,30 @@ def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     blocks = [torch.empty_like(padded) for _ in range(world_size)]
     dist.all_gather(blocks, padded.contiguous())
     return torch.cat([block[:count] for block, count in zip(blocks, rows)])
+
+
+def run_agreed(action: Callable[[], Result]) -> Result:
+    """Run a rank-local start-up step; a UserError on any rank stops every rank with that rank's message.
+
+    Without it a rank that cannot read its data or write its folder exits alone, and the others fail later in
+    a collective with a transport error instead of the one clear line.
+    """
+    problem: str | None = None
+    result: Result | None = None
+    try:
+        result = action()
+    except UserError as error:
+        problem = str(error)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        problems: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(problems, problem)
+        failed = [(rank, message) for rank, message in enumerate(problems) if message]
+        if failed:
+            rank, message = failed[0]
+            raise UserError(f"rank {rank}: {message}")
+    elif problem is not None:
+        raise UserError(problem)
+    return result  # type: ignore[return-value]
 
 
 def broadcast_object(value: Any, source: int, device: torch.device) -> Any:

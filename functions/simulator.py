@@ -34,7 +34,7 @@ from functions.clients import ClientSide, query_index
 from functions.clients_vmap import VectorisedClientSide
 from functions.distributed import (Runtime, all_reduce_max_flag, all_reduce_sum, broadcast_object,
                                    check_clients_per_rank, client_shares, launcher_prefix, planned_world_size,
-                                   setup_runtime, shutdown_runtime, wrap_server)
+                                   run_agreed, setup_runtime, shutdown_runtime, wrap_server)
 from functions.errors import TrainingInterrupted, UserError
 from functions.evaluation import extract_features, knn_accuracy, linear_probe, semi_supervised_probes
 from functions.loaders import FederatedLoaders, FederatedSchedule, pool_size_of, default_steps_per_epoch
@@ -256,24 +256,7 @@ class Trainer:
         self.output_dir = output_dir
         self.stop = StopSignal()  # listens only inside `with trainer.stop:` (see run())
         seed_everything(args.seed)
-
-        self.dataset: ImageDataset = load_dataset(args.dataset, args.data_dir, download=download_allowed(),
-                                                  data_proportion=args.data_proportion, seed=args.seed)
-        self.client_indices = self._partition()
-        self.client_sizes = [len(indices) for indices in self.client_indices]
-        self.partition_hash = partition_hash(self.client_indices)
-        self.batch_sizes = client_batch_sizes(args, self.client_sizes)
-        self._warn_small_shards()
-        steps = default_steps_per_epoch(self.client_indices, self.batch_sizes, args.client_sample_ratio)
-        self.schedule = FederatedSchedule(self.client_indices, self.batch_sizes, args.client_sample_ratio, steps, args.seed)
-        if runtime.is_distributed:
-            check_clients_per_rank(self.schedule.pool_size, args.num_client, args.client_sample_ratio,
-                                   runtime.world_size)
-            if getattr(args, "server_update", "joint") != "joint":
-                raise UserError("--server_update per_client steps the server once per client in pool order and "
-                                "cannot be split over processes; run it as one process or use --server_update joint")
-        self.loaders: FederatedLoaders = build_loaders(args, self.dataset, self.schedule, view_spec, runtime)
-        self.steps_per_epoch = self.loaders.train.steps_per_epoch
+        run_agreed(lambda: self._prepare_data(view_spec))  # reads this node's disk: may fail on one rank only
 
         split = build_split_resnet(**model_options(args))
         # Before the method copies the server (MoCo's key encoder), so every copy has the same layout.
@@ -309,6 +292,27 @@ class Trainer:
         self.writer = None
 
     # -------------------------------------------------------------------------------------------- construction
+    def _prepare_data(self, view_spec: ViewSpec) -> None:
+        """The dataset, the partition, the step schedule and the loaders of this process."""
+        args, runtime = self.args, self.runtime
+        self.dataset: ImageDataset = load_dataset(args.dataset, args.data_dir, download=download_allowed(),
+                                                  data_proportion=args.data_proportion, seed=args.seed)
+        self.client_indices = self._partition()
+        self.client_sizes = [len(indices) for indices in self.client_indices]
+        self.partition_hash = partition_hash(self.client_indices)
+        self.batch_sizes = client_batch_sizes(args, self.client_sizes)
+        self._warn_small_shards()
+        steps = default_steps_per_epoch(self.client_indices, self.batch_sizes, args.client_sample_ratio)
+        self.schedule = FederatedSchedule(self.client_indices, self.batch_sizes, args.client_sample_ratio, steps, args.seed)
+        if runtime.is_distributed:
+            check_clients_per_rank(self.schedule.pool_size, args.num_client, args.client_sample_ratio,
+                                   runtime.world_size)
+            if getattr(args, "server_update", "joint") != "joint":
+                raise UserError("--server_update per_client steps the server once per client in pool order and "
+                                "cannot be split over processes; run it as one process or use --server_update joint")
+        self.loaders: FederatedLoaders = build_loaders(args, self.dataset, self.schedule, view_spec, runtime)
+        self.steps_per_epoch = self.loaders.train.steps_per_epoch
+
     def _partition(self) -> list[np.ndarray]:
         args = self.args
         labels = self.dataset.train_labels
@@ -986,7 +990,7 @@ def _run_on(runtime: Runtime, args: argparse.Namespace, build_method: MethodFact
     """run() once the process knows its rank and device."""
     if args.eval_only:
         return evaluate_checkpoint(args, build_method, view_spec, runtime)
-    output_dir = prepare_output_dir(args.output_dir)
+    output_dir = run_agreed(lambda: prepare_output_dir(args.output_dir))
     setup_logging(output_dir, runtime.is_main)
     checkpoint_path = output_dir / CHECKPOINT_NAME
     state = starting_state(args, runtime, checkpoint_path)  # a bad file is refused before anything changes

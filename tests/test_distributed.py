@@ -202,7 +202,8 @@ def test_sigterm_to_torchrun_saves_once_and_prints_the_torchrun_resume_command(t
     assert saved["global_step"] >= 2
 
 
-def _launch_two_nodes(script: str, argv: list[str], output_dirs: tuple[Path, Path]) -> list[subprocess.CompletedProcess]:
+def _launch_two_nodes(script: str, argv: list[str], output_dirs: tuple[Path, Path],
+                      node_options: tuple[list[str], list[str]] = ([], [])) -> list[subprocess.CompletedProcess]:
     """torchrun as two one-process "nodes" on this machine, each node with its own --output_dir (its own disk)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SFL_NO_DOWNLOAD": "1"}
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -210,7 +211,7 @@ def _launch_two_nodes(script: str, argv: list[str], output_dirs: tuple[Path, Pat
     port = str(_free_port())
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
                                "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", port, script,
-                               *argv, "--output_dir", str(output_dirs[node])],
+                               *argv, *node_options[node], "--output_dir", str(output_dirs[node])],
                               cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for node in (0, 1)]
     results = []
@@ -252,3 +253,20 @@ def test_a_single_process_on_a_second_gpu_makes_it_the_current_device(monkeypatc
     runtime = distributed.setup_runtime("cuda:1")
     assert runtime.device == torch.device("cuda", 1) and selected == [torch.device("cuda", 1)]
     assert not runtime.is_distributed
+
+
+def test_a_node_without_the_data_stops_every_rank_with_its_one_line(tmp_path):
+    # Node 0 has CIFAR-10, node 1 an empty --data_dir (and no download): every rank says why, none crashes.
+    base = [*TINY_MOCO, "--num_client", "4", "--batch_size", "8", "--device", "cpu", "--max_steps", "2",
+            "--dataset", "cifar10"]
+    sample = str(REPO_ROOT / "sample_data" / "cifar10")
+    empty = tmp_path / "no_data"
+    empty.mkdir()
+    results = _launch_two_nodes("run_sflmoco.py", base, (tmp_path / "node0", tmp_path / "node1"),
+                                (["--data_dir", sample], ["--data_dir", str(empty)]))
+    for result in results:
+        assert result.returncode != 0
+        worker_errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert len(worker_errors) == 1 and worker_errors[0].startswith("error: rank 1: "), result.stderr[-2000:]
+        assert str(empty) in worker_errors[0]
+        assert "[rank" not in result.stderr, result.stderr[-2000:]
