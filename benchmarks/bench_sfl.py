@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="YAML preset (e.g. configs/swav_seed.yaml) whose method options the step and the loader "
                              "use: crops, prototypes, queue, MoCo head; network, cut, clients and batch still come "
                              "from this command's options")
+    parser.add_argument("--cudnn_benchmark", action="store_true",
+                        help="torch.backends.cudnn.benchmark (the training scripts' --cudnn_benchmark); its "
+                             "algorithm search happens in the warm-up steps")
     parser.add_argument("--channels_last", action="store_true",
                         help="NHWC memory layout for clients and server (the training scripts' --channels_last)")
     parser.add_argument("--compile", action="store_true",
@@ -479,6 +482,7 @@ def measure(setting: Setting, device: torch.device, *, steps: int, warmup: int, 
         "steps": steps,
         "warmup": warmup,
         "repeats": repeats,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
@@ -736,9 +740,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     json_path = Path(options.json) if options.json else None
     if json_path is not None and not json_path.parent.exists():
         raise UserError(f"--json {options.json}: folder {json_path.parent} does not exist; create it first")
-    threads = torch.get_num_threads()
+    threads, cudnn_benchmark = torch.get_num_threads(), torch.backends.cudnn.benchmark
     if options.threads is not None:
         torch.set_num_threads(options.threads)
+    torch.backends.cudnn.benchmark = options.cudnn_benchmark
     records = []
     try:
         for setting in settings_of(options):
@@ -755,6 +760,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             records.extend(data_records(options))
     finally:
         torch.set_num_threads(threads)  # main() may run inside a larger process (tests)
+        torch.backends.cudnn.benchmark = cudnn_benchmark
     print(format_table(records))
     if options.client_only:
         print("client side only: forward, momentum forward, backward of a fixed gradient, step, momentum copies")

@@ -7,7 +7,7 @@
 # minutes on one data-centre GPU, so the parts can also be run one call at a time.
 #   steps     MoCo and SwAV train steps, fp32 and AMP: centralised ceiling, loop, vectorised;
 #             10, 100 and 1000 clients (100 sampled per step), batch 1, cut layers 1 and 2
-#   layout    the same step at 100 clients x batch 1 with --channels_last, and with --compile
+#   layout    the same step at 100 clients x batch 1 with --channels_last, with --compile, with --cudnn_benchmark
 #   maxbatch  the largest SwAV multi-crop batch that fits: CIFAR crops (2x32 + 6x16) and the seed's (224/96 px)
 #   data      loader throughput (torch; DALI when installed) for both methods
 set -euo pipefail
@@ -43,7 +43,9 @@ for part in "${parts[@]}"; do
             bench layout_moco_nhwc --method moco --clients 100 --per_client_batch 1 --cutlayer 1 2 --amp --channels_last \
                   --steps 10 --warmup 3 --repeats 5
             bench layout_moco_compile --method moco --clients 100 --per_client_batch 1 --cutlayer 1 2 --amp --compile \
-                  --steps 10 --warmup 5 --repeats 5 ;;
+                  --steps 10 --warmup 5 --repeats 5
+            bench layout_moco_cudnn_benchmark --method moco --clients 100 --per_client_batch 1 --cutlayer 1 2 --amp \
+                  --cudnn_benchmark --steps 10 --warmup 3 --repeats 5 ;;
         maxbatch)
             bench maxbatch_swav_cifar --method swav --clients 10 100 --cutlayer 1 --modes centralised loop vmap --amp \
                   --find_max_batch --steps 3 --warmup 1 --repeats 3

@@ -25,7 +25,7 @@ RUNTIME_OPTIONS = frozenset({
     "config", "resume", "checkpoint", "eval_only", "output_dir", "data_dir", "device", "num_workers",
     "num_epoch", "max_steps", "eval_freq", "linear_epochs", "skip_linear", "knn_k", "knn_t",
     "log_freq", "eval_batch_size", "client_exec", "is_distributed", "compile",
-    "channels_last",
+    "channels_last", "cudnn_benchmark",
 })
 
 
@@ -60,6 +60,9 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     run.add_argument("--channels_last", action="store_true",
                      help="convolutions in the NHWC (channels_last) memory layout, clients and server; same results "
                           "up to rounding (see the README's speed section)")
+    run.add_argument("--cudnn_benchmark", action="store_true",
+                     help="let cuDNN time its convolution algorithms and keep the fastest (CUDA; faster for fixed "
+                          "shapes, but runs are no longer bit-reproducible)")
     run.add_argument("--is_distributed", action="store_true",
                      help="accepted for compatibility with the seed scripts; torchrun's environment decides")
 

@@ -944,6 +944,7 @@ def run(args: argparse.Namespace, build_method: MethodFactory, view_spec: ViewSp
         check_clients_per_rank(pool_size_of(args.num_client, args.client_sample_ratio), args.num_client,
                                args.client_sample_ratio, world_size)
     runtime = setup_runtime(args.device)
+    torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark)  # off by default: reproducible convolutions
     try:
         return _run_on(runtime, args, build_method, view_spec)
     finally:

@@ -365,3 +365,11 @@ def test_every_benchmark_call_of_the_gpu_script_uses_existing_options():
         words = shlex.split(call.removesuffix(";;").replace("$method", "moco").replace("${method}", "moco"))[2:]
         bench_sfl.build_parser().parse_args(words)  # an unknown or misspelt option exits here
         assert all(not word.startswith("$") for word in words), call
+
+
+def test_cudnn_benchmark_is_recorded_and_restored():
+    assert torch.backends.cudnn.benchmark is False
+    records = bench_sfl.main([*TINY, "--clients", "3", "--cutlayer", "1", "--modes", "vmap", "--cudnn_benchmark"])
+    assert [r["cudnn_benchmark"] for r in records] == [True]
+    assert torch.backends.cudnn.benchmark is False
+    assert bench_sfl.main([*TINY, "--clients", "3", "--cutlayer", "1", "--modes", "vmap"])[0]["cudnn_benchmark"] is False

@@ -160,3 +160,13 @@ def test_redirected_output_gets_plain_progress_lines_not_a_bar(tmp_path, capsys)
     progress = [line for line in printed.splitlines() if line.startswith("epoch 1/2 step ")]
     assert [line.split(":")[0].split(" step ")[1].split("/")[0] for line in progress] == ["2", "4"]
     assert all(" img/s" in line and "loss " in line for line in progress)
+
+
+def test_cudnn_benchmark_is_on_only_when_asked(tmp_path):
+    try:
+        _run(tmp_path, "fast", "--max_steps", "1", "--cudnn_benchmark")
+        assert torch.backends.cudnn.benchmark is True
+        _run(tmp_path, "reproducible", "--max_steps", "1")
+        assert torch.backends.cudnn.benchmark is False
+    finally:
+        torch.backends.cudnn.benchmark = False
