@@ -89,6 +89,17 @@ def _step(clients, crops, pool, rows, scaler, seed, poison_rows=None):
     return loss.detach(), gradients, grads
 
 
+def _assert_same_step(actual, expected, pool) -> None:
+    """Two results of _step agree: the loss, the server's gradient rows and each pool client's gradients."""
+    (loss, gradient_rows, grads), (expected_loss, expected_rows, expected_grads) = actual, expected
+    torch.testing.assert_close(loss, expected_loss, **TOLERANCE)
+    for rows, expected_rows_of_crop in zip(gradient_rows, expected_rows, strict=True):
+        torch.testing.assert_close(rows, expected_rows_of_crop, **TOLERANCE)
+    for c in pool:
+        for gradient, expected_gradient in zip(grads[c], expected_grads[c], strict=True):
+            torch.testing.assert_close(gradient, expected_gradient, **TOLERANCE)
+
+
 def _weights(models, client: int) -> list[torch.Tensor]:
     """Copies of client `client`'s parameters, in module order."""
     return [p.detach().clone() for p in models[client].parameters()]
@@ -124,14 +135,8 @@ def test_vectorised_steps_equal_the_loop_and_leave_other_clients_alone(cutlayer,
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     for step in range(3):
         crops = _crops(sum(rows), seed=step)
-        expected_loss, expected_rows, expected_grads = _step(loop, crops, pool, rows, scaler, seed=10 + step)
-        loss, gradient_rows, grads = _step(vectorised, crops, pool, rows, scaler, seed=10 + step)
-        torch.testing.assert_close(loss, expected_loss, **TOLERANCE)
-        for actual, expected in zip(gradient_rows, expected_rows):
-            torch.testing.assert_close(actual, expected, **TOLERANCE)
-        for c in pool:
-            for actual, expected in zip(grads[c], expected_grads[c]):
-                torch.testing.assert_close(actual, expected, **TOLERANCE)
+        expected = _step(loop, crops, pool, rows, scaler, seed=10 + step)
+        _assert_same_step(_step(vectorised, crops, pool, rows, scaler, seed=10 + step), expected, pool)
         _assert_same_clients(loop, vectorised, pool)
     crops = _crops(sum(rows), seed=99)
     for actual, expected in zip(vectorised.momentum_forward(crops, pool, rows), loop.momentum_forward(crops, pool, rows)):
@@ -153,17 +158,11 @@ def test_channels_last_gives_the_contiguous_loops_numbers_and_nhwc_smashed_data(
     for step in range(2):
         crops = _crops(sum(rows), seed=step)
         nhwc_crops = [crop.contiguous(memory_format=torch.channels_last) for crop in crops]
-        expected_loss, expected_rows, expected_grads = _step(loop, crops, pool, rows, scaler, seed=10 + step)
+        expected = _step(loop, crops, pool, rows, scaler, seed=10 + step)
         for side in (vectorised, nhwc_loop):
             smashed = side.forward(nhwc_crops, pool, rows)
             assert all(s.is_contiguous(memory_format=torch.channels_last) and not s.is_contiguous() for s in smashed)
-            loss, gradient_rows, grads = _step(side, nhwc_crops, pool, rows, scaler, seed=10 + step)
-            torch.testing.assert_close(loss, expected_loss, **TOLERANCE)
-            for actual, expected in zip(gradient_rows, expected_rows):
-                torch.testing.assert_close(actual, expected, **TOLERANCE)
-            for c in pool:
-                for actual, expected in zip(grads[c], expected_grads[c]):
-                    torch.testing.assert_close(actual, expected, **TOLERANCE)
+            _assert_same_step(_step(side, nhwc_crops, pool, rows, scaler, seed=10 + step), expected, pool)
     _assert_same_clients(loop, vectorised, range(num_client))
     _assert_same_clients(loop, nhwc_loop, range(num_client))
 
