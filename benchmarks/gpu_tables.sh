@@ -3,8 +3,8 @@
 #
 #   bash benchmarks/gpu_tables.sh OUT_DIR [part ...]      # parts: steps layout maxbatch data (default: all)
 #
-# Each part writes OUT_DIR/<name>.json (bench_sfl.py records) and OUT_DIR/<name>.txt (its table) and takes a few
-# minutes on one data-centre GPU, so the parts can also be run one call at a time.
+# Each part writes OUT_DIR/<name>.json (bench_sfl.py records) and OUT_DIR/<name>.txt (its table). The parts can be
+# run one call at a time; their durations on a GPU are not yet known.
 #   steps     MoCo and SwAV train steps, fp32 and AMP: centralised ceiling, loop, vectorised;
 #             10, 100 and 1000 clients (100 sampled per step), batch 1, cut layers 1 and 2
 #   layout    the same step at 100 clients x batch 1 with --channels_last, with --compile, with --cudnn_benchmark
