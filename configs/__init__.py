@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import yaml
 
 from functions.errors import UserError
+from functions.files import write_text_atomic
 from functions.partition import add_partition_arguments, resolve_partition_method
 
 CONFIG_DIR = Path(__file__).resolve().parent
@@ -288,4 +289,4 @@ def save_resolved_config(args: argparse.Namespace, path: str | os.PathLike) -> N
     """Write every resolved option as YAML (usable again with --config)."""
     values = {key: value for key, value in sorted(vars(args).items())
               if key not in {"config", "resume", "eval_only", "checkpoint", "method"}}
-    Path(path).write_text(yaml.safe_dump(values, sort_keys=True))
+    write_text_atomic(path, yaml.safe_dump(values, sort_keys=True))

@@ -2,51 +2,20 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from functions.errors import UserError
+from functions.files import TEMPORARY_SUFFIX, temporary_prefix, write_atomic
 
 CHECKPOINT_NAME = "checkpoint_last.pt"
-_TEMPORARY_SUFFIX = ".tmp"
-
-
-def _temporary_prefix(path: Path) -> str:
-    """Name prefix of the temporary files a save of `path` writes (hidden, so they never look like checkpoints)."""
-    return f".{path.name}."
 
 
 def save_atomic(state: dict[str, Any], path: str | os.PathLike) -> None:
-    """Write to a temporary file in the same folder, flush it to disk, then rename over the old file."""
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=_TEMPORARY_SUFFIX, dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(state, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    _fsync_folder(path.parent)
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make the rename itself durable (POSIX); a no-op where folders cannot be opened (Windows)."""
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass  # some file systems refuse fsync on folders; the rename is still atomic
-    finally:
-        os.close(descriptor)
+    """torch.save `state` to `path` atomically: a reader sees the previous complete file or the new one."""
+    write_atomic(path, lambda stream: torch.save(state, stream))
 
 
 def stale_temporaries(path: str | os.PathLike) -> list[Path]:
@@ -54,7 +23,7 @@ def stale_temporaries(path: str | os.PathLike) -> list[Path]:
     path = Path(path)
     if not path.parent.is_dir():
         return []
-    return sorted(path.parent.glob(f"{_temporary_prefix(path)}*{_TEMPORARY_SUFFIX}"))
+    return sorted(path.parent.glob(f"{temporary_prefix(path)}*{TEMPORARY_SUFFIX}"))
 
 
 def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:

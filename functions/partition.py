@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from functions.errors import UserError, run_cli
+from functions.files import write_atomic, write_text_atomic
 
 PARTITION_METHODS = ("iid", "shard", "dirichlet")
 DIRICHLET_MAX_DRAWS = 200  # redraws allowed to reach min_client_samples before giving up
@@ -203,7 +204,7 @@ def _plot_partition(path: Path, counts: np.ndarray, title: str) -> None:
     size_axes.set_xlabel("samples per client")
     size_axes.tick_params(axis="y", labelleft=False)
     figure.suptitle(title)
-    figure.savefig(path)
+    write_atomic(path, lambda stream: figure.savefig(stream, format="png"))
 
 
 def _json_text(value: Any, level: int = 0) -> str:
@@ -235,7 +236,7 @@ def save_partition(output_dir: str | Path, labels: np.ndarray, client_indices: S
     clashes = sorted(set(extra) & set(summary))
     if clashes:
         raise ValueError(f"extra keys {clashes} would overwrite the partition summary")
-    (output_dir / "partition.json").write_text(_json_text({**extra, **summary}) + "\n")
+    write_text_atomic(output_dir / "partition.json", _json_text({**extra, **summary}) + "\n")
     described = ", ".join(f"{key}={extra[key]}" for key in _TITLE_KEYS if key in extra)
     title = f"{summary['num_client']} clients x {num_classes} classes" + (f" ({described})" if described else "")
     _plot_partition(output_dir / "partition.png", class_count_matrix(labels, client_indices, num_classes), title)

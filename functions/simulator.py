@@ -37,6 +37,7 @@ from functions.distributed import (Runtime, all_reduce_max_flag, all_reduce_sum,
                                    run_agreed, setup_runtime, shutdown_runtime, wrap_server)
 from functions.errors import TrainingInterrupted, UserError
 from functions.evaluation import extract_features, knn_accuracy, linear_probe, semi_supervised_probes
+from functions.files import write_text_atomic
 from functions.loaders import FederatedLoaders, FederatedSchedule, pool_size_of, default_steps_per_epoch
 from functions.partition import make_partition, partition_hash, save_partition
 from functions.server_method import ServerMethod, ViewSpec
@@ -234,9 +235,7 @@ class MetricsLog:
     def save(self) -> None:
         if not self.enabled:
             return
-        temporary = self.path.with_suffix(".json.tmp")
-        temporary.write_text(json.dumps(self.data, indent=1))
-        os.replace(temporary, self.path)
+        write_text_atomic(self.path, json.dumps(self.data, indent=1))
 
 
 def fedavg_positions(steps_per_epoch: int, avg_freq: int) -> set[int]:

@@ -2,6 +2,7 @@
 (or are skipped under fp16 loss scaling), and every bad input is one line with exit code 2."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -21,8 +22,10 @@ import run_sflmoco
 import run_sflswav
 from functions import checkpoint as checkpoint_module
 from functions import cifar
+from functions import files as files_module
 from functions.checkpoint import CHECKPOINT_NAME, load_checkpoint, remove_stale_temporaries, save_atomic, stale_temporaries
 from functions.errors import TrainingInterrupted, UserError, run_cli
+from functions.files import write_text_atomic
 from functions.loaders import FederatedSchedule
 from functions.simulator import NO_DOWNLOAD_ENV, StopSignal
 from sfl_helpers import TINY_MOCO, TINY_SWAV, moco_trainer
@@ -266,7 +269,7 @@ def test_a_save_failing_before_the_rename_keeps_the_previous_checkpoint(tmp_path
         raise OSError("disk vanished")
 
     monkeypatch.setattr(checkpoint_module.os, "replace", crash)
-    with pytest.raises(OSError, match="disk vanished"):
+    with pytest.raises(UserError, match=rf"cannot write .*{CHECKPOINT_NAME} \(disk vanished\); the previous "):
         save_atomic({"format": 1, "weights": torch.zeros(3)}, path)
     monkeypatch.undo()
     assert path.read_bytes() == before
@@ -281,6 +284,45 @@ def test_a_save_failing_while_writing_keeps_the_previous_checkpoint(tmp_path):
         save_atomic({"format": 1, "weights": torch.zeros(3), "unpicklable": lambda: None}, path)
     assert torch.equal(load_checkpoint(path)["weights"], torch.ones(3))
     assert list(tmp_path.iterdir()) == [path]
+
+
+def test_a_full_disk_during_training_is_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
+    real_save = torch.save
+    saves = []
+
+    def disk_fills_after_the_first_checkpoint(state, stream, *args, **kwargs):
+        saves.append(state["global_step"])
+        if len(saves) > 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(state, stream, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", disk_fills_after_the_first_checkpoint)
+    run_dir = tmp_path / "run"
+    code, line = cli_error(run_sflmoco.main, [*FAST, "--output_dir", str(run_dir)], capsys)
+    monkeypatch.undo()
+    path = run_dir / CHECKPOINT_NAME
+    assert code == 2 and f"cannot write {path} (No space left on device)" in line and "unchanged" in line
+    assert len(saves) == 2 and load_checkpoint(path)["global_step"] == saves[0] > 0  # epoch 1's checkpoint
+    assert stale_temporaries(path) == []
+
+
+def test_text_files_of_a_run_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.json"
+    write_text_atomic(path, "old")
+
+    def crash(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(files_module.os, "fsync", crash)
+    with pytest.raises(UserError, match="cannot write .*metrics.json \\(Read-only file system\\)"):
+        write_text_atomic(path, "new")
+    monkeypatch.undo()
+    assert path.read_text() == "old" and list(tmp_path.iterdir()) == [path]
+    write_text_atomic(path, "new")
+    assert path.read_text() == "new" and list(tmp_path.iterdir()) == [path]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # readable by the group as any file the user writes
 
 
 KILLED_SAVE = """
