@@ -164,10 +164,10 @@ def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def run_agreed(action: Callable[[], Result]) -> Result:
-    """Run a rank-local start-up step; a UserError on any rank stops every rank with that rank's message.
+    """Run a rank-local step (start-up, a file rank 0 writes); a UserError on any rank stops every rank with it.
 
-    Without it a rank that cannot read its data or write its folder exits alone, and the others fail later in
-    a collective with a transport error instead of the one clear line.
+    Without it a rank that cannot read its data or write its folder or checkpoint exits alone, and the others
+    fail later in a collective with a transport error instead of the one clear line. Every rank must call it.
     """
     problem: str | None = None
     result: Result | None = None

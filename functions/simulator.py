@@ -233,9 +233,8 @@ class MetricsLog:
         self.data.setdefault(key, []).append([index, value])
 
     def save(self) -> None:
-        if not self.enabled:
-            return
-        write_text_atomic(self.path, json.dumps(self.data, indent=1))
+        """Write metrics.json (main process). Every rank calls it, so a failed write stops all ranks together."""
+        run_agreed(lambda: write_text_atomic(self.path, json.dumps(self.data, indent=1)) if self.enabled else None)
 
 
 def fedavg_positions(steps_per_epoch: int, avg_freq: int) -> set[int]:
@@ -280,7 +279,7 @@ class Trainer:
         self.epoch = 0            # epoch in progress (0-based)
         self.step_in_epoch = 0    # next step to run in that epoch
         self.global_step = 0      # steps done since the start of the run
-        self.saved_step: int | None = None  # global step of the checkpoint on disk written by this process
+        self.saved_step: int | None = None  # global step of the checkpoint this run wrote (rank 0 writes it)
         # Rank holding the current state of each client (momentum copy, optimizer) when only one does; -1: all do.
         self.client_holder = np.full(args.num_client, -1, dtype=np.int64)
         self._agreed_stop = False
@@ -805,14 +804,14 @@ class Trainer:
             self.share_client_states(range(self.args.num_client))
         state = self.state_dict()
         broken = first_non_finite({key: state[key] for key in ("method", "method_extra", "clients", "server_optimizer")})
-        if not self.runtime.is_main:
-            if broken is not None:
-                raise UserError(f"{broken} became non-finite by step {self.global_step}; stopped without saving")
-            return
         if broken is not None:
+            if not self.runtime.is_main:
+                raise UserError(f"{broken} became non-finite by step {self.global_step}; stopped without saving")
             raise UserError(f"{broken} became non-finite by step {self.global_step}; stopped without saving that "
                             f"state; {self._last_good_checkpoint()} (try a lower --lr)")
-        save_atomic(state, self.output_dir / CHECKPOINT_NAME)
+        path = self.output_dir / CHECKPOINT_NAME
+        # Agreed: when rank 0 cannot write (a full disk), every rank stops with its one line instead of hanging.
+        run_agreed(lambda: save_atomic(state, path) if self.runtime.is_main else None)
         self.saved_step = self.global_step
 
     def load_state_dict(self, state: dict[str, Any], check_signature: bool = True,
@@ -997,7 +996,7 @@ def _run_on(runtime: Runtime, args: argparse.Namespace, build_method: MethodFact
     if runtime.is_main:
         for leftover in remove_stale_temporaries(checkpoint_path):
             logger.info(f"removed {leftover.name}, left by a save that was killed before it completed")
-        save_resolved_config(args, output_dir / "config.yaml")
+    run_agreed(lambda: save_resolved_config(args, output_dir / "config.yaml") if runtime.is_main else None)
     trainer = Trainer(args, build_method, view_spec, runtime, output_dir)
     try:
         logger.info(f"{args.method}: {args.num_client} clients, {trainer.steps_per_epoch} steps per epoch, "

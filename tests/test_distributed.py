@@ -270,3 +270,45 @@ def test_a_node_without_the_data_stops_every_rank_with_its_one_line(tmp_path):
         assert len(worker_errors) == 1 and worker_errors[0].startswith("error: rank 1: "), result.stderr[-2000:]
         assert str(empty) in worker_errors[0]
         assert "[rank" not in result.stderr, result.stderr[-2000:]
+
+
+DISK_FULL_ON_RANK_ZERO = """
+import errno, os, sys
+sys.path.insert(0, {repo!r})
+import run_sflmoco
+from functions import simulator
+from functions.errors import run_cli
+from functions.files import write_atomic
+
+real_save_atomic, saves = simulator.save_atomic, []
+
+
+def full_disk(stream):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def save_atomic(state, path):  # rank 0's disk fills after its first checkpoint
+    saves.append(state["global_step"])
+    if len(saves) > 1 and os.environ["RANK"] == "0":
+        return write_atomic(path, full_disk)
+    return real_save_atomic(state, path)
+
+
+simulator.save_atomic = save_atomic
+run_cli(lambda: run_sflmoco.main(sys.argv[1:]))
+"""
+
+
+def test_a_full_disk_on_rank_zero_during_training_stops_every_rank_with_its_one_line(tmp_path):
+    script = tmp_path / "disk_full.py"
+    script.write_text(DISK_FULL_ON_RANK_ZERO.format(repo=str(REPO_ROOT)))
+    run_dir = tmp_path / "run"
+    result = _launch(str(script), [*TINY_MOCO, "--num_client", "4", "--batch_size", "8", "--device", "cpu",
+                                   "--output_dir", str(run_dir)], 2)
+    assert result.returncode != 0
+    worker_errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    expected = (f"error: rank 0: cannot write {run_dir / CHECKPOINT_NAME} (No space left on device); "
+                f"the previous {CHECKPOINT_NAME}, if any, is unchanged")
+    assert worker_errors == [expected, expected], result.stderr[-3000:]  # both ranks, neither with a traceback
+    assert "[rank" not in result.stderr, result.stderr[-3000:]
+    assert load_checkpoint(run_dir / CHECKPOINT_NAME)["epoch"] == 1  # the first epoch's checkpoint is intact
