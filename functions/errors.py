@@ -28,7 +28,9 @@ class TrainingInterrupted(Exception):
 
 def exit_with_error(message: str, exit_code: int = USER_ERROR_EXIT_CODE) -> NoReturn:
     """Print `error: message` on stderr and exit with `exit_code`."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    # One write, newline included: ranks of one torchrun share stderr, and print() would write the two apart.
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
     raise SystemExit(exit_code)
 
 

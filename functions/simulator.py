@@ -237,6 +237,67 @@ class MetricsLog:
         run_agreed(lambda: write_text_atomic(self.path, json.dumps(self.data, indent=1)) if self.enabled else None)
 
 
+class TensorboardLog:
+    """tensorboard scalars of the main process; a failed write (a full disk) turns it off with one warning.
+
+    Training goes on: the next checkpoint write then stops the run with its own clear line if the disk is still full.
+    """
+
+    def __init__(self, folder: Path, enabled: bool = True) -> None:
+        self.folder = folder
+        self.enabled = enabled
+        self._writer: Any = None
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        if not self.enabled:
+            return
+        try:
+            if self._writer is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                _quiet_tensorboard_thread_errors()
+                self._writer = SummaryWriter(str(self.folder))
+            self._writer.add_scalar(tag, value, step)
+        except OSError as error:
+            self._turn_off(error)
+
+    def close(self) -> None:
+        """Flush and close the writer (safe to call twice)."""
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return
+        try:
+            writer.close()
+        except OSError as error:
+            self._turn_off(error)
+
+    def _turn_off(self, error: OSError) -> None:
+        logger.warning(f"tensorboard logging stopped: cannot write {self.folder} ({error.strerror or error}); "
+                       "training goes on")
+        self.enabled = False
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            try:
+                writer.close()
+            except OSError:
+                pass  # the same failure again; already reported
+
+
+def _quiet_tensorboard_thread_errors() -> None:
+    """Keep tensorboard's writer thread from printing a traceback for a write error it hands to the main thread."""
+    if getattr(threading.excepthook, "quiets_tensorboard", False):
+        return
+    previous = threading.excepthook
+
+    def hook(arguments: Any) -> None:
+        if isinstance(arguments.exc_value, OSError) and type(arguments.thread).__module__.startswith("tensorboard."):
+            return  # TensorboardLog reports it as one warning
+        previous(arguments)
+
+    hook.quiets_tensorboard = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
+
+
 def fedavg_positions(steps_per_epoch: int, avg_freq: int) -> set[int]:
     """Steps (0-based, within an epoch) after which FedAvg runs: avg_freq times, evenly spaced, the last at the end."""
     return {max(0, round((i + 1) * steps_per_epoch / avg_freq) - 1) for i in range(avg_freq)}
@@ -287,7 +348,7 @@ class Trainer:
         self.metrics = MetricsLog(output_dir / "metrics.json", enabled=runtime.is_main, method=args.method, data_backend=self.loaders.backend,
                                   world_size=runtime.world_size, steps_per_epoch=self.steps_per_epoch,
                                   partition_hash=self.partition_hash)
-        self.writer = None
+        self.tensorboard = TensorboardLog(output_dir / "tensorboard", enabled=runtime.is_main)
 
     # -------------------------------------------------------------------------------------------- construction
     def _prepare_data(self, view_spec: ViewSpec) -> None:
@@ -634,7 +695,7 @@ class Trainer:
             summary += f", skipped_steps {int(self.skipped_steps)}"
         for name, value in epoch_stats.items():
             self.metrics.append(name, epoch + 1, value)
-            self.log_scalar(f"train/{name}", value, epoch + 1)
+            self.tensorboard.scalar(f"train/{name}", value, epoch + 1)
             summary += f", {name} {value:.4g}"
         logger.info(summary)
         if self.step_in_epoch >= self.steps_per_epoch:
@@ -651,10 +712,10 @@ class Trainer:
         if bar.disable and self.runtime.is_main:
             print(f"epoch {self.epoch + 1}/{self.args.num_epoch} step {self.step_in_epoch}/{self.steps_per_epoch}: "
                   f"loss {losses[-1]:.4f}, lr {window.server_lr:.4g}, {images_per_sec:.0f} img/s", flush=True)
-        self.log_scalar("train/loss", losses[-1], self.global_step)
-        self.log_scalar("train/lr", window.server_lr, self.global_step)
-        self.log_scalar("train/client_lr", window.client_lr, self.global_step)
-        self.log_scalar("train/images_per_sec", images_per_sec, self.global_step)
+        self.tensorboard.scalar("train/loss", losses[-1], self.global_step)
+        self.tensorboard.scalar("train/lr", window.server_lr, self.global_step)
+        self.tensorboard.scalar("train/client_lr", window.client_lr, self.global_step)
+        self.tensorboard.scalar("train/images_per_sec", images_per_sec, self.global_step)
         if self.scaler.is_enabled():
             self._log_loss_scale()
         window.start, window.images = time.perf_counter(), 0
@@ -664,8 +725,8 @@ class Trainer:
         """fp16: log the skipped-step count and the loss scale; stop when the scale shows the run diverged."""
         skipped, scale = int(self.skipped_steps), float(self.scaler.get_scale())
         self.metrics.append("skipped_steps", self.global_step, skipped)
-        self.log_scalar("train/skipped_steps", skipped, self.global_step)
-        self.log_scalar("train/loss_scale", scale, self.global_step)
+        self.tensorboard.scalar("train/skipped_steps", skipped, self.global_step)
+        self.tensorboard.scalar("train/loss_scale", scale, self.global_step)
         if scale < MIN_LOSS_SCALE:
             raise UserError(f"the fp16 loss scale fell to {scale:.3g} by step {self.global_step} ({skipped} steps "
                             f"skipped): gradients overflow even unscaled; {self._last_good_checkpoint()} "
@@ -697,19 +758,9 @@ class Trainer:
         return "no checkpoint was written yet"
 
     # -------------------------------------------------------------------------------------------- evaluation
-    def log_scalar(self, tag: str, value: float, step: int) -> None:
-        if self.writer is None and self.runtime.is_main:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.output_dir / "tensorboard"))
-        if self.writer is not None:
-            self.writer.add_scalar(tag, value, step)
-
     def close(self) -> None:
         """Flush and close the tensorboard writer (safe to call twice)."""
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        self.tensorboard.close()
 
     def evaluation_encoder(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """Averaged client model followed by the server's backbone, in eval mode."""
@@ -743,7 +794,7 @@ class Trainer:
                                 k=self.args.knn_k, temperature=self.args.knn_t)
         logger.info(f"kNN accuracy after epoch {epoch}: {accuracy:.2f} %")
         self.metrics.append("knn_acc", epoch, accuracy)
-        self.log_scalar("eval/knn_acc", accuracy, epoch)
+        self.tensorboard.scalar("eval/knn_acc", accuracy, epoch)
         self.metrics.save()
         return accuracy
 
@@ -773,7 +824,7 @@ class Trainer:
         logger.info(f"final evaluation: {described}")
         for key, value in results.items():
             if isinstance(value, float):
-                self.log_scalar(f"final/{key}", value, self.global_step)
+                self.tensorboard.scalar(f"final/{key}", value, self.global_step)
         return results
 
     # ------------------------------------------------------------------------------------------- checkpoints

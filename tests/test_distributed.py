@@ -302,13 +302,14 @@ run_cli(lambda: run_sflmoco.main(sys.argv[1:]))
 def test_a_full_disk_on_rank_zero_during_training_stops_every_rank_with_its_one_line(tmp_path):
     script = tmp_path / "disk_full.py"
     script.write_text(DISK_FULL_ON_RANK_ZERO.format(repo=str(REPO_ROOT)))
-    run_dir = tmp_path / "run"
-    result = _launch(str(script), [*TINY_MOCO, "--num_client", "4", "--batch_size", "8", "--device", "cpu",
-                                   "--output_dir", str(run_dir)], 2)
-    assert result.returncode != 0
-    worker_errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    expected = (f"error: rank 0: cannot write {run_dir / CHECKPOINT_NAME} (No space left on device); "
+    node0, node1 = tmp_path / "node0", tmp_path / "node1"  # one stderr per rank: two one-process "nodes"
+    results = _launch_two_nodes(str(script), [*TINY_MOCO, "--num_client", "4", "--batch_size", "8", "--device", "cpu"],
+                                (node0, node1))
+    expected = (f"error: rank 0: cannot write {node0 / CHECKPOINT_NAME} (No space left on device); "
                 f"the previous {CHECKPOINT_NAME}, if any, is unchanged")
-    assert worker_errors == [expected, expected], result.stderr[-3000:]  # both ranks, neither with a traceback
-    assert "[rank" not in result.stderr, result.stderr[-3000:]
-    assert load_checkpoint(run_dir / CHECKPOINT_NAME)["epoch"] == 1  # the first epoch's checkpoint is intact
+    for result in results:  # both ranks stop with rank 0's line, neither with a traceback
+        assert result.returncode != 0
+        worker_errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert worker_errors == [expected], result.stderr[-3000:]
+        assert "[rank" not in result.stderr, result.stderr[-3000:]
+    assert load_checkpoint(node0 / CHECKPOINT_NAME)["epoch"] == 1  # the first epoch's checkpoint is intact

@@ -24,7 +24,7 @@ from functions import checkpoint as checkpoint_module
 from functions import cifar
 from functions import files as files_module
 from functions.checkpoint import CHECKPOINT_NAME, load_checkpoint, remove_stale_temporaries, save_atomic, stale_temporaries
-from functions.errors import TrainingInterrupted, UserError, run_cli
+from functions.errors import TrainingInterrupted, UserError, exit_with_error, run_cli
 from functions.files import write_text_atomic
 from functions.loaders import FederatedSchedule
 from functions.simulator import NO_DOWNLOAD_ENV, StopSignal
@@ -259,6 +259,23 @@ def test_run_cli_exit_codes_for_interruptions(capsys):
     assert exit_info.value.code == 130 and "last complete checkpoint" in capsys.readouterr().err
 
 
+def test_an_error_line_is_written_in_one_piece(monkeypatch):
+    # torchrun's ranks share one stderr: a line written in two pieces can be cut by another rank's line.
+    writes: list[str] = []
+
+    class Stream:
+        def write(self, text: str) -> None:
+            writes.append(text)
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setattr(sys, "stderr", Stream())
+    with pytest.raises(SystemExit):
+        exit_with_error("cannot write x")
+    assert writes == ["error: cannot write x\n"]
+
+
 # --------------------------------------------------------------------------------------------- atomic checkpoints
 def test_a_save_failing_before_the_rename_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / CHECKPOINT_NAME
@@ -323,6 +340,26 @@ def test_text_files_of_a_run_are_replaced_whole_or_not_at_all(tmp_path, monkeypa
     umask = os.umask(0)
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # readable by the group as any file the user writes
+
+
+# pytest reports a thread's uncaught exception (which would print a traceback) as this warning: make it a failure.
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_failing_tensorboard_write_is_one_warning_and_training_goes_on(tmp_path, caplog):
+    from tensorboard.summary.writer import record_writer
+
+    def full_disk(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    trainer = moco_trainer(tmp_path, "--client_exec", "loop", "--num_client", "2", "--batch_size", "8")
+    trainer.args.max_steps = 6
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(record_writer.RecordWriter, "write", full_disk)  # the writer thread's file writes fail
+        trainer.train()
+        trainer.close()
+    assert trainer.global_step == 6 and load_checkpoint(tmp_path / CHECKPOINT_NAME)["global_step"] == 6
+    warnings = [r.getMessage() for r in caplog.records if "tensorboard logging stopped" in r.getMessage()]
+    assert warnings == [f"tensorboard logging stopped: cannot write {tmp_path / 'tensorboard'} "
+                        "(No space left on device); training goes on"]
 
 
 KILLED_SAVE = """
