@@ -176,12 +176,14 @@ def run_agreed(action: Callable[[], Result]) -> Result:
     except UserError as error:
         problem = str(error)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        problems: list[str | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(problems, problem)
-        failed = [(rank, message) for rank, message in enumerate(problems) if message]
-        if failed:
-            rank, message = failed[0]
-            raise UserError(f"rank {rank}: {message}")
+        # One small tensor collective when all went well; the message travels only when a rank failed.
+        world_size = dist.get_world_size()
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+        first_failed = torch.tensor([dist.get_rank() if problem is not None else world_size], device=device)
+        dist.all_reduce(first_failed, op=dist.ReduceOp.MIN)
+        rank = int(first_failed.item())
+        if rank < world_size:
+            raise UserError(f"rank {rank}: {broadcast_object(problem, rank, device or torch.device('cpu'))}")
     elif problem is not None:
         raise UserError(problem)
     return result  # type: ignore[return-value]
