@@ -7,6 +7,7 @@ collectives the training loop needs: sums, row gathers, client-state hand-over, 
 """
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence, TypeVar
@@ -110,6 +111,9 @@ def setup_runtime(requested_device: str | None) -> Runtime:
 def shutdown_runtime(runtime: Runtime) -> None:
     """Leave the process group (after the last collective of the run)."""
     if runtime.is_distributed and dist.is_initialized():
+        # Free the run's objects in reference cycles (the DDP server and its reducer) while Python is fully alive:
+        # left to interpreter shutdown, gloo's teardown aborted the process now and then.
+        gc.collect()
         dist.destroy_process_group()
 
 
