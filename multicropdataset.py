@@ -24,86 +24,89 @@ from functions.loaders import (
     check_image_array,
     check_mean_std,
 )
+from functions.views import ViewSpec
 
 CropTransform = Callable[[Image.Image], torch.Tensor]
 
 
-class SmallGaussianBlur:
-    """Gaussian blur with a 3x3 kernel and reflect padding, sigma drawn uniformly per call; PIL in, PIL out.
+class GaussianBlur:
+    """Gaussian blur with a `kernel_size` kernel and reflect padding, sigma drawn uniformly per call; PIL in and out.
 
-    Same result as torchvision's GaussianBlur(3, sigma) (it draws sigma from the torch generator the same
-    way), computed separably in numpy: on 32-pixel images the tensor round trip dominated the cost.
+    Same result as torchvision's GaussianBlur(kernel_size, sigma) (it draws sigma from the torch generator the
+    same way), computed separably in numpy: on small images the tensor round trip dominated the cost.
     """
 
-    def __init__(self, sigma: tuple[float, float] = (0.1, 2.0)) -> None:
+    def __init__(self, kernel_size: int = 3, sigma: tuple[float, float] = (0.1, 2.0)) -> None:
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel size must be odd and positive, got {kernel_size}")
         if not (0.0 < sigma[0] <= sigma[1]):
             raise ValueError(f"sigma range must satisfy 0 < min <= max, got {sigma}")
+        self.radius = kernel_size // 2
         self.sigma = (float(sigma[0]), float(sigma[1]))
+
+    def _blur_axis(self, padded: np.ndarray, weights: list[float], axis: int) -> np.ndarray:
+        """One separable pass along `axis` of an image padded by the radius on that axis."""
+        radius = self.radius
+        length = padded.shape[axis] - 2 * radius
+
+        def shifted(offset: int) -> np.ndarray:
+            return np.take(padded, np.arange(radius + offset, radius + offset + length), axis=axis)
+
+        # Symmetric pairs first, outermost first, then the centre: for a 3x3 kernel edge * (a + c) + centre * b.
+        total = weights[radius] * (shifted(-radius) + shifted(radius))
+        for offset in range(radius - 1, 0, -1):
+            total = total + weights[offset] * (shifted(-offset) + shifted(offset))
+        return total + weights[0] * shifted(0)
 
     def __call__(self, image: Image.Image) -> Image.Image:
         """The blurred image."""
         sigma = torch.empty(1).uniform_(self.sigma[0], self.sigma[1]).item()
-        side = math.exp(-0.5 / sigma**2)
-        edge, centre = side / (1.0 + 2.0 * side), 1.0 / (1.0 + 2.0 * side)
+        unnormalised = [math.exp(-0.5 * offset**2 / sigma**2) for offset in range(self.radius + 1)]
+        norm = 1.0 + 2.0 * sum(unnormalised[1:])
+        weights = [value / norm for value in unnormalised]
         pixels = np.asarray(image, dtype=np.float32)
-        spatial_pad = ((1, 1), (1, 1)) + ((0, 0),) * (pixels.ndim - 2)
+        pad = self.radius
+        spatial_pad = ((pad, pad), (pad, pad)) + ((0, 0),) * (pixels.ndim - 2)
         padded = np.pad(pixels, spatial_pad, mode="reflect")
-        across = edge * (padded[:, :-2] + padded[:, 2:]) + centre * padded[:, 1:-1]
-        blurred = edge * (across[:-2] + across[2:]) + centre * across[1:-1]
+        across = self._blur_axis(padded, weights, axis=1)
+        blurred = self._blur_axis(across, weights, axis=0)
         return Image.fromarray(np.clip(np.round(blurred), 0, 255).astype(np.uint8))
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(kernel_size=3, sigma={self.sigma})"
+        return f"{type(self).__name__}(kernel_size={2 * self.radius + 1}, sigma={self.sigma})"
 
 
-def _colour_chain(mean: Sequence[float], std: Sequence[float]) -> list[Callable]:
+def _colour_chain(mean: Sequence[float], std: Sequence[float], blur_kernel_size: int) -> list[Callable]:
     """The MoCo v2 photometric chain after the crop: jitter, grayscale, blur, flip, tensor, normalise."""
     return [
         transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
         transforms.RandomGrayscale(p=0.2),
-        # A 3-pixel kernel: the ImageNet recipe's 10% of the side, for 32-pixel images.
-        transforms.RandomApply([SmallGaussianBlur(sigma=(0.1, 2.0))], p=0.5),
+        # The ImageNet recipe's kernel of about 10% of the side: 3 pixels for 32-pixel images (the dataset's entry).
+        transforms.RandomApply([GaussianBlur(blur_kernel_size, sigma=(0.1, 2.0))], p=0.5),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
         transforms.Normalize(mean=[float(m) for m in mean], std=[float(s) for s in std]),
     ]
 
 
-def moco_transform(mean: Sequence[float], std: Sequence[float], size: int = 32) -> transforms.Compose:
+def moco_transform(mean: Sequence[float], std: Sequence[float], size: int = 32,
+                   blur_kernel_size: int = 3) -> transforms.Compose:
     """One MoCo v2 view: random resized crop (scale 0.2-1), colour jitter, grayscale, blur, flip, normalise."""
     check_mean_std(mean, std)
     if size < 1:
         raise UserError(f"crop size must be at least 1 pixel, got {size}")
-    return transforms.Compose([transforms.RandomResizedCrop(size, scale=(0.2, 1.0))] + _colour_chain(mean, std))
+    return transforms.Compose([transforms.RandomResizedCrop(size, scale=(0.2, 1.0))]
+                              + _colour_chain(mean, std, blur_kernel_size))
 
 
-def multicrop_transforms(
-    mean: Sequence[float],
-    std: Sequence[float],
-    nmb_crops: Sequence[int],
-    size_crops: Sequence[int],
-    min_scale_crops: Sequence[float],
-    max_scale_crops: Sequence[float],
-) -> list[transforms.Compose]:
-    """SwAV multi-crop: nmb_crops[i] crops of size_crops[i] px with scale (min_scale_crops[i], max_scale_crops[i])."""
+def multicrop_transforms(mean: Sequence[float], std: Sequence[float], view_spec: ViewSpec) -> list[transforms.Compose]:
+    """One transform per crop of the view spec, crop-major: RandomResizedCrop of its size and scale, then the chain."""
     check_mean_std(mean, std)
-    lengths = {len(nmb_crops), len(size_crops), len(min_scale_crops), len(max_scale_crops)}
-    if len(lengths) != 1:
-        raise UserError(
-            "--nmb_crops, --size_crops, --min_scale_crops and --max_scale_crops need the same number of values, "
-            f"got {list(nmb_crops)}, {list(size_crops)}, {list(min_scale_crops)}, {list(max_scale_crops)}"
-        )
-    if not nmb_crops:
-        raise UserError("--nmb_crops needs at least one value")
     crop_list: list[transforms.Compose] = []
-    for count, size, low, high in zip(nmb_crops, size_crops, min_scale_crops, max_scale_crops):
-        if int(count) < 1 or int(size) < 1:
-            raise UserError(f"--nmb_crops and --size_crops values must be at least 1, got {count} and {size}")
-        if not (0.0 < float(low) <= float(high) <= 1.0):
-            raise UserError(f"crop scales need 0 < min <= max <= 1, got min {low} and max {high}")
-        crop = transforms.Compose(
-            [transforms.RandomResizedCrop(int(size), scale=(float(low), float(high)))] + _colour_chain(mean, std)
-        )
+    for count, size, low, high in zip(view_spec.nmb_crops, view_spec.size_crops, view_spec.min_scale_crops,
+                                      view_spec.max_scale_crops):
+        crop = transforms.Compose([transforms.RandomResizedCrop(int(size), scale=(float(low), float(high)))]
+                                  + _colour_chain(mean, std, view_spec.blur_kernel_size))
         crop_list.extend([crop] * int(count))
     return crop_list
 

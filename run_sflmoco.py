@@ -12,11 +12,9 @@ from functions.errors import run_cli
 
 def main(argv: list[str] | None = None) -> dict:
     from configs import parse_args
-    from functions.sflmoco_functions import MocoServer, moco_view_spec
-    from functions.simulator import run
+    from functions.runner import run
 
-    args = parse_args("moco", argv)
-    return run(args, MocoServer, moco_view_spec(args))
+    return run(parse_args("moco", argv))
 
 
 if __name__ == "__main__":

@@ -11,11 +11,9 @@ from functions.errors import run_cli
 
 def main(argv: list[str] | None = None) -> dict:
     from configs import parse_args
-    from functions.sflswav_functions import SwavServer, swav_view_spec
-    from functions.simulator import run
+    from functions.runner import run
 
-    args = parse_args("swav", argv)
-    return run(args, SwavServer, swav_view_spec(args))
+    return run(parse_args("swav", argv))
 
 
 if __name__ == "__main__":

@@ -20,10 +20,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from functions.cifar import ImageDataset, load_dataset, make_synthetic
+from functions.datasets import ImageDataset, load_dataset, make_synthetic
+from functions.data import build_loaders
 from functions.errors import UserError, run_cli
 from functions.loaders import FederatedSchedule, TrainLoader
-from functions.server_method import ViewSpec
+from functions.views import ViewSpec
 
 VIEW_SPECS = {
     "moco 2x32": ViewSpec(nmb_crops=(2,), size_crops=(32,), min_scale_crops=(0.2,), max_scale_crops=(1.0,)),
@@ -96,24 +97,17 @@ def dali_import_error() -> str | None:
 
 
 def torch_train_loader(dataset: ImageDataset, schedule: FederatedSchedule, views: ViewSpec, *, num_workers: int,
-                       device: torch.device | None = None) -> TrainLoader:
-    """The torchvision training loader of the schedule, delivering its crops to `device` (None: CPU, unpinned)."""
-    from multicropdataset import build_torch_loaders, multicrop_transforms
-
-    crops = multicrop_transforms(dataset.mean, dataset.std, list(views.nmb_crops), list(views.size_crops),
-                                 list(views.min_scale_crops), list(views.max_scale_crops))
-    return build_torch_loaders(dataset.train_images, dataset.train_labels, dataset.test_images, dataset.test_labels,
-                               dataset.mean, dataset.std, schedule, crops, num_workers=num_workers,
-                               device=device).train
+                       device: torch.device = torch.device("cpu")) -> TrainLoader:
+    """The training loop's torchvision loader of the schedule, delivering its crops to `device`."""
+    return build_loaders(dataset, schedule, views, use_dali=False, dali_device=None, device=device,
+                         eval_batch_size=512, num_workers=num_workers, seed=0).train
 
 
 def dali_train_loader(dataset: ImageDataset, schedule: FederatedSchedule, views: ViewSpec, *, dali_device: str,
                       num_threads: int, device: torch.device = torch.device("cpu"), seed: int = 0) -> TrainLoader:
-    """The DALI training loader of the schedule (operators on `dali_device`), delivering its crops to `device`."""
-    from Dali.get_dali_dataloader import build_dali_loaders
-
-    return build_dali_loaders(dataset, schedule, views, device=device, dali_device=dali_device,
-                              eval_batch_size=512, num_threads=num_threads, seed=seed).train
+    """The training loop's DALI loader of the schedule (operators on `dali_device`), delivering crops to `device`."""
+    return build_loaders(dataset, schedule, views, use_dali=True, dali_device=dali_device, device=device,
+                         eval_batch_size=512, num_workers=num_threads, seed=seed).train
 
 
 def loader_builders(dataset: ImageDataset, schedule: FederatedSchedule, views: ViewSpec, dali_threads: int,

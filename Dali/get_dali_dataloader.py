@@ -14,7 +14,7 @@ Augmentation follows ``multicropdataset._colour_chain`` after a RandomResizedCro
 - colour jitter (p=0.8): brightness, contrast, saturation, hue in a random order, clipped after each one,
   hue shifted on the HSV hexcone; the pipeline has fixed stages, so each sample's order is laid out over
   six blend slots around one hue stage, the unused slots being identities;
-- grayscale (p=0.2, ITU-R 601 luma), Gaussian blur (3x3, sigma in (0.1, 2), p=0.5), horizontal flip
+- grayscale (p=0.2, ITU-R 601 luma), Gaussian blur (the view spec's kernel, sigma in (0.1, 2), p=0.5), horizontal flip
   (p=0.5), normalisation.
 Unlike the PIL path, intermediate images stay float instead of being rounded to uint8 after each operation.
 
@@ -37,7 +37,7 @@ from nvidia.dali import pipeline_def
 from nvidia.dali.data_node import DataNode
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
-from functions.cifar import ImageDataset
+from functions.datasets import ImageDataset
 from functions.errors import UserError
 from functions.loaders import (
     FederatedLoaders,
@@ -48,7 +48,7 @@ from functions.loaders import (
     check_image_array,
     check_mean_std,
 )
-from functions.server_method import ViewSpec
+from functions.views import ViewSpec
 
 # The torch path's augmentation constants (multicropdataset: RandomResizedCrop, _colour_chain).
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
@@ -254,37 +254,11 @@ def draw_crop_parameters(keys: np.ndarray, seed: int, crop_index: int, scale: tu
     )
 
 
-def expand_view_spec(view_spec: ViewSpec) -> list[tuple[int, tuple[float, float]]]:
-    """(size, (min scale, max scale)) of every crop, crop-major, as the torch path orders them."""
-    check_view_spec(view_spec)
-    crops = []
-    for count, size, low, high in zip(view_spec.nmb_crops, view_spec.size_crops, view_spec.min_scale_crops,
-                                      view_spec.max_scale_crops):
-        crops.extend([(int(size), (float(low), float(high)))] * int(count))
-    return crops
-
-
 def draw_view_parameters(keys: np.ndarray, seed: int, view_spec: ViewSpec,
                          image_size: tuple[int, int]) -> list[CropParameters]:
     """Parameters of every crop of the view spec for rows with the given sample keys."""
     return [draw_crop_parameters(keys, seed, crop_index, scale, image_size)
-            for crop_index, (_, scale) in enumerate(expand_view_spec(view_spec))]
-
-
-def check_view_spec(view_spec: ViewSpec) -> None:
-    """Reject view specs the augmentation cannot produce (same rules as the torch path)."""
-    lengths = {len(view_spec.nmb_crops), len(view_spec.size_crops), len(view_spec.min_scale_crops),
-               len(view_spec.max_scale_crops)}
-    if len(lengths) != 1 or not view_spec.nmb_crops:
-        raise UserError("--nmb_crops, --size_crops, --min_scale_crops and --max_scale_crops need the same, non-zero "
-                        f"number of values, got {list(view_spec.nmb_crops)}, {list(view_spec.size_crops)}, "
-                        f"{list(view_spec.min_scale_crops)}, {list(view_spec.max_scale_crops)}")
-    for count, size, low, high in zip(view_spec.nmb_crops, view_spec.size_crops, view_spec.min_scale_crops,
-                                      view_spec.max_scale_crops):
-        if int(count) < 1 or int(size) < 1:
-            raise UserError(f"--nmb_crops and --size_crops values must be at least 1, got {count} and {size}")
-        if not 0.0 < float(low) <= float(high) <= 1.0:
-            raise UserError(f"crop scales need 0 < min <= max <= 1, got min {low} and max {high}")
+            for crop_index, (_, scale) in enumerate(view_spec.crops())]
 
 
 # ------------------------------------------------------------------------------------------ pipeline graph
@@ -312,8 +286,8 @@ def _hue_stage(image: DataNode, hue_phase: DataNode) -> DataNode:
     return high - chroma * dmath.clamp(dmath.min(phase, 4.0 - phase), 0.0, 1.0)
 
 
-def _augment_crop(images: DataNode, inputs: Sequence[DataNode], size: int, mean255: list[float],
-                  std255: list[float], on_gpu: bool) -> DataNode:
+def _augment_crop(images: DataNode, inputs: Sequence[DataNode], size: int, blur_kernel_size: int,
+                  mean255: list[float], std255: list[float], on_gpu: bool) -> DataNode:
     """One crop of every row: window, resize, jitter slots, hue, grayscale, blur, flip + normalise to CHW."""
     anchor, window = inputs[0], inputs[1]
     blend = list(inputs[2:2 + 3 * BLEND_SLOTS])
@@ -330,14 +304,14 @@ def _augment_crop(images: DataNode, inputs: Sequence[DataNode], size: int, mean2
             image = _hue_stage(image, hue_phase)
         image = _blend_slot(image, *blend[3 * slot:3 * slot + 3])
     image = fn.coord_transform(image, M=colour_matrix)  # identity or three equal luma rows
-    image = fn.gaussian_blur(image, window_size=3, sigma=blur_sigma)
+    image = fn.gaussian_blur(image, window_size=blur_kernel_size, sigma=blur_sigma)
     return fn.crop_mirror_normalize(image, mirror=flip, mean=mean255, std=std255, output_layout="CHW",
                                     dtype=types.FLOAT)
 
 
 @pipeline_def
-def _crops_pipeline(source: Any, crop_sizes: Sequence[int], mean255: list[float], std255: list[float],
-                    on_gpu: bool) -> tuple[DataNode, ...]:
+def _crops_pipeline(source: Any, crop_sizes: Sequence[int], blur_kernel_size: int, mean255: list[float],
+                    std255: list[float], on_gpu: bool) -> tuple[DataNode, ...]:
     """DALI graph: uint8 NHWC images plus per-crop parameters in, one normalised NCHW batch per crop out."""
     num_outputs = 1 + _INPUTS_PER_CROP * len(crop_sizes)
     per_crop_dtypes = ([types.FLOAT] * (2 + 3 * BLEND_SLOTS)) + [types.FLOAT, types.FLOAT, types.FLOAT, types.INT32]
@@ -350,8 +324,8 @@ def _crops_pipeline(source: Any, crop_sizes: Sequence[int], mean255: list[float]
     )
     images = fed[0].gpu() if on_gpu else fed[0]
     return tuple(
-        _augment_crop(images, fed[1 + crop * _INPUTS_PER_CROP:1 + (crop + 1) * _INPUTS_PER_CROP], size, mean255,
-                      std255, on_gpu)
+        _augment_crop(images, fed[1 + crop * _INPUTS_PER_CROP:1 + (crop + 1) * _INPUTS_PER_CROP], size,
+                      blur_kernel_size, mean255, std255, on_gpu)
         for crop, size in enumerate(crop_sizes)
     )
 
@@ -367,7 +341,7 @@ class DaliCropAugmenter(Generic[Tag]):
     """
 
     def __init__(self, crop_sizes: Sequence[int], mean: Sequence[float], std: Sequence[float], *,
-                 max_batch_size: int, dali_device: str, output_device: torch.device, num_threads: int,
+                 max_batch_size: int, blur_kernel_size: int = 3, dali_device: str, output_device: torch.device, num_threads: int,
                  device_id: int | None = None, prefetch_queue_depth: int = 2) -> None:
         check_mean_std(mean, std)
         if dali_device not in DALI_DEVICES:
@@ -384,7 +358,7 @@ class DaliCropAugmenter(Generic[Tag]):
         self._tags: deque[Tag] = deque()
         self._generation = 0
         self.pipeline = _crops_pipeline(
-            source=self._next_inputs, crop_sizes=self.crop_sizes,
+            source=self._next_inputs, crop_sizes=self.crop_sizes, blur_kernel_size=int(blur_kernel_size),
             mean255=[255.0 * float(m) for m in mean], std255=[255.0 * float(s) for s in std],
             on_gpu=dali_device == "gpu",
             batch_size=int(max_batch_size), num_threads=int(num_threads), device_id=self.device_id,
@@ -468,12 +442,13 @@ class DaliTrainLoader:
         self.view_spec = view_spec
         self.seed = int(seed)
         self.steps_per_epoch = schedule.steps_per_epoch
-        crops = expand_view_spec(view_spec)
+        crops = view_spec.crops()
         # The largest step: the pool's clients with the largest batches.
         largest_step = sum(sorted(schedule.batch_sizes, reverse=True)[:schedule.pool_size])
         self.augmenter: DaliCropAugmenter[Plan] = DaliCropAugmenter(
-            [size for size, _ in crops], mean, std, max_batch_size=largest_step, dali_device=dali_device,
-            output_device=output_device, num_threads=num_threads, device_id=device_id)
+            [size for size, _ in crops], mean, std, max_batch_size=largest_step,
+            blur_kernel_size=view_spec.blur_kernel_size, dali_device=dali_device, output_device=output_device,
+            num_threads=num_threads, device_id=device_id)
 
     def pool(self, epoch: int) -> list[int]:
         """Clients sampled for `epoch`, ascending."""
@@ -531,7 +506,6 @@ def build_dali_loaders(dataset: ImageDataset, schedule: FederatedSchedule, view_
     check_image_array(dataset.train_images, dataset.train_labels, "train")
     check_image_array(dataset.test_images, dataset.test_labels, "test")
     check_mean_std(dataset.mean, dataset.std)
-    check_view_spec(view_spec)
     largest_index = max(int(shard.max()) for shard in schedule.client_indices)
     if largest_index >= dataset.train_images.shape[0]:
         raise ValueError(f"the partition refers to index {largest_index}, "

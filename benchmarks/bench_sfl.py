@@ -13,9 +13,9 @@ numbers are the cost of the training step alone:
 * vmap: the same step with `functions.clients_vmap.VectorisedClientSide` (one pass over the whole pool; its
   `--engine` is grouped convolutions when the client model allows, else torch.vmap).
 
-A step is what `Trainer.train_step` does: clients forward, server loss (MoCo's InfoNCE with queue and momentum
-encoders, or SwAV's swapped prediction with Sinkhorn codes), one backward, server step, client steps, momentum
-copies. With `--client_only` only the client half is timed (loop and vmap): forward, momentum forward, backward
+A step is the training loop's own `functions.step.SplitStep`: clients forward, server loss (MoCo's InfoNCE with
+queue and momentum encoders, or SwAV's swapped prediction with Sinkhorn codes), one backward, server step, client
+steps, momentum copies. With `--client_only` only the client half is timed (loop and vmap): forward, momentum forward, backward
 of a fixed stand-in server gradient, client steps, momentum copies. `images_per_sec` counts samples of the global
 batch, `--sampled_clients` x `--per_client_batch`, each with all its views (2 for MoCo, sum(--nmb_crops) of the
 SwAV defaults for SwAV). Warm-up steps are excluded; each of `--repeats` timed
@@ -45,7 +45,6 @@ not fit).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import platform
@@ -55,7 +54,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
@@ -68,15 +67,19 @@ from configs import parse_args  # noqa: E402
 from Dali.bench_loaders import dali_import_error, dali_train_loader, load_images, torch_train_loader  # noqa: E402
 from functions.clients import ClientSide  # noqa: E402
 from functions.clients_vmap import ENGINES, VectorisedClientSide  # noqa: E402
+from functions.datasets import dataset_entry  # noqa: E402
+from functions.distributed import Runtime  # noqa: E402
 from functions.errors import UserError, run_cli  # noqa: E402
 from functions.loaders import FederatedSchedule, StepBatch, TrainLoader  # noqa: E402
-from functions.server_method import ServerMethod, ViewSpec  # noqa: E402
-from models.resnet import build_split_resnet, build_unsplit_resnet, check_cutlayer  # noqa: E402
+from functions.precision import MixedPrecision  # noqa: E402
+from functions.server_method import ServerMethod, method_class, method_names  # noqa: E402
+from functions.step import SplitStep, build_split_step  # noqa: E402
+from functions.views import ViewSpec  # noqa: E402
+from models.split import build_unsplit_model, check_cutlayer  # noqa: E402
 
 MODES = ("centralised", "loop", "vmap")   # the train-step modes, measured by default
 DATA_MODE = "data"                        # the training loader, measured only when asked
 LOADERS = ("torch", "dali")
-METHODS = ("moco", "swav")
 Step = Callable[[], torch.Tensor]
 
 
@@ -106,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Command-line options of the benchmark."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--method", type=str, default="moco", choices=METHODS, help="server-side SSL method")
+    parser.add_argument("--method", type=str, default="moco", choices=method_names(), help="server-side SSL method")
     parser.add_argument("--device", type=str, default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--clients", type=int, nargs="+", default=[10, 100, 1000], help="numbers of simulated clients")
     parser.add_argument("--per_client_batch", type=int, default=1,
@@ -136,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "in the warm-up steps, which are not timed")
     parser.add_argument("--engine", type=str, default="auto", choices=ENGINES,
                         help="engine of the vmap mode: grouped convolutions, torch.vmap, or auto (grouped when possible)")
-    parser.add_argument("--arch", type=str, default="ResNet18", help="ResNet18, ResNet34 or ResNet50")
+    parser.add_argument("--arch", type=str, default="ResNet18", help="split backbone (any --arch of the training scripts)")
     parser.add_argument("--width", type=int, default=64, help="base channel count of the ResNet")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per repetition")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before the repetitions")
@@ -255,64 +258,33 @@ def method_args(method: str, seed: int, method_config: str | None = None) -> arg
     return parse_args(method, [*preset, "--seed", str(seed), "--output_dir", "unused"])
 
 
-def build_method(method: str, args: argparse.Namespace, server: torch.nn.Module, device: torch.device) -> ServerMethod:
-    """MocoServer or SwavServer around `server` (the server part, or the whole network for the centralised step)."""
-    if method == "moco":
-        from functions.sflmoco_functions import MocoServer
-
-        return MocoServer(args, server, device).to(device)
-    from functions.sflswav_functions import SwavServer
-
-    return SwavServer(args, server, device).to(device)
-
-
-def model_options(method: str, args: argparse.Namespace, arch: str, width: int) -> dict[str, Any]:
-    """Keyword arguments of the ResNet builders for the method's head."""
-    if method == "moco":
-        return dict(arch=arch, width=width, head="moco", moco_version=args.moco_version, K_dim=args.K_dim)
-    return dict(arch=arch, width=width, head="swav", hidden_mlp=args.hidden_mlp, feat_dim=args.feat_dim,
-                nmb_prototypes=args.nmb_prototypes)
-
-
-def synthetic_crops(method: str, args: argparse.Namespace, rows: int, device: torch.device,
-                    seed: int) -> list[torch.Tensor]:
-    """Random image crops of the global batch: MoCo's two 32-pixel views, or SwAV's multi-crop sizes."""
+def synthetic_crops(views: ViewSpec, rows: int, device: torch.device, seed: int) -> list[torch.Tensor]:
+    """Random image crops of the global batch, one tensor per crop of the method's views."""
     generator = torch.Generator().manual_seed(seed)
-    if method == "moco":
-        sizes = [32, 32]
-    else:
-        sizes = [size for count, size in zip(args.nmb_crops, args.size_crops) for _ in range(count)]
-    return [torch.randn(rows, 3, size, size, generator=generator).to(device) for size in sizes]
+    return [torch.randn(rows, 3, size, size, generator=generator).to(device) for size, _ in views.crops()]
 
 
 def view_spec_of(method: str, args: argparse.Namespace) -> ViewSpec:
-    """The views the method's loader makes: MoCo's two 32-pixel crops, or the multi-crop of the SwAV options."""
-    if method == "moco":
-        from functions.sflmoco_functions import moco_view_spec
-
-        return moco_view_spec(args)
-    from functions.sflswav_functions import swav_view_spec
-
-    return swav_view_spec(args)
+    """The views the method's loader makes of the options' dataset (CIFAR-10 by default)."""
+    return method_class(method).view_spec(args, dataset_entry(args.dataset))
 
 
-def autocast_for(device: torch.device, amp: bool) -> tuple[Callable[[], ContextManager], torch.amp.GradScaler]:
-    """The autocast context factory and the GradScaler of a step (fp16 + scaler on CUDA, bf16 on CPU)."""
+def precision_for(device: torch.device, amp: bool) -> MixedPrecision:
+    """The step's precision: fp16 autocast with a loss scaler on CUDA, bf16 autocast on CPU, or full precision."""
     if not amp:
-        return contextlib.nullcontext, torch.amp.GradScaler(device.type, enabled=False)
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return (lambda: torch.autocast(device.type, dtype=dtype)), torch.amp.GradScaler(device.type,
-                                                                                   enabled=dtype == torch.float16)
+        return MixedPrecision(None, Runtime(device=device))
+    return MixedPrecision(torch.float16 if device.type == "cuda" else torch.bfloat16, Runtime(device=device))
 
 
-def centralised_step(method: ServerMethod, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                     crops: Sequence[torch.Tensor], autocast: Callable[[], ContextManager]) -> Step:
+def centralised_step(method: ServerMethod, optimizer: torch.optim.Optimizer, precision: MixedPrecision,
+                     crops: Sequence[torch.Tensor]) -> Step:
     """One step of the unsplit network: the method's loss on the raw crops, one backward, one optimizer step."""
     state = {"step": 0}
+    scaler = precision.scaler
 
     def step() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
-        with autocast():
+        with precision.autocast():
             momentum_inputs = [crops[k] for k in method.momentum_crops]
             loss, _ = method.compute_loss([crops[k] for k in method.trainable_crops], momentum_inputs, 0)
         scaler.scale(loss).backward()
@@ -326,45 +298,29 @@ def centralised_step(method: ServerMethod, optimizer: torch.optim.Optimizer, sca
     return step
 
 
-def sfl_step(clients: ClientSide | VectorisedClientSide, method: ServerMethod, optimizer: torch.optim.Optimizer,
-             scaler: torch.amp.GradScaler, crops: Sequence[torch.Tensor], pool: list[int], rows: list[int],
-             autocast: Callable[[], ContextManager]) -> Step:
-    """One SFL step exactly as Trainer.train_step does it, for either client side."""
+def sfl_step(split_step: SplitStep, crops: Sequence[torch.Tensor], pool: list[int], rows: list[int]) -> Step:
+    """The training loop's own step (functions.step.SplitStep) on fixed crops, for either client engine."""
+    batch = StepBatch(crops=list(crops), client_ids=pool, rows_per_client=rows,
+                      sample_indices=torch.zeros(sum(rows), dtype=torch.long))
     state = {"step": 0}
 
     def step() -> torch.Tensor:
-        optimizer.zero_grad(set_to_none=True)
-        clients.zero_grad(pool)
-        with autocast():
-            smashed = clients.forward([crops[k] for k in method.trainable_crops], pool, rows)
-            server_inputs = [s.detach().requires_grad_(True) for s in smashed]
-            momentum_smashed = (clients.momentum_forward([crops[k] for k in method.momentum_crops], pool, rows)
-                                if method.momentum_crops else [])
-            loss, _ = method.compute_loss(server_inputs, momentum_smashed, 0)
-        scaler.scale(loss).backward()
-        clients.backward([s.grad for s in server_inputs])
-        method.before_server_step(state["step"])
-        scaler.step(optimizer)
-        clients.step(pool, scaler)
-        scaler.update()
-        method.after_server_step()
-        if method.client_momentum > 0:
-            clients.update_momentum_copies(pool, method.client_momentum)
+        loss, _ = split_step(batch, epoch=0, global_step=state["step"])
         state["step"] += 1
-        return loss.detach()
+        return loss
 
     return step
 
 
-def client_only_step(clients: ClientSide | VectorisedClientSide, method: ServerMethod, scaler: torch.amp.GradScaler,
-                     crops: Sequence[torch.Tensor], pool: list[int], rows: list[int],
-                     autocast: Callable[[], ContextManager]) -> Step:
+def client_only_step(split_step: SplitStep, crops: Sequence[torch.Tensor], pool: list[int], rows: list[int]) -> Step:
     """The client half of an SFL step alone: a fixed server gradient stands in for the server."""
+    clients, method, precision = split_step.clients, split_step.method, split_step.precision
+    scaler = precision.scaler
     gradients: list[torch.Tensor] = []
 
     def step() -> torch.Tensor:
         clients.zero_grad(pool)
-        with autocast():
+        with precision.autocast():
             smashed = clients.forward([crops[k] for k in method.trainable_crops], pool, rows)
             if method.momentum_crops:
                 clients.momentum_forward([crops[k] for k in method.momentum_crops], pool, rows)
@@ -384,40 +340,34 @@ def client_only_step(clients: ClientSide | VectorisedClientSide, method: ServerM
 def build_step(setting: Setting, device: torch.device, seed: int) -> tuple[Step, str | None]:
     """The train step of one setting, built from the same initial weights and data in every mode."""
     args = method_args(setting.method, seed, setting.method_config)
-    options = model_options(setting.method, args, setting.arch, setting.width)
+    args.arch, args.width, args.num_client = setting.arch, setting.width, setting.clients
+    args.channels_last, args.compile = setting.channels_last, setting.compile
     rows = [setting.per_client_batch] * setting.sampled_clients
     memory_format = torch.channels_last if setting.channels_last else torch.contiguous_format
     crops = [crop.contiguous(memory_format=memory_format)
-             for crop in synthetic_crops(setting.method, args, sum(rows), device, seed)]
-    autocast, scaler = autocast_for(device, setting.amp)
+             for crop in synthetic_crops(view_spec_of(setting.method, args), sum(rows), device, seed)]
+    precision = precision_for(device, setting.amp)
     torch.manual_seed(seed)
     if setting.mode == "centralised":
-        method = build_method(setting.method, args, build_unsplit_resnet(**options).to(device, memory_format=memory_format),
-                              device)
+        method_cls = method_class(setting.method)
+        network = build_unsplit_model(args.arch, head=method_cls.head_builder(args), use_ws=not args.disable_WS,
+                                      width=args.width)
+        method = method_cls(args, network.to(device, memory_format=memory_format), device)
         if setting.compile:
             method.server.compile()
         optimizer = torch.optim.SGD(method.optimized_parameters(), lr=args.lr, momentum=args.momentum,
                                     weight_decay=args.weight_decay)
-        return centralised_step(method, optimizer, scaler, crops, autocast), None
-    split = build_split_resnet(cutlayer=setting.cutlayer, **options)
-    method = build_method(setting.method, args, split.server.to(device, memory_format=memory_format), device)
-    if setting.compile:
-        method.server.compile()
-    client_options = dict(lr=args.c_lr, momentum=args.momentum, weight_decay=args.weight_decay,
-                          keep_momentum_copies=method.client_momentum > 0, device=device, memory_format=memory_format)
-    clients: ClientSide | VectorisedClientSide
-    if setting.mode == "loop":
-        clients = ClientSide(split.client, setting.clients, **client_options)
-    else:
-        clients = VectorisedClientSide(split.client, setting.clients, engine=setting.engine or "auto", **client_options)
-    optimizer = torch.optim.SGD(method.optimized_parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
+        return centralised_step(method, optimizer, precision, crops), None
+    args.cutlayer = setting.cutlayer
+    args.client_exec = "loop" if setting.mode == "loop" else "vmap"
+    split_step = build_split_step(args, Runtime(device=device), precision, engine=setting.engine or "auto")
     generator = torch.Generator().manual_seed(seed + 1)
     pool = sorted(torch.randperm(setting.clients, generator=generator)[: setting.sampled_clients].tolist())
+    clients = split_step.clients
     engine = clients.engine if isinstance(clients, VectorisedClientSide) else None
     if setting.client_only:
-        return client_only_step(clients, method, scaler, crops, pool, rows, autocast), engine
-    return sfl_step(clients, method, optimizer, scaler, crops, pool, rows, autocast), engine
+        return client_only_step(split_step, crops, pool, rows), engine
+    return sfl_step(split_step, crops, pool, rows), engine
 
 
 # --------------------------------------------------------------------------------------------- measuring

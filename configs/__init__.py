@@ -1,25 +1,27 @@
-"""Every command-line option of both entry scripts, YAML presets (--config), and validation.
+"""Every command-line option of the entry scripts, YAML presets (--config), and validation.
 
-Option names follow the seed scripts (MocoSFL and its SwAV descendant). `parse_args(method, argv)` returns
-the resolved options; values come from, in increasing priority: the defaults here, the `--config` YAML
+Option names follow the seed scripts (MocoSFL and its SwAV descendant). The loop's options are here; each
+registered method adds its own group (functions.server_method). `parse_args(method, argv)` returns the resolved
+options; values come from, in increasing priority: the defaults here, the `--config` YAML
 file, the command line.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import re
 from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
 
+from functions.datasets import dataset_names
 from functions.errors import UserError
 from functions.files import write_text_atomic
-from functions.partition import add_partition_arguments, resolve_partition_method
+from functions.partition import add_partition_arguments, parse_hetero_string, resolve_partition_method
+from functions.server_method import method_class
+from models.split import ARCHITECTURES, check_cutlayer
 
 CONFIG_DIR = Path(__file__).resolve().parent
-METHODS = ("moco", "swav")
 
 # Options that do not change what a run computes: a resumed run may change them freely.
 RUNTIME_OPTIONS = frozenset({
@@ -31,14 +33,11 @@ RUNTIME_OPTIONS = frozenset({
 
 
 def build_parser(method: str) -> argparse.ArgumentParser:
-    """The parser of one entry script (`method` is "moco" or "swav")."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}")
-    entry = "run_sflmoco.py" if method == "moco" else "run_sflswav.py"
+    """The parser of the entry script of a registered method: the loop's options, then the method's own."""
+    method_cls = method_class(method)
     parser = argparse.ArgumentParser(
-        prog=entry,
-        description=("Split federated self-supervised learning with "
-                     + ("MoCo (MocoSFL)." if method == "moco" else "SwAV (multi-crop, prototypes, Sinkhorn).")),
+        prog=method_cls.entry_script or None,
+        description=f"Split federated self-supervised learning with {method_cls.description or method_cls.name}.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--config", type=str, default=None,
@@ -68,7 +67,7 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                      help="accepted for compatibility with the seed scripts; torchrun's environment decides")
 
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", type=str, default="cifar10", choices=["cifar10", "cifar100", "synthetic"],
+    data.add_argument("--dataset", type=str, default="cifar10", choices=dataset_names(),
                       help="training data set (synthetic = small random images, for tests)")
     data.add_argument("--data_dir", type=str, default="./data",
                       help="folder holding cifar-10-batches-py/ or cifar-100-python/ (downloaded when missing)")
@@ -94,7 +93,8 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     add_partition_arguments(parser)
 
     model = parser.add_argument_group("model")
-    model.add_argument("--arch", type=str, default="ResNet18", help="ResNet18, ResNet34 or ResNet50 (CIFAR stem)")
+    model.add_argument("--arch", type=str, default="ResNet18",
+                       help=f"split backbone: {', '.join(entry.name for entry in ARCHITECTURES.values())}")
     model.add_argument("--width", type=int, default=64, help="base channel count of the ResNet (64 = standard)")
     model.add_argument("--disable_WS", action="store_true", help="plain convolutions instead of weight-standardised ones")
     model.add_argument("--disable_c_residual", action="store_true", help="no shortcut connections in the client's blocks")
@@ -121,41 +121,7 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     evaluation.add_argument("--linear_epochs", type=int, default=100, help="epochs of the final linear and semi-supervised probes")
     evaluation.add_argument("--skip_linear", action="store_true", help="skip the final linear and semi-supervised probes")
 
-    if method == "moco":
-        moco = parser.add_argument_group("MoCo")
-        moco.add_argument("--moco_version", type=str, default="V2", choices=["V1", "smallV2", "V2", "largeV2"],
-                          help="projection head: V1 linear, smallV2/V2/largeV2 two-layer MLP of growing width")
-        moco.add_argument("--K", type=int, default=6000, help="keys in the shared queue (negatives)")
-        moco.add_argument("--K_dim", type=int, default=128, help="dimension of keys and queries")
-        moco.add_argument("--T", type=float, default=0.1, help="InfoNCE temperature")
-        moco.add_argument("--moco_momentum", type=float, default=0.99, help="momentum of the key encoders (client copies and server)")
-        moco.add_argument("--symmetric", action="store_true", help="add the swapped InfoNCE term (both views serve as query and key)")
-        moco.add_argument("--fedavg_momentum", action="store_true", help="FedAvg also averages the clients' momentum copies")
-    else:
-        swav = parser.add_argument_group("SwAV")
-        swav.add_argument("--nmb_crops", type=int, nargs="+", default=[2, 6], help="number of crops of each size")
-        swav.add_argument("--size_crops", type=int, nargs="+", default=[32, 16], help="crop sizes in pixels")
-        swav.add_argument("--min_scale_crops", type=float, nargs="+", default=[0.2, 0.08], help="RandomResizedCrop minimum area fraction per size")
-        swav.add_argument("--max_scale_crops", type=float, nargs="+", default=[1.0, 0.3], help="RandomResizedCrop maximum area fraction per size")
-        swav.add_argument("--crops_for_assign", type=int, nargs="+", default=[0, 1], help="crops whose codes are predicted")
-        swav.add_argument("--temperature", type=float, default=0.1, help="softmax temperature of the swapped prediction")
-        swav.add_argument("--epsilon", type=float, default=0.03, help="entropy regularisation of Sinkhorn-Knopp")
-        swav.add_argument("--sinkhorn_iterations", type=int, default=3, help="Sinkhorn-Knopp iterations")
-        swav.add_argument("--feat_dim", type=int, default=128, help="embedding dimension")
-        swav.add_argument("--hidden_mlp", type=int, default=2048, help="hidden width of the projection MLP (0 = linear)")
-        swav.add_argument("--nmb_prototypes", type=int, default=300,
-                          help="number of prototypes; keep about two rows of the global batch (plus queue) per prototype")
-        swav.add_argument("--queue_length", type=int, default=0, help="embeddings kept per assignment crop for Sinkhorn (0 = no queue)")
-        swav.add_argument("--epoch_queue_starts", type=int, default=15, help="epoch from which the queue is filled and used")
-        swav.add_argument("--freeze_prototypes_niters", type=int, default=80, help="steps during which the prototypes do not move")
-        swav.add_argument("--server_update", type=str, default="joint", choices=["joint", "per_client"],
-                          help="joint: one loss over all clients, one server step; per_client: one server step per client")
-        swav.add_argument("--use_swav_scheduler", action="store_true",
-                          help="linear warm-up then per-step cosine decay (SwAV's schedule) instead of --cos / milestones")
-        swav.add_argument("--start_warmup", type=float, default=0.0, help="lr at the start of the warm-up")
-        swav.add_argument("--warmup_epochs", type=int, default=10, help="warm-up epochs of --use_swav_scheduler")
-        swav.add_argument("--final_s_lr", type=float, default=0.0006, help="server lr at the end of --use_swav_scheduler")
-        swav.add_argument("--final_c_lr", type=float, default=-1.0, help="client lr at the end of --use_swav_scheduler (-1 = same as --final_s_lr)")
+    method_cls.add_arguments(parser)
     return parser
 
 
@@ -213,71 +179,9 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
         raise UserError("--eval_only needs --checkpoint PATH (a checkpoint_last.pt of an earlier run)")
     if args.hetero:
         parse_hetero_string(args.hetero_string)
-    _check_cutlayer(args)
-    if args.method == "moco":
-        if args.K < 1 or args.K_dim < 1 or args.T <= 0:
-            raise UserError("--K, --K_dim and --T must be positive")
-        if not 0.0 <= args.moco_momentum < 1.0:
-            raise UserError(f"--moco_momentum must be in [0, 1) (got {args.moco_momentum})")
-    else:
-        _check_swav(args)
+    check_cutlayer(args.arch, args.cutlayer)
+    method_class(args.method).check_args(args)
     return args
-
-
-def _check_cutlayer(args: argparse.Namespace) -> None:
-    from models.resnet import num_cut_points
-
-    points = num_cut_points(args.arch)  # raises UserError for an unknown arch
-    if not 1 <= args.cutlayer <= points:
-        raise UserError(f"--cutlayer {args.cutlayer} is past {args.arch}, which has cut points 1..{points} "
-                        f"(1 = stem only, {points} = the whole backbone on the client)")
-
-
-def _check_swav(args: argparse.Namespace) -> None:
-    lists = {"nmb_crops": args.nmb_crops, "size_crops": args.size_crops,
-             "min_scale_crops": args.min_scale_crops, "max_scale_crops": args.max_scale_crops}
-    lengths = {name: len(value) for name, value in lists.items()}
-    if len(set(lengths.values())) != 1:
-        described = ", ".join(f"--{name} has {length}" for name, length in lengths.items())
-        raise UserError(f"the crop lists must have the same length: {described}")
-    for low, high in zip(args.min_scale_crops, args.max_scale_crops):
-        if not 0.0 < low <= high <= 1.0:
-            raise UserError(f"crop scales must satisfy 0 < min <= max <= 1 (got min {low}, max {high})")
-    if any(n < 1 for n in args.nmb_crops) or any(s < 1 for s in args.size_crops):
-        raise UserError("--nmb_crops and --size_crops must be positive")
-    total_crops = sum(args.nmb_crops)
-    if total_crops < 2:
-        raise UserError("SwAV needs at least two crops in total (--nmb_crops)")
-    for crop in args.crops_for_assign:
-        if not 0 <= crop < total_crops:
-            raise UserError(f"--crops_for_assign {crop} is out of range: there are {total_crops} crops (0..{total_crops - 1})")
-    if len(set(args.crops_for_assign)) != len(args.crops_for_assign):
-        raise UserError("--crops_for_assign lists a crop twice")
-    if args.nmb_prototypes < 2:
-        raise UserError("--nmb_prototypes must be at least 2")
-    if args.queue_length < 0 or args.epsilon <= 0 or args.temperature <= 0 or args.sinkhorn_iterations < 1:
-        raise UserError("--queue_length must be >= 0; --epsilon, --temperature and --sinkhorn_iterations positive")
-    if args.server_update == "per_client" and args.use_fp16 and args.amp_dtype == "fp16":
-        raise UserError("--server_update per_client steps the server once per client and cannot share fp16 loss "
-                        "scaling with the clients; use --amp_dtype bf16 or --server_update joint")
-    if args.final_c_lr == -1.0:
-        args.final_c_lr = args.final_s_lr
-
-
-_HETERO = re.compile(r"^([0-9.]+)_([0-9.]+)\|([0-9.]+)\|([0-9.]+)_([0-9.]+)$")
-
-
-def parse_hetero_string(text: str) -> tuple[float, float, float]:
-    """'A_B|C|D_E' -> (rich client fraction A, their data fraction B, batch multiplier C)."""
-    match = _HETERO.match(text.strip())
-    if not match:
-        raise UserError(f"--hetero_string {text!r} must look like 'A_B|C|D_E', e.g. '0.2_0.8|16|0.8_0.2'")
-    rich_clients, rich_data, multiplier, poor_clients, poor_data = (float(g) for g in match.groups())
-    if abs(rich_clients + poor_clients - 1) > 1e-6 or abs(rich_data + poor_data - 1) > 1e-6:
-        raise UserError(f"--hetero_string {text!r}: A + D and B + E must each be 1")
-    if not (0 < rich_clients < 1 and 0 < rich_data < 1 and multiplier >= 1):
-        raise UserError(f"--hetero_string {text!r}: fractions must be in (0, 1) and the multiplier at least 1")
-    return rich_clients, rich_data, multiplier
 
 
 def training_signature(args: argparse.Namespace) -> dict[str, Any]:

@@ -1,6 +1,8 @@
-"""Atomic checkpoints: a run's file is either the previous complete one or the new complete one, never half."""
+"""Checkpoints: written atomically (a run's file is the previous complete one or the new one, never half), read
+with one clear line for a bad file, and checked against the run that wants to continue them."""
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,10 @@ from functions.errors import UserError
 from functions.files import TEMPORARY_SUFFIX, temporary_prefix, write_atomic
 
 CHECKPOINT_NAME = "checkpoint_last.pt"
+CHECKPOINT_FORMAT = 1
+# Keys every checkpoint of this format holds; a file without them is refused before anything is loaded.
+CHECKPOINT_KEYS = frozenset({"format", "args", "signature", "partition_hash", "epoch", "step_in_epoch", "global_step",
+                             "method", "method_extra", "clients", "server_optimizer", "scaler", "rng", "metrics"})
 
 
 def save_atomic(state: dict[str, Any], path: str | os.PathLike) -> None:
@@ -47,3 +53,57 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(state, dict) or "format" not in state:
         raise UserError(f"{path} is not a checkpoint of this project; delete it or pass another --output_dir")
     return state
+
+
+def check_checkpoint_layout(state: dict[str, Any], source: str) -> None:
+    """Refuse a checkpoint that lacks a key of this format, or has another format."""
+    missing = sorted(CHECKPOINT_KEYS - set(state))
+    if missing:
+        raise UserError(f"{source} is incomplete (no {', '.join(missing)}); delete it or pass another --output_dir")
+    if state["format"] != CHECKPOINT_FORMAT:
+        raise UserError(f"{source} has format {state['format']!r}, this version reads format {CHECKPOINT_FORMAT}; "
+                        "evaluate or resume it with the version that wrote it")
+
+
+def first_non_finite(tree: Any, name: str = "") -> str | None:
+    """Name of the first floating tensor holding inf or NaN in nested dicts/lists/tuples, or None."""
+    named: list[tuple[str, torch.Tensor]] = []
+
+    def collect(node: Any, path: str) -> None:
+        if isinstance(node, torch.Tensor):
+            if node.is_floating_point() or node.is_complex():
+                named.append((path, node))
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                collect(value, f"{path}.{key}" if path else str(key))
+        elif isinstance(node, (list, tuple)):
+            for index, value in enumerate(node):
+                collect(value, f"{path}[{index}]")
+
+    collect(tree, name)
+    positions_by_device: dict[torch.device, list[int]] = {}
+    for position, (_, tensor) in enumerate(named):
+        positions_by_device.setdefault(tensor.device, []).append(position)
+    finite = [True] * len(named)
+    for positions in positions_by_device.values():  # one host transfer per device
+        flags = torch.stack([named[p][1].isfinite().all() for p in positions]).cpu().tolist()
+        for position, flag in zip(positions, flags):
+            finite[position] = flag
+    return next((path for (path, _), ok in zip(named, finite) if not ok), None)
+
+
+def check_same_configuration(state: dict[str, Any], args: argparse.Namespace, current_hash: str) -> None:
+    """Refuse to resume a checkpoint made under different training options (names the first difference)."""
+    from configs import training_signature  # configs imports the registries; imported when a run resumes
+
+    saved = state["signature"]
+    current = training_signature(args)
+    differing = [key for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
+    if differing:
+        was = " ".join(f"--{key} {saved.get(key)!r}" for key in differing)
+        now = " ".join(f"--{key} {current.get(key)!r}" for key in differing)
+        raise UserError(f"the checkpoint in {args.output_dir} was made with {was}, this run has {now}; "
+                        "use the same options, or a new --output_dir")
+    if state["partition_hash"] != current_hash:
+        raise UserError(f"the checkpoint in {args.output_dir} was made on a different data partition; "
+                        "use the same data and partition options, or a new --output_dir")

@@ -1,4 +1,4 @@
-"""CIFAR-10/100 in the official python format, read into NHWC uint8 arrays; download when missing; synthetic data.
+"""CIFAR-10/100 in the official python format, read into NHWC uint8 arrays; download when missing.
 
 The reader is our own (no torchvision dataset classes) so that trimmed or re-pickled copies of the official
 batches, such as the bundled sample in ``sample_data/``, load as long as their layout is right.
@@ -21,22 +21,6 @@ IMAGE_SIZE = 32
 CHANNELS = 3
 ROW_LENGTH = CHANNELS * IMAGE_SIZE * IMAGE_SIZE  # 3072: 1024 R, then 1024 G, then 1024 B values per image
 DOWNLOAD_TIMEOUT_S = 15.0  # per socket operation; an offline machine fails fast instead of hanging
-DATASET_CHOICES = ("cifar10", "cifar100", "synthetic")
-
-
-@dataclass
-class ImageDataset:
-    """A labelled image dataset held in memory: uint8 NHWC images, int64 labels, normalisation constants."""
-
-    name: str
-    train_images: np.ndarray
-    train_labels: np.ndarray
-    test_images: np.ndarray
-    test_labels: np.ndarray
-    num_classes: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    source: str
 
 
 @dataclass(frozen=True)
@@ -260,72 +244,13 @@ def _read_split(folder: Path, files: tuple[str, ...], spec: CifarSpec) -> tuple[
     return images, labels
 
 
-def stratified_subset(labels: np.ndarray, proportion: float, seed: int) -> np.ndarray:
-    """Sorted indices keeping about `proportion` of every class (at least one image of each class present)."""
-    rng = np.random.default_rng(seed)
-    kept = []
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
-        count = max(1, int(round(proportion * members.size)))
-        kept.append(rng.permutation(members)[:count])
-    return np.sort(np.concatenate(kept)).astype(np.int64)
+def read_cifar(name: str, data_dir: str | os.PathLike, *, download: bool = True) -> tuple[np.ndarray, ...]:
+    """(train images, train labels, test images, test labels, source folder) of cifar10 or cifar100 in data_dir.
 
-
-def make_synthetic(num_train: int, num_test: int, seed: int, num_classes: int = 10) -> tuple[np.ndarray, ...]:
-    """Random 32x32 images whose class sets a base colour and a stripe orientation, plus noise; deterministic."""
-    rng = np.random.default_rng(seed)
-    palette = rng.uniform(40, 215, size=(num_classes, CHANNELS))
-    # Stripes keep classes apart even when colour augmentation (jitter, grayscale) removes the colour cue.
-    coords = np.arange(IMAGE_SIZE, dtype=np.float64)
-    yy, xx = np.meshgrid(coords, coords, indexing="ij")
-    patterns = np.stack([
-        np.sin(2 * np.pi * (2 + c % 3) / IMAGE_SIZE
-               * (xx * np.cos(np.pi * c / num_classes) + yy * np.sin(np.pi * c / num_classes)))
-        for c in range(num_classes)
-    ])
-
-    def draw(count: int) -> tuple[np.ndarray, np.ndarray]:
-        labels = rng.permutation(np.arange(count) % num_classes).astype(np.int64)
-        noise = rng.normal(0.0, 12.0, size=(count, IMAGE_SIZE, IMAGE_SIZE, CHANNELS))
-        images = palette[labels][:, None, None, :] + 35.0 * patterns[labels][..., None] + noise
-        return np.ascontiguousarray(np.clip(np.rint(images), 0, 255).astype(np.uint8)), labels
-
-    train_images, train_labels = draw(num_train)
-    test_images, test_labels = draw(num_test)
-    return train_images, train_labels, test_images, test_labels
-
-
-def _channel_stats(images: np.ndarray) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
-    """Per-channel mean and std of uint8 NHWC images in [0, 1] units."""
-    scaled = images.reshape(-1, CHANNELS).astype(np.float64) / 255.0
-    mean, std = scaled.mean(axis=0), scaled.std(axis=0)
-    return (float(mean[0]), float(mean[1]), float(mean[2])), (float(std[0]), float(std[1]), float(std[2]))
-
-
-def load_dataset(name: str, data_dir: str | os.PathLike, *, download: bool = True,
-                 data_proportion: float = 1.0, seed: int = 0,
-                 synthetic_train: int = 512, synthetic_test: int = 128) -> ImageDataset:
-    """Load cifar10, cifar100 (from data_dir, downloading if allowed) or synthetic data; optionally subsample train."""
-    if name not in DATASET_CHOICES:
-        raise UserError(f"unknown dataset '{name}'; choose one of {', '.join(DATASET_CHOICES)}")
-    if not 0.0 < data_proportion <= 1.0:
-        raise UserError(f"--data_proportion must be in (0, 1], got {data_proportion}")
-    if name == "synthetic":
-        if synthetic_train < 1 or synthetic_test < 1:
-            raise UserError(f"synthetic data needs at least one train and one test image, "
-                            f"got {synthetic_train} and {synthetic_test}")
-        train_images, train_labels, test_images, test_labels = make_synthetic(synthetic_train, synthetic_test, seed)
-        mean, std = _channel_stats(train_images)
-        num_classes, source = 10, "synthetic"
-    else:
-        spec = CIFAR_SPECS[name]
-        folder = _ensure_cifar_folder(spec, Path(data_dir), download)
-        train_images, train_labels = _read_split(folder, spec.train_files, spec)
-        test_images, test_labels = _read_split(folder, spec.test_files, spec)
-        mean, std, num_classes, source = spec.mean, spec.std, spec.num_classes, str(folder)
-    if data_proportion < 1.0:
-        keep = stratified_subset(train_labels, data_proportion, seed)
-        train_images, train_labels = np.ascontiguousarray(train_images[keep]), train_labels[keep]
-    return ImageDataset(name=name, train_images=train_images, train_labels=train_labels,
-                        test_images=test_images, test_labels=test_labels, num_classes=num_classes,
-                        mean=mean, std=std, source=source)
+    The folder is downloaded (official archive, md5-checked) and extracted when missing and `download` is true.
+    """
+    spec = CIFAR_SPECS[name]
+    folder = _ensure_cifar_folder(spec, Path(data_dir), download)
+    train_images, train_labels = _read_split(folder, spec.train_files, spec)
+    test_images, test_labels = _read_split(folder, spec.test_files, spec)
+    return train_images, train_labels, test_images, test_labels, str(folder)

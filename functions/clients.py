@@ -2,8 +2,9 @@
 
 The training loop sees one object: `forward` turns the pool's crops into smashed activations (rows grouped by
 client, as the loader stacked them), `backward` sends each client exactly the gradient rows it produced
-(sliced by `query_index`, the running sum of `query_num`), `step` updates the clients of the pool, and `fedavg`
-averages them. Inside it is a plain loop over per-client modules.
+(sliced by `query_index`, the running sum of `query_num`), `step` updates the clients of the pool, and
+`stacked_state` / `set_every_client` let functions.fedavg average them. Inside it is a plain loop over
+per-client modules.
 """
 from __future__ import annotations
 
@@ -14,7 +15,27 @@ import numpy as np
 import torch
 from torch import nn
 
-from functions.sflmoco_functions import momentum_update_
+from functions.errors import UserError
+
+
+@torch.no_grad()
+def momentum_update_(target: nn.Module, source: nn.Module, momentum: float) -> None:
+    """target <- momentum * target + (1 - momentum) * source, parameter by parameter (buffers copied)."""
+    if not 0.0 <= momentum <= 1.0:
+        raise UserError(f"the momentum of a key encoder must be in [0, 1] (got {momentum}); use a value such as 0.99")
+    target_parameters = dict(target.named_parameters())
+    source_parameters = dict(source.named_parameters())
+    if target_parameters.keys() != source_parameters.keys():
+        raise ValueError("momentum_update_ needs two modules with the same parameter names")
+    for name, target_parameter in target_parameters.items():
+        target_parameter.mul_(momentum).add_(source_parameters[name].detach(), alpha=1.0 - momentum)
+    target_buffers = dict(target.named_buffers())
+    source_buffers = dict(source.named_buffers())
+    if target_buffers.keys() != source_buffers.keys():
+        raise ValueError("momentum_update_ needs two modules with the same buffer names")
+    # Buffers (e.g. BatchNorm running statistics) are not averaged: the key encoder takes the source's.
+    for name, target_buffer in target_buffers.items():
+        target_buffer.copy_(source_buffers[name])
 
 
 def query_index(rows_per_client: Sequence[int]) -> list[int]:
@@ -105,26 +126,11 @@ class ClientSide:
                 group["lr"] = lr
 
     @torch.no_grad()
-    def averaged_state(self, client_ids: Sequence[int], weights: Sequence[float], momentum_copies: bool = False,
-                       total: float | None = None, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """Weighted average of the given clients' weights: sum_i weights[i] / total * client_i.
-
-        `total` defaults to the sum of `weights`; a larger total gives this process's part of an average over
-        clients held by several processes. Accumulated in float64, returned in `dtype` (default: the weights').
-        """
+    def stacked_state(self, client_ids: Sequence[int], momentum_copies: bool = False) -> dict[str, torch.Tensor]:
+        """Every weight of the given clients (or of their momentum copies) stacked: (len(client_ids), *shape)."""
         models = self.momentum_models if momentum_copies else self.models
-        total = float(sum(weights)) if total is None else float(total)
         states = [models[client].state_dict() for client in client_ids]
-        averaged = {}
-        for name, reference in states[0].items():
-            if not reference.is_floating_point():
-                averaged[name] = reference.clone()
-                continue
-            accumulator = torch.zeros_like(reference, dtype=torch.float64)
-            for state, weight in zip(states, weights):
-                accumulator.add_(state[name].to(torch.float64), alpha=weight / total)
-            averaged[name] = accumulator.to(dtype or reference.dtype)
-        return averaged
+        return {name: torch.stack([state[name] for state in states]) for name in states[0]}
 
     @torch.no_grad()
     def set_every_client(self, state: dict[str, torch.Tensor], momentum_copies: bool = False) -> None:
@@ -134,17 +140,11 @@ class ClientSide:
             reference = model.state_dict()
             model.load_state_dict({name: value.to(reference[name].dtype) for name, value in state.items()})
 
-    @torch.no_grad()
-    def fedavg(self, client_ids: Sequence[int], weights: Sequence[float], include_momentum_copies: bool = False) -> None:
-        """FedAvg: the weighted average of the pool's client models is loaded into every client."""
-        self.set_every_client(self.averaged_state(client_ids, weights))
-        if include_momentum_copies and self.momentum_models:
-            self.set_every_client(self.averaged_state(client_ids, weights, momentum_copies=True), momentum_copies=True)
-
-    def averaged_model(self, client_ids: Sequence[int], weights: Sequence[float]) -> nn.Module:
-        """A separate module holding the pool's weighted average (for evaluation; the clients are unchanged)."""
-        model = copy.deepcopy(self.models[client_ids[0]])
-        model.load_state_dict(self.averaged_state(client_ids, weights))
+    def module_with(self, state: dict[str, torch.Tensor]) -> nn.Module:
+        """A separate client module holding `state` (e.g. the pool's average, for evaluation); clients unchanged."""
+        model = copy.deepcopy(self.models[0])
+        reference = model.state_dict()
+        model.load_state_dict({name: value.to(reference[name].dtype) for name, value in state.items()})
         return model
 
     def state_dict(self) -> dict:

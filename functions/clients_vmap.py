@@ -4,8 +4,8 @@
 client c's parameter `name` is row c of one stacked tensor of shape (num_client, *shape), and a forward runs the
 whole pool at once, so the cost of a step no longer grows with a Python loop over clients. Two engines:
 
-* "grouped" (used when the client model is made of the ResNet units of models/resnet.py: convolutions,
-  GroupNorm, ReLU, residual additions): the pool's activations are packed along channels, (rows, clients *
+* "grouped" (used when the client model is made of convolutions, GroupNorm and units that declare
+  `channel_packable`, such as the ResNet units of models/resnet.py: ReLU, residual additions): the pool's activations are packed along channels, (rows, clients *
   channels, H, W); every convolution becomes one grouped convolution (groups = clients) and every GroupNorm one
   GroupNorm with clients * groups groups, so the modules' own forward code runs unchanged on the packed tensor.
 * "vmap" (any other client model): `torch.func.functional_call` under `torch.vmap` over the stacked weights.
@@ -34,7 +34,6 @@ Checkpoints. `state_dict` / `load_state_dict` use the loop's format (lists of pe
 from __future__ import annotations
 
 import copy
-import types
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence, overload
@@ -46,7 +45,7 @@ from torch.func import functional_call
 
 from functions.clients import query_index
 from functions.errors import UserError
-from models.resnet import BasicBlock, Bottleneck, Stem, WSConv2d
+from models.layers import WSConv2d, standardize_kernel
 
 __all__ = ["VectorisedClientSide", "StackedSGD", "MAX_ROW_GROUPS", "ENGINES", "can_pack"]
 
@@ -137,15 +136,21 @@ class StackedSGD(torch.optim.Optimizer):
         return loss
 
 
-# Modules whose forward only calls their children and element-wise ops (ReLU, addition): they run unchanged on
-# channel-packed activations once their convolutions and norms are swapped for the packed versions below.
-_PACKABLE_CONTAINERS = (nn.Sequential, nn.Identity, nn.ReLU, Stem, BasicBlock, Bottleneck)
+# Containers whose forward only calls their children and element-wise ops (ReLU, addition): they run unchanged on
+# channel-packed activations once their convolutions and norms are swapped for the packed versions below. A
+# backbone's own unit classes join them by declaring `channel_packable = True` in their class body.
+_PACKABLE_CONTAINERS = (nn.Sequential, nn.Identity, nn.ReLU)
+
+
+def _is_packable_container(module: nn.Module) -> bool:
+    """A container the grouped engine can run: a plain one, or a class that declares itself channel-packable."""
+    return type(module) in _PACKABLE_CONTAINERS or type(module).__dict__.get("channel_packable", False) is True
 
 
 def can_pack(template: nn.Module) -> bool:
-    """Whether the "grouped" engine can run `template`: only convolutions, GroupNorm and the ResNet units."""
+    """Whether the "grouped" engine can run `template`: only convolutions, GroupNorm and channel-packable units."""
     for module in template.modules():
-        if type(module) in _PACKABLE_CONTAINERS:
+        if _is_packable_container(module):
             continue
         if type(module) in (nn.Conv2d, WSConv2d) and module.padding_mode == "zeros" and not isinstance(module.padding, str):
             continue
@@ -173,7 +178,7 @@ class _PackedConv2d(nn.Module):
         kernel = self.weight.flatten(0, 1)
         if self.standardise:
             # The model's own formula; it works per output channel, so packing the clients does not change it.
-            kernel = WSConv2d.standardized_weight(types.SimpleNamespace(weight=kernel))  # type: ignore[arg-type]
+            kernel = standardize_kernel(kernel)
         bias = None if self.bias is None else self.bias.flatten()
         kernel = kernel.contiguous(memory_format=self.memory_format)
         return F.conv2d(x, kernel, bias, self.stride, self.padding, self.dilation, self.groups * clients)
@@ -525,28 +530,13 @@ class VectorisedClientSide:
 
     # ----------------------------------------------------------------------------------------- averaging
     @torch.no_grad()
-    def averaged_state(self, client_ids: Sequence[int], weights: Sequence[float], momentum_copies: bool = False,
-                       total: float | None = None, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
-        """Weighted average of the given clients' weights: sum_i weights[i] / total * client_i.
-
-        `total` defaults to the sum of `weights`; a larger total gives this process's part of an average over
-        clients held by several processes. Accumulated in float64, returned in `dtype` (default: the weights').
-        """
+    def stacked_state(self, client_ids: Sequence[int], momentum_copies: bool = False) -> dict[str, Tensor]:
+        """Every weight of the given clients (or of their momentum copies) stacked: (len(client_ids), *shape)."""
         stacked = self._momentum_stacked if momentum_copies else self._stacked
         if not stacked:
             raise RuntimeError("this client side keeps no momentum copies (keep_momentum_copies=False)")
-        pool = self._check_pool(client_ids)
-        if len(weights) != len(pool):
-            raise ValueError(f"{len(pool)} clients but {len(weights)} averaging weights")
-        total = float(sum(weights)) if total is None else float(total)
-        # Accumulated in float64, as the loop does; one tensor op instead of a loop over clients.
-        coefficients = torch.tensor([float(w) / total for w in weights], dtype=torch.float64, device=self.device)
-        index = self._step_index(pool)
-        averaged = {}
-        for name, tensor in stacked.items():
-            rows = tensor.detach().index_select(0, index).to(torch.float64)
-            averaged[name] = (rows * _view_as_rows(coefficients, rows)).sum(dim=0).to(dtype or tensor.dtype)
-        return averaged
+        index = self._step_index(self._check_pool(client_ids))
+        return {name: tensor.detach().index_select(0, index) for name, tensor in stacked.items()}
 
     @torch.no_grad()
     def set_every_client(self, state: dict[str, Tensor], momentum_copies: bool = False) -> None:
@@ -555,17 +545,11 @@ class VectorisedClientSide:
         for name, tensor in stacked.items():
             tensor.copy_(state[name].to(tensor.dtype).unsqueeze(0).expand_as(tensor))
 
-    @torch.no_grad()
-    def fedavg(self, client_ids: Sequence[int], weights: Sequence[float], include_momentum_copies: bool = False) -> None:
-        """FedAvg: the weighted average of the pool's client models is loaded into every client."""
-        self.set_every_client(self.averaged_state(client_ids, weights))
-        if include_momentum_copies and self._momentum_stacked:
-            self.set_every_client(self.averaged_state(client_ids, weights, momentum_copies=True), momentum_copies=True)
-
-    def averaged_model(self, client_ids: Sequence[int], weights: Sequence[float]) -> nn.Module:
-        """A separate module holding the pool's weighted average (for evaluation; the clients are unchanged)."""
+    def module_with(self, state: dict[str, Tensor]) -> nn.Module:
+        """A separate client module holding `state` (e.g. the pool's average, for evaluation); clients unchanged."""
         model = copy.deepcopy(self._template)
-        model.load_state_dict(self.averaged_state(client_ids, weights))
+        reference = model.state_dict()
+        model.load_state_dict({name: value.to(reference[name].dtype) for name, value in state.items()})
         return model
 
     # ----------------------------------------------------------------------------------------- checkpoints

@@ -281,3 +281,68 @@ def forward_server(method: nn.Module, inputs: Any) -> torch.Tensor:
     """The method's server on `inputs`, through its DDP wrapper when the run has one (gradients then sync)."""
     ddp = method.__dict__.get("server_ddp")
     return (ddp if ddp is not None else method.server)(inputs)
+
+
+# ------------------------------------------------------------------------------------------ client hand-over
+def to_cpu(tree: Any) -> Any:
+    """The same nested dicts/lists with every tensor copied to the CPU (to send it to other ranks)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().cpu()
+    if isinstance(tree, dict):
+        return {key: to_cpu(value) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [to_cpu(value) for value in tree] if isinstance(tree, list) else tuple(to_cpu(v) for v in tree)
+    return tree
+
+
+class ClientHandOver:
+    """Under torchrun, which rank holds the current state of each client; moves states when the pool's shares move.
+
+    Every rank keeps every client, but only the rank that trained a client last has its current weights, momentum
+    copy and optimizer state; before another rank trains it (or before a checkpoint), that rank sends it.
+    """
+
+    def __init__(self, num_client: int, runtime: Runtime) -> None:
+        self.runtime = runtime
+        # Rank holding the current state of each client when only one does; -1: every rank does.
+        self.holder = np.full(num_client, -1, dtype=np.int64)
+
+    def share(self, clients: Any, client_ids: Sequence[int]) -> None:
+        """Give every rank the current state of these clients (from the rank that trained them last)."""
+        by_source: dict[int, list[int]] = {}
+        for client in client_ids:
+            if self.holder[client] >= 0:
+                by_source.setdefault(int(self.holder[client]), []).append(int(client))
+        if not by_source:
+            return
+        device = self.runtime.device
+        full: dict | None = None
+        for source in sorted(by_source):  # the same order on every rank: holders are known everywhere
+            ids = by_source[source]
+            payload = None
+            if self.runtime.rank == source:
+                states = clients.state_dict()
+                payload = {key: [to_cpu(states[key][c]) for c in ids] if states[key] else []
+                           for key in ("models", "momentum_models", "optimizers")}
+            payload = broadcast_object(payload, source, device)
+            if self.runtime.rank != source:
+                full = full if full is not None else clients.state_dict()
+                for key, values in payload.items():
+                    for client, value in zip(ids, values):
+                        full[key][client] = value
+            self.holder[ids] = -1
+        if full is not None:
+            clients.load_state_dict(full)
+
+    def hand_over(self, clients: Any, pool: Sequence[int]) -> None:
+        """Before an epoch: clients that change rank get their state from the last one; mark the new holders."""
+        shares = client_shares(pool, self.runtime.world_size)
+        owner = {client: rank for rank, share in enumerate(shares) for client in share}
+        moving = [c for c in pool if self.holder[c] not in (-1, owner[c])]
+        self.share(clients, moving)
+        for client, rank in owner.items():
+            self.holder[client] = rank
+
+    def all_current(self) -> None:
+        """Every rank holds every client's state (after loading a checkpoint)."""
+        self.holder.fill(-1)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -19,6 +19,10 @@ from tqdm import tqdm
 from functions.errors import UserError
 
 __all__ = [
+    "EvaluationContext",
+    "FINAL_EVALUATIONS",
+    "knn_evaluation",
+    "probe_evaluation",
     "extract_features",
     "knn_predict",
     "knn_accuracy",
@@ -306,3 +310,58 @@ def semi_supervised_probes(
         )
         results[f"semi_{fraction * 100:g}pct"] = probe["test_acc"]
     return results
+
+
+# --------------------------------------------------------------------------------------- the run's evaluations
+class EvaluationContext:
+    """What an evaluation of a trained run may read: the frozen encoder (averaged client part, then the server's
+    backbone), the client part alone, the memory and test loaders, the run's options. Features are extracted once,
+    on first use, and shared by every evaluation."""
+
+    def __init__(self, encode: Callable[[Tensor], Tensor], client_model: nn.Module, memory: Iterable, test: Iterable,
+                 num_classes: int, args: Any, device: torch.device) -> None:
+        self.encode = encode
+        self.client_model = client_model
+        self.memory = memory
+        self.test = test
+        self.num_classes = num_classes
+        self.args = args
+        self.device = device
+        self._features: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+
+    @property
+    def features(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(train features, train labels, test features, test labels), L2-normalised, on the CPU."""
+        if self._features is None:
+            train_features, train_labels = extract_features(self.encode, self.memory, self.device)
+            test_features, test_labels = extract_features(self.encode, self.test, self.device)
+            self._features = (train_features, train_labels, test_features, test_labels)
+        return self._features
+
+
+# An evaluation of the final model: its figures by name (None for one it skipped), e.g. {"linear_acc": 61.2}.
+Evaluation = Callable[[EvaluationContext], dict[str, Any]]
+
+
+def knn_evaluation(context: EvaluationContext) -> dict[str, Any]:
+    """kNN accuracy (percent) of the test set against the memory set (--knn_k, --knn_t)."""
+    train_features, train_labels, test_features, test_labels = context.features
+    return {"knn_acc": knn_accuracy(train_features, train_labels, test_features, test_labels, context.num_classes,
+                                    k=context.args.knn_k, temperature=context.args.knn_t)}
+
+
+def probe_evaluation(context: EvaluationContext) -> dict[str, Any]:
+    """Final-epoch linear probe on all labels and on 1 % and 10 % of them (--linear_epochs; off with --skip_linear)."""
+    args = context.args
+    if args.skip_linear:
+        return {"linear_acc": None}
+    train_features, train_labels, test_features, test_labels = context.features
+    probe = linear_probe(train_features, train_labels, test_features, test_labels, context.num_classes,
+                         epochs=args.linear_epochs, seed=args.seed, device=context.device)
+    return {"linear_acc": probe["test_acc"],
+            **semi_supervised_probes(train_features, train_labels, test_features, test_labels, context.num_classes,
+                                     epochs=args.linear_epochs, seed=args.seed, device=context.device)}
+
+
+# What a finished run reports, in order; a new evaluation (a probe, an attack) is one function added here.
+FINAL_EVALUATIONS: list[Evaluation] = [knn_evaluation, probe_evaluation]

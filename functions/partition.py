@@ -12,6 +12,7 @@ import argparse
 import hashlib
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -132,6 +133,38 @@ def make_partition(labels: np.ndarray, num_client: int, method: str, num_classes
                         f"fewer than --min_client_samples {min_client_samples}; use fewer clients, "
                         f"lower --min_client_samples or pick another --partition")
     return client_indices
+
+
+def hetero_partition(num_samples: int, num_client: int, hetero_string: str, seed: int) -> list[np.ndarray]:
+    """IID split where a fraction A of clients (rich) holds a fraction B of the data (MocoSFL's --hetero_string)."""
+    rich_fraction, rich_data, _ = parse_hetero_string(hetero_string)
+    num_rich = max(1, int(round(rich_fraction * num_client)))
+    if num_rich >= num_client:
+        raise UserError(f"--hetero_string {hetero_string!r} leaves no poor clients among {num_client}")
+    order = np.random.default_rng([seed, 7]).permutation(num_samples)
+    rich_total = int(round(rich_data * num_samples))
+    rich_parts = np.array_split(order[:rich_total], num_rich)
+    poor_parts = np.array_split(order[rich_total:], num_client - num_rich)
+    parts = [np.sort(part).astype(np.int64) for part in (*rich_parts, *poor_parts)]
+    if min(len(part) for part in parts) == 0:
+        raise UserError(f"--hetero_string {hetero_string!r} leaves a client with no data; use fewer clients")
+    return parts
+
+
+_HETERO = re.compile(r"^([0-9.]+)_([0-9.]+)\|([0-9.]+)\|([0-9.]+)_([0-9.]+)$")
+
+
+def parse_hetero_string(text: str) -> tuple[float, float, float]:
+    """'A_B|C|D_E' -> (rich client fraction A, their data fraction B, batch multiplier C)."""
+    match = _HETERO.match(text.strip())
+    if not match:
+        raise UserError(f"--hetero_string {text!r} must look like 'A_B|C|D_E', e.g. '0.2_0.8|16|0.8_0.2'")
+    rich_clients, rich_data, multiplier, poor_clients, poor_data = (float(g) for g in match.groups())
+    if abs(rich_clients + poor_clients - 1) > 1e-6 or abs(rich_data + poor_data - 1) > 1e-6:
+        raise UserError(f"--hetero_string {text!r}: A + D and B + E must each be 1")
+    if not (0 < rich_clients < 1 and 0 < rich_data < 1 and multiplier >= 1):
+        raise UserError(f"--hetero_string {text!r}: fractions must be in (0, 1) and the multiplier at least 1")
+    return rich_clients, rich_data, multiplier
 
 
 def partition_hash(client_indices: Sequence[np.ndarray]) -> str:
@@ -302,12 +335,12 @@ def _print_summary(summary: dict, method: str, files: Sequence[Path], max_rows: 
 
 def main(argv: list[str] | None = None) -> None:
     """Load a dataset, partition its training set across clients, save partition.json/.png, print a summary."""
-    from functions.cifar import DATASET_CHOICES, load_dataset
+    from functions.datasets import dataset_names, load_dataset
 
     parser = argparse.ArgumentParser(prog="python -m functions.partition",
                                      description="Split a training set across federated clients and save "
                                                  "partition.json and partition.png.")
-    parser.add_argument("--dataset", choices=DATASET_CHOICES, default="cifar10", help="dataset (default: cifar10)")
+    parser.add_argument("--dataset", choices=dataset_names(), default="cifar10", help="dataset (default: cifar10)")
     parser.add_argument("--data_dir", default="./data",
                         help="folder that contains cifar-10-batches-py / cifar-100-python (default: ./data)")
     parser.add_argument("--no_download", action="store_true", help="fail instead of downloading missing data")

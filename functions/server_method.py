@@ -1,43 +1,85 @@
-"""The small interface every server-side method (MoCo, SwAV) implements for the one training loop."""
+"""The server-method interface of the one training loop, and the registry of methods by name.
+
+A method (MoCo, SwAV, ...) is one class in one module: its options, its head, its views, its loss and its state.
+It registers itself with `@register_method`; the loop, the options, the models and the benchmark only ever ask
+the registry, never a method's name. Modules named ``functions/sfl<name>_functions.py`` are imported the first time
+the registry is read, so their methods are known to every entry point; a method defined elsewhere (a test, a
+notebook) is known once its module has been imported.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterable, Sequence
+import argparse
+import importlib
+import pkgutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import torch
 from torch import nn
 
+from functions.errors import UserError
+from functions.schedules import LearningRateSchedule
+from functions.views import ViewSpec
 
-@dataclass(frozen=True)
-class ViewSpec:
-    """Which augmented views each client produces: `nmb_crops[i]` crops of `size_crops[i]` pixels, crop-major."""
-    nmb_crops: tuple[int, ...]
-    size_crops: tuple[int, ...]
-    min_scale_crops: tuple[float, ...]
-    max_scale_crops: tuple[float, ...]
+if TYPE_CHECKING:
+    from functions.datasets import DatasetEntry
+    from models.split import HeadBuilder
 
-    @property
-    def total_crops(self) -> int:
-        return sum(self.nmb_crops)
+METHOD_MODULE_PREFIX = "sfl"
+METHOD_MODULE_SUFFIX = "_functions"
 
 
 class ServerMethod(nn.Module):
     """Server part of the network plus a self-supervised loss and its state (queues, momentum encoders, prototypes).
 
-    The loop calls, per step: `compute_loss` on the smashed activations of `trainable_crops` (with graph) and of
+    Class level (before anything is built): `name`, `entry_script` and `description`; `add_arguments` and
+    `check_args` (its options); `head_builder` (what follows the pooled backbone features); `view_spec` (the
+    crops each client makes); `learning_rate_schedule`.
+
+    Per step the loop calls `compute_loss` on the smashed activations of `trainable_crops` (with graph) and of
     `momentum_crops` (clients' momentum copies, no graph), then `before_server_step`, the optimizer step, and
     `after_server_step`.
     """
 
     name: str = "method"
+    entry_script: str = ""          # the script that runs this method, for printed commands (resume)
+    description: str = ""           # one line for --help
     trainable_crops: tuple[int, ...] = ()
     momentum_crops: tuple[int, ...] = ()
-    client_momentum: float = 0.0  # momentum of the clients' key copies; 0 = clients keep no copies
+    client_momentum: float = 0.0    # momentum of the clients' key copies; 0 = clients keep no copies
+    average_momentum_copies = False  # FedAvg also averages the clients' momentum copies
+    per_client_server_updates = False  # one server step per client instead of one joint step (an ablation)
 
-    def __init__(self, server: nn.Module) -> None:
+    def __init__(self, args: argparse.Namespace, server: nn.Module, device: torch.device) -> None:
+        """`server` is the server part of the network (backbone units after the cut and this method's head)."""
         super().__init__()
         self.server = server
 
+    # ------------------------------------------------------------------------------------------ class level
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Add the method's options (one argument group) to its entry script's parser."""
+
+    @classmethod
+    def check_args(cls, args: argparse.Namespace) -> None:
+        """Refuse impossible method options (UserError, one line) and fill derived values."""
+
+    @classmethod
+    def head_builder(cls, args: argparse.Namespace) -> "HeadBuilder":
+        """What the server puts after the pooled backbone features (projection, prototypes)."""
+        raise NotImplementedError
+
+    @classmethod
+    def view_spec(cls, args: argparse.Namespace, dataset: "DatasetEntry") -> ViewSpec:
+        """The crops each client makes of an image of `dataset`."""
+        raise NotImplementedError
+
+    @classmethod
+    def learning_rate_schedule(cls, args: argparse.Namespace, steps_per_epoch: int) -> LearningRateSchedule:
+        """Server and client learning rates per (epoch, step); --cos or MultiStepLR unless a method has its own."""
+        return LearningRateSchedule(args, steps_per_epoch)
+
+    # ------------------------------------------------------------------------------------------- training
     def optimized_parameters(self) -> Iterable[nn.Parameter]:
         return [p for p in self.server.parameters() if p.requires_grad]
 
@@ -68,3 +110,43 @@ class ServerMethod(nn.Module):
 
     def load_extra_state(self, state: dict) -> None:
         """Restore what `extra_state` returned."""
+
+
+# ------------------------------------------------------------------------------------------------ registry
+METHODS: dict[str, type[ServerMethod]] = {}
+_method_modules_loaded = False
+
+
+def register_method(method: type[ServerMethod]) -> type[ServerMethod]:
+    """Class decorator: make a ServerMethod known by its `name` (a later registration of the name replaces it)."""
+    if not (isinstance(method, type) and issubclass(method, ServerMethod)) or method.name == ServerMethod.name:
+        raise TypeError("register_method takes a ServerMethod subclass with its own `name`")
+    METHODS[method.name] = method
+    return method
+
+
+def _load_method_modules() -> None:
+    """Import every functions/sfl<name>_functions.py once, so the methods they register are known."""
+    global _method_modules_loaded
+    if _method_modules_loaded:
+        return
+    _method_modules_loaded = True
+    folder = Path(__file__).resolve().parent
+    for module in sorted(pkgutil.iter_modules([str(folder)]), key=lambda info: info.name):
+        if module.name.startswith(METHOD_MODULE_PREFIX) and module.name.endswith(METHOD_MODULE_SUFFIX):
+            importlib.import_module(f"functions.{module.name}")
+
+
+def method_names() -> list[str]:
+    """Names of every registered method."""
+    _load_method_modules()
+    return sorted(METHODS)
+
+
+def method_class(name: str) -> type[ServerMethod]:
+    """The method registered as `name`; a UserError naming the known ones otherwise."""
+    _load_method_modules()
+    method = METHODS.get(name)
+    if method is None:
+        raise UserError(f"unknown method {name!r}; the registered methods are {', '.join(sorted(METHODS))}")
+    return method

@@ -7,17 +7,26 @@ from __future__ import annotations
 
 import argparse
 import copy
-from typing import Sequence
+from functools import partial
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from functions.clients import momentum_update_
 from functions.distributed import all_gather_rows, forward_server
 from functions.errors import UserError
-from functions.server_method import ServerMethod, ViewSpec
+from functions.server_method import ServerMethod, register_method
+from functions.views import ViewSpec
+from models.split import Head, HeadBuilder
 
-__all__ = ["info_nce_loss", "symmetric_info_nce_loss", "KeyQueue", "momentum_update_", "MocoServer", "moco_view_spec"]
+if TYPE_CHECKING:
+    from functions.datasets import DatasetEntry
+
+__all__ = ["info_nce_loss", "symmetric_info_nce_loss", "KeyQueue", "momentum_update_", "build_moco_head", "MocoServer"]
+MOCO_VERSIONS = ("V1", "smallV2", "V2", "largeV2")
+LARGE_V2_HIDDEN = 2048
 
 
 def _check_temperature(temperature: float) -> None:
@@ -132,27 +141,24 @@ class KeyQueue:
         self.pointer = pointer
 
 
-@torch.no_grad()
-def momentum_update_(target: nn.Module, source: nn.Module, momentum: float) -> None:
-    """target <- momentum * target + (1 - momentum) * source, parameter by parameter (buffers copied)."""
-    if not 0.0 <= momentum <= 1.0:
-        raise UserError(f"the momentum of the key encoder must be in [0, 1] (got {momentum}); set --moco_momentum to a value such as 0.99")
-    target_parameters = dict(target.named_parameters())
-    source_parameters = dict(source.named_parameters())
-    if target_parameters.keys() != source_parameters.keys():
-        raise ValueError("momentum_update_ needs two modules with the same parameter names")
-    for name, target_parameter in target_parameters.items():
-        target_parameter.mul_(momentum).add_(source_parameters[name].detach(), alpha=1.0 - momentum)
-    target_buffers = dict(target.named_buffers())
-    source_buffers = dict(source.named_buffers())
-    if target_buffers.keys() != source_buffers.keys():
-        raise ValueError("momentum_update_ needs two modules with the same buffer names")
-    # Buffers (e.g. BatchNorm running statistics) are not averaged: the key encoder takes the source's.
-    for name, target_buffer in target_buffers.items():
-        target_buffer.copy_(source_buffers[name])
+# ------------------------------------------------------------------------------------------------ the head
+def build_moco_head(feature_dim: int, moco_version: str = "V2", K_dim: int = 128) -> Head:
+    """MocoSFL's projection heads: V1 linear; smallV2 / V2 / largeV2 a two-layer MLP of hidden width K_dim,
+    feature_dim and 2048."""
+    versions = {version.lower(): version for version in MOCO_VERSIONS}
+    version = versions.get(str(moco_version).lower())
+    if version is None:
+        raise UserError(f"--moco_version {moco_version} is not supported; choose one of {', '.join(MOCO_VERSIONS)}")
+    if isinstance(K_dim, bool) or not isinstance(K_dim, int) or K_dim <= 0:
+        raise UserError(f"--K_dim must be a positive integer, got {K_dim}")
+    if version == "V1":
+        return Head(nn.Linear(feature_dim, K_dim))
+    hidden = {"smallV2": K_dim, "V2": feature_dim, "largeV2": LARGE_V2_HIDDEN}[version]
+    return Head(nn.Sequential(nn.Linear(feature_dim, hidden), nn.ReLU(), nn.Linear(hidden, K_dim)))
 
 
 # ------------------------------------------------------------------------------------------ the server method
+@register_method
 class MocoServer(ServerMethod):
     """MoCo's server side: query encoder, momentum key encoder, shared key queue and (symmetric) InfoNCE.
 
@@ -161,15 +167,50 @@ class MocoServer(ServerMethod):
     """
 
     name = "moco"
+    entry_script = "run_sflmoco.py"
+    description = "MoCo (MocoSFL)"
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        moco = parser.add_argument_group("MoCo")
+        moco.add_argument("--moco_version", type=str, default="V2", choices=list(MOCO_VERSIONS),
+                          help="projection head: V1 linear, smallV2/V2/largeV2 two-layer MLP of growing width")
+        moco.add_argument("--K", type=int, default=6000, help="keys in the shared queue (negatives)")
+        moco.add_argument("--K_dim", type=int, default=128, help="dimension of keys and queries")
+        moco.add_argument("--T", type=float, default=0.1, help="InfoNCE temperature")
+        moco.add_argument("--moco_momentum", type=float, default=0.99,
+                          help="momentum of the key encoders (client copies and server)")
+        moco.add_argument("--symmetric", action="store_true",
+                          help="add the swapped InfoNCE term (both views serve as query and key)")
+        moco.add_argument("--fedavg_momentum", action="store_true",
+                          help="FedAvg also averages the clients' momentum copies")
+
+    @classmethod
+    def check_args(cls, args: argparse.Namespace) -> None:
+        if args.K < 1 or args.K_dim < 1 or args.T <= 0:
+            raise UserError("--K, --K_dim and --T must be positive")
+        if not 0.0 <= args.moco_momentum < 1.0:
+            raise UserError(f"--moco_momentum must be in [0, 1) (got {args.moco_momentum})")
+
+    @classmethod
+    def head_builder(cls, args: argparse.Namespace) -> HeadBuilder:
+        return partial(build_moco_head, moco_version=args.moco_version, K_dim=args.K_dim)
+
+    @classmethod
+    def view_spec(cls, args: argparse.Namespace, dataset: "DatasetEntry") -> ViewSpec:
+        """MoCo v2: two views of the dataset's global crop size, RandomResizedCrop scale (0.2, 1)."""
+        return ViewSpec(nmb_crops=(2,), size_crops=(dataset.crop_sizes[0],), min_scale_crops=(0.2,),
+                        max_scale_crops=(1.0,), blur_kernel_size=dataset.blur_kernel_size)
 
     def __init__(self, args: argparse.Namespace, server: nn.Module, device: torch.device) -> None:
-        super().__init__(server)
+        super().__init__(args, server, device)
         self.server_momentum = copy.deepcopy(server)
         for parameter in self.server_momentum.parameters():
             parameter.requires_grad_(False)
         self.temperature = args.T
         self.momentum = args.moco_momentum
         self.client_momentum = args.moco_momentum
+        self.average_momentum_copies = args.fedavg_momentum
         self.symmetric = args.symmetric
         self.trainable_crops = (0, 1) if args.symmetric else (0,)
         self.momentum_crops = (0, 1) if args.symmetric else (1,)
@@ -205,8 +246,3 @@ class MocoServer(ServerMethod):
 
     def load_extra_state(self, state: dict) -> None:
         self.queue.load_state_dict(state["queue"])
-
-
-def moco_view_spec(args: argparse.Namespace) -> ViewSpec:
-    """MoCo v2: two 32-pixel views, RandomResizedCrop scale (0.2, 1)."""
-    return ViewSpec(nmb_crops=(2,), size_crops=(32,), min_scale_crops=(0.2,), max_scale_crops=(1.0,))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from functools import partial
 from typing import Mapping, Sequence
 
 import torch
@@ -15,9 +16,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from functions.datasets import DatasetEntry, dataset_entry
 from functions.distributed import all_gather_rows, all_reduce_sum, forward_server
 from functions.errors import UserError
-from functions.server_method import ServerMethod, ViewSpec
+from functions.schedules import LearningRateSchedule
+from functions.server_method import ServerMethod, register_method
+from functions.views import ViewSpec
+from models.layers import L2Normalize
+from models.split import Head, HeadBuilder
 
 __all__ = [
     "sinkhorn_knopp",
@@ -27,8 +33,9 @@ __all__ = [
     "embedding_std",
     "normalize_prototypes_",
     "EmbeddingQueue",
+    "build_swav_head",
+    "SwavWarmupCosine",
     "SwavServer",
-    "swav_view_spec",
     "resolution_groups",
 ]
 
@@ -276,6 +283,44 @@ def _global_monitor_values(codes: Tensor, embeddings: Tensor) -> dict[str, Tenso
     return {"code_entropy": entropy_total / count, "prototypes_used": used, "embedding_std": variance.sqrt().mean()}
 
 
+def build_swav_head(feature_dim: int, hidden_mlp: int = 2048, feat_dim: int = 128, nmb_prototypes: int = 300) -> Head:
+    """SwAV's head: projection MLP (linear when hidden_mlp is 0) to an L2-normalised embedding, and prototypes."""
+    for name, value in (("feat_dim", feat_dim), ("nmb_prototypes", nmb_prototypes)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise UserError(f"--{name} must be a positive integer, got {value}")
+    if isinstance(hidden_mlp, bool) or not isinstance(hidden_mlp, int) or hidden_mlp < 0:
+        raise UserError(f"--hidden_mlp must be 0 (single linear layer) or a positive integer, got {hidden_mlp}")
+    if hidden_mlp == 0:
+        projection: nn.Module = nn.Linear(feature_dim, feat_dim)
+    else:
+        projection = nn.Sequential(nn.Linear(feature_dim, hidden_mlp), nn.BatchNorm1d(hidden_mlp), nn.ReLU(),
+                                   nn.Linear(hidden_mlp, feat_dim))
+    return Head(nn.Sequential(projection, L2Normalize()), nn.Linear(feat_dim, nmb_prototypes, bias=False))
+
+
+class SwavWarmupCosine(LearningRateSchedule):
+    """SwAV's schedule (--use_swav_scheduler): linear warm-up from --start_warmup, then per-step cosine to the
+    final rates (--final_s_lr, --final_c_lr)."""
+
+    per_step = True
+
+    def rates(self, epoch: int, step: int) -> tuple[float, float]:
+        args = self.args
+        return (self._warmup_cosine(args.lr, args.final_s_lr, epoch, step),
+                self._warmup_cosine(args.c_lr, args.final_c_lr, epoch, step))
+
+    def _warmup_cosine(self, base: float, final: float, epoch: int, step: int) -> float:
+        """The rate of one side at (epoch, step)."""
+        iteration = epoch * self.steps_per_epoch + step
+        warmup = self.args.warmup_epochs * self.steps_per_epoch
+        if iteration < warmup:
+            return self.args.start_warmup + (base - self.args.start_warmup) * iteration / warmup
+        total = max(1, self.args.num_epoch * self.steps_per_epoch - warmup)
+        progress = min(1.0, (iteration - warmup) / total)
+        return final + 0.5 * (base - final) * (1 + math.cos(math.pi * progress))
+
+
+@register_method
 class SwavServer(ServerMethod):
     """SwAV's server side: projection head, prototypes, Sinkhorn codes over ALL clients' rows, swapped prediction.
 
@@ -284,9 +329,85 @@ class SwavServer(ServerMethod):
     """
 
     name = "swav"
+    entry_script = "run_sflswav.py"
+    description = "SwAV (multi-crop, prototypes, Sinkhorn)"
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        swav = parser.add_argument_group("SwAV")
+        swav.add_argument("--nmb_crops", type=int, nargs="+", default=[2, 6], help="number of crops of each size")
+        swav.add_argument("--size_crops", type=int, nargs="+", default=None,
+                          help="crop sizes in pixels (default: the dataset's global and local sizes, 32 16 on CIFAR)")
+        swav.add_argument("--min_scale_crops", type=float, nargs="+", default=[0.2, 0.08],
+                          help="RandomResizedCrop minimum area fraction per size")
+        swav.add_argument("--max_scale_crops", type=float, nargs="+", default=[1.0, 0.3],
+                          help="RandomResizedCrop maximum area fraction per size")
+        swav.add_argument("--crops_for_assign", type=int, nargs="+", default=[0, 1], help="crops whose codes are predicted")
+        swav.add_argument("--temperature", type=float, default=0.1, help="softmax temperature of the swapped prediction")
+        swav.add_argument("--epsilon", type=float, default=0.03, help="entropy regularisation of Sinkhorn-Knopp")
+        swav.add_argument("--sinkhorn_iterations", type=int, default=3, help="Sinkhorn-Knopp iterations")
+        swav.add_argument("--feat_dim", type=int, default=128, help="embedding dimension")
+        swav.add_argument("--hidden_mlp", type=int, default=2048, help="hidden width of the projection MLP (0 = linear)")
+        swav.add_argument("--nmb_prototypes", type=int, default=300,
+                          help="number of prototypes; keep about two rows of the global batch (plus queue) per prototype")
+        swav.add_argument("--queue_length", type=int, default=0,
+                          help="embeddings kept per assignment crop for Sinkhorn (0 = no queue)")
+        swav.add_argument("--epoch_queue_starts", type=int, default=15, help="epoch from which the queue is filled and used")
+        swav.add_argument("--freeze_prototypes_niters", type=int, default=80, help="steps during which the prototypes do not move")
+        swav.add_argument("--server_update", type=str, default="joint", choices=["joint", "per_client"],
+                          help="joint: one loss over all clients, one server step; per_client: one server step per client")
+        swav.add_argument("--use_swav_scheduler", action="store_true",
+                          help="linear warm-up then per-step cosine decay (SwAV's schedule) instead of --cos / milestones")
+        swav.add_argument("--start_warmup", type=float, default=0.0, help="lr at the start of the warm-up")
+        swav.add_argument("--warmup_epochs", type=int, default=10, help="warm-up epochs of --use_swav_scheduler")
+        swav.add_argument("--final_s_lr", type=float, default=0.0006, help="server lr at the end of --use_swav_scheduler")
+        swav.add_argument("--final_c_lr", type=float, default=-1.0,
+                          help="client lr at the end of --use_swav_scheduler (-1 = same as --final_s_lr)")
+
+    @classmethod
+    def check_args(cls, args: argparse.Namespace) -> None:
+        if args.size_crops is None:
+            args.size_crops = list(dataset_entry(args.dataset).crop_sizes)
+        total_crops = cls.view_spec(args, dataset_entry(args.dataset)).total_crops  # checks the crop lists
+        if total_crops < 2:
+            raise UserError("SwAV needs at least two crops in total (--nmb_crops)")
+        for crop in args.crops_for_assign:
+            if not 0 <= crop < total_crops:
+                raise UserError(f"--crops_for_assign {crop} is out of range: there are {total_crops} crops "
+                                f"(0..{total_crops - 1})")
+        if len(set(args.crops_for_assign)) != len(args.crops_for_assign):
+            raise UserError("--crops_for_assign lists a crop twice")
+        if args.nmb_prototypes < 2:
+            raise UserError("--nmb_prototypes must be at least 2")
+        if args.queue_length < 0 or args.epsilon <= 0 or args.temperature <= 0 or args.sinkhorn_iterations < 1:
+            raise UserError("--queue_length must be >= 0; --epsilon, --temperature and --sinkhorn_iterations positive")
+        if args.server_update == "per_client" and args.use_fp16 and args.amp_dtype == "fp16":
+            raise UserError("--server_update per_client steps the server once per client and cannot share fp16 loss "
+                            "scaling with the clients; use --amp_dtype bf16 or --server_update joint")
+        if args.final_c_lr == -1.0:
+            args.final_c_lr = args.final_s_lr
+
+    @classmethod
+    def head_builder(cls, args: argparse.Namespace) -> HeadBuilder:
+        return partial(build_swav_head, hidden_mlp=args.hidden_mlp, feat_dim=args.feat_dim,
+                       nmb_prototypes=args.nmb_prototypes)
+
+    @classmethod
+    def view_spec(cls, args: argparse.Namespace, dataset: DatasetEntry) -> ViewSpec:
+        """Multi-crop: --nmb_crops crops of --size_crops pixels with their RandomResizedCrop scale ranges."""
+        return ViewSpec(nmb_crops=tuple(args.nmb_crops), size_crops=tuple(args.size_crops),
+                        min_scale_crops=tuple(args.min_scale_crops), max_scale_crops=tuple(args.max_scale_crops),
+                        blur_kernel_size=dataset.blur_kernel_size)
+
+    @classmethod
+    def learning_rate_schedule(cls, args: argparse.Namespace, steps_per_epoch: int) -> LearningRateSchedule:
+        if args.use_swav_scheduler:
+            return SwavWarmupCosine(args, steps_per_epoch)
+        return super().learning_rate_schedule(args, steps_per_epoch)
 
     def __init__(self, args: argparse.Namespace, server: nn.Module, device: torch.device) -> None:
-        super().__init__(server)
+        super().__init__(args, server, device)
+        self.per_client_server_updates = args.server_update == "per_client"
         self.nmb_crops = tuple(args.nmb_crops)
         self.trainable_crops = tuple(range(sum(args.nmb_crops)))
         self.crops_for_assign = tuple(args.crops_for_assign)
@@ -363,9 +484,3 @@ class SwavServer(ServerMethod):
     def load_extra_state(self, state: dict) -> None:
         if self.queue is not None:
             self.queue.load_state_dict(state["queue"])
-
-
-def swav_view_spec(args: argparse.Namespace) -> ViewSpec:
-    """Multi-crop: --nmb_crops crops of --size_crops pixels with their RandomResizedCrop scale ranges."""
-    return ViewSpec(nmb_crops=tuple(args.nmb_crops), size_crops=tuple(args.size_crops),
-                    min_scale_crops=tuple(args.min_scale_crops), max_scale_crops=tuple(args.max_scale_crops))

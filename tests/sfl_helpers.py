@@ -16,11 +16,9 @@ TINY_MOCO = ["--dataset", "synthetic", "--arch", "ResNet18", "--width", "8", "--
 
 def moco_trainer(output_dir: Path, *extra: str) -> Trainer:
     """A Trainer for SFL-MoCo on synthetic data with a narrow ResNet-18, on CPU."""
-    from functions.sflmoco_functions import MocoServer, moco_view_spec
-
     args = parse_args("moco", [*TINY_MOCO, "--output_dir", str(output_dir), *extra])
     output_dir.mkdir(parents=True, exist_ok=True)
-    return Trainer(args, MocoServer, moco_view_spec(args), Runtime(device=torch.device("cpu")), output_dir)
+    return Trainer(args, Runtime(device=torch.device("cpu")), output_dir)
 
 
 TINY_SWAV = ["--dataset", "synthetic", "--arch", "ResNet18", "--width", "8", "--num_workers", "0",
@@ -30,8 +28,6 @@ TINY_SWAV = ["--dataset", "synthetic", "--arch", "ResNet18", "--width", "8", "--
 
 def swav_trainer(output_dir: Path, *extra: str) -> Trainer:
     """A Trainer for SFL-SwAV on synthetic data with a narrow ResNet-18, on CPU."""
-    from functions.sflswav_functions import SwavServer, swav_view_spec
-
     args = parse_args("swav", [*TINY_SWAV, "--output_dir", str(output_dir), *extra])
     output_dir.mkdir(parents=True, exist_ok=True)
-    return Trainer(args, SwavServer, swav_view_spec(args), Runtime(device=torch.device("cpu")), output_dir)
+    return Trainer(args, Runtime(device=torch.device("cpu")), output_dir)

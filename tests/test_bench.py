@@ -151,7 +151,7 @@ def test_the_data_mode_reads_real_images_when_there_are_enough(cifar10_mini_dir)
     assert record["data_source"] == "cifar10"
     # More images than the folder holds: synthetic ones, and the source says why.
     from Dali.bench_loaders import load_images
-    from functions.cifar import load_dataset
+    from functions.datasets import load_dataset
 
     available = load_dataset("cifar10", cifar10_mini_dir, download=False).train_images.shape[0]
     short = load_images(str(cifar10_mini_dir), available + 1, synthetic_when_short=True)

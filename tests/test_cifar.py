@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from functions import cifar
-from functions.cifar import CIFAR_SPECS, ImageDataset, load_dataset, nhwc_to_rows, rows_to_nhwc
+from functions.cifar import CIFAR_SPECS, nhwc_to_rows, rows_to_nhwc
+from functions.datasets import ImageDataset, load_dataset
 from functions.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

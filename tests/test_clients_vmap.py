@@ -10,7 +10,9 @@ from torch import nn
 from functions.clients import ClientSide
 from functions.clients_vmap import VectorisedClientSide
 from functions.errors import UserError
-from models.resnet import build_split_resnet
+from functions.distributed import Runtime
+from functions.fedavg import average_pool, fedavg
+from models.split import build_split_model
 from sfl_helpers import moco_trainer, swav_trainer
 
 LR, MOMENTUM, WEIGHT_DECAY, KEY_MOMENTUM = 0.05, 0.9, 5e-4, 0.9
@@ -33,7 +35,7 @@ def _one_thread():
 def _template(cutlayer: int) -> nn.Module:
     """The client part of a narrow (width 8) ResNet-18 cut at `cutlayer`, in float64."""
     torch.manual_seed(0)
-    return build_split_resnet("ResNet18", cutlayer, head="none", width=8).client.double()
+    return build_split_model("ResNet18", cutlayer, width=8).client.double()
 
 
 def _client_sides(cutlayer: int, num_client: int, engine: str = "auto", template: nn.Module | None = None,
@@ -203,13 +205,13 @@ def test_other_client_models_run_on_the_vmap_engine():
 
 def test_fedavg_and_averaged_model_equal_the_loop():
     loop, vectorised = _client_sides(cutlayer=2, num_client=4)
-    pool, weights = [3, 1], [30, 10]
-    averaged_loop = loop.averaged_model(pool, weights)
-    averaged_vectorised = vectorised.averaged_model(pool, weights)
+    pool, sizes, runtime = [3, 1], {3: 30, 1: 10}, Runtime(device=CPU)
+    averaged_loop = loop.module_with(average_pool(loop, pool, sizes, runtime))
+    averaged_vectorised = vectorised.module_with(average_pool(vectorised, pool, sizes, runtime))
     for actual, expected in zip(averaged_vectorised.parameters(), averaged_loop.parameters()):
         torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-7)
-    loop.fedavg(pool, weights, include_momentum_copies=True)
-    vectorised.fedavg(pool, weights, include_momentum_copies=True)
+    fedavg(loop, pool, sizes, runtime, include_momentum_copies=True)
+    fedavg(vectorised, pool, sizes, runtime, include_momentum_copies=True)
     _assert_same_clients(loop, vectorised, range(4))
     first = _weights(vectorised.models, 0)
     for c in range(1, 4):  # every client, in the pool or not, holds the average
@@ -300,15 +302,15 @@ def test_trainer_steps_are_the_same_with_either_client_side(tmp_path, case):
     loop_side, args = loop_trainer.clients, loop_trainer.args
     keep_copies = loop_trainer.method.client_momentum > 0
     # The vectorised side starts from the loop side's state: the same weights, whatever the template was.
-    vmap_trainer.clients = VectorisedClientSide(loop_side.models[0], args.num_client, lr=args.c_lr,
-                                                momentum=args.momentum, weight_decay=args.weight_decay,
-                                                keep_momentum_copies=keep_copies, device=CPU)
+    vmap_trainer.split_step.clients = VectorisedClientSide(loop_side.models[0], args.num_client, lr=args.c_lr,
+                                                     momentum=args.momentum, weight_decay=args.weight_decay,
+                                                     keep_momentum_copies=keep_copies, device=CPU)
     vmap_trainer.clients.load_state_dict(loop_side.state_dict())
     batch = _train_side_by_side(loop_trainer, vmap_trainer, steps=2)
     if "--hetero" in extra:
         assert len(set(batch.rows_per_client)) > 1
     if "--client_sample_ratio" in extra:
-        assert len(loop_trainer.loaders.train.pool(0)) < args.num_client
+        assert len(loop_trainer.data.loaders.train.pool(0)) < args.num_client
     _assert_same_clients(loop_side, vmap_trainer.clients, range(args.num_client), TRAINER_TOLERANCE)
     for actual, expected in zip(vmap_trainer.method.server.parameters(), loop_trainer.method.server.parameters()):
         torch.testing.assert_close(actual, expected, **TRAINER_TOLERANCE)
@@ -317,7 +319,7 @@ def test_trainer_steps_are_the_same_with_either_client_side(tmp_path, case):
 
 def _train_side_by_side(expected, actual, steps: int):
     """`steps` training steps of both trainers on the same batches, with equal losses; returns the last batch."""
-    batches = expected.loaders.train.epoch(0)
+    batches = expected.data.loaders.train.epoch(0)
     for trainer in (expected, actual):
         trainer.set_learning_rates(0, 0)
     for step in range(steps):

@@ -33,11 +33,11 @@ from Dali.get_dali_dataloader import (  # noqa: E402
     resolve_dali_device,
     uniform_draws,
 )
-from functions.cifar import ImageDataset, load_dataset  # noqa: E402
+from functions.datasets import ImageDataset, load_dataset  # noqa: E402
 from functions.errors import UserError  # noqa: E402
 from functions.loaders import FederatedSchedule, normalise_uint8_images  # noqa: E402
-from functions.server_method import ViewSpec  # noqa: E402
-from multicropdataset import SmallGaussianBlur, build_torch_loaders, moco_transform, multicrop_transforms  # noqa: E402
+from functions.views import ViewSpec  # noqa: E402
+from multicropdataset import GaussianBlur, build_torch_loaders, moco_transform, multicrop_transforms  # noqa: E402
 
 MOCO_VIEWS = ViewSpec(nmb_crops=(2,), size_crops=(32,), min_scale_crops=(0.2,), max_scale_crops=(1.0,))
 SWAV_VIEWS = ViewSpec(nmb_crops=(2, 6), size_crops=(32, 16), min_scale_crops=(0.14, 0.05), max_scale_crops=(1.0, 0.14))
@@ -70,8 +70,7 @@ def dali_loaders(dataset: ImageDataset, schedule: FederatedSchedule, views: View
 
 def torch_loaders(dataset: ImageDataset, schedule: FederatedSchedule, views: ViewSpec):
     """The torchvision path on the same schedule and views."""
-    crops = multicrop_transforms(dataset.mean, dataset.std, list(views.nmb_crops), list(views.size_crops),
-                                 list(views.min_scale_crops), list(views.max_scale_crops))
+    crops = multicrop_transforms(dataset.mean, dataset.std, views)
     return build_torch_loaders(dataset.train_images, dataset.train_labels, dataset.test_images, dataset.test_labels,
                                dataset.mean, dataset.std, schedule, crops, eval_batch_size=64, num_workers=0)
 
@@ -202,7 +201,7 @@ def test_constants_are_those_of_the_torch_path() -> None:
     assert jitter.saturation == pytest.approx((1 - SATURATION, 1 + SATURATION))
     assert jitter.hue == pytest.approx((-HUE, HUE))
     assert gray.p == GRAYSCALE_PROBABILITY and blur_apply.p == BLUR_PROBABILITY and flip.p == FLIP_PROBABILITY
-    assert isinstance(blur_apply.transforms[0], SmallGaussianBlur) and blur_apply.transforms[0].sigma == BLUR_SIGMA
+    assert isinstance(blur_apply.transforms[0], GaussianBlur) and blur_apply.transforms[0].sigma == BLUR_SIGMA
 
 
 @pytest.mark.parametrize("scale", [(0.2, 1.0), (0.05, 0.14)])

@@ -11,9 +11,10 @@ from torchvision import transforms
 
 from functions.errors import UserError
 from functions.loaders import FederatedSchedule
+from functions.views import ViewSpec
 from multicropdataset import (
     FederatedViewsDataset,
-    SmallGaussianBlur,
+    GaussianBlur,
     build_torch_loaders,
     moco_transform,
     multicrop_transforms,
@@ -68,7 +69,7 @@ def test_moco_views_shape_dtype_and_range(real_images: np.ndarray) -> None:
 
 
 def test_multicrop_views_come_in_crop_order(real_images: np.ndarray) -> None:
-    crops = multicrop_transforms(MEAN, STD, **SWAV_CIFAR)
+    crops = multicrop_transforms(MEAN, STD, ViewSpec(**SWAV_CIFAR))
     views = FederatedViewsDataset(real_images, crops)[(3, 77)]
     assert [tuple(view.shape) for view in views] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 6
     assert all(view.dtype == torch.float32 for view in views)
@@ -77,7 +78,7 @@ def test_multicrop_views_come_in_crop_order(real_images: np.ndarray) -> None:
 
 
 def test_same_key_same_crops_different_key_different_crops(real_images: np.ndarray) -> None:
-    dataset = FederatedViewsDataset(real_images, multicrop_transforms(MEAN, STD, **SWAV_CIFAR))
+    dataset = FederatedViewsDataset(real_images, multicrop_transforms(MEAN, STD, ViewSpec(**SWAV_CIFAR)))
     first = dataset[(5, 2**63 + 12345)]
     torch.rand(7)  # unrelated use of the global generator in between must not matter
     second = dataset[(5, 2**63 + 12345)]
@@ -90,7 +91,7 @@ def test_augmenting_a_sample_leaves_the_global_random_states_alone() -> None:
     # With --num_workers 0 the views are made in the training process: its random streams must not move.
     import random
 
-    dataset = FederatedViewsDataset(synthetic_images(4), multicrop_transforms(MEAN, STD, **SWAV_CIFAR))
+    dataset = FederatedViewsDataset(synthetic_images(4), multicrop_transforms(MEAN, STD, ViewSpec(**SWAV_CIFAR)))
     torch.manual_seed(11)
     random.seed(11)
     expected = (torch.rand(3), random.random())
@@ -119,7 +120,7 @@ def test_crop_area_fraction_matches_the_scale_range(low: float, high: float) -> 
     if (low, high) == (0.2, 1.0):
         compose = moco_transform(MEAN, STD)
     else:
-        crops = multicrop_transforms(MEAN, STD, **SWAV_CIFAR)
+        crops = multicrop_transforms(MEAN, STD, ViewSpec(**SWAV_CIFAR))
         compose = crops[0] if high == 1.0 else crops[-1]
     (crop,) = random_resized_crops(compose)
     assert compose.transforms[0] is crop  # the crop comes before the photometric chain
@@ -138,11 +139,11 @@ def test_crop_area_fraction_matches_the_scale_range(low: float, high: float) -> 
 
 def test_multicrop_option_errors_are_user_errors() -> None:
     with pytest.raises(UserError):
-        multicrop_transforms(MEAN, STD, [2, 6], [32], [0.14, 0.05], [1.0, 0.14])
+        multicrop_transforms(MEAN, STD, ViewSpec([2, 6], [32], [0.14, 0.05], [1.0, 0.14]))
     with pytest.raises(UserError):
-        multicrop_transforms(MEAN, STD, [2], [32], [0.5], [0.2])
+        multicrop_transforms(MEAN, STD, ViewSpec([2], [32], [0.5], [0.2]))
     with pytest.raises(UserError):
-        multicrop_transforms(MEAN, STD, [0], [32], [0.14], [1.0])
+        multicrop_transforms(MEAN, STD, ViewSpec([0], [32], [0.14], [1.0]))
 
 
 def identity_crops() -> list[transforms.Compose]:
@@ -186,8 +187,8 @@ def test_torch_loader_same_batches_with_and_without_workers(real_images: np.ndar
     images = real_images[:60]
     labels = np.zeros(60, dtype=np.int64)
     schedule = tiny_setup(images, sizes=[4, 3, 5, 4], ratio=0.5, steps=2, seed=3)
-    crops = multicrop_transforms(MEAN, STD, nmb_crops=[2, 1], size_crops=[32, 16],
-                                 min_scale_crops=[0.14, 0.05], max_scale_crops=[1.0, 0.14])
+    crops = multicrop_transforms(MEAN, STD, ViewSpec(nmb_crops=[2, 1], size_crops=[32, 16],
+                                                     min_scale_crops=[0.14, 0.05], max_scale_crops=[1.0, 0.14]))
     results = []
     for workers in (0, 2):
         loaders = build_torch_loaders(images, labels, images, labels, MEAN, STD, schedule, crops, num_workers=workers)
@@ -238,8 +239,10 @@ def test_memory_and_test_loaders_cover_every_image_in_order(real_images: np.ndar
             np.testing.assert_array_equal(torch.cat([y for _, y in batches]).numpy(), source_labels)
 
 
-def test_small_gaussian_blur_matches_torchvision_kernel_3(real_images: np.ndarray) -> None:
-    ours, reference = SmallGaussianBlur((0.1, 2.0)), transforms.GaussianBlur(kernel_size=3, sigma=(0.1, 2.0))
+@pytest.mark.parametrize("kernel_size", [3, 5])
+def test_gaussian_blur_matches_torchvision(real_images: np.ndarray, kernel_size: int) -> None:
+    ours = GaussianBlur(kernel_size, (0.1, 2.0))
+    reference = transforms.GaussianBlur(kernel_size=kernel_size, sigma=(0.1, 2.0))
     differing, changed_images = 0, 0
     for index in range(40):
         image = transforms.functional.to_pil_image(real_images[index])

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from functions.cifar import load_dataset
+from functions.datasets import load_dataset
 from functions.errors import UserError
 from functions.partition import (add_partition_arguments, classes_per_client, main, make_partition,
                                  partition_hash, partition_summary, resolve_partition_method, save_partition)

@@ -1,23 +1,37 @@
 """Tests of the split ResNet: split/unsplit equivalence, shapes, heads, WS, options and errors."""
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 import torch.nn as nn
 from torch.func import functional_call
 
 from functions.errors import UserError
-from models.resnet import (
-    WSConv2d,
-    build_split_resnet,
-    build_unsplit_resnet,
-    group_norm_groups,
+from functions.server_method import method_class
+from functions.sflmoco_functions import build_moco_head
+from functions.sflswav_functions import build_swav_head
+from models.layers import WSConv2d, group_norm_groups
+from models.split import (
+    build_split_model,
+    build_unsplit_model,
     merge_split,
     merge_state_dicts,
     num_cut_points,
     split_state_dict,
     unit_names,
 )
+
+
+def moco_head(**options):
+    """MoCo's head builder with these options (moco_version, K_dim)."""
+    return partial(build_moco_head, **options)
+
+
+def swav_head(**options):
+    """SwAV's head builder with these options (hidden_mlp, feat_dim, nmb_prototypes)."""
+    return partial(build_swav_head, **options)
 
 WIDTH = 8
 
@@ -35,11 +49,11 @@ def _split_forward(split, x: torch.Tensor) -> torch.Tensor:
 def _check_split_matches_unsplit(arch: str, cutlayer: int, x: torch.Tensor) -> None:
     """Split model == same-seed unsplit model == differently seeded unsplit model after loading the split weights."""
     torch.manual_seed(123)
-    split = build_split_resnet(arch, cutlayer, width=WIDTH, K_dim=16)
+    split = build_split_model(arch, cutlayer, width=WIDTH, head=moco_head(K_dim=16))
     torch.manual_seed(123)
-    same_seed = build_unsplit_resnet(arch, width=WIDTH, K_dim=16)
+    same_seed = build_unsplit_model(arch, width=WIDTH, head=moco_head(K_dim=16))
     torch.manual_seed(999)
-    other_seed = build_unsplit_resnet(arch, width=WIDTH, K_dim=16)
+    other_seed = build_unsplit_model(arch, width=WIDTH, head=moco_head(K_dim=16))
     for model in (split.client, split.server, same_seed, other_seed):
         model.eval()
     with torch.no_grad():
@@ -65,16 +79,16 @@ def test_num_cut_points_and_unit_order() -> None:
     assert num_cut_points("resnet34") == 17
     assert num_cut_points("RESNET50") == 17
     assert unit_names("ResNet18")[:4] == ["stem", "layer1_0", "layer1_1", "layer2_0"]
-    split = build_split_resnet("ResNet18", 3, width=WIDTH)
+    split = build_split_model("ResNet18", 3, width=WIDTH)
     assert [name for name, _ in split.client.named_children()] == ["stem", "layer1_0", "layer1_1"]
     assert [name for name, _ in split.server.backbone.named_children()] == unit_names("ResNet18")[3:]
 
 
 def test_split_state_dict_round_trip() -> None:
     torch.manual_seed(5)
-    unsplit = build_unsplit_resnet("ResNet18", width=WIDTH, K_dim=16)
+    unsplit = build_unsplit_model("ResNet18", width=WIDTH, head=moco_head(K_dim=16))
     torch.manual_seed(6)
-    split = build_split_resnet("ResNet18", 4, width=WIDTH, K_dim=16)
+    split = build_split_model("ResNet18", 4, width=WIDTH, head=moco_head(K_dim=16))
     client_state, server_state = split_state_dict(unsplit.state_dict(), "ResNet18", 4)
     split.client.load_state_dict(client_state)
     split.server.load_state_dict(server_state)
@@ -87,7 +101,7 @@ def test_split_state_dict_round_trip() -> None:
 
 
 def test_merge_split_shares_modules_and_matches() -> None:
-    split = build_split_resnet("ResNet18", 2, width=WIDTH, K_dim=16)
+    split = build_split_model("ResNet18", 2, width=WIDTH, head=moco_head(K_dim=16))
     merged = merge_split(split)
     x = _images()
     for module in (merged, split.client, split.server):
@@ -100,9 +114,9 @@ def test_merge_split_shares_modules_and_matches() -> None:
 @pytest.mark.parametrize("size", [32, 16])
 def test_feature_and_head_shapes(size: int) -> None:
     x = _images(batch=3, size=size)
-    moco = build_split_resnet("ResNet18", 2, width=WIDTH, head="moco", K_dim=24)
-    swav = build_split_resnet("ResNet18", 2, width=WIDTH, head="swav", hidden_mlp=32, feat_dim=20, nmb_prototypes=7)
-    none = build_split_resnet("ResNet18", 2, width=WIDTH, head="none")
+    moco = build_split_model("ResNet18", 2, width=WIDTH, head=moco_head(K_dim=24))
+    swav = build_split_model("ResNet18", 2, width=WIDTH, head=swav_head(hidden_mlp=32, feat_dim=20, nmb_prototypes=7))
+    none = build_split_model("ResNet18", 2, width=WIDTH)
     assert moco.server.feature_dim == 8 * WIDTH
     assert moco.server.features(moco.client(x)).shape == (3, 8 * WIDTH)
     assert moco.server(moco.client(x)).shape == (3, 24)
@@ -117,7 +131,7 @@ def test_feature_and_head_shapes(size: int) -> None:
 
 
 def test_resnet50_feature_dim() -> None:
-    split = build_split_resnet("ResNet50", 17, width=WIDTH, head="none")
+    split = build_split_model("ResNet50", 17, width=WIDTH)
     assert split.server.feature_dim == 32 * WIDTH
     assert split.server(split.client(_images(size=16))).shape == (2, 32 * WIDTH)
 
@@ -126,7 +140,7 @@ def test_resnet50_feature_dim() -> None:
     ("version", "hidden"), [("V1", None), ("smallV2", 16), ("V2", 8 * WIDTH), ("largeV2", 2048), ("v2", 8 * WIDTH)]
 )
 def test_moco_head_versions(version: str, hidden: int | None) -> None:
-    head = build_split_resnet("ResNet18", 9, width=WIDTH, moco_version=version, K_dim=16).server.head
+    head = build_split_model("ResNet18", 9, width=WIDTH, head=moco_head(moco_version=version, K_dim=16)).server.head
     linears = [module for module in head.modules() if isinstance(module, nn.Linear)]
     if hidden is None:
         assert [(layer.in_features, layer.out_features) for layer in linears] == [(8 * WIDTH, 16)]
@@ -136,24 +150,24 @@ def test_moco_head_versions(version: str, hidden: int | None) -> None:
 
 
 def test_swav_head_layers() -> None:
-    head = build_split_resnet("ResNet18", 9, width=WIDTH, head="swav", hidden_mlp=32, nmb_prototypes=5).server.head
+    head = build_split_model("ResNet18", 9, width=WIDTH, head=swav_head(hidden_mlp=32, nmb_prototypes=5)).server.head
     kinds = [type(module) for module in head.modules() if isinstance(module, (nn.Linear, nn.BatchNorm1d, nn.ReLU))]
     assert kinds == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
-    single = build_split_resnet("ResNet18", 9, width=WIDTH, head="swav", hidden_mlp=0, feat_dim=12, nmb_prototypes=5)
+    single = build_split_model("ResNet18", 9, width=WIDTH, head=swav_head(hidden_mlp=0, feat_dim=12, nmb_prototypes=5))
     linears = [m for m in single.server.head.modules() if isinstance(m, nn.Linear)]
     assert [(layer.in_features, layer.out_features) for layer in linears] == [(8 * WIDTH, 12)]
 
 
 def test_smashed_shapes() -> None:
     x = _images(batch=2, size=32)
-    assert build_split_resnet("ResNet18", 1, width=WIDTH).client(x).shape == (2, WIDTH, 32, 32)
-    assert build_split_resnet("ResNet18", 2, width=WIDTH).client(x).shape == (2, WIDTH, 32, 32)
-    assert build_split_resnet("ResNet18", 4, width=WIDTH).client(x).shape == (2, 2 * WIDTH, 16, 16)
-    assert build_split_resnet("ResNet50", 2, width=WIDTH).client(x).shape == (2, 4 * WIDTH, 32, 32)
+    assert build_split_model("ResNet18", 1, width=WIDTH).client(x).shape == (2, WIDTH, 32, 32)
+    assert build_split_model("ResNet18", 2, width=WIDTH).client(x).shape == (2, WIDTH, 32, 32)
+    assert build_split_model("ResNet18", 4, width=WIDTH).client(x).shape == (2, 2 * WIDTH, 16, 16)
+    assert build_split_model("ResNet50", 2, width=WIDTH).client(x).shape == (2, 4 * WIDTH, 32, 32)
 
 
 def test_features_multi_equals_separate_calls() -> None:
-    split = build_split_resnet("ResNet18", 2, width=WIDTH, head="swav", hidden_mlp=16, nmb_prototypes=4)
+    split = build_split_model("ResNet18", 2, width=WIDTH, head=swav_head(hidden_mlp=16, nmb_prototypes=4))
     for module in (split.client, split.server):
         module.eval()
     large, small = _images(batch=3, size=32, seed=1), _images(batch=2, size=16, seed=2)
@@ -167,7 +181,7 @@ def test_features_multi_equals_separate_calls() -> None:
 
 
 def test_weight_standardised_kernel_statistics() -> None:
-    split = build_split_resnet("ResNet18", 9, width=WIDTH, use_ws=True)
+    split = build_split_model("ResNet18", 9, width=WIDTH, use_ws=True)
     ws_convs = [m for m in split.client.modules() if isinstance(m, WSConv2d)]
     assert len(ws_convs) == sum(isinstance(m, nn.Conv2d) for m in split.client.modules()) > 0
     for conv in ws_convs:
@@ -181,9 +195,9 @@ def test_weight_standardised_kernel_statistics() -> None:
 def test_use_ws_changes_output_and_plain_convs_without_ws() -> None:
     x = _images()
     torch.manual_seed(0)
-    with_ws = build_split_resnet("ResNet18", 3, width=WIDTH, use_ws=True)
+    with_ws = build_split_model("ResNet18", 3, width=WIDTH, use_ws=True)
     torch.manual_seed(0)
-    without_ws = build_split_resnet("ResNet18", 3, width=WIDTH, use_ws=False)
+    without_ws = build_split_model("ResNet18", 3, width=WIDTH, use_ws=False)
     assert not any(isinstance(m, WSConv2d) for m in without_ws.client.modules())
     assert not any(isinstance(m, nn.BatchNorm2d) for m in without_ws.client.modules())
     assert any(isinstance(m, nn.GroupNorm) for m in without_ws.client.modules())
@@ -195,9 +209,9 @@ def test_use_ws_changes_output_and_plain_convs_without_ws() -> None:
 def test_client_residual_false_changes_client_only() -> None:
     x = _images()
     torch.manual_seed(0)
-    residual = build_split_resnet("ResNet18", 4, width=WIDTH, client_residual=True)
+    residual = build_split_model("ResNet18", 4, width=WIDTH, client_residual=True)
     torch.manual_seed(0)
-    plain = build_split_resnet("ResNet18", 4, width=WIDTH, client_residual=False)
+    plain = build_split_model("ResNet18", 4, width=WIDTH, client_residual=False)
     assert not torch.allclose(residual.client(x), plain.client(x), atol=1e-4)
     server_a, server_b = residual.server.state_dict(), plain.server.state_dict()
     assert server_a.keys() == server_b.keys()
@@ -226,17 +240,17 @@ def test_client_residual_false_changes_client_only() -> None:
 def test_unsplit_with_client_residual_false_matches_split() -> None:
     x = _images()
     torch.manual_seed(3)
-    split = build_split_resnet("ResNet18", 3, width=WIDTH, client_residual=False, K_dim=16)
+    split = build_split_model("ResNet18", 3, width=WIDTH, client_residual=False, head=moco_head(K_dim=16))
     torch.manual_seed(3)
-    unsplit = build_unsplit_resnet("ResNet18", cutlayer=3, width=WIDTH, client_residual=False, K_dim=16)
+    unsplit = build_unsplit_model("ResNet18", cutlayer=3, width=WIDTH, client_residual=False, head=moco_head(K_dim=16))
     with torch.no_grad():
         assert torch.allclose(unsplit(x), _split_forward(split, x), atol=1e-5, rtol=1e-4)
     with pytest.raises(UserError, match="cutlayer"):
-        build_unsplit_resnet("ResNet18", width=WIDTH, client_residual=False)
+        build_unsplit_model("ResNet18", width=WIDTH, client_residual=False)
 
 
 def test_backbone_has_no_batchnorm_and_group_counts() -> None:
-    model = build_unsplit_resnet("ResNet50", width=WIDTH, head="none")
+    model = build_unsplit_model("ResNet50", width=WIDTH)
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.backbone.modules())
     for norm in (m for m in model.backbone.modules() if isinstance(m, nn.GroupNorm)):
         assert norm.num_channels % norm.num_groups == 0
@@ -249,28 +263,28 @@ def test_backbone_has_no_batchnorm_and_group_counts() -> None:
 @pytest.mark.parametrize("cutlayer", [0, 10, -1])
 def test_invalid_cutlayer_is_user_error(cutlayer: int) -> None:
     with pytest.raises(UserError, match=rf"--cutlayer {cutlayer} .*ResNet18, which has 9 cut points"):
-        build_split_resnet("ResNet18", cutlayer, width=WIDTH)
+        build_split_model("ResNet18", cutlayer, width=WIDTH)
 
 
 def test_invalid_options_are_user_errors() -> None:
     with pytest.raises(UserError, match="--arch ResNet101 is not supported"):
-        build_split_resnet("ResNet101", 1, width=WIDTH)
+        build_split_model("ResNet101", 1, width=WIDTH)
     with pytest.raises(UserError, match="--arch"):
         num_cut_points("vgg11")
     with pytest.raises(UserError, match="--moco_version"):
-        build_split_resnet("ResNet18", 1, width=WIDTH, moco_version="V3")
-    with pytest.raises(UserError, match="head"):
-        build_split_resnet("ResNet18", 1, width=WIDTH, head="byol")
+        build_split_model("ResNet18", 1, width=WIDTH, head=moco_head(moco_version="V3"))
+    with pytest.raises(UserError, match="byol"):
+        method_class("byol")  # heads belong to registered methods; an unknown one is named
     with pytest.raises(UserError, match="--nmb_prototypes"):
-        build_split_resnet("ResNet18", 1, width=WIDTH, head="swav", nmb_prototypes=0)
+        build_split_model("ResNet18", 1, width=WIDTH, head=swav_head(nmb_prototypes=0))
     with pytest.raises(UserError, match="--hidden_mlp"):
-        build_split_resnet("ResNet18", 1, width=WIDTH, head="swav", nmb_prototypes=3, hidden_mlp=-1)
+        build_split_model("ResNet18", 1, width=WIDTH, head=swav_head(nmb_prototypes=3, hidden_mlp=-1))
     with pytest.raises(UserError, match="--width"):
-        build_split_resnet("ResNet18", 1, width=0)
+        build_split_model("ResNet18", 1, width=0)
 
 
 def test_client_is_functional_friendly() -> None:
-    split = build_split_resnet("ResNet18", 3, width=WIDTH)
+    split = build_split_model("ResNet18", 3, width=WIDTH)
     client = split.client
     assert list(client.buffers()) == []
     x = _images()
@@ -291,13 +305,13 @@ def test_client_is_functional_friendly() -> None:
 def test_blocks_with_a_shortcut_start_as_the_identity() -> None:
     # Zero-initialised last norm scale: the residual branch adds nothing at first, so a block passes relu(x).
     torch.manual_seed(0)
-    model = build_unsplit_resnet("ResNet18", width=WIDTH, head="none")
+    model = build_unsplit_model("ResNet18", width=WIDTH)
     block = model.backbone.layer1_1
     x = torch.relu(torch.randn(2, WIDTH, 8, 8))
     with torch.no_grad():
         assert torch.allclose(block(x), x)
     torch.manual_seed(0)
-    bottleneck = build_unsplit_resnet("ResNet50", width=WIDTH, head="none").backbone.layer1_1
+    bottleneck = build_unsplit_model("ResNet50", width=WIDTH).backbone.layer1_1
     x = torch.relu(torch.randn(2, 4 * WIDTH, 8, 8))
     with torch.no_grad():
         assert torch.allclose(bottleneck(x), x)

@@ -27,7 +27,8 @@ from functions.checkpoint import CHECKPOINT_NAME, load_checkpoint, remove_stale_
 from functions.errors import TrainingInterrupted, UserError, exit_with_error, run_cli
 from functions.files import write_text_atomic
 from functions.loaders import FederatedSchedule
-from functions.simulator import NO_DOWNLOAD_ENV, StopSignal
+from functions.datasets import NO_DOWNLOAD_ENV
+from functions.stopping import StopSignal
 from sfl_helpers import TINY_MOCO, TINY_SWAV, moco_trainer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -452,7 +453,7 @@ def test_non_finite_weights_are_never_saved(tmp_path):
 def test_fp16_overflow_steps_are_skipped_counted_and_logged_not_fatal(tmp_path):
     trainer = moco_trainer(tmp_path, "--client_exec", "loop", "--num_client", "2", "--batch_size", "8")
     # CUDA is not needed to exercise the loss-scaling bookkeeping: the CPU GradScaler skips steps the same way.
-    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    trainer.precision.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
     trainer.args.max_steps = 1
     trainer.train()
     after_first = server_weights(trainer)
@@ -468,12 +469,12 @@ def test_fp16_overflow_steps_are_skipped_counted_and_logged_not_fatal(tmp_path):
     assert metrics["skipped_steps"] == [[1, 0], [2, 1], [3, 1]]
     assert [step for step, _ in metrics["train_loss"]] == [1, 3]  # the skipped step's inf loss is not logged
     assert load_checkpoint(tmp_path / CHECKPOINT_NAME)["skipped_steps"] == 1
-    assert trainer.scaler.get_scale() == 2.0 ** 7
+    assert trainer.precision.scaler.get_scale() == 2.0 ** 7
 
 
 def test_fp16_stops_when_the_loss_scale_shows_divergence(tmp_path):
     trainer = moco_trainer(tmp_path, "--client_exec", "loop", "--num_client", "2", "--batch_size", "8")
-    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    trainer.precision.scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
     overflow_at(trainer, step=1)
     trainer.args.max_steps = 2
     with pytest.raises(UserError, match=r"fp16 loss scale fell to 0\.5 by step 1 \(1 steps skipped\)"):
@@ -590,7 +591,7 @@ def test_a_batch_larger_than_a_shard_is_announced_and_trains(tmp_path):
         logger.removeHandler(handler)
     assert any("4 of 4 clients hold fewer samples than their batch (smallest: 128 samples, batch 160)" in message
                for message in records), records
-    batch = next(trainer.loaders.train.epoch(0))
+    batch = next(trainer.data.loaders.train.epoch(0))
     assert batch.rows_per_client == [160] * 4
     loss, _ = trainer.train_step(batch)
     assert torch.isfinite(loss)
@@ -602,8 +603,8 @@ def test_the_same_seed_gives_the_same_partition_and_first_losses_on_cpu(tmp_path
         trainer = moco_trainer(tmp_path / name, "--client_exec", "loop", "--num_client", "3", "--batch_size", "8",
                                "--partition", "dirichlet", "--seed", seed)
         trainer.set_learning_rates(0, 0)
-        batches = trainer.loaders.train.epoch(0)
-        return trainer.partition_hash, [float(trainer.train_step(next(batches))[0]) for _ in range(2)]
+        batches = trainer.data.loaders.train.epoch(0)
+        return trainer.data.partition_hash, [float(trainer.train_step(next(batches))[0]) for _ in range(2)]
 
     hash_a, losses_a = first_losses("a", "11")
     hash_b, losses_b = first_losses("b", "11")

@@ -11,7 +11,9 @@ from torch import nn
 import run_sflmoco
 from functions.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from functions.clients import ClientSide, query_index
+from functions.distributed import Runtime
 from functions.errors import UserError
+from functions.fedavg import fedavg
 from functions.sflmoco_functions import info_nce_loss, symmetric_info_nce_loss
 from sfl_helpers import TINY_MOCO, moco_trainer
 
@@ -24,7 +26,7 @@ def _parameters(module: nn.Module) -> dict[str, torch.Tensor]:
 def test_one_client_step_equals_centralised_moco_step(tmp_path, symmetric):
     extra = ["--num_client", "1", "--batch_size", "12", "--weight_decay", "0.0005", "--momentum", "0.9"]
     trainer = moco_trainer(tmp_path, *extra, *(["--symmetric"] if symmetric else []))
-    batch = next(trainer.loaders.train.epoch(0))
+    batch = next(trainer.data.loaders.train.epoch(0))
     trainer.set_learning_rates(0, 0)
 
     # The centralised reference: the unsplit network (client layers then server layers) and its momentum copy.
@@ -87,7 +89,7 @@ def test_gradient_rows_return_to_the_clients_that_sent_them():
 def test_fedavg_is_weighted_by_data_size_and_loaded_into_every_client():
     clients = _three_different_clients()
     weights = [clients.models[c].weight.detach().clone() for c in range(3)]
-    clients.fedavg([0, 2], [30, 10])
+    fedavg(clients, [0, 2], {0: 30, 2: 10}, Runtime(device=torch.device("cpu")))
     expected = 0.75 * weights[0] + 0.25 * weights[2]
     for model in clients.models:
         assert torch.allclose(model.weight, expected, atol=1e-6)
@@ -97,7 +99,7 @@ def test_fedavg_of_identical_clients_is_the_identity():
     clients = ClientSide(nn.Linear(4, 3), 4, lr=0.1, momentum=0.0, weight_decay=0.0, keep_momentum_copies=True,
                          device=torch.device("cpu"))
     before = clients.models[0].weight.detach().clone()
-    clients.fedavg([0, 1, 2, 3], [5, 1, 7, 3], include_momentum_copies=True)
+    fedavg(clients, [0, 1, 2, 3], [5, 1, 7, 3], Runtime(device=torch.device("cpu")), include_momentum_copies=True)
     for model in clients.models + clients.momentum_models:
         assert torch.equal(model.weight, before)
 

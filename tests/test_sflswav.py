@@ -34,7 +34,7 @@ def _centralised_swav_loss(client: nn.Module, server: nn.Module, crops: list[tor
 def test_one_client_step_equals_centralised_swav_step(tmp_path):
     trainer = swav_trainer(tmp_path, "--num_client", "1", "--batch_size", "8", "--freeze_prototypes_niters", "0",
                            *MULTI_CROP)
-    batch = next(trainer.loaders.train.epoch(0))
+    batch = next(trainer.data.loaders.train.epoch(0))
     trainer.set_learning_rates(0, 0)
     client = copy.deepcopy(trainer.clients.models[0])
     server = copy.deepcopy(trainer.method.server)
@@ -58,7 +58,7 @@ def test_rows_are_stacked_crop_major_across_clients(tmp_path):
     # Two clients start from identical weights, so the SFL loss must equal centralised SwAV on the crop-major
     # stack; stacking client-major pairs the wrong rows in Sinkhorn and the swapped prediction, and is caught.
     trainer = swav_trainer(tmp_path, "--num_client", "2", "--batch_size", "6", *MULTI_CROP)
-    batch = next(trainer.loaders.train.epoch(0))
+    batch = next(trainer.data.loaders.train.epoch(0))
     assert batch.rows_per_client == [6, 6]
     client, server = copy.deepcopy(trainer.clients.models[0]), copy.deepcopy(trainer.method.server)
     with torch.no_grad():
@@ -76,7 +76,7 @@ def test_queue_fills_then_joins_the_sinkhorn_batch(tmp_path, monkeypatch):
     seen_rows = []
     real_sinkhorn = swav.sinkhorn_knopp
     monkeypatch.setattr(swav, "sinkhorn_knopp", lambda scores, *a, **k: seen_rows.append(scores.shape[0]) or real_sinkhorn(scores, *a, **k))
-    for batch in list(trainer.loaders.train.epoch(0))[:3]:
+    for batch in list(trainer.data.loaders.train.epoch(0))[:3]:
         trainer.train_step(batch)
     # 8 rows per step and 2 assignment crops: the queue of 16 is full after two steps, then used.
     assert seen_rows == [8, 8, 8, 8, 24, 24]
@@ -86,7 +86,7 @@ def test_queue_fills_then_joins_the_sinkhorn_batch(tmp_path, monkeypatch):
 def test_queue_waits_for_epoch_queue_starts(tmp_path):
     trainer = swav_trainer(tmp_path, "--num_client", "2", "--batch_size", "4", "--queue_length", "8",
                            "--epoch_queue_starts", "1", *MULTI_CROP)
-    for batch in list(trainer.loaders.train.epoch(0))[:3]:
+    for batch in list(trainer.data.loaders.train.epoch(0))[:3]:
         trainer.train_step(batch)
     assert not trainer.method.queue.is_full()
     assert torch.count_nonzero(trainer.method.queue.embeddings) == 0
@@ -98,7 +98,7 @@ def test_prototypes_stay_frozen_for_the_set_number_of_steps(tmp_path):
     prototypes = trainer.method.prototypes
     swav.normalize_prototypes_(prototypes)
     initial = prototypes.weight.detach().clone()
-    batches = list(trainer.loaders.train.epoch(0))[:3]
+    batches = list(trainer.data.loaders.train.epoch(0))[:3]
     for batch in batches[:2]:
         trainer.train_step(batch)
         trainer.global_step += 1
@@ -113,9 +113,9 @@ def test_per_client_server_update_steps_the_server_once_per_client(tmp_path):
     per_client = swav_trainer(tmp_path / "per_client", "--num_client", "3", "--batch_size", "4", *MULTI_CROP,
                               "--freeze_prototypes_niters", "0", "--server_update", "per_client")
     steps = []
-    per_client.server_optimizer.step = (lambda original: lambda *a, **k: steps.append(1) or original(*a, **k))(
-        per_client.server_optimizer.step)
-    batch = next(joint.loaders.train.epoch(0))
+    optimizer = per_client.split_step.server_optimizer
+    optimizer.step = (lambda original: lambda *a, **k: steps.append(1) or original(*a, **k))(optimizer.step)
+    batch = next(joint.data.loaders.train.epoch(0))
     joint.train_step(batch)
     per_client.train_step(batch)
     assert len(steps) == 3

@@ -10,7 +10,11 @@ import pytest
 
 import run_sflmoco
 from configs import parse_args
-from functions.simulator import LearningRateSchedule, client_batch_sizes, fedavg_positions, hetero_partition
+from functions.data import client_batch_sizes
+from functions.fedavg import fedavg_positions
+from functions.partition import hetero_partition
+from functions.schedules import LearningRateSchedule
+from functions.sflswav_functions import SwavServer
 from sfl_helpers import TINY_MOCO, moco_trainer
 
 
@@ -34,7 +38,8 @@ def test_multistep_schedule_has_separate_server_and_client_gammas():
 def test_swav_scheduler_warms_up_per_step_then_decays_to_the_final_lr():
     args = parse_args("swav", ["--use_swav_scheduler", "--lr", "0.4", "--start_warmup", "0", "--warmup_epochs", "2",
                                "--final_s_lr", "0.004", "--num_epoch", "10"])
-    schedule = LearningRateSchedule(args, steps_per_epoch=10)
+    schedule = SwavServer.learning_rate_schedule(args, steps_per_epoch=10)
+    assert schedule.per_step  # the loop sets the rates before every step
     assert schedule.rates(0, 0)[0] == pytest.approx(0.0)
     assert schedule.rates(1, 0)[0] == pytest.approx(0.2)   # halfway through the warm-up
     assert schedule.rates(2, 0)[0] == pytest.approx(0.4)
@@ -61,7 +66,7 @@ def test_hetero_clients_send_rows_in_proportion_to_their_data():
 def test_hetero_step_routes_unequal_rows(tmp_path):
     trainer = moco_trainer(tmp_path, "--num_client", "4", "--hetero", "--hetero_string", "0.25_0.75|9|0.75_0.25",
                            "--batch_size", "4")
-    batch = next(trainer.loaders.train.epoch(0))
+    batch = next(trainer.data.loaders.train.epoch(0))
     assert batch.rows_per_client[0] > batch.rows_per_client[1] == batch.rows_per_client[3]
     loss, _ = trainer.train_step(batch)
     assert math.isfinite(float(loss))
@@ -85,7 +90,7 @@ def test_fp16_on_cpu_warns_and_trains_in_full_precision(tmp_path, caplog):
         trainer = moco_trainer(tmp_path, "--use_fp16")
     finally:
         logger.removeHandler(caplog.handler)
-    assert trainer.amp_dtype is None and not trainer.scaler.is_enabled()
+    assert trainer.precision.amp_dtype is None and not trainer.precision.scaler.is_enabled()
     assert any("--use_fp16 needs CUDA" in record.getMessage() for record in caplog.records)
 
 
@@ -94,7 +99,7 @@ def test_compiled_server_trains_like_the_plain_one(tmp_path):
 
     plain = moco_trainer(tmp_path / "plain", "--num_client", "2", "--batch_size", "4")
     compiled = moco_trainer(tmp_path / "compiled", "--num_client", "2", "--batch_size", "4", "--compile")
-    batch = next(plain.loaders.train.epoch(0))
+    batch = next(plain.data.loaders.train.epoch(0))
     for trainer in (plain, compiled):
         trainer.set_learning_rates(0, 0)
     plain_loss, _ = plain.train_step(batch)

@@ -1,0 +1,178 @@
+"""The dataset registry: one entry per dataset, read by the options, both data paths, the partition and the loop.
+
+An entry says how to read the dataset (its reader), what it holds (classes, image size, splits) and how to look at
+it (normalisation, the default crop sizes of the views, the blur kernel). Adding a dataset is one reader and one
+`register_dataset(DatasetEntry(...))`; `--dataset` then offers it, and both data paths make its views.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from functions import cifar
+from functions.errors import UserError
+
+# Set to 1 (or any non-empty value other than 0) to never download a dataset: a missing folder is then an error at once.
+NO_DOWNLOAD_ENV = "SFL_NO_DOWNLOAD"
+SYNTHETIC_SIZE = 32
+
+
+@dataclass
+class ImageDataset:
+    """A labelled image dataset held in memory: uint8 NHWC images, int64 labels, normalisation constants."""
+
+    name: str
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    num_classes: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    source: str
+    unlabelled_images: np.ndarray | None = None  # an extra unlabelled training split, where the dataset has one
+
+
+# A reader: (data_dir, download=..., seed=..., **options) -> (train images, train labels, test images, test labels,
+# source) as uint8 NHWC and int64 arrays; source says where the images came from (a folder, "synthetic").
+Reader = Callable[..., tuple[Any, ...]]
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """A registered dataset.
+
+    mean/std None: computed from the training images. crop_sizes: (global, local) sizes of the default views
+    (MoCo's two views use the global size; SwAV's --size_crops defaults to both). blur_kernel_size: side of the
+    views' Gaussian blur, about a tenth of the image side and odd.
+    """
+
+    name: str
+    read: Reader
+    num_classes: int
+    image_size: int
+    mean: tuple[float, float, float] | None
+    std: tuple[float, float, float] | None
+    crop_sizes: tuple[int, int]
+    blur_kernel_size: int
+    splits: tuple[str, ...] = ("train", "test")
+
+
+DATASETS: dict[str, DatasetEntry] = {}
+
+
+def register_dataset(entry: DatasetEntry) -> DatasetEntry:
+    """Make a dataset known to --dataset by its name (a later registration of the name replaces it)."""
+    DATASETS[entry.name] = entry
+    return entry
+
+
+def dataset_names() -> list[str]:
+    """Names of every registered dataset, in registration order."""
+    return list(DATASETS)
+
+
+def dataset_entry(name: str) -> DatasetEntry:
+    """The entry registered as `name`; a UserError naming the choices otherwise."""
+    entry = DATASETS.get(name)
+    if entry is None:
+        raise UserError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
+    return entry
+
+
+def download_allowed() -> bool:
+    """Whether a missing dataset may be downloaded (not when SFL_NO_DOWNLOAD is set, e.g. offline clusters)."""
+    return os.environ.get(NO_DOWNLOAD_ENV, "").strip() in ("", "0")
+
+
+def stratified_subset(labels: np.ndarray, proportion: float, seed: int) -> np.ndarray:
+    """Sorted indices keeping about `proportion` of every class (at least one image of each class present)."""
+    rng = np.random.default_rng(seed)
+    kept = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        count = max(1, int(round(proportion * members.size)))
+        kept.append(rng.permutation(members)[:count])
+    return np.sort(np.concatenate(kept)).astype(np.int64)
+
+
+def channel_stats(images: np.ndarray) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """Per-channel mean and std of uint8 NHWC images in [0, 1] units."""
+    scaled = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
+    mean, std = scaled.mean(axis=0), scaled.std(axis=0)
+    return (float(mean[0]), float(mean[1]), float(mean[2])), (float(std[0]), float(std[1]), float(std[2]))
+
+
+def load_dataset(name: str, data_dir: str | os.PathLike, *, download: bool = True, data_proportion: float = 1.0,
+                 seed: int = 0, **reader_options: Any) -> ImageDataset:
+    """Read a registered dataset (downloading if allowed and needed); optionally keep a stratified part of train."""
+    entry = dataset_entry(name)
+    if not 0.0 < data_proportion <= 1.0:
+        raise UserError(f"--data_proportion must be in (0, 1], got {data_proportion}")
+    train_images, train_labels, test_images, test_labels, source = entry.read(
+        Path(data_dir), download=download, seed=seed, **reader_options)
+    if train_images.shape[1:3] != (entry.image_size, entry.image_size):
+        raise UserError(f"{name} images in {source} are {train_images.shape[1]}x{train_images.shape[2]} pixels, "
+                        f"the dataset's are {entry.image_size}x{entry.image_size}; check --data_dir")
+    if entry.mean is not None and entry.std is not None:
+        mean, std = entry.mean, entry.std
+    else:
+        mean, std = channel_stats(train_images)
+    if data_proportion < 1.0:
+        keep = stratified_subset(train_labels, data_proportion, seed)
+        train_images, train_labels = np.ascontiguousarray(train_images[keep]), train_labels[keep]
+    return ImageDataset(name=name, train_images=train_images, train_labels=train_labels, test_images=test_images,
+                        test_labels=test_labels, num_classes=entry.num_classes, mean=mean, std=std, source=source)
+
+
+def make_synthetic(num_train: int, num_test: int, seed: int, num_classes: int = 10) -> tuple[np.ndarray, ...]:
+    """Random 32x32 images whose class sets a base colour and a stripe orientation, plus noise; deterministic."""
+    rng = np.random.default_rng(seed)
+    palette = rng.uniform(40, 215, size=(num_classes, 3))
+    # Stripes keep classes apart even when colour augmentation (jitter, grayscale) removes the colour cue.
+    coords = np.arange(SYNTHETIC_SIZE, dtype=np.float64)
+    yy, xx = np.meshgrid(coords, coords, indexing="ij")
+    patterns = np.stack([
+        np.sin(2 * np.pi * (2 + c % 3) / SYNTHETIC_SIZE
+               * (xx * np.cos(np.pi * c / num_classes) + yy * np.sin(np.pi * c / num_classes)))
+        for c in range(num_classes)
+    ])
+
+    def draw(count: int) -> tuple[np.ndarray, np.ndarray]:
+        labels = rng.permutation(np.arange(count) % num_classes).astype(np.int64)
+        noise = rng.normal(0.0, 12.0, size=(count, SYNTHETIC_SIZE, SYNTHETIC_SIZE, 3))
+        images = palette[labels][:, None, None, :] + 35.0 * patterns[labels][..., None] + noise
+        return np.ascontiguousarray(np.clip(np.rint(images), 0, 255).astype(np.uint8)), labels
+
+    train_images, train_labels = draw(num_train)
+    test_images, test_labels = draw(num_test)
+    return train_images, train_labels, test_images, test_labels
+
+
+def read_synthetic(data_dir: Path, *, download: bool = True, seed: int = 0, synthetic_train: int = 512,
+                   synthetic_test: int = 128) -> tuple[Any, ...]:
+    """The synthetic dataset (no files): `synthetic_train` and `synthetic_test` images drawn from the seed."""
+    if synthetic_train < 1 or synthetic_test < 1:
+        raise UserError(f"synthetic data needs at least one train and one test image, "
+                        f"got {synthetic_train} and {synthetic_test}")
+    return (*make_synthetic(synthetic_train, synthetic_test, seed), "synthetic")
+
+
+def _cifar_reader(name: str) -> Reader:
+    """The reader of one CIFAR variant (its files are looked up when it runs)."""
+    def read(data_dir: Path, *, download: bool = True, seed: int = 0) -> tuple[Any, ...]:
+        return cifar.read_cifar(name, data_dir, download=download)
+
+    return read
+
+
+for _name, _spec in cifar.CIFAR_SPECS.items():
+    register_dataset(DatasetEntry(name=_name, read=_cifar_reader(_name), num_classes=_spec.num_classes,
+                                  image_size=cifar.IMAGE_SIZE, mean=_spec.mean, std=_spec.std, crop_sizes=(32, 16),
+                                  blur_kernel_size=3))
+register_dataset(DatasetEntry(name="synthetic", read=read_synthetic, num_classes=10, image_size=SYNTHETIC_SIZE,
+                              mean=None, std=None, crop_sizes=(32, 16), blur_kernel_size=3))

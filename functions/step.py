@@ -1,0 +1,131 @@
+"""One training step of split federated learning, built from the options; the training loop and the benchmark
+both run this step.
+
+Per step: the pool's clients run their layers on their own rows, the server stacks all rows and computes the
+method's loss, one backward and one server step, the gradient rows go back to the clients that sent them, each
+client steps, then the method's and the clients' momentum copies move.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from functions.clients import ClientSide, query_index
+from functions.clients_vmap import VectorisedClientSide
+from functions.distributed import Runtime, wrap_server
+from functions.loaders import StepBatch
+from functions.precision import MixedPrecision
+from functions.server_method import ServerMethod, method_class
+from models.split import build_split_model
+
+ClientEngine = ClientSide | VectorisedClientSide
+
+
+class SplitStep:
+    """The clients of a process, the server method, its optimizer and the precision settings; call it per batch."""
+
+    def __init__(self, method: ServerMethod, clients: ClientEngine, server_optimizer: torch.optim.Optimizer,
+                 precision: MixedPrecision, runtime: Runtime,
+                 memory_format: torch.memory_format = torch.contiguous_format) -> None:
+        self.method = method
+        self.clients = clients
+        self.server_optimizer = server_optimizer
+        self.precision = precision
+        self.runtime = runtime
+        self.memory_format = memory_format
+
+    def set_learning_rates(self, server_lr: float, client_lr: float) -> None:
+        """The learning rates of the server optimizer and of every client."""
+        for group in self.server_optimizer.param_groups:
+            group["lr"] = server_lr
+        self.clients.set_lr(client_lr)
+
+    def __call__(self, batch: StepBatch, epoch: int, global_step: int,
+                 row_share: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
+        """One SFL step over the pool; returns the loss and the method's statistics (on the device, detached).
+
+        row_share: this process's fraction of the step's rows (torchrun), which weights its part of the loss.
+        """
+        method, clients, precision, pool = self.method, self.clients, self.precision, batch.client_ids
+        crops = [crop.contiguous(memory_format=self.memory_format) for crop in batch.crops]
+        precision.begin_step()
+        self.server_optimizer.zero_grad(set_to_none=True)
+        clients.zero_grad(pool)
+        with precision.autocast():
+            smashed = clients.forward([crops[k] for k in method.trainable_crops], pool, batch.rows_per_client)
+            server_inputs = [s.detach().requires_grad_(True) for s in smashed]
+            momentum_smashed = (clients.momentum_forward([crops[k] for k in method.momentum_crops], pool,
+                                                         batch.rows_per_client) if method.momentum_crops else [])
+        world_size = self.runtime.world_size
+        if method.per_client_server_updates:
+            loss, stats = self._per_client_server_updates(server_inputs, momentum_smashed, batch.rows_per_client,
+                                                          epoch, global_step)
+        else:
+            with precision.autocast():
+                loss, stats = method.compute_loss(server_inputs, momentum_smashed, epoch)
+            # DDP averages the server gradients over ranks; weighting each rank's mean loss by its share of the
+            # step's rows (times the world size) makes that average the gradient of the global mean loss.
+            backward_loss = loss * (world_size * row_share) if world_size > 1 else loss
+            precision.scaler.scale(backward_loss).backward()
+            method.before_server_step(global_step)
+            precision.scaler.step(self.server_optimizer)
+        gradients = [s.grad for s in server_inputs]
+        if world_size > 1:
+            # The smashed rows' gradients are not averaged by DDP: undo the world-size factor of the weight.
+            gradients = [g / world_size if g is not None else None for g in gradients]
+        clients.backward(gradients)
+        clients.step(pool, precision.scaler)
+        precision.end_step(self.server_optimizer)
+        method.after_server_step()
+        if method.client_momentum > 0:
+            clients.update_momentum_copies(pool, method.client_momentum)
+        return loss.detach(), {name: value.detach() for name, value in stats.items()}
+
+    def _per_client_server_updates(self, server_inputs: list[Tensor], momentum_smashed: list[Tensor],
+                                   rows_per_client: Sequence[int], epoch: int,
+                                   global_step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """The seed's 2023-07-27 variant (ablation): one loss and one server step per client, in pool order."""
+        offsets = query_index(rows_per_client)
+        losses = []
+        stats: dict[str, Tensor] = {}
+        for j in range(len(rows_per_client)):
+            rows = slice(offsets[j], offsets[j + 1])
+            self.server_optimizer.zero_grad(set_to_none=True)
+            with self.precision.autocast():
+                loss, stats = self.method.compute_loss([x[rows] for x in server_inputs],
+                                                       [x[rows] for x in momentum_smashed], epoch)
+            loss.backward()  # gradient rows of this client accumulate into server_inputs[k].grad[rows]
+            self.method.before_server_step(global_step)
+            self.server_optimizer.step()
+            losses.append(loss.detach())
+        return torch.stack(losses).mean(), stats
+
+
+def build_split_step(args: argparse.Namespace, runtime: Runtime, precision: MixedPrecision, *,
+                     engine: str = "auto") -> SplitStep:
+    """The network of the options split at --cutlayer, the method around its server part, the client engine
+    (--client_exec; `engine` chooses inside the vectorised one) and the server optimizer."""
+    method_cls = method_class(args.method)
+    split = build_split_model(args.arch, args.cutlayer, head=method_cls.head_builder(args), use_ws=not args.disable_WS,
+                              client_residual=not args.disable_c_residual, width=args.width)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    # Before the method copies the server (MoCo's key encoder), so every copy has the same layout.
+    method = method_cls(args, split.server.to(runtime.device, memory_format=memory_format), runtime.device)
+    if args.compile:
+        # In place, so parameter names (and checkpoints) stay those of the plain module.
+        method.server.compile()
+    if runtime.is_distributed:
+        wrap_server(method, runtime)  # before the optimizer: BatchNorm layers are replaced
+    options = dict(lr=args.c_lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                   keep_momentum_copies=method.client_momentum > 0, device=runtime.device, memory_format=memory_format)
+    clients: ClientEngine
+    if args.client_exec == "loop":
+        clients = ClientSide(split.client, args.num_client, **options)
+    else:
+        clients = VectorisedClientSide(split.client, args.num_client, engine=engine, **options)
+    server_optimizer = torch.optim.SGD(method.optimized_parameters(), lr=args.lr, momentum=args.momentum,
+                                       weight_decay=args.weight_decay)
+    return SplitStep(method, clients, server_optimizer, precision, runtime, memory_format)

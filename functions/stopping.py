@@ -1,0 +1,57 @@
+"""Stop signals (SIGTERM from a scheduler, Ctrl-C) turned into a request the training loop polls between steps."""
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Any
+
+
+class StopSignal:
+    """SIGTERM / SIGINT turned into a request the loop polls between steps; a second SIGINT stops at once."""
+
+    HANDLED = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signal_number: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        """True once a stop signal arrived."""
+        return self.signal_number is not None
+
+    @property
+    def name(self) -> str:
+        """Name of the signal received (SIGTERM, SIGINT)."""
+        return signal.Signals(self.signal_number).name if self.signal_number is not None else ""
+
+    def request(self, signal_number: int) -> None:
+        """Ask the loop to stop after the current step (what the handler does; tests may call it directly)."""
+        self.signal_number = signal_number
+
+    def _handle(self, signal_number: int, frame: Any) -> None:
+        if self.requested:
+            if signal_number == signal.SIGINT:
+                # The user insists (a second Ctrl-C): abandon the step; save_atomic removes its temporary file.
+                raise KeyboardInterrupt
+            # A repeated SIGTERM changes nothing: torchrun sends it more than once while stopping its workers,
+            # and a scheduler that will not wait follows up with SIGKILL anyway.
+            return
+        self.request(signal_number)
+        # A signal sent to the whole process group (Ctrl-C, Slurm) also ends the data-loader workers; torch's
+        # SIGCHLD handler would then raise in the middle of the step. The loop fetches no further batch now.
+        sigchld = getattr(signal, "SIGCHLD", None)
+        if sigchld is not None and sigchld not in self._previous:
+            self._previous[sigchld] = signal.signal(sigchld, signal.SIG_DFL)
+
+    def __enter__(self) -> "StopSignal":
+        # Handlers can only be installed from the main thread (a loop driven from another thread keeps the defaults).
+        if threading.current_thread() is threading.main_thread():
+            for number in self.HANDLED:
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for number, previous in self._previous.items():
+            signal.signal(number, previous)
+        self._previous.clear()

@@ -1,0 +1,58 @@
+"""Layers shared by the split backbones: weight-standardised convolutions, GroupNorm sizing, L2 normalisation."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+CHANNELS_PER_GROUP = 4
+WS_EPS = 1e-5
+
+
+def group_norm_groups(channels: int) -> int:
+    """Number of GroupNorm groups for `channels`: the largest divisor of `channels` not above channels // 4 (at least 1)."""
+    # About four channels per group, as in MocoSFL; the divisor search keeps odd widths valid.
+    for groups in range(max(channels // CHANNELS_PER_GROUP, 1), 0, -1):
+        if channels % groups == 0:
+            return groups
+    return 1
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm over `channels` with the group count of group_norm_groups."""
+    return nn.GroupNorm(group_norm_groups(channels), channels)
+
+
+class WSConv2d(nn.Conv2d):
+    """Conv2d whose kernel is standardised per output channel (mean 0, std 1) before every use."""
+
+    def standardized_weight(self) -> torch.Tensor:
+        """The kernel actually applied: each output channel's weights shifted to mean 0 and scaled to std 1."""
+        return standardize_kernel(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Convolution with the standardised kernel."""
+        return self._conv_forward(x, self.standardized_weight(), self.bias)
+
+
+def standardize_kernel(weight: torch.Tensor) -> torch.Tensor:
+    """Each output channel (row of dim 0) of a convolution kernel shifted to mean 0 and scaled to std 1."""
+    flat = weight.flatten(start_dim=1)
+    mean = flat.mean(dim=1, keepdim=True)
+    std = flat.std(dim=1, keepdim=True, unbiased=False)
+    # eps outside the square root: a tiny relative change even for the small fan-out Kaiming weights.
+    return ((flat - mean) / (std + WS_EPS)).view_as(weight)
+
+
+def conv(in_channels: int, out_channels: int, kernel_size: int, stride: int, use_ws: bool) -> nn.Conv2d:
+    """A bias-free conv with 'same' padding, weight-standardised when use_ws."""
+    conv_class = WSConv2d if use_ws else nn.Conv2d
+    return conv_class(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, bias=False)
+
+
+class L2Normalize(nn.Module):
+    """Scales each row to unit Euclidean norm."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x / ||x|| along dim 1."""
+        return F.normalize(x, dim=1)
