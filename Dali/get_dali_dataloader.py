@@ -351,6 +351,7 @@ class DaliCropAugmenter(Generic[Tag]):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         self.crop_sizes = [int(size) for size in crop_sizes]
+        self.blur_kernel_size = int(blur_kernel_size)
         self.dali_device = dali_device
         self.output_device = torch.device(output_device)
         self.device_id = device_id if dali_device == "gpu" else None
@@ -358,7 +359,7 @@ class DaliCropAugmenter(Generic[Tag]):
         self._tags: deque[Tag] = deque()
         self._generation = 0
         self.pipeline = _crops_pipeline(
-            source=self._next_inputs, crop_sizes=self.crop_sizes, blur_kernel_size=int(blur_kernel_size),
+            source=self._next_inputs, crop_sizes=self.crop_sizes, blur_kernel_size=self.blur_kernel_size,
             mean255=[255.0 * float(m) for m in mean], std255=[255.0 * float(s) for s in std],
             on_gpu=dali_device == "gpu",
             batch_size=int(max_batch_size), num_threads=int(num_threads), device_id=self.device_id,

@@ -15,26 +15,17 @@ numbers are the cost of the training step alone:
 
 A step is the training loop's own `functions.step.SplitStep`: clients forward, server loss (MoCo's InfoNCE with
 queue and momentum encoders, or SwAV's swapped prediction with Sinkhorn codes), one backward, server step, client
-steps, momentum copies. With `--client_only` only the client half is timed (loop and vmap): forward, momentum forward, backward
-of a fixed stand-in server gradient, client steps, momentum copies. `images_per_sec` counts samples of the global
-batch, `--sampled_clients` x `--per_client_batch`, each with all its views (2 for MoCo, sum(--nmb_crops) of the
-SwAV defaults for SwAV). Warm-up steps are excluded; each of `--repeats` timed
-runs covers `--steps` steps, and the median is reported. CUDA is timed with CUDA events and its peak memory is
+steps, momentum copies. With `--client_only` only the client half is timed (loop and vmap): forward, momentum
+forward, backward of a fixed stand-in server gradient, client steps, momentum copies. `images_per_sec` counts
+samples of the global batch, `--sampled_clients` x `--per_client_batch`, each with all its views (2 for MoCo,
+sum(--nmb_crops) of the SwAV defaults for SwAV). Warm-up steps are excluded; each of `--repeats` timed runs
+covers `--steps` steps, and the median is reported. CUDA is timed with CUDA events and its peak memory is
 `torch.cuda.max_memory_allocated`; on CPU the time is wall-clock and `peak_mem_mb` is the increase of the
 process's peak resident set during that setting (0 when an earlier setting already went higher). CPU records
 also carry `cpu_step_ms`, the process CPU time per step: with `--threads 1` it is the step's cost even when other
 programs compete for the cores, where wall-clock numbers become noisy.
 
-The `data` mode (only when asked in `--modes`) times the training loader instead: per client count, each client
-holds `--data_images_per_client` images of the first clients x that many CIFAR-10 images of `--data_dir`
-(synthetic images when it has none or too few; the record's `data_source` says which), the pool of
-`--sampled_clients` clients reads `--per_client_batch` rows each per step, and every loader of `--loaders` (torch
-with `--num_workers`; DALI with its operators on `--dali_device`) makes the method's views: MoCo's two 32-pixel
-crops or the SwAV defaults' multi-crop. The clock runs while the loader produces step batches, crops on
-`--device` (wall-clock; on CUDA synchronised before it stops); warm-up steps, repeats and the median are as for
-the step modes, and `images_per_sec` again counts source images (rows of the global batch) with all their crops.
-`cpu_step_ms` leaves out torch's worker processes (None when `--num_workers` > 0), and DALI's GPU memory is not
-in `peak_mem_mb` (DALI allocates outside torch).
+The `data` mode (only when asked in `--modes`) times the training loaders instead; see benchmarks/bench_data.py.
 
 `--find_max_batch` (CUDA only) searches, for every client count, cut layer and step mode, the largest
 `--per_client_batch` whose warm-up and one more step run without CUDA running out of memory: doubling from
@@ -47,30 +38,27 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
-import resource
 import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from configs import parse_args  # noqa: E402
-from Dali.bench_loaders import dali_import_error, dali_train_loader, load_images, torch_train_loader  # noqa: E402
-from functions.clients import ClientSide  # noqa: E402
+from bench_data import DATA_MODE, data_records, peak_rss_mb  # noqa: E402
+from Dali.bench_loaders import dali_import_error  # noqa: E402
 from functions.clients_vmap import ENGINES, VectorisedClientSide  # noqa: E402
 from functions.datasets import dataset_entry  # noqa: E402
 from functions.distributed import Runtime  # noqa: E402
 from functions.errors import UserError, run_cli  # noqa: E402
-from functions.loaders import FederatedSchedule, StepBatch, TrainLoader  # noqa: E402
+from functions.loaders import StepBatch  # noqa: E402
 from functions.precision import MixedPrecision  # noqa: E402
 from functions.server_method import ServerMethod, method_class, method_names  # noqa: E402
 from functions.step import SplitStep, build_split_step  # noqa: E402
@@ -78,7 +66,6 @@ from functions.views import ViewSpec  # noqa: E402
 from models.split import build_unsplit_model, check_cutlayer  # noqa: E402
 
 MODES = ("centralised", "loop", "vmap")   # the train-step modes, measured by default
-DATA_MODE = "data"                        # the training loader, measured only when asked
 LOADERS = ("torch", "dali")
 Step = Callable[[], torch.Tensor]
 
@@ -371,12 +358,6 @@ def build_step(setting: Setting, device: torch.device, seed: int) -> tuple[Step,
 
 
 # --------------------------------------------------------------------------------------------- measuring
-def _peak_rss_mb() -> float:
-    """Peak resident set of this process so far, in MB (ru_maxrss is KB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if platform.system() == "Darwin" else peak / 2**10
-
-
 def timed_seconds(step: Step, steps: int, device: torch.device) -> tuple[float, float]:
     """(seconds, process CPU seconds) that `steps` consecutive steps take; seconds from CUDA events on CUDA."""
     if device.type == "cuda":
@@ -401,7 +382,7 @@ def measure(setting: Setting, device: torch.device, *, steps: int, warmup: int, 
         gc.collect()  # what an earlier setting left in reference cycles would otherwise still hold GPU memory
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    rss_before = _peak_rss_mb()
+    rss_before = peak_rss_mb()
     step, engine = build_step(setting, device, seed)
     first_loss = step()
     for _ in range(warmup - 1):
@@ -414,7 +395,7 @@ def measure(setting: Setting, device: torch.device, *, steps: int, warmup: int, 
     if device.type == "cuda":
         peak_mem_mb, peak_mem_kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_memory_allocated"
     else:
-        peak_mem_mb, peak_mem_kind = max(0.0, _peak_rss_mb() - rss_before), "cpu_peak_rss_increase"
+        peak_mem_mb, peak_mem_kind = max(0.0, peak_rss_mb() - rss_before), "cpu_peak_rss_increase"
     return {
         **asdict(setting),
         "engine": engine,
@@ -453,123 +434,6 @@ def settings_of(options: argparse.Namespace) -> list[Setting]:
             settings.extend(Setting(mode=mode, cutlayer=cutlayer, engine=options.engine if mode == "vmap" else None,
                                     **common) for mode in options.modes if mode in ("loop", "vmap"))
     return settings
-
-
-# ---------------------------------------------------------------------------------------------- data path
-@dataclass(frozen=True)
-class DataSetting:
-    """One measured training loader."""
-
-    method: str
-    device: str
-    clients: int
-    sampled_clients: int
-    per_client_batch: int
-    loader: str                # "torch", "dali-cpu" or "dali-gpu"
-    num_workers: int | None    # DataLoader worker processes (torch only)
-    dali_threads: int | None   # DALI CPU threads (DALI only)
-    images_per_client: int
-
-
-def timed_batches(batches: Iterator[StepBatch], steps: int, device: torch.device) -> tuple[float, float, list[int]]:
-    """(seconds, process CPU seconds, rows of each batch) of producing the next `steps` step batches on `device`."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    begin, cpu_begin = time.perf_counter(), time.process_time()
-    rows = [next(batches).num_rows for _ in range(steps)]
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # the crops are on the GPU only once their copies have finished
-    return time.perf_counter() - begin, time.process_time() - cpu_begin, rows
-
-
-def measure_loader(setting: DataSetting, loader: TrainLoader, device: torch.device, *, steps: int, warmup: int,
-                   repeats: int, data_source: str) -> dict[str, Any]:
-    """Throughput and peak memory of one training loader over warm-up plus `repeats` x `steps` steps of epoch 0."""
-    if loader.steps_per_epoch != warmup + repeats * steps:
-        raise ValueError(f"the loader has {loader.steps_per_epoch} steps per epoch, the measurement needs "
-                         f"{warmup + repeats * steps}")
-    if device.type == "cuda":
-        gc.collect()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    rss_before = _peak_rss_mb()
-    batches = loader.epoch(0)
-    first = next(batches)
-    crop_sizes, rows = [int(crop.shape[-1]) for crop in first.crops], [first.num_rows]
-    del first  # not kept through the timed steps
-    rows.extend(next(batches).num_rows for _ in range(warmup - 1))
-    timings = []
-    for _ in range(repeats):
-        seconds, cpu_seconds, timed_rows = timed_batches(batches, steps, device)
-        timings.append((seconds, cpu_seconds))
-        rows.extend(timed_rows)
-    if next(batches, None) is not None:  # ending the epoch also stops torch's workers and drains DALI
-        raise RuntimeError("the loader delivered more steps than its epoch has")
-    if len(set(rows)) != 1:
-        raise RuntimeError(f"the loader delivered steps of different sizes: {sorted(set(rows))}")
-    seconds = [wall for wall, _ in timings]
-    median = statistics.median(seconds)
-    cpu_median = statistics.median(cpu for _, cpu in timings)
-    if device.type == "cuda":
-        peak_mem_mb, peak_mem_kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_memory_allocated"
-    else:
-        peak_mem_mb, peak_mem_kind = max(0.0, _peak_rss_mb() - rss_before), "cpu_peak_rss_increase"
-    # Process CPU time misses the work of torch's worker processes, so it is left out where they do it.
-    cpu_step_ms = None if device.type == "cuda" or setting.num_workers else 1000.0 * cpu_median / steps
-    return {
-        "method": setting.method,
-        "mode": DATA_MODE,
-        **asdict(setting),
-        "cutlayer": None,
-        "amp": False,
-        "engine": None,
-        "data_source": data_source,
-        "rows_per_step": rows[0],
-        "crop_sizes": crop_sizes,
-        "global_batch": setting.sampled_clients * setting.per_client_batch,
-        "images_per_sec": rows[0] * steps / median,
-        "step_ms": 1000.0 * median / steps,
-        "step_ms_all": [1000.0 * s / steps for s in seconds],
-        "cpu_step_ms": cpu_step_ms,
-        "peak_mem_mb": peak_mem_mb,
-        "peak_mem_kind": peak_mem_kind,
-        "steps": steps,
-        "warmup": warmup,
-        "repeats": repeats,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-    }
-
-
-def data_records(options: argparse.Namespace) -> list[dict[str, Any]]:
-    """Per client count, the images and the schedule, then one measurement per loader of options.loader_names."""
-    args = method_args(options.method, options.seed, options.method_config)
-    views = view_spec_of(options.method, args)
-    records = []
-    for clients in options.clients:
-        sampled = options.sampled_clients if options.sampled_clients is not None else min(clients, 100)
-        dataset = load_images(options.data_dir, clients * options.data_images_per_client, synthetic_when_short=True)
-        data_source = "cifar10" if dataset.name == "cifar10" else dataset.source
-        shards = list(np.arange(clients * options.data_images_per_client).reshape(clients, -1))
-        schedule = FederatedSchedule(shards, [options.per_client_batch] * clients, sampled / clients,
-                                     options.warmup + options.repeats * options.steps, seed=options.seed)
-        for name in options.loader_names:
-            print(f"measuring {options.method} data:{name} clients={clients} ...", file=sys.stderr, flush=True)
-            setting = DataSetting(method=options.method, device=str(options.device), clients=clients,
-                                  sampled_clients=sampled, per_client_batch=options.per_client_batch, loader=name,
-                                  num_workers=options.num_workers if name == "torch" else None,
-                                  dali_threads=None if name == "torch" else options.dali_threads,
-                                  images_per_client=options.data_images_per_client)
-            if name == "torch":
-                loader = torch_train_loader(dataset, schedule, views, num_workers=options.num_workers,
-                                            device=options.device)
-            else:
-                loader = dali_train_loader(dataset, schedule, views, dali_device=options.dali_device,
-                                           num_threads=options.dali_threads, device=options.device, seed=options.seed)
-            records.append(measure_loader(setting, loader, options.device, steps=options.steps,
-                                          warmup=options.warmup, repeats=options.repeats, data_source=data_source))
-            del loader  # a DALI pipeline holds threads and buffers until it is collected
-    return records
 
 
 # ------------------------------------------------------------------------------------------- largest batch
@@ -707,7 +571,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                 records.append(measure(setting, options.device, steps=options.steps, warmup=options.warmup,
                                        repeats=options.repeats, seed=options.seed))
         if DATA_MODE in options.modes:
-            records.extend(data_records(options))
+            views = view_spec_of(options.method, method_args(options.method, options.seed, options.method_config))
+            records.extend(data_records(options, views))
     finally:
         torch.set_num_threads(threads)  # main() may run inside a larger process (tests)
         torch.backends.cudnn.benchmark = cudnn_benchmark

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from functions.errors import UserError
@@ -107,3 +109,18 @@ def check_same_configuration(state: dict[str, Any], args: argparse.Namespace, cu
     if state["partition_hash"] != current_hash:
         raise UserError(f"the checkpoint in {args.output_dir} was made on a different data partition; "
                         "use the same data and partition options, or a new --output_dir")
+
+
+def rng_state() -> dict[str, Any]:
+    """The global random states (Python, NumPy, torch CPU and CUDA) a checkpoint keeps."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Set the global random states saved by rng_state."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -313,21 +314,20 @@ def semi_supervised_probes(
 
 
 # --------------------------------------------------------------------------------------- the run's evaluations
+@dataclass
 class EvaluationContext:
     """What an evaluation of a trained run may read: the frozen encoder (averaged client part, then the server's
     backbone), the client part alone, the memory and test loaders, the run's options. Features are extracted once,
     on first use, and shared by every evaluation."""
 
-    def __init__(self, encode: Callable[[Tensor], Tensor], client_model: nn.Module, memory: Iterable, test: Iterable,
-                 num_classes: int, args: Any, device: torch.device) -> None:
-        self.encode = encode
-        self.client_model = client_model
-        self.memory = memory
-        self.test = test
-        self.num_classes = num_classes
-        self.args = args
-        self.device = device
-        self._features: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+    encode: Callable[[Tensor], Tensor]
+    client_model: nn.Module
+    memory: Iterable
+    test: Iterable
+    num_classes: int
+    args: Any
+    device: torch.device
+    _features: tuple[Tensor, Tensor, Tensor, Tensor] | None = field(default=None, init=False, repr=False)
 
     @property
     def features(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:

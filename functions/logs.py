@@ -3,16 +3,19 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 import torch
 
-from functions.distributed import run_agreed
+from functions.distributed import Runtime, all_reduce_sum, run_agreed
+from functions.errors import UserError
 from functions.files import write_text_atomic
 
 logger = logging.getLogger("sfl")
@@ -144,3 +147,78 @@ class ProgressBar:
 
     def close(self) -> None:
         self.bar.close()
+
+
+class TrainingLog:
+    """The numbers of a training run: metrics.json (every rank keeps them, rank 0 writes), tensorboard and the
+    log lines; losses reach the host once per log window, never per step."""
+
+    def __init__(self, output_dir: Path, runtime: Runtime, **header: Any) -> None:
+        self.runtime = runtime
+        self.metrics = MetricsLog(output_dir / "metrics.json", enabled=runtime.is_main, **header)
+        self.tensorboard = TensorboardLog(output_dir / "tensorboard", enabled=runtime.is_main)
+
+    def window(self, window: LogWindow, bar: ProgressBar, position: str, global_step: int, *,
+               skipped_steps_allowed: bool, last_good: Callable[[], str]) -> None:
+        """Check and log the losses of the steps since the last log point (one host transfer).
+
+        A non-finite loss stops the run (UserError naming `last_good`), unless fp16 loss scaling may skip that step.
+        """
+        images_per_sec = window.images / max(time.perf_counter() - window.start, 1e-9)
+        stacked = torch.stack([loss.float() for _, loss in window.losses])
+        if self.runtime.is_distributed:
+            all_reduce_sum(stacked)  # one collective per log window: the global losses, identical on every rank
+        values = stacked.cpu().tolist()
+        for (step, _), value in zip(window.losses, values):
+            if math.isfinite(value):
+                self.metrics.append("train_loss", step, value)
+            elif not skipped_steps_allowed:
+                raise UserError(f"the loss became {value} at step {step}; stopped without saving that state; "
+                                f"{last_good()} (try a lower --lr)")
+            # With fp16 loss scaling a non-finite loss means the scaler skipped that update: counted, not fatal.
+        window.losses.clear()
+        bar.report(position, values[-1], window.server_lr, images_per_sec)
+        for name, value in (("loss", values[-1]), ("lr", window.server_lr), ("client_lr", window.client_lr),
+                            ("images_per_sec", images_per_sec)):
+            self.tensorboard.scalar(f"train/{name}", value, global_step)
+        window.start, window.images = time.perf_counter(), 0
+
+    def loss_scale(self, global_step: int, skipped_steps: int, scale: float) -> None:
+        """fp16: the count of skipped steps (metrics.json, tensorboard) and the loss scale (tensorboard)."""
+        self.metrics.append("skipped_steps", global_step, skipped_steps)
+        self.tensorboard.scalar("train/skipped_steps", skipped_steps, global_step)
+        self.tensorboard.scalar("train/loss_scale", scale, global_step)
+
+    def epoch(self, epoch: int, global_step: int, server_lr: float, stats: dict[str, float], steps: int,
+              skipped_steps: int | None) -> None:
+        """The epoch's summary line (mean loss of its `steps` steps) and its statistics, per epoch (1-based)."""
+        recent = [loss for _, loss in self.metrics.data["train_loss"][-steps:]] if steps else [float("nan")]
+        summary = f"epoch {epoch + 1}: loss {np.mean(recent):.4f}, lr {server_lr:.4g}, step {global_step}"
+        if skipped_steps is not None:
+            summary += f", skipped_steps {skipped_steps}"
+        for name, value in stats.items():
+            self.metrics.append(name, epoch + 1, value)
+            self.tensorboard.scalar(f"train/{name}", value, epoch + 1)
+            summary += f", {name} {value:.4g}"
+        logger.info(summary)
+
+    def evaluation(self, key: str, index: int, value: float) -> None:
+        """An evaluation figure (e.g. the kNN monitor after epoch `index`): metrics.json, tensorboard, saved now."""
+        self.metrics.append(key, index, value)
+        self.tensorboard.scalar(f"eval/{key}", value, index)
+        self.metrics.save()
+
+    def final(self, results: dict[str, Any], global_step: int) -> None:
+        """The final evaluation's results: metrics.json (saved), the log line, tensorboard."""
+        self.metrics.data["final"] = results
+        self.metrics.save()
+        described = ", ".join(f"{key} {value:.2f}" if isinstance(value, float) else f"{key} {value}"
+                              for key, value in results.items())
+        logger.info(f"final evaluation: {described}")
+        for key, value in results.items():
+            if isinstance(value, float):
+                self.tensorboard.scalar(f"final/{key}", value, global_step)
+
+    def close(self) -> None:
+        """Flush and close tensorboard (safe to call twice)."""
+        self.tensorboard.close()

@@ -1,7 +1,7 @@
 """The server-method interface of the one training loop, and the registry of methods by name.
 
 A method (MoCo, SwAV, ...) is one class in one module: its options, its head, its views, its loss and its state.
-It registers itself with `@register_method`; the loop, the options, the models and the benchmark only ever ask
+It registers itself with `@register_method(name, ...)`; the loop, the options, the models and the benchmark only ever ask
 the registry, never a method's name. Modules named ``functions/sfl<name>_functions.py`` are imported the first time
 the registry is read, so their methods are known to every entry point; a method defined elsewhere (a test, a
 notebook) is known once its module has been imported.
@@ -12,7 +12,7 @@ import argparse
 import importlib
 import pkgutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -32,9 +32,9 @@ METHOD_MODULE_SUFFIX = "_functions"
 class ServerMethod(nn.Module):
     """Server part of the network plus a self-supervised loss and its state (queues, momentum encoders, prototypes).
 
-    Class level (before anything is built): `name`, `entry_script` and `description`; `add_arguments` and
-    `check_args` (its options); `head_builder` (what follows the pooled backbone features); `view_spec` (the
-    crops each client makes); `learning_rate_schedule`.
+    Class level (before anything is built): `name`, `entry_script` and `description` (set by register_method);
+    `add_arguments` and `check_args` (its options); `head_builder` (what follows the pooled backbone features);
+    `view_spec` (the crops each client makes); `learning_rate_schedule`.
 
     Per step the loop calls `compute_loss` on the smashed activations of `trainable_crops` (with graph) and of
     `momentum_crops` (clients' momentum copies, no graph), then `before_server_step`, the optimizer step, and
@@ -114,15 +114,22 @@ class ServerMethod(nn.Module):
 
 # ------------------------------------------------------------------------------------------------ registry
 METHODS: dict[str, type[ServerMethod]] = {}
+Method = TypeVar("Method", bound=ServerMethod)
 _method_modules_loaded = False
 
 
-def register_method(method: type[ServerMethod]) -> type[ServerMethod]:
-    """Class decorator: make a ServerMethod known by its `name` (a later registration of the name replaces it)."""
-    if not (isinstance(method, type) and issubclass(method, ServerMethod)) or method.name == ServerMethod.name:
-        raise TypeError("register_method takes a ServerMethod subclass with its own `name`")
-    METHODS[method.name] = method
-    return method
+def register_method(name: str, *, entry_script: str = "",
+                    description: str = "") -> Callable[[type[Method]], type[Method]]:
+    """Class decorator: make a ServerMethod known as `name`, run by `entry_script`, described in --help by
+    `description` (a later registration of the name replaces the earlier one)."""
+    def register(method: type[Method]) -> type[Method]:
+        if not (isinstance(method, type) and issubclass(method, ServerMethod)):
+            raise TypeError("register_method decorates ServerMethod subclasses")
+        method.name, method.entry_script, method.description = name, entry_script, description
+        METHODS[name] = method
+        return method
+
+    return register
 
 
 def _load_method_modules() -> None:

@@ -158,17 +158,13 @@ def build_moco_head(feature_dim: int, moco_version: str = "V2", K_dim: int = 128
 
 
 # ------------------------------------------------------------------------------------------ the server method
-@register_method
+@register_method("moco", entry_script="run_sflmoco.py", description="MoCo (MocoSFL)")
 class MocoServer(ServerMethod):
     """MoCo's server side: query encoder, momentum key encoder, shared key queue and (symmetric) InfoNCE.
 
     Without --symmetric, view 0 is the query (through the clients' models) and view 1 the key (through the
     clients' momentum copies); with it, both views are queries and keys.
     """
-
-    name = "moco"
-    entry_script = "run_sflmoco.py"
-    description = "MoCo (MocoSFL)"
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

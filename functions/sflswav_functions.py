@@ -320,17 +320,13 @@ class SwavWarmupCosine(LearningRateSchedule):
         return final + 0.5 * (base - final) * (1 + math.cos(math.pi * progress))
 
 
-@register_method
+@register_method("swav", entry_script="run_sflswav.py", description="SwAV (multi-crop, prototypes, Sinkhorn)")
 class SwavServer(ServerMethod):
     """SwAV's server side: projection head, prototypes, Sinkhorn codes over ALL clients' rows, swapped prediction.
 
     Rows arrive crop-major (crop 0 of every client, then crop 1, ...), the same image order in every crop, so
     crop v's scores and crop i's codes line up row by row across the whole stacked batch.
     """
-
-    name = "swav"
-    entry_script = "run_sflswav.py"
-    description = "SwAV (multi-crop, prototypes, Sinkhorn)"
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

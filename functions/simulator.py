@@ -7,10 +7,8 @@ The Trainer owns a run's state (data, the split step, schedule, position, logs) 
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import signal
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,14 +17,15 @@ import torch
 
 from configs import training_signature
 from functions.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, check_checkpoint_layout,
-                                  check_same_configuration, first_non_finite, save_atomic)
+                                  check_same_configuration, first_non_finite, restore_rng_state, rng_state,
+                                  save_atomic)
 from functions.data import FederatedData
 from functions.datasets import dataset_entry
 from functions.distributed import ClientHandOver, Runtime, all_reduce_max_flag, all_reduce_sum, run_agreed
 from functions.errors import TrainingInterrupted, UserError
 from functions.evaluation import FINAL_EVALUATIONS, Evaluation, EvaluationContext, knn_evaluation
 from functions.fedavg import average_pool, fedavg, fedavg_positions
-from functions.logs import LogWindow, MetricsLog, ProgressBar, TensorboardLog, logger
+from functions.logs import LogWindow, ProgressBar, TrainingLog, logger
 from functions.precision import MixedPrecision, amp_dtype_of
 from functions.server_method import ServerMethod, method_class
 from functions.step import ClientEngine, build_split_step
@@ -69,10 +68,9 @@ class Trainer:
         self.saved_step: int | None = None  # global step of the checkpoint this run wrote (rank 0 writes it)
         self.hand_over = ClientHandOver(args.num_client, runtime)
         self._agreed_stop = False
-        self.metrics = MetricsLog(output_dir / "metrics.json", enabled=runtime.is_main, method=args.method,
-                                  data_backend=self.data.loaders.backend, world_size=runtime.world_size,
-                                  steps_per_epoch=self.steps_per_epoch, partition_hash=self.data.partition_hash)
-        self.tensorboard = TensorboardLog(output_dir / "tensorboard", enabled=runtime.is_main)
+        self.log = TrainingLog(output_dir, runtime, method=args.method, data_backend=self.data.loaders.backend,
+                               world_size=runtime.world_size, steps_per_epoch=self.steps_per_epoch,
+                               partition_hash=self.data.partition_hash)
 
     @property
     def method(self) -> ServerMethod:
@@ -204,63 +202,27 @@ class Trainer:
             if close is not None:
                 close()  # shuts data workers down now rather than at garbage collection
             bar.close()
-        self._log_epoch(epoch, window, stat_sums, stat_count)
-        if self.step_in_epoch >= self.steps_per_epoch:
-            self.epoch += 1
-            self.step_in_epoch = 0
-        self.metrics.save()
-
-    def _log_epoch(self, epoch: int, window: LogWindow, stat_sums: dict[str, torch.Tensor], stat_count: int) -> None:
-        """The epoch's summary line, its mean statistics (over ranks) and the method's monitors."""
         if self.runtime.is_distributed and stat_sums:
             names = sorted(stat_sums)
             reduced = all_reduce_sum(torch.stack([torch.as_tensor(stat_sums[n], device=self.device).float()
                                                   for n in names]))
             stat_sums = dict(zip(names, reduced.unbind()))
         epoch_stats = {name: float(value) / max(1, stat_count) for name, value in stat_sums.items()}
-        epoch_stats.update(self.method.epoch_summary())
-        recent = [loss for _, loss in self.metrics.data["train_loss"][-stat_count:]] if stat_count else [float("nan")]
-        summary = f"epoch {epoch + 1}: loss {np.mean(recent):.4f}, lr {window.server_lr:.4g}, step {self.global_step}"
-        if self.precision.scaling:
-            summary += f", skipped_steps {int(self.precision.skipped_steps)}"
-        for name, value in epoch_stats.items():
-            self.metrics.append(name, epoch + 1, value)
-            self.tensorboard.scalar(f"train/{name}", value, epoch + 1)
-            summary += f", {name} {value:.4g}"
-        logger.info(summary)
+        self.log.epoch(epoch, self.global_step, window.server_lr, {**epoch_stats, **self.method.epoch_summary()},
+                       stat_count, int(self.precision.skipped_steps) if self.precision.scaling else None)
+        if self.step_in_epoch >= self.steps_per_epoch:
+            self.epoch += 1
+            self.step_in_epoch = 0
+        self.log.metrics.save()
 
     def _log_window(self, window: LogWindow, bar: ProgressBar) -> None:
-        """Check and log the losses of the steps since the last log point (one host transfer)."""
-        images_per_sec = window.images / max(time.perf_counter() - window.start, 1e-9)
-        losses = self._flush_losses(window.losses)
-        bar.report(f"epoch {self.epoch + 1}/{self.args.num_epoch} step {self.step_in_epoch}/{self.steps_per_epoch}",
-                   losses[-1], window.server_lr, images_per_sec)
-        for name, value in (("loss", losses[-1]), ("lr", window.server_lr), ("client_lr", window.client_lr),
-                            ("images_per_sec", images_per_sec)):
-            self.tensorboard.scalar(f"train/{name}", value, self.global_step)
+        """Log the steps since the last log point; check the fp16 loss scale; agree on a stop under torchrun."""
+        self.log.window(window, bar, f"epoch {self.epoch + 1}/{self.args.num_epoch} step {self.step_in_epoch}/"
+                        f"{self.steps_per_epoch}", self.global_step, skipped_steps_allowed=self.precision.scaling,
+                        last_good=self._last_good_checkpoint)
         if self.precision.scaling:
-            skipped, scale = self.precision.check(self.global_step, self._last_good_checkpoint())
-            self.metrics.append("skipped_steps", self.global_step, skipped)
-            self.tensorboard.scalar("train/skipped_steps", skipped, self.global_step)
-            self.tensorboard.scalar("train/loss_scale", scale, self.global_step)
-        window.start, window.images = time.perf_counter(), 0
+            self.log.loss_scale(self.global_step, *self.precision.check(self.global_step, self._last_good_checkpoint()))
         self.agree_on_stop()
-
-    def _flush_losses(self, pending: list[tuple[int, torch.Tensor]]) -> list[float]:
-        """Move the logged losses to the host in one transfer (no per-step synchronisation) and check them."""
-        stacked = torch.stack([loss.float() for _, loss in pending])
-        if self.runtime.is_distributed:
-            all_reduce_sum(stacked)  # one collective per log window: the global losses, identical on every rank
-        values = stacked.cpu().tolist()
-        for (step, _), value in zip(pending, values):
-            if math.isfinite(value):
-                self.metrics.append("train_loss", step, value)
-            elif not self.precision.scaling:
-                raise UserError(f"the loss became {value} at step {step}; stopped without saving that state; "
-                                f"{self._last_good_checkpoint()} (try a lower --lr)")
-            # With fp16 loss scaling a non-finite loss means the scaler skipped that update: counted, not fatal.
-        pending.clear()
-        return values
 
     def _last_good_checkpoint(self) -> str:
         """Where the last checkpoint of healthy weights is, for error messages."""
@@ -274,7 +236,7 @@ class Trainer:
     # -------------------------------------------------------------------------------------------- evaluation
     def close(self) -> None:
         """Flush and close the tensorboard writer (safe to call twice)."""
-        self.tensorboard.close()
+        self.log.close()
 
     def evaluation_context(self) -> EvaluationContext:
         """The averaged client model followed by the server's backbone, in eval mode; every rank evaluates the same
@@ -295,9 +257,7 @@ class Trainer:
         accuracy = knn_evaluation(self.evaluation_context())["knn_acc"]
         self.method.train()
         logger.info(f"kNN accuracy after epoch {epoch}: {accuracy:.2f} %")
-        self.metrics.append("knn_acc", epoch, accuracy)
-        self.tensorboard.scalar("eval/knn_acc", accuracy, epoch)
-        self.metrics.save()
+        self.log.evaluation("knn_acc", epoch, accuracy)
         return accuracy
 
     def final_evaluation(self) -> dict[str, Any]:
@@ -308,14 +268,7 @@ class Trainer:
             results.update(evaluation(context))
         self.method.train()
         results.update(step=self.global_step, epoch=self.epoch + self.step_in_epoch / self.steps_per_epoch)
-        self.metrics.data["final"] = results
-        self.metrics.save()
-        described = ", ".join(f"{key} {value:.2f}" if isinstance(value, float) else f"{key} {value}"
-                              for key, value in results.items())
-        logger.info(f"final evaluation: {described}")
-        for key, value in results.items():
-            if isinstance(value, float):
-                self.tensorboard.scalar(f"final/{key}", value, self.global_step)
+        self.log.final(results, self.global_step)
         return results
 
     # ------------------------------------------------------------------------------------------- checkpoints
@@ -331,9 +284,8 @@ class Trainer:
             "server_optimizer": self.split_step.server_optimizer.state_dict(),
             "scaler": self.precision.scaler.state_dict(),
             "skipped_steps": int(self.precision.skipped_steps),
-            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-            "metrics": self.metrics.data,
+            "rng": rng_state(),
+            "metrics": self.log.metrics.data,
         }
 
     def save_checkpoint(self) -> None:
@@ -373,11 +325,6 @@ class Trainer:
         self.precision.skipped_steps.fill_(int(state.get("skipped_steps", 0)))
         self.hand_over.all_current()  # every rank loaded every client's state
         self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
-        rng = state["rng"]
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        header = {key: self.metrics.data[key] for key in ("data_backend", "world_size")}
-        self.metrics.data = {**state["metrics"], **header}
+        restore_rng_state(state["rng"])
+        metrics = self.log.metrics
+        metrics.data = {**state["metrics"], **{key: metrics.data[key] for key in ("data_backend", "world_size")}}

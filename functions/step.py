@@ -8,6 +8,7 @@ client steps, then the method's and the clients' momentum copies move.
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -24,18 +25,16 @@ from models.split import build_split_model
 ClientEngine = ClientSide | VectorisedClientSide
 
 
+@dataclass
 class SplitStep:
     """The clients of a process, the server method, its optimizer and the precision settings; call it per batch."""
 
-    def __init__(self, method: ServerMethod, clients: ClientEngine, server_optimizer: torch.optim.Optimizer,
-                 precision: MixedPrecision, runtime: Runtime,
-                 memory_format: torch.memory_format = torch.contiguous_format) -> None:
-        self.method = method
-        self.clients = clients
-        self.server_optimizer = server_optimizer
-        self.precision = precision
-        self.runtime = runtime
-        self.memory_format = memory_format
+    method: ServerMethod
+    clients: ClientEngine
+    server_optimizer: torch.optim.Optimizer
+    precision: MixedPrecision
+    runtime: Runtime
+    memory_format: torch.memory_format = torch.contiguous_format
 
     def set_learning_rates(self, server_lr: float, client_lr: float) -> None:
         """The learning rates of the server optimizer and of every client."""

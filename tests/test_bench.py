@@ -324,7 +324,10 @@ def test_the_batch_search_needs_cuda():
 def test_channels_last_and_compile_reach_the_measured_step(tmp_path, monkeypatch):
     compiled, layouts = [], []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda module, *a, **k: compiled.append(type(module).__name__))
-    for side in (bench_sfl.ClientSide, bench_sfl.VectorisedClientSide):
+    from functions.clients import ClientSide
+    from functions.clients_vmap import VectorisedClientSide
+
+    for side in (ClientSide, VectorisedClientSide):
         original = side.__init__
 
         def recording_init(self, *args, _original=original, **kwargs):
