@@ -314,7 +314,7 @@ def semi_supervised_probes(
 
 
 # --------------------------------------------------------------------------------------- the run's evaluations
-@dataclass
+@dataclass(eq=False)
 class EvaluationContext:
     """What an evaluation of a trained run may read: the frozen encoder (averaged client part, then the server's
     backbone), the client part alone, the memory and test loaders, the run's options. Features are extracted once,

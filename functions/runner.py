@@ -1,4 +1,4 @@
-"""Starting, resuming and evaluating a run: the run folder, the checkpoint to continue, the command to resume.
+"""Starting, resuming and evaluating a run: the run folder and the checkpoint to continue (or to evaluate).
 
 `run(args)` is what the entry scripts call: it joins torchrun's process group when there is one, builds the
 Trainer of the method the options name, trains (or resumes, or only evaluates) and returns the final results.
@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -17,12 +15,11 @@ import torch
 from configs import save_resolved_config
 from functions.checkpoint import CHECKPOINT_NAME, load_checkpoint, remove_stale_temporaries
 from functions.distributed import (Runtime, all_reduce_max_flag, broadcast_object, check_clients_per_rank,
-                                   launcher_prefix, planned_world_size, run_agreed, setup_runtime, shutdown_runtime)
+                                   planned_world_size, run_agreed, setup_runtime, shutdown_runtime)
 from functions.errors import UserError
 from functions.evaluation import FINAL_EVALUATIONS, Evaluation
 from functions.loaders import pool_size_of
 from functions.logs import logger, setup_logging
-from functions.server_method import method_class
 from functions.simulator import Trainer
 
 
@@ -37,17 +34,6 @@ def prepare_output_dir(path: str) -> Path:
     except OSError as error:
         raise UserError(f"--output_dir {path} is not writable ({error.strerror}); choose another folder") from None
     return output_dir
-
-
-def resume_command(args: argparse.Namespace) -> str:
-    """The command that continues this run: the one that started it plus --resume, or its saved config."""
-    script = method_class(args.method).entry_script
-    if Path(sys.argv[0]).name == script:
-        arguments = [sys.argv[0], *(a for a in sys.argv[1:] if a != "--resume"), "--resume"]
-    else:
-        # Called from Python (not the entry script): the run folder's config.yaml holds every resolved option.
-        arguments = [script, "--config", str(Path(args.output_dir) / "config.yaml"), "--resume"]
-    return f"{launcher_prefix()} {shlex.join(arguments)}"
 
 
 def run(args: argparse.Namespace, evaluations: Sequence[Evaluation] = FINAL_EVALUATIONS) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from functions.logs import LogWindow, ProgressBar, TrainingLog, logger
 from functions.precision import MixedPrecision, amp_dtype_of
 from functions.server_method import ServerMethod, method_class
 from functions.step import ClientEngine, build_split_step
-from functions.stopping import StopSignal
+from functions.stopping import StopSignal, resume_command
 
 
 def seed_everything(seed: int) -> None:
@@ -134,8 +134,6 @@ class Trainer:
 
     def interrupted(self) -> None:
         """Log and raise the stop of a signalled run (its checkpoint is saved); the message says how to resume."""
-        from functions.runner import resume_command
-
         message = (f"{self.stop.name or 'a stop signal (on another rank)'} received: stopped after step "
                    f"{self.global_step} (epoch {self.epoch + 1}, step {self.step_in_epoch} of {self.steps_per_epoch}) "
                    f"and saved {self.output_dir / CHECKPOINT_NAME}; resume with: {resume_command(self.args)}")

@@ -25,7 +25,7 @@ from models.split import build_split_model
 ClientEngine = ClientSide | VectorisedClientSide
 
 
-@dataclass
+@dataclass(eq=False)
 class SplitStep:
     """The clients of a process, the server method, its optimizer and the precision settings; call it per batch."""
 

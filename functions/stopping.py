@@ -1,9 +1,17 @@
-"""Stop signals (SIGTERM from a scheduler, Ctrl-C) turned into a request the training loop polls between steps."""
+"""Stop signals (SIGTERM from a scheduler, Ctrl-C) turned into a request the training loop polls between steps,
+and the command that resumes a stopped run."""
 from __future__ import annotations
 
+import argparse
+import shlex
 import signal
+import sys
 import threading
+from pathlib import Path
 from typing import Any
+
+from functions.distributed import launcher_prefix
+from functions.server_method import method_class
 
 
 class StopSignal:
@@ -55,3 +63,14 @@ class StopSignal:
         for number, previous in self._previous.items():
             signal.signal(number, previous)
         self._previous.clear()
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    """The command that continues this run: the one that started it plus --resume, or its saved config."""
+    script = method_class(args.method).entry_script
+    if Path(sys.argv[0]).name == script:
+        arguments = [sys.argv[0], *(a for a in sys.argv[1:] if a != "--resume"), "--resume"]
+    else:
+        # Called from Python (not the entry script): the run folder's config.yaml holds every resolved option.
+        arguments = [script, "--config", str(Path(args.output_dir) / "config.yaml"), "--resume"]
+    return f"{launcher_prefix()} {shlex.join(arguments)}"

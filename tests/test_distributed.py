@@ -142,7 +142,7 @@ def test_fewer_clients_than_processes_is_one_clear_error(tmp_path):
 ])
 def test_the_printed_resume_command_repeats_the_launcher(monkeypatch, environment, expected):
     from configs import parse_args
-    from functions.runner import resume_command
+    from functions.stopping import resume_command
 
     for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
