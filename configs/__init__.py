@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 import yaml
 
 from functions.datasets import dataset_names
-from functions.errors import UserError
+from functions.errors import UserError, check_range
 from functions.files import write_text_atomic
 from functions.partition import add_partition_arguments, parse_hetero_string, resolve_partition_method
 from functions.server_method import method_class
@@ -32,10 +32,18 @@ RUNTIME_OPTIONS = frozenset({
 })
 
 
+class OptionParser(argparse.ArgumentParser):
+    """argparse, with a mistake on the command line reported as one UserError line (every rank of a torchrun
+    makes the same mistake, so one process per node prints it)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{message} (see {self.prog} --help)", on_every_rank=True)
+
+
 def build_parser(method: str) -> argparse.ArgumentParser:
     """The parser of the entry script of a registered method: the loop's options, then the method's own."""
     method_cls = method_class(method)
-    parser = argparse.ArgumentParser(
+    parser = OptionParser(
         prog=method_cls.entry_script or None,
         description=f"Split federated self-supervised learning with {method_cls.description or method_cls.name}.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -126,34 +134,89 @@ def build_parser(method: str) -> argparse.ArgumentParser:
 
 
 def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
-    """Read a YAML preset; every key must be an option of this entry script."""
+    """Read a YAML preset; every key must be an option of this entry script, every value of that option's type."""
     config_path = Path(path)
     if not config_path.is_file():
         raise UserError(f"config file {path} not found")
     try:
-        values = yaml.safe_load(config_path.read_text()) or {}
+        values = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path} is not a text file (YAML of option: value lines expected)") from None
     except yaml.YAMLError as error:
         raise UserError(f"config file {path} is not valid YAML: {str(error).splitlines()[0]}") from None
     if not isinstance(values, dict):
         raise UserError(f"config file {path} must map option names to values")
-    known = {action.dest for action in parser._actions}
-    unknown = sorted(set(values) - known)
+    actions = {action.dest: action for action in parser._actions if action.dest not in ("help", "config")}
+    unknown = sorted(str(key) for key in set(values) - set(actions))
     if unknown:
         raise UserError(f"unknown option {unknown[0]!r} in config file {path} (see --help for the option names)")
+    for key, value in values.items():
+        problem = _config_value_problem(actions[key], value)
+        if problem:
+            raise UserError(f"config file {path}: {key} {problem}, got {value!r}")
     return values
 
 
+def _config_value_problem(action: argparse.Action, value: Any) -> str | None:
+    """What is wrong with `value` for the option of `action` ("must be ..."), or None when it fits."""
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        return None if isinstance(value, bool) else "must be true or false"
+    if value is None:
+        return None if action.default is None else "needs a value"
+    if action.nargs in ("*", "+"):
+        if not isinstance(value, list) or (action.nargs == "+" and not value):
+            return "must be a list" + (" of at least one value" if action.nargs == "+" else "")
+        problems = [_scalar_problem(action, item) for item in value]
+        return next((f"{problem} (each item)" for problem in problems if problem), None)
+    return _scalar_problem(action, value)
+
+
+def _scalar_problem(action: argparse.Action, value: Any) -> str | None:
+    """What is wrong with one value of an option of type int, float or str (and its choices), or None."""
+    kind = action.type or str
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        return "must be a whole number"
+    if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        return "must be a number"
+    if kind is str and not isinstance(value, str):
+        return "must be a string"
+    if action.choices is not None and value not in action.choices:
+        return f"must be one of {', '.join(map(str, action.choices))}"
+    return None
+
+
 def parse_args(method: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse defaults <- --config YAML <- command line, validate, and fill derived values."""
+    """Parse defaults <- --config YAML <- command line, validate, and fill derived values.
+
+    `args._given` holds the options the user set (in the config file or on the command line); --eval_only takes
+    those from the command, and everything else from the checkpoint.
+    """
     parser = build_parser(method)
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = OptionParser(add_help=False, prog=parser.prog)
     pre.add_argument("--config", type=str, default=None)
     known, _ = pre.parse_known_args(argv)
-    if known.config:
-        parser.set_defaults(**load_config_file(known.config, parser))
+    config = load_config_file(known.config, parser) if known.config else {}
+    parser.set_defaults(**config)
     args = parser.parse_args(argv)
+    given = set(config) | set(vars(_given_on_command_line(parser, argv)))
     args.method = method
-    return finalize_args(args)
+    args._given = sorted(given)
+    try:
+        return finalize_args(args)
+    except UserError as error:
+        raise UserError(str(error), on_every_rank=True) from None
+
+
+def _given_on_command_line(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """The options the command line itself sets (parsed again with every default suppressed)."""
+    defaults = {action.dest: action.default for action in parser._actions}
+    try:
+        for action in parser._actions:
+            action.default = argparse.SUPPRESS
+        return parser.parse_args(argv)
+    finally:
+        for action in parser._actions:
+            action.default = defaults[action.dest]
 
 
 def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -164,17 +227,11 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.output_dir is None:
         args.output_dir = os.path.join(
             "outputs", f"{args.method}_{args.dataset}_{args.arch}_cut{args.cutlayer}_client{args.num_client}_seed{args.seed}")
-    positive = {"num_client": args.num_client, "batch_size": args.batch_size, "avg_freq": args.avg_freq,
-                "num_epoch": args.num_epoch, "width": args.width, "eval_batch_size": args.eval_batch_size}
-    for name, value in positive.items():
-        if value < 1:
-            raise UserError(f"--{name} must be at least 1 (got {value})")
-    if not 0.0 < args.client_sample_ratio <= 1.0:
-        raise UserError(f"--client_sample_ratio must be in (0, 1] (got {args.client_sample_ratio})")
-    if args.max_steps < 0:
-        raise UserError(f"--max_steps must be 0 (no limit) or positive (got {args.max_steps})")
-    if args.lr <= 0 or args.c_lr <= 0:
-        raise UserError("--lr and --c_lr must be positive")
+    _check_ranges(args)
+    for name in ("output_dir", "data_dir", "config", "checkpoint"):
+        value = getattr(args, name)
+        if isinstance(value, str) and not _is_utf8(value):
+            raise UserError(f"--{name} {value!r} is not a valid UTF-8 path; choose a folder whose name is UTF-8")
     if args.eval_only and not args.checkpoint:
         raise UserError("--eval_only needs --checkpoint PATH (a checkpoint_last.pt of an earlier run)")
     if args.hetero:
@@ -184,13 +241,47 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+# The interval each numeric option of the loop must lie in ("[" and "]" include the bound, "(" and ")" do not).
+_RANGES = {
+    "num_client": "[1, inf)", "batch_size": "[1, inf)", "avg_freq": "[1, inf)", "num_epoch": "[1, inf)",
+    "width": "[1, inf)", "eval_batch_size": "[1, inf)", "max_steps": "[0, inf)", "num_workers": "[0, inf)",
+    "log_freq": "[1, inf)", "eval_freq": "[0, inf)", "knn_k": "[1, inf)", "knn_t": "(0, inf)",
+    "linear_epochs": "[1, inf)", "seed": f"[0, {2**63 - 1}]", "lr": "(0, inf)", "c_lr": "(0, inf)",
+    "momentum": "[0, 1)", "weight_decay": "[0, inf)", "s_gamma": "(0, inf)", "c_gamma": "(0, inf)",
+    "client_sample_ratio": "(0, 1]", "data_proportion": "(0, 1]", "dirichlet_alpha": "(0, inf)",
+    "min_client_samples": "[1, inf)",
+}
+
+
+def _check_ranges(args: argparse.Namespace) -> None:
+    """Every numeric option of the loop inside its interval: one line naming the option otherwise."""
+    for name, interval in _RANGES.items():
+        check_range(name, getattr(args, name), interval)
+    if any(milestone < 1 for milestone in args.milestones):
+        raise UserError(f"--milestones are epochs, each at least 1 (got {args.milestones})")
+
+
+def _is_utf8(text: str) -> bool:
+    """Whether `text` (e.g. a path from the command line) is valid UTF-8, not undecodable bytes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def run_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Every resolved option of a run (what a checkpoint keeps), without the bookkeeping of parse_args."""
+    return {key: value for key, value in vars(args).items() if not key.startswith("_")}
+
+
 def training_signature(args: argparse.Namespace) -> dict[str, Any]:
     """The options that define what a run computes; a checkpoint resumes only under the same ones."""
-    return {key: value for key, value in sorted(vars(args).items()) if key not in RUNTIME_OPTIONS}
+    return {key: value for key, value in sorted(run_options(args).items()) if key not in RUNTIME_OPTIONS}
 
 
 def save_resolved_config(args: argparse.Namespace, path: str | os.PathLike) -> None:
     """Write every resolved option as YAML (usable again with --config)."""
-    values = {key: value for key, value in sorted(vars(args).items())
+    values = {key: value for key, value in sorted(run_options(args).items())
               if key not in {"config", "resume", "eval_only", "checkpoint", "method"}}
     write_text_atomic(path, yaml.safe_dump(values, sort_keys=True))

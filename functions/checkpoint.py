@@ -3,8 +3,12 @@ with one clear line for a bad file, and checked against the run that wants to co
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
+import pickle
 import random
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +46,38 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def _numpy_globals() -> list[Any]:
+    """The numpy types a checkpoint's saved NumPy random state needs (numpy 1.x and 2.x module paths)."""
+    allowed: list[Any] = [np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    for module in ("numpy._core.multiarray", "numpy.core.multiarray"):
+        try:
+            allowed.append(getattr(importlib.import_module(module), "_reconstruct"))
+        except (ImportError, AttributeError):
+            continue
+    return allowed
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a checkpoint on CPU; a missing, truncated or foreign file is one clear error and is left untouched."""
+    """Read a checkpoint on CPU; a missing, truncated, foreign or unsafe file is one clear error, left untouched.
+
+    Only tensors, plain Python values and the NumPy arrays of a random state are read (torch.load with
+    weights_only=True and that allow-list): a file that asks to build anything else (a crafted checkpoint that
+    would run code while it is read) is refused before any of it runs.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        with warnings.catch_warnings(), torch.serialization.safe_globals(_numpy_globals()):
+            warnings.simplefilter("ignore")  # numpy's deprecated module paths, read for old files
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL ([\w.]+)", str(error)) or re.search(r"got <class '([\w.]+)'>", str(error))
+        if found is None:  # not a pickle at all (truncated, another format)
+            raise UserError(f"checkpoint {path} is corrupt or truncated (UnpicklingError); "
+                            "delete it to start over, or pass another --output_dir") from None
+        raise UserError(f"refused to read {path}: it asks to build {found.group(1)}, which a checkpoint of this "
+                        "project never holds (a crafted or foreign file); nothing in it was run") from None
     except Exception as error:  # torch raises several types for truncated or foreign files
         raise UserError(f"checkpoint {path} is corrupt or truncated ({type(error).__name__}); "
                         "delete it to start over, or pass another --output_dir") from None
@@ -92,6 +121,18 @@ def first_non_finite(tree: Any, name: str = "") -> str | None:
         for position, flag in zip(positions, flags):
             finite[position] = flag
     return next((path for (path, _), ok in zip(named, finite) if not ok), None)
+
+
+def check_same_method(state: dict[str, Any], args: argparse.Namespace, source: str | os.PathLike) -> None:
+    """Refuse to continue a checkpoint of another method with this entry script, naming the right one."""
+    from functions.server_method import METHODS  # the registry, read only when a run resumes
+
+    saved = state.get("args", {}).get("method") if isinstance(state.get("args"), dict) else None
+    if saved is not None and saved != args.method:
+        method = METHODS.get(saved)
+        how = f"resume it with {method.entry_script}" if method is not None and method.entry_script else "resume it"
+        raise UserError(f"{source} is a checkpoint of method {saved!r}, not {args.method!r}; {how} and the same "
+                        "options, or use a new --output_dir")
 
 
 def check_same_configuration(state: dict[str, Any], args: argparse.Namespace, current_hash: str) -> None:

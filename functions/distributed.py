@@ -187,7 +187,8 @@ def run_agreed(action: Callable[[], Result]) -> Result:
         dist.all_reduce(first_failed, op=dist.ReduceOp.MIN)
         rank = int(first_failed.item())
         if rank < world_size:
-            raise UserError(f"rank {rank}: {broadcast_object(problem, rank, device or torch.device('cpu'))}")
+            raise UserError(f"rank {rank}: {broadcast_object(problem, rank, device or torch.device('cpu'))}",
+                            on_every_rank=True)
     elif problem is not None:
         raise UserError(problem)
     return result  # type: ignore[return-value]

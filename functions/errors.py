@@ -1,6 +1,8 @@
 """User-facing errors: one clear line and exit code 2, never a traceback; interrupted runs exit 128 + signal."""
 from __future__ import annotations
 
+import math
+import os
 import signal
 import sys
 from typing import Callable, NoReturn
@@ -9,7 +11,24 @@ USER_ERROR_EXIT_CODE = 2
 
 
 class UserError(Exception):
-    """An error the user can fix (bad option, missing data); its message is one line that says what to do."""
+    """An error the user can fix (bad option, missing data); its message is one line that says what to do.
+
+    on_every_rank: every process of a torchrun meets the same error at the same point (a bad option, an error all
+    ranks agreed on), so only the first process of each node prints it.
+    """
+
+    def __init__(self, message: str, on_every_rank: bool = False) -> None:
+        super().__init__(message)
+        self.on_every_rank = on_every_rank
+
+
+def check_range(option: str, value: float, interval: str) -> None:
+    """UserError unless `value` is finite and inside an interval written like "[0, 1)" or "(0, inf)"."""
+    low, high = (float(bound) for bound in interval[1:-1].split(","))
+    above_low = value >= low if interval[0] == "[" else value > low
+    below_high = value <= high if interval[-1] == "]" else value < high
+    if not (math.isfinite(value) and above_low and below_high):
+        raise UserError(f"--{option} must be in {interval} (got {value})")
 
 
 class TrainingInterrupted(Exception):
@@ -39,6 +58,8 @@ def run_cli(main: Callable[[], object]) -> None:
     try:
         main()
     except UserError as error:
+        if error.on_every_rank and os.environ.get("LOCAL_RANK", "0") != "0":
+            raise SystemExit(USER_ERROR_EXIT_CODE) from None  # the node's first rank prints the same line
         exit_with_error(str(error))
     except TrainingInterrupted as interrupted:
         if interrupted.announce:

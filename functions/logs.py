@@ -55,7 +55,13 @@ class MetricsLog:
         self.data: dict[str, Any] = {**header, "train_loss": [], "knn_acc": [], "final": {}}
 
     def append(self, key: str, index: int, value: float) -> None:
-        self.data.setdefault(key, []).append([index, value])
+        """Add [index, value] to the list `key`; a value for the last index again replaces it (a resumed run
+        reports that epoch or step anew), so no index appears twice."""
+        entries = self.data.setdefault(key, [])
+        if entries and entries[-1][0] == index:
+            entries[-1] = [index, value]
+        else:
+            entries.append([index, value])
 
     def save(self) -> None:
         """Write metrics.json (main process). Every rank calls it, so a failed write stops all ranks together."""
@@ -83,6 +89,9 @@ class TensorboardLog:
                 _quiet_tensorboard_thread_errors()
                 self._writer = SummaryWriter(str(self.folder))
             self._writer.add_scalar(tag, value, step)
+        except ImportError as error:
+            logger.warning(f"tensorboard logging is off: it cannot be imported here ({error}); pip install tensorboard")
+            self.enabled = False
         except OSError as error:
             self._turn_off(error)
 
@@ -222,3 +231,47 @@ class TrainingLog:
     def close(self) -> None:
         """Flush and close tensorboard (safe to call twice)."""
         self.tensorboard.close()
+
+
+class EpochStatistics:
+    """Running sums of the method's per-step statistics over the epoch in progress, on the device (no per-step
+    host transfer); checkpointed, so an epoch stopped and resumed reports the mean over all its steps."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = 0
+
+    def add(self, stats: dict[str, torch.Tensor], weight: float) -> None:
+        """One step's statistics; under torchrun weighted by this rank's share of the step's rows."""
+        for name, value in stats.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value * weight
+        self.steps += 1
+
+    def _global_sums(self) -> dict[str, float]:
+        """The sums over every rank (an all-reduce under torchrun: every rank must call it)."""
+        names = sorted(self.sums)
+        if not names:
+            return {}
+        stacked = torch.stack([torch.as_tensor(self.sums[name], device=self.runtime.device).float() for name in names])
+        if self.runtime.is_distributed:
+            all_reduce_sum(stacked)
+        return dict(zip(names, stacked.cpu().tolist()))
+
+    def means(self) -> dict[str, float]:
+        """The epoch's mean of every statistic so far (collective under torchrun)."""
+        return {name: value / max(1, self.steps) for name, value in self._global_sums().items()}
+
+    def reset(self) -> None:
+        """A new epoch starts."""
+        self.sums, self.steps = {}, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """The sums over every rank and the step count (collective under torchrun)."""
+        return {"sums": self._global_sums(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the saved sums: rank 0 holds them, the other ranks start from zero, so the sum is right."""
+        sums = state["sums"] if self.runtime.is_main else {name: 0.0 for name in state["sums"]}
+        self.sums = {name: torch.tensor(float(value), device=self.runtime.device) for name, value in sums.items()}
+        self.steps = int(state["steps"])

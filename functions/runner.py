@@ -12,15 +12,18 @@ from typing import Any, Sequence
 
 import torch
 
-from configs import save_resolved_config
-from functions.checkpoint import CHECKPOINT_NAME, load_checkpoint, remove_stale_temporaries
+from configs import RUNTIME_OPTIONS, run_options, save_resolved_config
+from functions.checkpoint import CHECKPOINT_NAME, check_same_method, load_checkpoint, remove_stale_temporaries
 from functions.distributed import (Runtime, all_reduce_max_flag, broadcast_object, check_clients_per_rank,
                                    planned_world_size, run_agreed, setup_runtime, shutdown_runtime)
 from functions.errors import UserError
+from functions.files import RunFolderLock
 from functions.evaluation import FINAL_EVALUATIONS, Evaluation
 from functions.loaders import pool_size_of
 from functions.logs import logger, setup_logging
+from functions.server_method import method_class
 from functions.simulator import Trainer
+from functions.stopping import StopSignal
 
 
 def prepare_output_dir(path: str) -> Path:
@@ -44,8 +47,13 @@ def run(args: argparse.Namespace, evaluations: Sequence[Evaluation] = FINAL_EVAL
                                args.client_sample_ratio, world_size)
     runtime = setup_runtime(args.device)
     torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark)  # off by default: reproducible convolutions
+    # From here to the end no stop signal goes unanswered: in training it ends the step and saves, elsewhere it
+    # stops at once and says what was saved.
+    stop = StopSignal(announce=runtime.is_main)
+    stop.outside_training("before training started; nothing new was saved (run the same command again)")
     try:
-        return _run_on(runtime, args, evaluations)
+        with stop:
+            return _run_on(runtime, args, evaluations, stop)
     finally:
         shutdown_runtime(runtime)
 
@@ -85,50 +93,76 @@ def starting_state(args: argparse.Namespace, runtime: Runtime, checkpoint_path: 
     return state
 
 
-def _run_on(runtime: Runtime, args: argparse.Namespace, evaluations: Sequence[Evaluation]) -> dict[str, Any]:
+def _run_on(runtime: Runtime, args: argparse.Namespace, evaluations: Sequence[Evaluation],
+            stop: StopSignal) -> dict[str, Any]:
     """run() once the process knows its rank and device."""
     if args.eval_only:
+        stop.outside_training(f"during --eval_only; {args.checkpoint} is unchanged")
         return evaluate_checkpoint(args, runtime, evaluations)
     output_dir = run_agreed(lambda: prepare_output_dir(args.output_dir))
+    lock = run_agreed(lambda: lock_run_folder(output_dir, runtime))  # one run per folder
     setup_logging(output_dir, runtime.is_main)
     checkpoint_path = output_dir / CHECKPOINT_NAME
     state = starting_state(args, runtime, checkpoint_path)  # a bad file is refused before anything changes
+    if state is not None:
+        check_same_method(state, args, checkpoint_path)
     if runtime.is_main:
         for leftover in remove_stale_temporaries(checkpoint_path):
             logger.info(f"removed {leftover.name}, left by a save that was killed before it completed")
     run_agreed(lambda: save_resolved_config(args, output_dir / "config.yaml") if runtime.is_main else None)
-    trainer = Trainer(args, runtime, output_dir, evaluations)
+    trainer = Trainer(args, runtime, output_dir, evaluations, stop=stop)
     try:
         logger.info(f"{args.method}: {args.num_client} clients, {trainer.steps_per_epoch} steps per epoch, "
                     f"device {runtime.device}, data {trainer.data.loaders.backend}, output {output_dir}")
         if state is not None:
             trainer.load_state_dict(state, source=str(checkpoint_path))
             logger.info(f"resumed from {checkpoint_path} at epoch {trainer.epoch + 1}, step {trainer.global_step}")
-        # While training, SIGTERM/SIGINT end the current step, save the checkpoint and exit with the resume command.
-        # Outside it (data loading, final evaluation) they act as usual: there is nothing new to save.
-        with trainer.stop:
-            trainer.train()
+        trainer.train()
+        entry = method_class(args.method).entry_script
+        stop.outside_training(f"during the final evaluation; training is complete and saved in {checkpoint_path} "
+                              f"(step {trainer.global_step}); evaluate it with: python {entry} --eval_only "
+                              f"--checkpoint {checkpoint_path}")
         results = trainer.final_evaluation()
         trainer.save_checkpoint()
     finally:
         trainer.close()
+        lock.release()
     return results
+
+
+def lock_run_folder(output_dir: Path, runtime: Runtime) -> RunFolderLock:
+    """Rank 0 locks the run folder for the whole run (a second run on it is refused); other ranks hold nothing."""
+    lock = RunFolderLock(output_dir)
+    if runtime.is_main:
+        lock.acquire()
+    return lock
 
 
 def evaluate_checkpoint(args: argparse.Namespace, runtime: Runtime,
                         evaluations: Sequence[Evaluation] = FINAL_EVALUATIONS) -> dict[str, Any]:
-    """--eval_only: rebuild the run a checkpoint came from and run the final evaluation on it."""
+    """--eval_only: rebuild the run a checkpoint came from and run the final evaluation on it.
+
+    The run's training options come from the checkpoint; the options of running and evaluating it (--data_dir,
+    --device, --knn_k, --linear_epochs, ...) from this command when it sets them, else from the run. The results go
+    to --output_dir, or without it to an eval_only folder beside the checkpoint.
+    """
     state = load_checkpoint(args.checkpoint)
     if not isinstance(state.get("args"), dict):
         raise UserError(f"{args.checkpoint} is incomplete (no args); pass a checkpoint_last.pt written by a training run")
-    saved = argparse.Namespace(**state["args"])
-    saved.data_dir, saved.device, saved.num_workers = args.data_dir, args.device, args.num_workers
-    saved.linear_epochs, saved.skip_linear, saved.eval_batch_size = args.linear_epochs, args.skip_linear, args.eval_batch_size
-    output_dir = prepare_output_dir(str(Path(args.checkpoint).resolve().parent / "eval_only"))
+    saved = argparse.Namespace(**{**run_options(args), **state["args"]})  # options newer than the file: defaults
+    given = set(getattr(args, "_given", ()))
+    for key in (RUNTIME_OPTIONS & given) - {"config", "resume", "checkpoint", "eval_only"}:
+        setattr(saved, key, getattr(args, key))
+    if "output_dir" not in given:
+        saved.output_dir = str(Path(args.checkpoint).resolve().parent / "eval_only")
+    saved.eval_only, saved.checkpoint, saved.resume = True, args.checkpoint, False
+    output_dir = run_agreed(lambda: prepare_output_dir(saved.output_dir))
+    lock = run_agreed(lambda: lock_run_folder(output_dir, runtime))
     setup_logging(output_dir, runtime.is_main)
     trainer = Trainer(saved, runtime, output_dir, evaluations)
-    trainer.load_state_dict(state, check_signature=False, source=str(args.checkpoint))
     try:
+        trainer.load_state_dict(state, check_signature=False, source=str(args.checkpoint))
         return trainer.final_evaluation()
     finally:
         trainer.close()
+        lock.release()

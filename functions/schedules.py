@@ -15,6 +15,11 @@ class LearningRateSchedule:
     # Whether the rates change within an epoch: the loop then sets them before every step, else once per epoch.
     per_step = False
 
+    @property
+    def depends_on_num_epoch(self) -> bool:
+        """Whether --num_epoch shapes the rates (then a resumed run cannot change it without changing the past)."""
+        return bool(self.args.cos)
+
     def __init__(self, args: argparse.Namespace, steps_per_epoch: int) -> None:
         self.args = args
         self.steps_per_epoch = steps_per_epoch

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from functions.datasets import DatasetEntry, dataset_entry
 from functions.distributed import all_gather_rows, all_reduce_sum, forward_server
-from functions.errors import UserError
+from functions.errors import UserError, check_range
 from functions.schedules import LearningRateSchedule
 from functions.server_method import ServerMethod, register_method
 from functions.views import ViewSpec
@@ -304,6 +304,10 @@ class SwavWarmupCosine(LearningRateSchedule):
 
     per_step = True
 
+    @property
+    def depends_on_num_epoch(self) -> bool:
+        return True
+
     def rates(self, epoch: int, step: int) -> tuple[float, float]:
         args = self.args
         return (self._warmup_cosine(args.lr, args.final_s_lr, epoch, step),
@@ -377,6 +381,15 @@ class SwavServer(ServerMethod):
             raise UserError("--nmb_prototypes must be at least 2")
         if args.queue_length < 0 or args.epsilon <= 0 or args.temperature <= 0 or args.sinkhorn_iterations < 1:
             raise UserError("--queue_length must be >= 0; --epsilon, --temperature and --sinkhorn_iterations positive")
+        for name, interval in (("freeze_prototypes_niters", "[0, inf)"), ("epoch_queue_starts", "[0, inf)"),
+                               ("feat_dim", "[1, inf)"), ("hidden_mlp", "[0, inf)")):
+            check_range(name, getattr(args, name), interval)
+        if args.use_swav_scheduler:
+            for name, interval in (("final_s_lr", "[0, inf)"), ("start_warmup", "[0, inf)"),
+                                   ("warmup_epochs", f"[0, {args.num_epoch}]")):
+                check_range(name, getattr(args, name), interval)
+            if args.final_c_lr != -1.0:
+                check_range("final_c_lr", args.final_c_lr, "[0, inf)")
         if args.server_update == "per_client" and args.use_fp16 and args.amp_dtype == "fp16":
             raise UserError("--server_update per_client steps the server once per client and cannot share fp16 loss "
                             "scaling with the clients; use --amp_dtype bf16 or --server_update joint")

@@ -15,17 +15,17 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from configs import training_signature
+from configs import run_options, training_signature
 from functions.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, check_checkpoint_layout,
                                   check_same_configuration, first_non_finite, restore_rng_state, rng_state,
                                   save_atomic)
 from functions.data import FederatedData
 from functions.datasets import dataset_entry
-from functions.distributed import ClientHandOver, Runtime, all_reduce_max_flag, all_reduce_sum, run_agreed
+from functions.distributed import ClientHandOver, Runtime, all_reduce_max_flag, run_agreed
 from functions.errors import TrainingInterrupted, UserError
 from functions.evaluation import FINAL_EVALUATIONS, Evaluation, EvaluationContext, knn_evaluation
 from functions.fedavg import average_pool, fedavg, fedavg_positions
-from functions.logs import LogWindow, ProgressBar, TrainingLog, logger
+from functions.logs import EpochStatistics, LogWindow, ProgressBar, TrainingLog, logger
 from functions.precision import MixedPrecision, amp_dtype_of
 from functions.server_method import ServerMethod, method_class
 from functions.step import ClientEngine, build_split_step
@@ -43,13 +43,14 @@ class Trainer:
     """One SFL run: its data, the split step (clients, server method, optimizers), schedule, position and logs."""
 
     def __init__(self, args: argparse.Namespace, runtime: Runtime, output_dir: Path,
-                 evaluations: Sequence[Evaluation] = FINAL_EVALUATIONS) -> None:
+                 evaluations: Sequence[Evaluation] = FINAL_EVALUATIONS, stop: StopSignal | None = None) -> None:
         self.args = args
         self.runtime = runtime
         self.device = runtime.device
         self.output_dir = output_dir
         self.evaluations = list(evaluations)
-        self.stop = StopSignal()  # listens only inside `with trainer.stop:` (see functions.runner)
+        # The run's stop signal (functions.runner installs it); the loop polls it between steps.
+        self.stop = stop if stop is not None else StopSignal(announce=runtime.is_main)
         seed_everything(args.seed)
         method_cls = method_class(args.method)
         view_spec = method_cls.view_spec(args, dataset_entry(args.dataset))
@@ -71,6 +72,7 @@ class Trainer:
         self.log = TrainingLog(output_dir, runtime, method=args.method, data_backend=self.data.loaders.backend,
                                world_size=runtime.world_size, steps_per_epoch=self.steps_per_epoch,
                                partition_hash=self.data.partition_hash)
+        self.epoch_statistics = EpochStatistics(runtime)
 
     @property
     def method(self) -> ServerMethod:
@@ -112,6 +114,10 @@ class Trainer:
 
     def train(self) -> None:
         """Run epochs until --num_epoch or --max_steps; on a stop signal save and raise TrainingInterrupted."""
+        with self.stop.polling():
+            self._train()
+
+    def _train(self) -> None:
         args = self.args
         self.agree_on_stop()
         if self.global_step == 0 and args.eval_freq > 0 and not self.stopping():
@@ -151,8 +157,8 @@ class Trainer:
         self.method.train()
         avg_after = fedavg_positions(self.steps_per_epoch, args.avg_freq)
         window = LogWindow()
-        stat_sums: dict[str, torch.Tensor] = {}
-        stat_count = 0
+        if self.step_in_epoch == 0:
+            self.epoch_statistics.reset()
         bar = ProgressBar(self.steps_per_epoch, self.step_in_epoch, f"epoch {epoch + 1}/{args.num_epoch}",
                           enabled=self.runtime.is_main)
         first = True
@@ -182,9 +188,7 @@ class Trainer:
                 # Under torchrun each rank logs its row-weighted part; the sum over ranks is the global loss.
                 window.losses.append((self.global_step, loss * share if self.runtime.is_distributed else loss))
                 window.images += self.data.pool_rows(epoch)
-                for name, value in stats.items():
-                    stat_sums[name] = stat_sums.get(name, 0.0) + value * share
-                stat_count += 1
+                self.epoch_statistics.add(stats, share)
                 if step in avg_after:
                     self.fedavg(pool)
                 bar.update()
@@ -200,14 +204,9 @@ class Trainer:
             if close is not None:
                 close()  # shuts data workers down now rather than at garbage collection
             bar.close()
-        if self.runtime.is_distributed and stat_sums:
-            names = sorted(stat_sums)
-            reduced = all_reduce_sum(torch.stack([torch.as_tensor(stat_sums[n], device=self.device).float()
-                                                  for n in names]))
-            stat_sums = dict(zip(names, reduced.unbind()))
-        epoch_stats = {name: float(value) / max(1, stat_count) for name, value in stat_sums.items()}
-        self.log.epoch(epoch, self.global_step, window.server_lr, {**epoch_stats, **self.method.epoch_summary()},
-                       stat_count, int(self.precision.skipped_steps) if self.precision.scaling else None)
+        statistics = {**self.epoch_statistics.means(), **self.method.epoch_summary()}
+        self.log.epoch(epoch, self.global_step, window.server_lr, statistics, self.epoch_statistics.steps,
+                       int(self.precision.skipped_steps) if self.precision.scaling else None)
         if self.step_in_epoch >= self.steps_per_epoch:
             self.epoch += 1
             self.step_in_epoch = 0
@@ -273,7 +272,7 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         return {
             "format": CHECKPOINT_FORMAT,
-            "args": vars(self.args).copy(),
+            "args": run_options(self.args),
             "signature": training_signature(self.args),
             "partition_hash": self.data.partition_hash,
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
@@ -284,6 +283,7 @@ class Trainer:
             "skipped_steps": int(self.precision.skipped_steps),
             "rng": rng_state(),
             "metrics": self.log.metrics.data,
+            "epoch_statistics": self.epoch_statistics.state_dict(),
         }
 
     def save_checkpoint(self) -> None:
@@ -311,6 +311,7 @@ class Trainer:
         check_checkpoint_layout(state, source)
         if check_signature:
             check_same_configuration(state, self.args, self.data.partition_hash)
+            self._check_num_epoch(state["args"].get("num_epoch", self.args.num_epoch))
         try:
             self.method.load_state_dict(state["method"])
             self.method.load_extra_state(state["method_extra"])
@@ -323,6 +324,19 @@ class Trainer:
         self.precision.skipped_steps.fill_(int(state.get("skipped_steps", 0)))
         self.hand_over.all_current()  # every rank loaded every client's state
         self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
+        self.epoch_statistics.load_state_dict(state.get("epoch_statistics", {"sums": {}, "steps": 0}))
         restore_rng_state(state["rng"])
         metrics = self.log.metrics
         metrics.data = {**state["metrics"], **{key: metrics.data[key] for key in ("data_backend", "world_size")}}
+
+    def _check_num_epoch(self, saved_epochs: int) -> None:
+        """A resumed run may train more (or fewer) epochs only where --num_epoch does not shape the learning rates."""
+        if saved_epochs == self.args.num_epoch:
+            return
+        if self.lr_schedule.depends_on_num_epoch:
+            raise UserError(f"the checkpoint in {self.args.output_dir} was made with --num_epoch {saved_epochs}, this "
+                            f"run has --num_epoch {self.args.num_epoch}: the learning-rate schedule spans the epochs, "
+                            f"so the steps already taken would not fit it; resume with --num_epoch {saved_epochs} "
+                            "(--max_steps stops earlier), or start a new --output_dir")
+        logger.info(f"continuing for --num_epoch {self.args.num_epoch} (the checkpoint was made for {saved_epochs}); "
+                    "the learning-rate schedule does not depend on it")

@@ -7,21 +7,43 @@ import shlex
 import signal
 import sys
 import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from functions.distributed import launcher_prefix
+from functions.errors import TrainingInterrupted
 from functions.server_method import method_class
 
 
 class StopSignal:
-    """SIGTERM / SIGINT turned into a request the loop polls between steps; a second SIGINT stops at once."""
+    """SIGTERM / SIGINT turned into a request the loop polls between steps; a second SIGINT stops at once.
+
+    Outside the training loop (loading data, building the model, the final evaluation) there is no step to finish:
+    after `outside_training(situation)` a signal stops the run at once with TrainingInterrupted, whose message is
+    the signal's name followed by `situation` (what was saved, what to run next).
+    """
 
     HANDLED = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self) -> None:
+    def __init__(self, announce: bool = True) -> None:
         self.signal_number: int | None = None
+        self.announce = announce  # False on torchrun's other ranks: rank 0 prints the message
         self._previous: dict[int, Any] = {}
+        self._situation: str | None = None  # None while the loop polls
+
+    def outside_training(self, situation: str) -> None:
+        """From now on a signal stops the run at once, saying `situation` (e.g. "before training started: ...")."""
+        self._situation = situation
+
+    @contextmanager
+    def polling(self) -> Iterator["StopSignal"]:
+        """While the training loop runs: a signal is a request it answers after the current step."""
+        situation, self._situation = self._situation, None
+        try:
+            yield self
+        finally:
+            self._situation = situation
 
     @property
     def requested(self) -> bool:
@@ -38,6 +60,9 @@ class StopSignal:
         self.signal_number = signal_number
 
     def _handle(self, signal_number: int, frame: Any) -> None:
+        if self._situation is not None:
+            self.request(signal_number)
+            raise TrainingInterrupted(f"{self.name} received {self._situation}", signal_number, announce=self.announce)
         if self.requested:
             if signal_number == signal.SIGINT:
                 # The user insists (a second Ctrl-C): abandon the step; save_atomic removes its temporary file.

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from configs import CONFIG_DIR, parse_args, save_resolved_config
+from configs import CONFIG_DIR, parse_args, run_options, save_resolved_config
 from functions.errors import UserError
 
 
@@ -40,7 +40,7 @@ def test_resolved_config_round_trips(tmp_path):
                                "--min_scale_crops", "0.2", "--max_scale_crops", "1", "--crops_for_assign", "0", "1"])
     save_resolved_config(args, tmp_path / "config.yaml")
     again = parse_args("swav", ["--config", str(tmp_path / "config.yaml")])
-    assert {**vars(again), "config": None} == vars(args)
+    assert {**run_options(again), "config": None} == run_options(args)
 
 
 @pytest.mark.parametrize("argv, message", [
