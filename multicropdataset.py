@@ -76,13 +76,14 @@ class GaussianBlur:
         return f"{type(self).__name__}(kernel_size={2 * self.radius + 1}, sigma={self.sigma})"
 
 
-def _colour_chain(mean: Sequence[float], std: Sequence[float], blur_kernel_size: int) -> list[Callable]:
+def _colour_chain(mean: Sequence[float], std: Sequence[float], blur_kernel_size: int,
+                  blur_probability: float = 0.5) -> list[Callable]:
     """The MoCo v2 photometric chain after the crop: jitter, grayscale, blur, flip, tensor, normalise."""
     return [
         transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
         transforms.RandomGrayscale(p=0.2),
         # The ImageNet recipe's kernel of about 10% of the side: 3 pixels for 32-pixel images (the dataset's entry).
-        transforms.RandomApply([GaussianBlur(blur_kernel_size, sigma=(0.1, 2.0))], p=0.5),
+        transforms.RandomApply([GaussianBlur(blur_kernel_size, sigma=(0.1, 2.0))], p=blur_probability),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
         transforms.Normalize(mean=[float(m) for m in mean], std=[float(s) for s in std]),
@@ -106,7 +107,7 @@ def multicrop_transforms(mean: Sequence[float], std: Sequence[float], view_spec:
     for count, size, low, high in zip(view_spec.nmb_crops, view_spec.size_crops, view_spec.min_scale_crops,
                                       view_spec.max_scale_crops):
         crop = transforms.Compose([transforms.RandomResizedCrop(int(size), scale=(float(low), float(high)))]
-                                  + _colour_chain(mean, std, view_spec.blur_kernel_size))
+                                  + _colour_chain(mean, std, view_spec.blur_kernel_size, view_spec.blur_probability))
         crop_list.extend([crop] * int(count))
     return crop_list
 

@@ -226,7 +226,7 @@ def colour_jitter_slots(factors: np.ndarray, order: np.ndarray) -> tuple[np.ndar
 
 
 def draw_crop_parameters(keys: np.ndarray, seed: int, crop_index: int, scale: tuple[float, float],
-                         image_size: tuple[int, int]) -> CropParameters:
+                         image_size: tuple[int, int], blur_probability: float = BLUR_PROBABILITY) -> CropParameters:
     """The random augmentation of crop `crop_index` of every row, drawn from the rows' sample keys."""
     draws = uniform_draws(keys, seed, crop_index, _DRAWS_PER_CROP)
     height, width = image_size
@@ -241,7 +241,7 @@ def draw_crop_parameters(keys: np.ndarray, seed: int, crop_index: int, scale: tu
     order = np.argsort(draws[:, _ORDER_DRAWS], axis=1, kind="stable")  # a uniform random permutation
     blend, hue_shift = colour_jitter_slots(factors, order)
 
-    blurred = draws[:, _BLUR_COIN] < BLUR_PROBABILITY
+    blurred = draws[:, _BLUR_COIN] < blur_probability
     sigma = BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * draws[:, _SIGMA_DRAW]
     return CropParameters(
         anchor=np.stack([top, left], axis=1).astype(np.float32),
@@ -257,7 +257,7 @@ def draw_crop_parameters(keys: np.ndarray, seed: int, crop_index: int, scale: tu
 def draw_view_parameters(keys: np.ndarray, seed: int, view_spec: ViewSpec,
                          image_size: tuple[int, int]) -> list[CropParameters]:
     """Parameters of every crop of the view spec for rows with the given sample keys."""
-    return [draw_crop_parameters(keys, seed, crop_index, scale, image_size)
+    return [draw_crop_parameters(keys, seed, crop_index, scale, image_size, view_spec.blur_probability)
             for crop_index, (_, scale) in enumerate(view_spec.crops())]
 
 
@@ -341,8 +341,8 @@ class DaliCropAugmenter(Generic[Tag]):
     """
 
     def __init__(self, crop_sizes: Sequence[int], mean: Sequence[float], std: Sequence[float], *,
-                 max_batch_size: int, blur_kernel_size: int = 3, dali_device: str, output_device: torch.device, num_threads: int,
-                 device_id: int | None = None, prefetch_queue_depth: int = 2) -> None:
+                 max_batch_size: int, blur_kernel_size: int = 3, dali_device: str, output_device: torch.device,
+                 num_threads: int, device_id: int | None = None, prefetch_queue_depth: int = 2) -> None:
         check_mean_std(mean, std)
         if dali_device not in DALI_DEVICES:
             raise UserError(f"--dali_device must be one of {', '.join(DALI_DEVICES)}, got {dali_device!r}")

@@ -14,7 +14,7 @@ from typing import Any, NoReturn, Sequence
 
 import yaml
 
-from functions.datasets import dataset_names
+from functions.datasets import dataset_entry, dataset_names
 from functions.errors import UserError, check_range
 from functions.files import write_text_atomic
 from functions.partition import add_partition_arguments, parse_hetero_string, resolve_partition_method
@@ -98,6 +98,27 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     sfl.add_argument("--hetero_string", type=str, default="0.2_0.8|16|0.8_0.2",
                      help="with --hetero and --partition iid: 'A_B|C|D_E' = a fraction A of clients holds a fraction B of the "
                           "data (the others, D, hold E); C is the rich clients' batch multiplier")
+    sfl.add_argument("--auto_adjust", action="store_true",
+                     help="MocoSFL's recommended settings for the number of clients: --batch_size 100 // num_client "
+                          "(1 beyond 50 clients), --avg_freq 1000 // (batch_size * num_client), --client_sample_ratio "
+                          "1 / (num_client // 100) from 200 clients; an option given explicitly wins")
+    sfl.add_argument("--loss_threshold", type=float, default=0.0,
+                     help="MocoSFL's communication saving (0 = off): after 10 epochs, when the epoch loss fell by less "
+                          "than this, the clients stop receiving gradients (one epoch), then stop sending smashed data "
+                          "too and the server replays the last sent ones, until the loss falls faster again")
+    sfl.add_argument("--divergence_measure", action="store_true",
+                     help="log each epoch the divergence of the pool's client models from their average")
+    sfl.add_argument("--divergence_aware", action="store_true",
+                     help="divergence-aware FedAvg (FedEMA): each pool client keeps mu * its own weights + (1 - mu) * "
+                          "the average, per layer, mu = min(lambda * divergence, 1)")
+    sfl.add_argument("--div_lambda", type=float, default=1.0,
+                     help="lambda of --divergence_aware at the first FedAvg; from then on each client's lambda is "
+                          "scaled so that its first mu is kept (FedEMA's auto-scaler)")
+    sfl.add_argument("--scheme", type=str, default="sfl", choices=["sfl", "fl"],
+                     help="sfl: split federated learning; fl: MocoSFL's FL-MoCo baseline (each client trains the whole "
+                          "network with its own queue, --local_epoch, then FedAvg)")
+    sfl.add_argument("--local_epoch", type=int, default=5,
+                     help="--scheme fl: passes over its data each client makes per epoch")
     add_partition_arguments(parser)
 
     model = parser.add_argument_group("model")
@@ -107,14 +128,40 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     model.add_argument("--disable_WS", action="store_true", help="plain convolutions instead of weight-standardised ones")
     model.add_argument("--disable_c_residual", action="store_true", help="no shortcut connections in the client's blocks")
 
+    data.add_argument("--num_class", type=int, default=None,
+                      help="classes of the dataset (MocoSFL's option; taken from --dataset, a different value is refused)")
+    data.add_argument("--data_size", type=int, default=None,
+                      help="image side in pixels (MocoSFL's option; taken from --dataset, a different value is refused)")
+    data.add_argument("--augmentation_option", action="store_true",
+                      help="MocoSFL's augmentation switch for supervised training; self-supervised views are always "
+                           "augmented, so it changes nothing here (as in MocoSFL)")
+    run.add_argument("--debug", action="store_true", help="accepted as in MocoSFL and the seed, which never read it")
+
+    privacy = parser.add_argument_group(
+        "privacy (model-inversion attack, ResSFL defence, expert initialisation; accepted, not available yet)")
+    privacy.add_argument("--attack", action="store_true", help="model-inversion attack on the smashed data after training")
+    privacy.add_argument("--MIA_arch", type=str, default="custom", help="architecture of the inversion decoder")
+    privacy.add_argument("--aux_data", type=str, default="cifar100", help="auxiliary data of the attacker")
+    privacy.add_argument("--enable_ressfl", action="store_true", help="ResSFL: attacker-aware training of the clients")
+    privacy.add_argument("--ressfl_alpha", type=float, default=0.0, help="ResSFL strength (0 = off)")
+    privacy.add_argument("--ressfl_target_ssim", type=float, default=0.5, help="ResSFL: SSIM the attacker should not exceed")
+    privacy.add_argument("--adds_bottleneck", action="store_true", help="a bottleneck layer pair at the cut")
+    privacy.add_argument("--bottleneck_option", type=str, default="None", help="bottleneck code such as C4S2 (None = off)")
+    privacy.add_argument("--initialze_path", type=str, default="None", help="start from an expert run's folder (None = off)")
+    privacy.add_argument("--load_server", action="store_true", help="with --initialze_path: load the server part too")
+
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--num_epoch", type=int, default=200, help="training epochs (one epoch: every sample seen about once)")
     optim.add_argument("--max_steps", type=int, default=0, help="stop after this many training steps in total (0 = no limit)")
-    optim.add_argument("--lr", type=float, default=0.06, help="server learning rate")
-    optim.add_argument("--c_lr", type=float, default=-1.0, help="client learning rate (-1 = same as --lr)")
+    optim.add_argument("--lr", "--base_s_lr", type=float, default=0.06,
+                       help="server learning rate (--base_s_lr: the seed's name for it)")
+    optim.add_argument("--c_lr", "--base_c_lr", type=float, default=-1.0,
+                       help="client learning rate, -1 = same as --lr (--base_c_lr: the seed's name for it)")
     optim.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     optim.add_argument("--weight_decay", type=float, default=5e-4, help="SGD weight decay")
-    optim.add_argument("--cos", action="store_true", help="cosine learning-rate decay over the epochs (else MultiStepLR)")
+    optim.add_argument("--cos", action=argparse.BooleanOptionalAction, default=None,
+                       help="cosine learning-rate decay over the epochs, else MultiStepLR (default: off, or the "
+                            "--moco_version's)")
     optim.add_argument("--milestones", type=int, nargs="*", default=[], help="MultiStepLR epochs at which the lr is multiplied by the gamma")
     optim.add_argument("--s_gamma", type=float, default=0.1, help="server MultiStepLR factor")
     optim.add_argument("--c_gamma", type=float, default=0.1, help="client MultiStepLR factor")
@@ -130,7 +177,44 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     evaluation.add_argument("--skip_linear", action="store_true", help="skip the final linear and semi-supervised probes")
 
     method_cls.add_arguments(parser)
+    add_seed_options(parser)
     return parser
+
+
+# Options of the seed's and MocoSFL's shared parser (configs/__init__.py of both) that belong to the other method:
+# every entry script accepts them, as the seed's scripts pass them to both, and says when one has no effect here.
+SEED_OPTIONS: dict[str, dict[str, Any]] = {
+    "moco_version": dict(type=str), "pairloader_option": dict(type=str), "K": dict(type=int),
+    "K_dim": dict(type=int), "T": dict(type=float), "symmetric": dict(action="store_true"),
+    "mlp": dict(action="store_true"), "aug_plus": dict(action="store_true"), "CLR_option": dict(type=str),
+    "loss_type": dict(type=str), "disable_feature_sharing": dict(action="store_true"),
+    "nmb_crops": dict(type=int, nargs="+"), "size_crops": dict(type=int, nargs="+"),
+    "min_scale_crops": dict(type=float, nargs="+"), "max_scale_crops": dict(type=float, nargs="+"),
+    "crops_for_assign": dict(type=int, nargs="+"), "aug_type": dict(type=str), "temperature": dict(type=float),
+    "epsilon": dict(type=float), "sinkhorn_iterations": dict(type=int), "feat_dim": dict(type=int),
+    "nmb_prototypes": dict(type=int), "queue_length": dict(type=int), "epoch_queue_starts": dict(type=int),
+    "freeze_prototypes_niters": dict(type=int), "use_swav_scheduler": dict(action="store_true"),
+    "warmup_epochs": dict(type=int), "final_s_lr": dict(type=float), "final_c_lr": dict(type=float),
+    "start_warmup": dict(type=float),
+}
+
+
+def add_seed_options(parser: argparse.ArgumentParser) -> None:
+    """Accept the seed's options that this entry script's method does not define (they change nothing here)."""
+    defined = {action.dest for action in parser._actions}
+    missing = [name for name in SEED_OPTIONS if name not in defined]
+    if not missing:
+        return
+    group = parser.add_argument_group("options of the seed's other method (accepted, no effect on this one)")
+    for name in missing:
+        group.add_argument(f"--{name}", default=None, help=argparse.SUPPRESS, **SEED_OPTIONS[name])
+
+
+def unused_seed_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
+    """The options of the other method that this run was given (to say that they have no effect)."""
+    compat = {action.dest for group in parser._action_groups if group.title and group.title.startswith("options of the seed")
+              for action in group._group_actions}
+    return sorted(name for name in compat & set(getattr(args, "_given", ())) if getattr(args, name) not in (None, False))
 
 
 def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
@@ -159,8 +243,8 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, An
 
 def _config_value_problem(action: argparse.Action, value: Any) -> str | None:
     """What is wrong with `value` for the option of `action` ("must be ..."), or None when it fits."""
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-        return None if isinstance(value, bool) else "must be true or false"
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)):
+        return None if isinstance(value, bool) or (value is None and action.default is None) else "must be true or false"
     if value is None:
         return None if action.default is None else "needs a value"
     if action.nargs in ("*", "+"):
@@ -201,6 +285,7 @@ def parse_args(method: str, argv: Sequence[str] | None = None) -> argparse.Names
     given = set(config) | set(vars(_given_on_command_line(parser, argv)))
     args.method = method
     args._given = sorted(given)
+    args._unused = unused_seed_options(args, parser)
     try:
         return finalize_args(args)
     except UserError as error:
@@ -227,7 +312,10 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.output_dir is None:
         args.output_dir = os.path.join(
             "outputs", f"{args.method}_{args.dataset}_{args.arch}_cut{args.cutlayer}_client{args.num_client}_seed{args.seed}")
+    apply_auto_adjust(args)
     _check_ranges(args)
+    check_privacy_options(args)
+    check_dataset_options(args)
     for name in ("output_dir", "data_dir", "config", "checkpoint"):
         value = getattr(args, name)
         if isinstance(value, str) and not _is_utf8(value):
@@ -238,6 +326,8 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
         parse_hetero_string(args.hetero_string)
     check_cutlayer(args.arch, args.cutlayer)
     method_class(args.method).check_args(args)
+    if args.cos is None:
+        args.cos = False
     return args
 
 
@@ -259,6 +349,47 @@ def _check_ranges(args: argparse.Namespace) -> None:
         check_range(name, getattr(args, name), interval)
     if any(milestone < 1 for milestone in args.milestones):
         raise UserError(f"--milestones are epochs, each at least 1 (got {args.milestones})")
+
+
+def apply_auto_adjust(args: argparse.Namespace) -> None:
+    """--auto_adjust: MocoSFL's batch size, FedAvg frequency and client sampling for the number of clients; options
+    the user gave keep their value."""
+    if not args.auto_adjust:
+        return
+    given, clients = set(getattr(args, "_given", ())), args.num_client
+    adjusted = {"batch_size": 100 // clients if clients <= 50 else 1}
+    batch_size = args.batch_size if "batch_size" in given else adjusted["batch_size"]
+    if clients <= 1000:
+        adjusted["avg_freq"] = max(1, 1000 // (batch_size * clients))
+    adjusted["client_sample_ratio"] = 1 / (clients // 100) if clients >= 200 else 1.0
+    for name, value in adjusted.items():
+        if name not in given:
+            setattr(args, name, value)
+
+
+# Options that reach the model-inversion attack or the ResSFL defence; until those exist a run asking for them stops.
+_PRIVACY_SWITCHES = ("attack", "enable_ressfl", "adds_bottleneck", "load_server")
+
+
+def check_privacy_options(args: argparse.Namespace) -> None:
+    """Refuse, in one line, the privacy features that are not available yet (their disabled values are accepted)."""
+    asked = [f"--{name}" for name in _PRIVACY_SWITCHES if getattr(args, name)]
+    asked += ["--ressfl_alpha"] if args.ressfl_alpha > 0 else []
+    asked += ["--bottleneck_option"] if args.bottleneck_option != "None" else []
+    asked += ["--initialze_path"] if args.initialze_path != "None" else []
+    if asked:
+        raise UserError(f"{', '.join(asked)}: the model-inversion attack, the ResSFL defence, the bottleneck and expert "
+                        "initialisation are not available yet (privacy evaluation); run without them")
+
+
+def check_dataset_options(args: argparse.Namespace) -> None:
+    """MocoSFL's --num_class and --data_size follow the dataset; a value that contradicts it is refused."""
+    entry = dataset_entry(args.dataset)
+    for name, actual in (("num_class", entry.num_classes), ("data_size", entry.image_size)):
+        value = getattr(args, name)
+        if value is not None and value != actual:
+            raise UserError(f"--{name} {value} does not match --dataset {args.dataset} ({actual}); drop --{name}")
+        setattr(args, name, actual)
 
 
 def _is_utf8(text: str) -> bool:

@@ -127,12 +127,17 @@ def check_same_method(state: dict[str, Any], args: argparse.Namespace, source: s
     """Refuse to continue a checkpoint of another method with this entry script, naming the right one."""
     from functions.server_method import METHODS  # the registry, read only when a run resumes
 
-    saved = state.get("args", {}).get("method") if isinstance(state.get("args"), dict) else None
+    saved_args = state.get("args") if isinstance(state.get("args"), dict) else {}
+    saved = saved_args.get("method")
     if saved is not None and saved != args.method:
         method = METHODS.get(saved)
         how = f"resume it with {method.entry_script}" if method is not None and method.entry_script else "resume it"
         raise UserError(f"{source} is a checkpoint of method {saved!r}, not {args.method!r}; {how} and the same "
                         "options, or use a new --output_dir")
+    method = METHODS.get(args.method)
+    problem = method.checkpoint_problem(saved_args) if method is not None else None
+    if problem:
+        raise UserError(f"{source} {problem}")
 
 
 def check_same_configuration(state: dict[str, Any], args: argparse.Namespace, current_hash: str) -> None:
@@ -141,7 +146,10 @@ def check_same_configuration(state: dict[str, Any], args: argparse.Namespace, cu
 
     saved = state["signature"]
     current = training_signature(args)
-    differing = [key for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
+    given = set(getattr(args, "_given", ()))
+    # An option newer than the checkpoint did not exist for that run: its value here applies, unless set on purpose.
+    differing = [key for key in sorted(set(saved) | set(current))
+                 if saved.get(key) != current.get(key) and (key in saved or key in given)]
     if differing:
         was = " ".join(f"--{key} {saved.get(key)!r}" for key in differing)
         now = " ".join(f"--{key} {current.get(key)!r}" for key in differing)

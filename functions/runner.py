@@ -12,8 +12,9 @@ from typing import Any, Sequence
 
 import torch
 
-from configs import RUNTIME_OPTIONS, run_options, save_resolved_config
-from functions.checkpoint import CHECKPOINT_NAME, check_same_method, load_checkpoint, remove_stale_temporaries
+from configs import RUNTIME_OPTIONS, build_parser, run_options, save_resolved_config
+from functions.checkpoint import (CHECKPOINT_NAME, check_checkpoint_layout, check_same_method, load_checkpoint,
+                                  remove_stale_temporaries)
 from functions.distributed import (Runtime, all_reduce_max_flag, broadcast_object, check_clients_per_rank,
                                    planned_world_size, run_agreed, setup_runtime, shutdown_runtime)
 from functions.errors import UserError
@@ -105,7 +106,12 @@ def _run_on(runtime: Runtime, args: argparse.Namespace, evaluations: Sequence[Ev
     checkpoint_path = output_dir / CHECKPOINT_NAME
     state = starting_state(args, runtime, checkpoint_path)  # a bad file is refused before anything changes
     if state is not None:
+        check_checkpoint_layout(state, str(checkpoint_path))
         check_same_method(state, args, checkpoint_path)
+    unused = getattr(args, "_unused", [])
+    if unused:
+        logger.warning(f"{', '.join('--' + name for name in unused)}: no effect on {args.method} (options of the "
+                       "seed's other method, accepted for its command lines)")
     if runtime.is_main:
         for leftover in remove_stale_temporaries(checkpoint_path):
             logger.info(f"removed {leftover.name}, left by a save that was killed before it completed")
@@ -149,7 +155,10 @@ def evaluate_checkpoint(args: argparse.Namespace, runtime: Runtime,
     state = load_checkpoint(args.checkpoint)
     if not isinstance(state.get("args"), dict):
         raise UserError(f"{args.checkpoint} is incomplete (no args); pass a checkpoint_last.pt written by a training run")
-    saved = argparse.Namespace(**{**run_options(args), **state["args"]})  # options newer than the file: defaults
+    method = state["args"].get("method", args.method)
+    check_same_method(state, argparse.Namespace(method=method), args.checkpoint)
+    # Options newer than the file take the defaults of the checkpoint's own method.
+    saved = argparse.Namespace(**{**run_options(build_parser(method).parse_args([])), **state["args"]})
     given = set(getattr(args, "_given", ()))
     for key in (RUNTIME_OPTIONS & given) - {"config", "resume", "checkpoint", "eval_only"}:
         setattr(saved, key, getattr(args, key))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Sequence
 
@@ -17,16 +18,15 @@ from torch import Tensor, nn
 from functions.clients import momentum_update_
 from functions.distributed import all_gather_rows, forward_server
 from functions.errors import UserError
-from functions.server_method import ServerMethod, register_method
+from functions.server_method import ServerMethod, StepLayout, register_method
 from functions.views import ViewSpec
 from models.split import Head, HeadBuilder
 
 if TYPE_CHECKING:
     from functions.datasets import DatasetEntry
 
-__all__ = ["info_nce_loss", "symmetric_info_nce_loss", "KeyQueue", "momentum_update_", "build_moco_head", "MocoServer"]
-MOCO_VERSIONS = ("V1", "smallV2", "V2", "largeV2")
-LARGE_V2_HIDDEN = 2048
+__all__ = ["info_nce_loss", "symmetric_info_nce_loss", "dual_temperature_loss", "KeyQueue", "ClientQueues",
+           "momentum_update_", "build_moco_head", "MocoServer"]
 
 
 def _check_temperature(temperature: float) -> None:
@@ -141,62 +141,228 @@ class KeyQueue:
         self.pointer = pointer
 
 
+def dual_temperature_loss(query: Tensor, key: Tensor, temperature: float, dt_m: float = 10.0) -> tuple[Tensor, Tensor]:
+    """SimCo's dual-temperature InfoNCE with in-batch negatives (the seed's --loss_type simco); (loss, accuracy).
+
+    Row i's positive is key i, its negatives the other keys of the batch. The cross-entropy at `temperature` is
+    weighted, per row and without gradient, by (1 - p_inter) / (1 - p_intra), the probabilities of the positive
+    at temperature * dt_m and at temperature (Zhang et al., dual temperature helps contrastive learning).
+    """
+    _check_temperature(temperature)
+    if query.dim() != 2 or query.shape != key.shape or query.shape[0] < 2:
+        raise ValueError(f"query and key must both be (N, D) with N >= 2; got {tuple(query.shape)}, {tuple(key.shape)}")
+    with torch.autocast(device_type=query.device.type, enabled=False):
+        query_unit, key_unit = F.normalize(query.float(), dim=1), F.normalize(key.float(), dim=1)
+        similarity = query_unit @ key_unit.T
+        rows = similarity.shape[0]
+        positive = similarity.diagonal().unsqueeze(1)
+        negatives = similarity.masked_select(~torch.eye(rows, dtype=torch.bool, device=similarity.device))
+        logits = torch.cat([positive, negatives.view(rows, rows - 1)], dim=1)
+        intra = F.softmax(logits / temperature, dim=1)[:, 0]
+        inter = F.softmax(logits / (temperature * dt_m), dim=1)[:, 0]
+        weight = ((1 - inter) / (1 - intra)).detach()
+        loss = (weight * -F.log_softmax(logits / temperature, dim=1)[:, 0]).mean()
+        accuracy = (logits.detach().argmax(dim=1) == 0).float().mean()
+    return loss, accuracy
+
+
+class ClientQueues:
+    """The key queue of the run: one shared KeyQueue of `size` keys, or (num_client > 0, MocoSFL's
+    --disable_feature_sharing) one KeyQueue of size // num_client keys per client, each fed its own client's keys."""
+
+    def __init__(self, size: int, dim: int, num_client: int = 0, device: torch.device | str | None = None,
+                 generator: torch.Generator | None = None) -> None:
+        self.per_client = num_client > 0
+        self.shared = KeyQueue(size, dim, device=device, generator=generator) if not self.per_client else None
+        self.clients = [KeyQueue(size // num_client, dim, device=device, generator=generator)
+                        for _ in range(num_client)]
+
+    def of(self, client: int) -> KeyQueue:
+        """The queue of `client` (per-client queues only)."""
+        return self.clients[client]
+
+    def enqueue(self, keys: Tensor, layout: StepLayout) -> None:
+        """Enqueue the step's keys: blocks of the pool's rows (every process's), each client's rows into its queue."""
+        if not self.per_client:
+            self.shared.enqueue(keys)
+            return
+        total = sum(layout.pool_rows)
+        blocks = keys.split(total)
+        for client, begin, end in layout.pool_blocks():
+            self.of(client).enqueue(torch.cat([block[begin:end] for block in blocks]))
+
+    def state_dict(self) -> dict:
+        """Queue contents for checkpoints (the shared queue under the key of earlier checkpoints)."""
+        if not self.per_client:
+            return {"queue": self.shared.state_dict()}
+        return {"client_queues": [queue.state_dict() for queue in self.clients]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not self.per_client:
+            self.shared.load_state_dict(state["queue"])
+            return
+        if len(state["client_queues"]) != len(self.clients):
+            raise UserError(f"the checkpoint holds {len(state['client_queues'])} client queues, this run has "
+                            f"{len(self.clients)} clients")
+        for queue, queue_state in zip(self.clients, state["client_queues"]):
+            queue.load_state_dict(queue_state)
+
+
 # ------------------------------------------------------------------------------------------------ the head
-def build_moco_head(feature_dim: int, moco_version: str = "V2", K_dim: int = 128) -> Head:
-    """MocoSFL's projection heads: V1 linear; smallV2 / V2 / largeV2 a two-layer MLP of hidden width K_dim,
-    feature_dim and 2048."""
-    versions = {version.lower(): version for version in MOCO_VERSIONS}
-    version = versions.get(str(moco_version).lower())
-    if version is None:
+@dataclass(frozen=True)
+class MocoVersion:
+    """What a MocoSFL --moco_version fixes: the head, the key dimension, the views, the loss and the schedule."""
+
+    mlp: bool
+    K_dim: int
+    pairloader_option: str
+    symmetric: bool
+    cos: bool | None          # None: the version leaves --cos alone
+    CLR_option: str           # recorded as MocoSFL does; it never changes the training
+
+
+MOCO_VERSIONS: dict[str, MocoVersion] = {
+    "V1": MocoVersion(mlp=False, K_dim=128, pairloader_option="mocov1", symmetric=False, cos=False,
+                      CLR_option="multistep"),
+    "smallV2": MocoVersion(mlp=True, K_dim=512, pairloader_option="mocov2", symmetric=True, cos=True, CLR_option="cos"),
+    "V2": MocoVersion(mlp=True, K_dim=1024, pairloader_option="mocov2", symmetric=True, cos=True, CLR_option="cos"),
+    "largeV2": MocoVersion(mlp=True, K_dim=2048, pairloader_option="mocov2", symmetric=True, cos=True,
+                           CLR_option="cos"),
+    "largeV2_aggressive": MocoVersion(mlp=True, K_dim=2048, pairloader_option="mocov2", symmetric=True, cos=None,
+                                      CLR_option="aggressive"),
+    "largeV2_highmomen": MocoVersion(mlp=True, K_dim=2048, pairloader_option="mocov2", symmetric=True, cos=None,
+                                     CLR_option="highmomen"),
+}
+LARGE_V2_HIDDEN = 4096  # the larger classifier of Zhuang et al. (divergence-aware FSSL), as MocoSFL builds it
+
+
+def _xavier(module: nn.Module) -> nn.Module:
+    """MocoSFL's init of its heads: Xavier-uniform weights, zero biases, on every Linear layer."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear):
+            nn.init.xavier_uniform_(layer.weight, gain=1.0)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+    return module
+
+
+def build_moco_head(feature_dim: int, moco_version: str = "V2", K_dim: int = 1024, mlp: bool = True,
+                    expansion: int = 1) -> Head:
+    """MocoSFL's projection heads: without --mlp one Linear layer to K_dim; with it, for largeV2, Linear to 4096,
+    BatchNorm, ReLU, Linear to K_dim; for the other V2 versions Linear to K_dim * expansion, ReLU, Linear to
+    K_dim (expansion: 4 for bottleneck ResNets). Xavier-initialised, as MocoSFL does."""
+    if moco_version not in MOCO_VERSIONS:
         raise UserError(f"--moco_version {moco_version} is not supported; choose one of {', '.join(MOCO_VERSIONS)}")
     if isinstance(K_dim, bool) or not isinstance(K_dim, int) or K_dim <= 0:
         raise UserError(f"--K_dim must be a positive integer, got {K_dim}")
-    if version == "V1":
-        return Head(nn.Linear(feature_dim, K_dim))
-    hidden = {"smallV2": K_dim, "V2": feature_dim, "largeV2": LARGE_V2_HIDDEN}[version]
-    return Head(nn.Sequential(nn.Linear(feature_dim, hidden), nn.ReLU(), nn.Linear(hidden, K_dim)))
+    if not mlp:
+        return Head(_xavier(nn.Linear(feature_dim, K_dim)))
+    if moco_version == "V1":
+        raise UserError("--mlp needs a V2 version (--moco_version smallV2, V2 or largeV2): MocoSFL has no V1 MLP head")
+    if moco_version == "largeV2":
+        layers = [nn.Linear(feature_dim, LARGE_V2_HIDDEN), nn.BatchNorm1d(LARGE_V2_HIDDEN), nn.ReLU(),
+                  nn.Linear(LARGE_V2_HIDDEN, K_dim)]
+    else:
+        hidden = K_dim * expansion
+        layers = [nn.Linear(feature_dim, hidden), nn.ReLU(), nn.Linear(hidden, K_dim)]
+    return Head(_xavier(nn.Sequential(*layers)))
+
+
+def moco_view_spec(pairloader_option: str, aug_plus: bool, dataset: "DatasetEntry") -> ViewSpec:
+    """MocoSFL's pair loaders: two views of the dataset's size, RandomResizedCrop of torchvision's default scale
+    (0.08, 1), colour jitter, grayscale, flip; mocov2 (or --aug_plus) adds the Gaussian blur."""
+    blur = 0.5 if pairloader_option == "mocov2" or aug_plus else 0.0
+    return ViewSpec(nmb_crops=(2,), size_crops=(dataset.crop_sizes[0],), min_scale_crops=(0.08,),
+                    max_scale_crops=(1.0,), blur_kernel_size=dataset.blur_kernel_size, blur_probability=blur)
 
 
 # ------------------------------------------------------------------------------------------ the server method
 @register_method("moco", entry_script="run_sflmoco.py", description="MoCo (MocoSFL)")
 class MocoServer(ServerMethod):
-    """MoCo's server side: query encoder, momentum key encoder, shared key queue and (symmetric) InfoNCE.
+    """MoCo's server side: query encoder, momentum key encoder, key queue(s) and InfoNCE.
 
-    Without --symmetric, view 0 is the query (through the clients' models) and view 1 the key (through the
-    clients' momentum copies); with it, both views are queries and keys.
+    View 0 goes through the clients' models (the query), view 1 through their momentum copies (the key).
+    --symmetric adds MocoSFL's swapped term: the momentum copies' smashed data as the query (gradients reach the
+    server only) and the clients' smashed data through the momentum server as the key. --symmetric_both_views
+    instead sends both views through both client models (both views send gradients to the clients).
+    --loss_type simco sends both views through the clients' models and uses in-batch negatives (no queue, no
+    momentum encoders). --disable_feature_sharing gives every client its own queue of K / num_client keys.
     """
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        moco = parser.add_argument_group("MoCo")
+        moco = parser.add_argument_group("MoCo (a --moco_version sets the options marked 'version's' unless given)")
         moco.add_argument("--moco_version", type=str, default="V2", choices=list(MOCO_VERSIONS),
-                          help="projection head: V1 linear, smallV2/V2/largeV2 two-layer MLP of growing width")
-        moco.add_argument("--K", type=int, default=6000, help="keys in the shared queue (negatives)")
-        moco.add_argument("--K_dim", type=int, default=128, help="dimension of keys and queries")
+                          help="MocoSFL's versions: V1 (linear head, K_dim 128, mocov1 views, MultiStepLR); smallV2, "
+                               "V2, largeV2 (MLP head, K_dim 512 / 1024 / 2048, mocov2 views, symmetric loss, cosine "
+                               "lr); largeV2_aggressive and largeV2_highmomen (as largeV2 with the V2 head shape)")
+        moco.add_argument("--K", type=int, default=6000, help="keys in the queue (negatives)")
+        moco.add_argument("--K_dim", type=int, default=None, help="dimension of keys and queries (default: the version's)")
         moco.add_argument("--T", type=float, default=0.1, help="InfoNCE temperature")
         moco.add_argument("--moco_momentum", type=float, default=0.99,
                           help="momentum of the key encoders (client copies and server)")
-        moco.add_argument("--symmetric", action="store_true",
-                          help="add the swapped InfoNCE term (both views serve as query and key)")
+        moco.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=None,
+                          help="add MocoSFL's swapped InfoNCE term (default: the version's)")
+        moco.add_argument("--symmetric_both_views", action="store_true",
+                          help="symmetric loss with both views through the clients' models and momentum copies (both "
+                               "views send gradients to the clients; about twice the client work of --symmetric)")
+        moco.add_argument("--mlp", action=argparse.BooleanOptionalAction, default=None,
+                          help="MLP projection head instead of one linear layer (default: the version's)")
+        moco.add_argument("--pairloader_option", type=str, default=None, choices=["mocov1", "mocov2", "None"],
+                          help="MocoSFL's view recipe: mocov1 without blur, mocov2 with it (default: the version's)")
+        moco.add_argument("--aug_plus", action="store_true", help="add the Gaussian blur to the views (mocov1)")
+        moco.add_argument("--CLR_option", type=str, default=None,
+                          help="MocoSFL's client lr option, set by the version and recorded; like MocoSFL, it "
+                               "changes nothing (the clients follow --cos / --milestones)")
+        moco.add_argument("--loss_type", type=str, default="moco", choices=["moco", "simco"],
+                          help="moco: InfoNCE against the queue; simco: the seed's dual-temperature loss with "
+                               "in-batch negatives (--temperature), no queue and no momentum encoders")
+        moco.add_argument("--temperature", type=float, default=0.1, help="temperature of --loss_type simco")
+        moco.add_argument("--disable_feature_sharing", action="store_true",
+                          help="one queue per client (K / num_client keys each) instead of one shared queue")
         moco.add_argument("--fedavg_momentum", action="store_true",
                           help="FedAvg also averages the clients' momentum copies")
 
     @classmethod
     def check_args(cls, args: argparse.Namespace) -> None:
-        if args.K < 1 or args.K_dim < 1 or args.T <= 0:
-            raise UserError("--K, --K_dim and --T must be positive")
+        version, given = MOCO_VERSIONS[args.moco_version], set(getattr(args, "_given", ()))
+        for name in ("mlp", "K_dim", "pairloader_option", "symmetric", "CLR_option", "cos"):
+            preset = getattr(version, name)
+            if getattr(args, name) is None and preset is not None:
+                setattr(args, name, preset)  # the version's value; one given explicitly wins
+        if args.cos is None:
+            args.cos = False
+        if args.pairloader_option == "None":
+            raise UserError("--pairloader_option None gives MoCo no augmented pairs; use mocov1 or mocov2")
+        if args.symmetric and args.symmetric_both_views and "symmetric" in given:
+            raise UserError("--symmetric and --symmetric_both_views are two forms of the symmetric loss; pick one")
+        if args.symmetric_both_views:
+            args.symmetric = False
+        if args.K < 1 or args.K_dim < 1 or args.T <= 0 or args.temperature <= 0:
+            raise UserError("--K, --K_dim, --T and --temperature must be positive")
         if not 0.0 <= args.moco_momentum < 1.0:
             raise UserError(f"--moco_momentum must be in [0, 1) (got {args.moco_momentum})")
+        if args.disable_feature_sharing and args.K < args.num_client:
+            raise UserError(f"--disable_feature_sharing splits --K {args.K} over {args.num_client} clients; "
+                            "use a --K of at least one key per client")
+
+    @classmethod
+    def checkpoint_problem(cls, saved_args: dict) -> str | None:
+        if "mlp" not in saved_args:
+            return ("was written before the MoCo heads and the symmetric loss followed MocoSFL (its head has another "
+                    "shape); evaluate or resume it with the version that wrote it")
+        return None
 
     @classmethod
     def head_builder(cls, args: argparse.Namespace) -> HeadBuilder:
-        return partial(build_moco_head, moco_version=args.moco_version, K_dim=args.K_dim)
+        from models.split import architecture
+
+        return partial(build_moco_head, moco_version=args.moco_version, K_dim=args.K_dim, mlp=args.mlp,
+                       expansion=architecture(args.arch).feature_dim(args.width) // (8 * args.width))
 
     @classmethod
     def view_spec(cls, args: argparse.Namespace, dataset: "DatasetEntry") -> ViewSpec:
-        """MoCo v2: two views of the dataset's global crop size, RandomResizedCrop scale (0.2, 1)."""
-        return ViewSpec(nmb_crops=(2,), size_crops=(dataset.crop_sizes[0],), min_scale_crops=(0.2,),
-                        max_scale_crops=(1.0,), blur_kernel_size=dataset.blur_kernel_size)
+        return moco_view_spec(args.pairloader_option, args.aug_plus, dataset)
 
     def __init__(self, args: argparse.Namespace, server: nn.Module, device: torch.device) -> None:
         super().__init__(args, server, device)
@@ -204,41 +370,83 @@ class MocoServer(ServerMethod):
         for parameter in self.server_momentum.parameters():
             parameter.requires_grad_(False)
         self.temperature = args.T
+        self.simco_temperature = args.temperature
+        self.simco = args.loss_type == "simco"
         self.momentum = args.moco_momentum
-        self.client_momentum = args.moco_momentum
+        self.client_momentum = 0.0 if self.simco else args.moco_momentum
         self.average_momentum_copies = args.fedavg_momentum
         self.symmetric = args.symmetric
-        self.trainable_crops = (0, 1) if args.symmetric else (0,)
-        self.momentum_crops = (0, 1) if args.symmetric else (1,)
+        self.both_views = args.symmetric_both_views
+        self.trainable_crops = (0, 1) if self.both_views or self.simco else (0,)
+        self.momentum_crops = () if self.simco else (0, 1) if self.both_views else (1,)
         generator = torch.Generator().manual_seed(args.seed)
-        self.queue = KeyQueue(args.K, args.K_dim, device=device, generator=generator)
+        self.queues = ClientQueues(args.K, args.K_dim, args.num_client if args.disable_feature_sharing else 0,
+                                   device=device, generator=generator)
         self._pending_keys: Tensor | None = None
-        # Set by the distributed set-up: keys of every rank then join one queue, identical on every rank.
+        self._layout = StepLayout.single()
+        # Set by the distributed set-up: keys of every rank then join the queues, identical on every rank.
         self.distributed = False
+
+    def start_step(self, layout: "StepLayout") -> None:
+        self._layout = layout
 
     def compute_loss(self, smashed: Sequence[Tensor], momentum_smashed: Sequence[Tensor],
                      epoch: int) -> tuple[Tensor, dict[str, Tensor]]:
-        queries = forward_server(self, torch.cat(list(smashed))).chunk(len(smashed))
-        with torch.no_grad():
-            keys = self.server_momentum(torch.cat(list(momentum_smashed))).chunk(len(momentum_smashed))
-        negatives = self.queue.negatives
-        if self.symmetric:
-            loss, accuracy = symmetric_info_nce_loss(queries[0], keys[0], queries[1], keys[1], negatives, self.temperature)
+        if self.simco:
+            first, second = forward_server(self, torch.cat(list(smashed))).chunk(2)
+            loss, accuracy = dual_temperature_loss(first, second, self.simco_temperature)
+            return loss, {"contrastive_acc": accuracy}
+        if self.both_views:
+            queries = forward_server(self, torch.cat(list(smashed))).chunk(2)
+            with torch.no_grad():
+                keys = self.server_momentum(torch.cat(list(momentum_smashed))).chunk(2)
+            pairs = [(queries[0], keys[1]), (queries[1], keys[0])]
+            enqueued = list(keys)
+        elif self.symmetric:
+            # MocoSFL: the second term's query is the momentum copies' smashed data (no gradient to the clients).
+            online, target = smashed[0], momentum_smashed[0]
+            queries = forward_server(self, torch.cat([online, target])).chunk(2)
+            with torch.no_grad():
+                keys = self.server_momentum(torch.cat([online.detach(), target])).chunk(2)
+            pairs = [(queries[0], keys[1]), (queries[1], keys[0])]
+            enqueued = [keys[0], keys[1]]
         else:
-            loss, accuracy = info_nce_loss(queries[0], keys[0], negatives, self.temperature)
+            query = forward_server(self, smashed[0])
+            with torch.no_grad():
+                key = self.server_momentum(momentum_smashed[0])
+            pairs, enqueued = [(query, key)], [key]
+        terms = [self._info_nce(query, key) for query, key in pairs]
+        loss = sum(term[0] for term in terms)
+        accuracy = torch.stack([term[1] for term in terms]).mean()
         # Keys join the queue only after this step's loss: they are never their own negatives.
-        # Under torchrun each crop's keys are gathered in rank order, which is the single-process row order.
-        self._pending_keys = torch.cat([all_gather_rows(k) for k in keys] if self.distributed else list(keys))
+        # Under torchrun each block's keys are gathered in rank order, which is the single-process row order.
+        self._pending_keys = torch.cat([all_gather_rows(k) for k in enqueued] if self.distributed else enqueued)
         return loss, {"contrastive_acc": accuracy}
 
+    def _info_nce(self, query: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
+        """InfoNCE of the step's rows, each against its own client's queue when clients keep their own."""
+        if not self.queues.per_client:
+            return info_nce_loss(query, key, self.queues.shared.negatives, self.temperature)
+        layout = self._layout
+        losses, accuracies = [], []
+        for client, begin, end in layout.local_blocks():
+            loss, accuracy = info_nce_loss(query[begin:end], key[begin:end], self.queues.of(client).negatives,
+                                           self.temperature)
+            losses.append(loss * (end - begin))
+            accuracies.append(accuracy * (end - begin))
+        rows = query.shape[0]
+        return torch.stack(losses).sum() / rows, torch.stack(accuracies).sum() / rows
+
     def after_server_step(self) -> None:
+        if self.simco:
+            return
         momentum_update_(self.server_momentum, self.server, self.momentum)
         if self._pending_keys is not None:
-            self.queue.enqueue(self._pending_keys)
+            self.queues.enqueue(self._pending_keys, self._layout)
             self._pending_keys = None
 
     def extra_state(self) -> dict:
-        return {"queue": self.queue.state_dict()}
+        return self.queues.state_dict()
 
     def load_extra_state(self, state: dict) -> None:
-        self.queue.load_state_dict(state["queue"])
+        self.queues.load_state_dict(state)

@@ -21,6 +21,7 @@ from functions.distributed import all_gather_rows, all_reduce_sum, forward_serve
 from functions.errors import UserError, check_range
 from functions.schedules import LearningRateSchedule
 from functions.server_method import ServerMethod, register_method
+from functions.sflmoco_functions import MOCO_VERSIONS, MocoServer
 from functions.views import ViewSpec
 from models.layers import L2Normalize
 from models.split import Head, HeadBuilder
@@ -318,7 +319,8 @@ class SwavWarmupCosine(LearningRateSchedule):
         iteration = epoch * self.steps_per_epoch + step
         warmup = self.args.warmup_epochs * self.steps_per_epoch
         if iteration < warmup:
-            return self.args.start_warmup + (base - self.args.start_warmup) * iteration / warmup
+            # np.linspace(start, base, warmup) as SwAV: the last warm-up step already reaches the base rate.
+            return self.args.start_warmup + (base - self.args.start_warmup) * iteration / max(1, warmup - 1)
         total = max(1, self.args.num_epoch * self.steps_per_epoch - warmup)
         progress = min(1.0, (iteration - warmup) / total)
         return final + 0.5 * (base - final) * (1 + math.cos(math.pi * progress))
@@ -363,9 +365,28 @@ class SwavServer(ServerMethod):
         swav.add_argument("--final_s_lr", type=float, default=0.0006, help="server lr at the end of --use_swav_scheduler")
         swav.add_argument("--final_c_lr", type=float, default=-1.0,
                           help="client lr at the end of --use_swav_scheduler (-1 = same as --final_s_lr)")
+        seed = parser.add_argument_group("SwAV with the seed's options (its head and queue were MoCo's)")
+        seed.add_argument("--aug_type", type=str, default="swav", choices=["swav"], help="the seed's multi-crop views")
+        seed.add_argument("--K", type=int, default=None,
+                          help="the seed's name for the queue: with --queue_length 0, the queue holds --K embeddings")
+        seed.add_argument("--moco_version", type=str, default=None, choices=list(MOCO_VERSIONS),
+                          help="the seed's head: MocoSFL's projection head of this version (K_dim outputs, then the "
+                               "prototypes) instead of --hidden_mlp / --feat_dim")
+        seed.add_argument("--K_dim", type=int, default=None, help="with --moco_version: the embedding dimension "
+                                                                  "(default: the version's)")
+        seed.add_argument("--mlp", action=argparse.BooleanOptionalAction, default=None,
+                          help="with --moco_version: its MLP head (default: the version's)")
 
     @classmethod
     def check_args(cls, args: argparse.Namespace) -> None:
+        if args.moco_version is not None:
+            version = MOCO_VERSIONS[args.moco_version]
+            args.K_dim = version.K_dim if args.K_dim is None else args.K_dim
+            args.mlp = version.mlp if args.mlp is None else args.mlp
+        elif args.K_dim is not None or args.mlp is not None:
+            raise UserError("--K_dim and --mlp shape the seed's MoCo-style SwAV head: add --moco_version")
+        if args.K is not None and args.queue_length == 0:
+            args.queue_length = args.K
         if args.size_crops is None:
             args.size_crops = list(dataset_entry(args.dataset).crop_sizes)
         total_crops = cls.view_spec(args, dataset_entry(args.dataset)).total_crops  # checks the crop lists
@@ -398,6 +419,10 @@ class SwavServer(ServerMethod):
 
     @classmethod
     def head_builder(cls, args: argparse.Namespace) -> HeadBuilder:
+        if args.moco_version is not None:
+            moco_head = MocoServer.head_builder(args)
+            return lambda feature_dim: Head(nn.Sequential(moco_head(feature_dim).projection, L2Normalize()),
+                                            nn.Linear(args.K_dim, args.nmb_prototypes, bias=False))
         return partial(build_swav_head, hidden_mlp=args.hidden_mlp, feat_dim=args.feat_dim,
                        nmb_prototypes=args.nmb_prototypes)
 
@@ -425,7 +450,8 @@ class SwavServer(ServerMethod):
         self.sinkhorn_iterations = args.sinkhorn_iterations
         self.freeze_prototypes_niters = args.freeze_prototypes_niters
         self.epoch_queue_starts = args.epoch_queue_starts
-        self.queue = (EmbeddingQueue(len(args.crops_for_assign), args.queue_length, args.feat_dim, device=device)
+        embedding_dim = args.K_dim if args.moco_version is not None else args.feat_dim
+        self.queue = (EmbeddingQueue(len(args.crops_for_assign), args.queue_length, embedding_dim, device=device)
                       if args.queue_length > 0 else None)
         # Set by the distributed set-up: Sinkhorn sums are then all-reduced and the queue holds every rank's rows.
         self.distributed = False

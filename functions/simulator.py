@@ -27,7 +27,7 @@ from functions.evaluation import FINAL_EVALUATIONS, Evaluation, EvaluationContex
 from functions.fedavg import average_pool, fedavg, fedavg_positions
 from functions.logs import EpochStatistics, LogWindow, ProgressBar, TrainingLog, logger
 from functions.precision import MixedPrecision, amp_dtype_of
-from functions.server_method import ServerMethod, method_class
+from functions.server_method import ServerMethod, StepLayout, method_class
 from functions.step import ClientEngine, build_split_step
 from functions.stopping import StopSignal, resume_command
 
@@ -92,7 +92,9 @@ class Trainer:
 
     def train_step(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One SFL step over the pool at the run's position (see functions.step.SplitStep)."""
-        return self.split_step(batch, self.epoch, self.global_step, self.data.row_share(batch, self.epoch))
+        pool = self.data.pool(self.epoch)
+        layout = StepLayout.of(batch.client_ids, batch.rows_per_client, pool, [self.data.batch_sizes[c] for c in pool])
+        return self.split_step(batch, self.epoch, self.global_step, self.data.row_share(batch, self.epoch), layout)
 
     def fedavg(self, pool: Sequence[int]) -> None:
         """FedAvg of the pool's clients weighted by data size, loaded into every client (over all ranks)."""

@@ -19,7 +19,7 @@ from functions.clients_vmap import VectorisedClientSide
 from functions.distributed import Runtime, wrap_server
 from functions.loaders import StepBatch
 from functions.precision import MixedPrecision
-from functions.server_method import ServerMethod, method_class
+from functions.server_method import ServerMethod, StepLayout, method_class
 from models.split import build_split_model
 
 ClientEngine = ClientSide | VectorisedClientSide
@@ -42,13 +42,15 @@ class SplitStep:
             group["lr"] = server_lr
         self.clients.set_lr(client_lr)
 
-    def __call__(self, batch: StepBatch, epoch: int, global_step: int,
-                 row_share: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
+    def __call__(self, batch: StepBatch, epoch: int, global_step: int, row_share: float = 1.0,
+                 layout: StepLayout | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """One SFL step over the pool; returns the loss and the method's statistics (on the device, detached).
 
         row_share: this process's fraction of the step's rows (torchrun), which weights its part of the loss.
+        layout: the rows of every process's clients (torchrun); by default the batch's own clients are the pool.
         """
         method, clients, precision, pool = self.method, self.clients, self.precision, batch.client_ids
+        method.start_step(layout or StepLayout.of(batch.client_ids, batch.rows_per_client))
         crops = [crop.contiguous(memory_format=self.memory_format) for crop in batch.crops]
         precision.begin_step()
         self.server_optimizer.zero_grad(set_to_none=True)

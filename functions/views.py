@@ -11,7 +11,7 @@ class ViewSpec:
     """`nmb_crops[i]` crops of `size_crops[i]` pixels (RandomResizedCrop scale in [min, max]), crop-major.
 
     Every crop then gets the MoCo v2 photometric chain (colour jitter, grayscale, a Gaussian blur of
-    `blur_kernel_size` pixels, flip, normalisation). The spec is checked when it is made: an impossible one is
+    `blur_kernel_size` pixels with probability `blur_probability`, flip, normalisation). The spec is checked when it is made: an impossible one is
     a UserError naming the options.
     """
 
@@ -20,6 +20,7 @@ class ViewSpec:
     min_scale_crops: tuple[float, ...]
     max_scale_crops: tuple[float, ...]
     blur_kernel_size: int = 3
+    blur_probability: float = 0.5
 
     def __post_init__(self) -> None:
         for name in ("nmb_crops", "size_crops", "min_scale_crops", "max_scale_crops"):
@@ -38,6 +39,8 @@ class ViewSpec:
         for low, high in zip(self.min_scale_crops, self.max_scale_crops):
             if not 0.0 < float(low) <= float(high) <= 1.0:
                 raise UserError(f"crop scales must satisfy 0 < min <= max <= 1 (got min {low}, max {high})")
+        if not 0.0 <= float(self.blur_probability) <= 1.0:
+            raise UserError(f"the blur probability must be in [0, 1] (got {self.blur_probability})")
         if int(self.blur_kernel_size) < 1 or int(self.blur_kernel_size) % 2 == 0:
             raise UserError(f"the blur kernel must be an odd number of pixels (got {self.blur_kernel_size})")
 

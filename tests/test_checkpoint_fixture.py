@@ -1,5 +1,5 @@
-"""Checkpoints written before the registries (format 1, tests/fixtures) still resume and evaluate, with the numbers
-the code that wrote them printed."""
+"""Checkpoints written before the registries (format 1, tests/fixtures): SwAV's still resume and evaluate, with the
+numbers the code that wrote them printed; MoCo's, whose head predates MocoSFL's heads, are refused in one line."""
 from __future__ import annotations
 
 import json
@@ -17,7 +17,7 @@ EXPECTED = json.loads((FIXTURES / "checkpoint_format1.json").read_text())
 ENTRIES = {"moco": run_sflmoco.main, "swav": run_sflswav.main}
 
 
-@pytest.mark.parametrize("method", ["moco", "swav"])
+@pytest.mark.parametrize("method", ["swav"])
 def test_a_format_1_checkpoint_resumes_to_the_same_losses(tmp_path, method):
     expected = EXPECTED[method]
     output_dir = tmp_path / "run"
@@ -34,7 +34,7 @@ def test_a_format_1_checkpoint_resumes_to_the_same_losses(tmp_path, method):
     assert results["knn_acc"] == pytest.approx(expected["final_knn_acc"], abs=1.0)
 
 
-@pytest.mark.parametrize("method", ["moco", "swav"])
+@pytest.mark.parametrize("method", ["swav"])
 def test_a_format_1_checkpoint_evaluates_with_either_entry_script(tmp_path, method):
     expected = EXPECTED[method]
     checkpoint = tmp_path / CHECKPOINT_NAME
@@ -43,3 +43,20 @@ def test_a_format_1_checkpoint_evaluates_with_either_entry_script(tmp_path, meth
         results = entry(["--eval_only", "--checkpoint", str(checkpoint), "--skip_linear", "--num_workers", "0"])
         assert results["step"] == expected["saved_at_step"]
         assert results["knn_acc"] == pytest.approx(expected["eval_only_knn_acc"], abs=1.0)
+
+
+def test_a_format_1_moco_checkpoint_is_refused_in_one_line(tmp_path, capsys):
+    from functions.errors import run_cli
+
+    expected = EXPECTED["moco"]
+    output_dir = tmp_path / "run"
+    output_dir.mkdir()
+    shutil.copyfile(FIXTURES / expected["checkpoint"], output_dir / CHECKPOINT_NAME)
+    for argv in ([*expected["options"], "--max_steps", "6", "--output_dir", str(output_dir), "--resume"],
+                 ["--eval_only", "--checkpoint", str(output_dir / CHECKPOINT_NAME), "--skip_linear"]):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(lambda: run_sflmoco.main(argv))
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+        assert exit_info.value.code == 2 and len(errors) == 1
+        assert "written before the MoCo heads and the symmetric loss followed MocoSFL" in errors[0]

@@ -92,16 +92,30 @@ def test_client_shares_cut_the_pool_into_contiguous_blocks_in_rank_order():
 # MoCo with client sampling: pools change between epochs, so clients move between ranks (their optimizer state
 # and momentum copy travel with them), FedAvg runs mid-epoch and at the epoch's end, the queue wraps around.
 MOCO_SAMPLED = [*TINY_MOCO, "--num_client", "4", "--batch_size", "24", "--client_sample_ratio", "0.5",
-                "--avg_freq", "2", "--max_steps", "14", "--log_freq", "3"]
+                "--avg_freq", "2", "--max_steps", "14", "--log_freq", "3", "--no-symmetric", "--no-cos"]
 
 
 def test_two_processes_train_moco_like_one_process(tmp_path):
     one = _train("run_sflmoco.py", MOCO_SAMPLED, tmp_path / "one", 1)
     two = _train("run_sflmoco.py", MOCO_SAMPLED, tmp_path / "two", 2)
-    # Only the order of floating-point sums differs (DDP's gradient all-reduce, FedAvg's partial sums).
-    _assert_same_run(one, two, loss_tolerance=1e-4, weight_tolerance=1e-4)
+    # Only the order of floating-point sums differs (DDP's gradient all-reduce, FedAvg's partial sums, and the
+    # vectorised engine's grouped convolutions, which pack two clients in one process and one client per process in
+    # two). Measured: losses within 2e-5, weights within 5e-4, SGD momentum buffers (recent gradients) within 3e-3;
+    # a row sent to a wrong rank or client changes them by far more.
+    _assert_same_run(one, two, loss_tolerance=1e-4, weight_tolerance=5e-3)
     metrics = json.loads((two / "metrics.json").read_text())
     assert metrics["world_size"] == 2
+
+
+def test_two_processes_train_mocosfl_symmetric_with_client_queues_like_one_process(tmp_path):
+    # MocoSFL's symmetric term (the momentum copies' rows through the DDP server) and one queue per client, whose
+    # keys are gathered from both ranks. The loop engine runs the same kernels in one and two processes: this run
+    # amplifies the rounding differences of the grouped convolutions (1e-7) to 1e-4 within six steps.
+    options = [*MOCO_SAMPLED, "--symmetric", "--disable_feature_sharing", "--max_steps", "8", "--client_exec", "loop"]
+    one = _train("run_sflmoco.py", options, tmp_path / "one", 1)
+    two = _train("run_sflmoco.py", options, tmp_path / "two", 2)
+    _assert_same_run(one, two, loss_tolerance=1e-4, weight_tolerance=1e-4)
+    assert len(load_checkpoint(two / CHECKPOINT_NAME)["method_extra"]["client_queues"]) == 4
 
 
 # SwAV with a BatchNorm projection head, the queue in use from the start and hetero clients (unequal rows per rank).
@@ -113,7 +127,7 @@ def test_two_processes_train_swav_like_one_process(tmp_path):
     one = _train("run_sflswav.py", SWAV_QUEUE, tmp_path / "one", 1)
     two = _train("run_sflswav.py", SWAV_QUEUE, tmp_path / "two", 2)
     # Sinkhorn's exp(score / epsilon) with epsilon 0.05 amplifies reduction-order differences in the scores.
-    _assert_same_run(one, two, loss_tolerance=1e-3, weight_tolerance=1e-3)
+    _assert_same_run(one, two, loss_tolerance=5e-3, weight_tolerance=5e-3)
 
 
 def test_resume_under_torchrun_continues_the_run(tmp_path):

@@ -136,17 +136,20 @@ def test_resnet50_feature_dim() -> None:
     assert split.server(split.client(_images(size=16))).shape == (2, 32 * WIDTH)
 
 
-@pytest.mark.parametrize(
-    ("version", "hidden"), [("V1", None), ("smallV2", 16), ("V2", 8 * WIDTH), ("largeV2", 2048), ("v2", 8 * WIDTH)]
-)
-def test_moco_head_versions(version: str, hidden: int | None) -> None:
-    head = build_split_model("ResNet18", 9, width=WIDTH, head=moco_head(moco_version=version, K_dim=16)).server.head
+@pytest.mark.parametrize(("version", "mlp", "layers"), [
+    ("V1", False, [(8 * WIDTH, 16)]),
+    ("smallV2", True, [(8 * WIDTH, 16), (16, 16)]),
+    ("V2", True, [(8 * WIDTH, 16), (16, 16)]),
+    ("largeV2", True, [(8 * WIDTH, 4096), (4096, 16)]),
+    ("largeV2_aggressive", True, [(8 * WIDTH, 16), (16, 16)]),
+])
+def test_moco_head_versions(version: str, mlp: bool, layers: list) -> None:
+    # MocoSFL: a V2 MLP's hidden width is K_dim * expansion; only largeV2 itself has the 4096-wide BatchNorm head.
+    head = build_split_model("ResNet18", 9, width=WIDTH, head=moco_head(moco_version=version, K_dim=16, mlp=mlp)).server.head
     linears = [module for module in head.modules() if isinstance(module, nn.Linear)]
-    if hidden is None:
-        assert [(layer.in_features, layer.out_features) for layer in linears] == [(8 * WIDTH, 16)]
-    else:
-        assert [(layer.in_features, layer.out_features) for layer in linears] == [(8 * WIDTH, hidden), (hidden, 16)]
-        assert any(isinstance(module, nn.ReLU) for module in head.modules())
+    assert [(layer.in_features, layer.out_features) for layer in linears] == layers
+    assert any(isinstance(module, nn.BatchNorm1d) for module in head.modules()) == (version == "largeV2")
+    assert all(torch.equal(layer.bias, torch.zeros_like(layer.bias)) for layer in linears)  # MocoSFL's init
 
 
 def test_swav_head_layers() -> None:
@@ -273,6 +276,8 @@ def test_invalid_options_are_user_errors() -> None:
         num_cut_points("vgg11")
     with pytest.raises(UserError, match="--moco_version"):
         build_split_model("ResNet18", 1, width=WIDTH, head=moco_head(moco_version="V3"))
+    with pytest.raises(UserError, match="--mlp needs a V2 version"):
+        build_split_model("ResNet18", 1, width=WIDTH, head=moco_head(moco_version="V1", mlp=True))
     with pytest.raises(UserError, match="byol"):
         method_class("byol")  # heads belong to registered methods; an unknown one is named
     with pytest.raises(UserError, match="--nmb_prototypes"):

@@ -22,26 +22,39 @@ def _parameters(module: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in module.named_parameters()}
 
 
-@pytest.mark.parametrize("symmetric", [False, True])
-def test_one_client_step_equals_centralised_moco_step(tmp_path, symmetric):
+@pytest.mark.parametrize("variant", ["plain", "symmetric", "symmetric_both_views"])
+def test_one_client_step_equals_centralised_moco_step(tmp_path, variant):
     extra = ["--num_client", "1", "--batch_size", "12", "--weight_decay", "0.0005", "--momentum", "0.9"]
-    trainer = moco_trainer(tmp_path, *extra, *(["--symmetric"] if symmetric else []))
+    flags = {"plain": ["--no-symmetric"], "symmetric": ["--symmetric"], "symmetric_both_views": ["--symmetric_both_views"]}
+    trainer = moco_trainer(tmp_path, *extra, *flags[variant])
     batch = next(trainer.data.loaders.train.epoch(0))
     trainer.set_learning_rates(0, 0)
 
     # The centralised reference: the unsplit network (client layers then server layers) and its momentum copy.
-    encoder = nn.Sequential(copy.deepcopy(trainer.clients.models[0]), copy.deepcopy(trainer.method.server))
-    key_encoder = nn.Sequential(copy.deepcopy(trainer.clients.momentum_models[0]),
-                                copy.deepcopy(trainer.method.server_momentum))
-    negatives = trainer.method.queue.negatives.clone()
+    client, server = copy.deepcopy(trainer.clients.models[0]), copy.deepcopy(trainer.method.server)
+    client_key, server_key = copy.deepcopy(trainer.clients.momentum_models[0]), copy.deepcopy(trainer.method.server_momentum)
+    encoder, key_encoder = nn.Sequential(client, server), nn.Sequential(client_key, server_key)
+    negatives = trainer.method.queues.shared.negatives.clone()
     optimizer = torch.optim.SGD(encoder.parameters(), lr=trainer.args.lr, momentum=0.9, weight_decay=0.0005)
     view_1, view_2 = batch.crops
-    with torch.no_grad():
-        key_1, key_2 = key_encoder(view_1), key_encoder(view_2)
-    if symmetric:
-        expected_loss, _ = symmetric_info_nce_loss(encoder(view_1), key_1, encoder(view_2), key_2, negatives, trainer.args.T)
+    T = trainer.args.T
+    if variant == "plain":
+        with torch.no_grad():
+            key_2 = key_encoder(view_2)
+        expected_loss, _ = info_nce_loss(encoder(view_1), key_2, negatives, T)
+    elif variant == "symmetric":
+        # MocoSFL: the swapped term's query is the client momentum copy's output, its key the online client's output
+        # through the momentum server; only the first term reaches the client.
+        smashed_1 = client(view_1)
+        with torch.no_grad():
+            target_2 = client_key(view_2)
+            key_2, key_1 = server_key(target_2), server_key(smashed_1)
+        expected_loss = (info_nce_loss(server(smashed_1), key_2, negatives, T)[0]
+                         + info_nce_loss(server(target_2), key_1, negatives, T)[0])
     else:
-        expected_loss, _ = info_nce_loss(encoder(view_1), key_2, negatives, trainer.args.T)
+        with torch.no_grad():
+            key_1, key_2 = key_encoder(view_1), key_encoder(view_2)
+        expected_loss, _ = symmetric_info_nce_loss(encoder(view_1), key_1, encoder(view_2), key_2, negatives, T)
     optimizer.zero_grad()
     expected_loss.backward()
     optimizer.step()

@@ -28,7 +28,7 @@ def test_cosine_schedule_steps_once_per_epoch_for_server_and_clients():
 
 
 def test_multistep_schedule_has_separate_server_and_client_gammas():
-    args = parse_args("moco", ["--lr", "1", "--milestones", "3", "6", "--s_gamma", "0.5", "--c_gamma", "0.1"])
+    args = parse_args("moco", ["--lr", "1", "--milestones", "3", "6", "--s_gamma", "0.5", "--c_gamma", "0.1", "--no-cos"])
     schedule = LearningRateSchedule(args, steps_per_epoch=10)
     assert schedule.rates(2, 9) == pytest.approx((1.0, 1.0))
     assert schedule.rates(3, 0) == pytest.approx((0.5, 0.1))
@@ -40,8 +40,10 @@ def test_swav_scheduler_warms_up_per_step_then_decays_to_the_final_lr():
                                "--final_s_lr", "0.004", "--num_epoch", "10"])
     schedule = SwavServer.learning_rate_schedule(args, steps_per_epoch=10)
     assert schedule.per_step  # the loop sets the rates before every step
+    # SwAV's np.linspace(start, base, 20 warm-up steps): the 20th step (epoch 1, step 9) reaches the base rate.
     assert schedule.rates(0, 0)[0] == pytest.approx(0.0)
-    assert schedule.rates(1, 0)[0] == pytest.approx(0.2)   # halfway through the warm-up
+    assert schedule.rates(1, 0)[0] == pytest.approx(0.4 * 10 / 19)
+    assert schedule.rates(1, 9)[0] == pytest.approx(0.4)
     assert schedule.rates(2, 0)[0] == pytest.approx(0.4)
     assert schedule.rates(9, 9)[0] == pytest.approx(0.004, abs=2e-4)
     assert schedule.rates(5, 3)[1] == schedule.rates(5, 3)[0]  # --final_c_lr -1 follows the server
