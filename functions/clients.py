@@ -106,6 +106,10 @@ class ClientSide:
                 torch.autograd.backward([p[0] for p in pairs], [p[1] for p in pairs])
         self._outputs = []
 
+    def forget_outputs(self) -> None:
+        """Drop the graph of the last forward (no gradient will come back for it)."""
+        self._outputs = []
+
     def zero_grad(self, client_ids: Sequence[int]) -> None:
         for client in client_ids:
             self.optimizers[client].zero_grad(set_to_none=True)
@@ -139,6 +143,14 @@ class ClientSide:
         for model in models:
             reference = model.state_dict()
             model.load_state_dict({name: value.to(reference[name].dtype) for name, value in state.items()})
+
+    @torch.no_grad()
+    def set_clients(self, client_ids: Sequence[int], stacked: dict[str, torch.Tensor]) -> None:
+        """Load row j of every stacked tensor into client client_ids[j] (e.g. personalised averages)."""
+        for j, client in enumerate(client_ids):
+            reference = self.models[client].state_dict()
+            self.models[client].load_state_dict({name: value[j].to(reference[name].dtype)
+                                                 for name, value in stacked.items()})
 
     def module_with(self, state: dict[str, torch.Tensor]) -> nn.Module:
         """A separate client module holding `state` (e.g. the pool's average, for evaluation); clients unchanged."""

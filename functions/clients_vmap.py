@@ -415,6 +415,10 @@ class VectorisedClientSide:
             torch.autograd.backward([p[0] for p in pairs], [p[1] for p in pairs])
         self._outputs = []
 
+    def forget_outputs(self) -> None:
+        """Drop the graph of the last forward (no gradient will come back for it)."""
+        self._outputs = []
+
     def zero_grad(self, client_ids: Sequence[int]) -> None:
         """Clear the gradients before the pool's backward.
 
@@ -465,6 +469,13 @@ class VectorisedClientSide:
         stacked = self._momentum_stacked if momentum_copies else self._stacked
         for name, tensor in stacked.items():
             tensor.copy_(state[name].to(tensor.dtype).unsqueeze(0).expand_as(tensor))
+
+    @torch.no_grad()
+    def set_clients(self, client_ids: Sequence[int], stacked: dict[str, Tensor]) -> None:
+        """Load row j of every stacked tensor into client client_ids[j] (e.g. personalised averages)."""
+        index = self._step_index(self._check_pool(client_ids))
+        for name, tensor in self._stacked.items():
+            tensor.index_copy_(0, index, stacked[name].to(tensor.device, tensor.dtype))
 
     def module_with(self, state: dict[str, Tensor]) -> nn.Module:
         """A separate client module holding `state` (e.g. the pool's average, for evaluation); clients unchanged."""

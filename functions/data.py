@@ -62,6 +62,8 @@ class FederatedData:
         self.batch_sizes = client_batch_sizes(args, self.client_sizes)
         self._warn_small_shards()
         steps = default_steps_per_epoch(self.client_indices, self.batch_sizes, args.client_sample_ratio)
+        if args.scheme == "fl":
+            steps *= args.local_epoch  # FL-MoCo: an epoch is --local_epoch passes of every client over its data
         self.schedule = FederatedSchedule(self.client_indices, self.batch_sizes, args.client_sample_ratio, steps,
                                           args.seed)
         if runtime.is_distributed:

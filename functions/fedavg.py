@@ -6,12 +6,16 @@ averages its own clients with the global weights, then one all-reduce sums the p
 """
 from __future__ import annotations
 
+import logging
 from typing import Mapping, Protocol, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from functions.distributed import Runtime, all_reduce_sum, client_shares
+
+logger = logging.getLogger("sfl")
 
 
 class StackedClients(Protocol):
@@ -23,6 +27,10 @@ class StackedClients(Protocol):
 
     def set_every_client(self, state: dict[str, Tensor], momentum_copies: bool = False) -> None:
         """Load one state into every client's model, or into every momentum copy."""
+        ...
+
+    def set_clients(self, client_ids: Sequence[int], stacked: dict[str, Tensor]) -> None:
+        """Load row j of every stacked tensor into client client_ids[j]."""
         ...
 
 
@@ -73,10 +81,105 @@ def average_pool(clients: StackedClients, pool: Sequence[int], client_sizes: Seq
     return partial
 
 
+def layer_divergences(stacked: Mapping[str, Tensor], average: Mapping[str, Tensor]) -> Tensor:
+    """(clients, layers) L2 norm of each client's difference from the average, per floating tensor (layer)."""
+    names = [name for name, rows in stacked.items() if rows.is_floating_point()]
+    return torch.stack([(stacked[name].double() - average[name].double().to(stacked[name].device)).flatten(1).norm(dim=1)
+                        for name in names], dim=1)
+
+
+class DivergenceAwareAveraging:
+    """Divergence-aware FedAvg in the FedEMA sense (Zhuang et al., 2022), per layer: each pool client keeps
+    mu * its own layer + (1 - mu) * the average, mu = min(lambda * ||own - average||, 1); lambda starts at
+    --div_lambda and, at a client's first aggregation, is rescaled to mu / divergence so that it keeps that mu
+    for the same divergence (FedEMA's auto-scaler). Clients outside the pool take the average."""
+
+    def __init__(self, num_client: int, div_lambda: float) -> None:
+        self.div_lambda = float(div_lambda)
+        self.scale: Tensor | None = None  # (num_client, layers) float64, NaN until a client's first aggregation
+        self.num_client = num_client
+
+    def mix(self, client_ids: Sequence[int], stacked: dict[str, Tensor], average: dict[str, Tensor],
+            runtime: Runtime) -> dict[str, Tensor]:
+        """The personalised weights of these clients (this process's pool clients), and the updated lambdas."""
+        divergence = layer_divergences(stacked, average)
+        if self.scale is None:
+            self.scale = torch.full((self.num_client, divergence.shape[1]), float("nan"), dtype=torch.float64)
+        index = torch.as_tensor(list(client_ids), dtype=torch.long)
+        scale = self.scale[index].to(divergence.device)
+        first = scale.isnan()
+        mu = torch.where(first, self.div_lambda * divergence, scale * divergence).clamp(max=1.0)
+        new_scale = torch.where(first, torch.where(divergence > 0, mu / divergence.clamp_min(1e-300),
+                                                   torch.full_like(mu, self.div_lambda)), scale)
+        self._store(index, new_scale.cpu(), runtime)
+        names = [name for name, rows in stacked.items() if rows.is_floating_point()]
+        mixed = dict(stacked)
+        for layer, name in enumerate(names):
+            rows = stacked[name]
+            weight = mu[:, layer].to(rows.dtype).view(-1, *([1] * (rows.dim() - 1)))
+            mixed[name] = weight * rows + (1 - weight) * average[name].to(rows.device, rows.dtype).unsqueeze(0)
+        return mixed
+
+    def _store(self, index: Tensor, rows: Tensor, runtime: Runtime) -> None:
+        """Keep the new lambdas; under torchrun every rank gets every rank's (each rank mixed its own clients)."""
+        if not runtime.is_distributed:
+            self.scale[index] = rows
+            return
+        values = torch.zeros_like(self.scale)
+        present = torch.zeros(self.num_client, dtype=torch.float64)
+        values[index], present[index] = torch.nan_to_num(rows, nan=0.0), 1.0
+        both = torch.cat([values, present.unsqueeze(1)], dim=1).to(runtime.device)
+        all_reduce_sum(both)
+        both = both.cpu()
+        updated = both[:, -1] > 0
+        self.scale[updated] = both[updated, :-1]
+
+    def state_dict(self) -> dict:
+        return {"scale": None if self.scale is None else self.scale.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale = None if state.get("scale") is None else state["scale"].clone().double()
+
+
 def fedavg(clients: StackedClients, pool: Sequence[int], client_sizes: Sequence[int], runtime: Runtime,
-           include_momentum_copies: bool = False) -> None:
-    """FedAvg: the weighted average of the pool's clients is loaded into every client (over all ranks)."""
-    clients.set_every_client(average_pool(clients, pool, client_sizes, runtime))
+           include_momentum_copies: bool = False, divergence_aware: DivergenceAwareAveraging | None = None,
+           measure: bool = False) -> list[float] | None:
+    """FedAvg: the weighted average of the pool's clients is loaded into every client (over all ranks); with
+    `divergence_aware`, the pool's clients keep their personalised mix instead. With `measure` (or divergence
+    awareness), returns the divergence of every pool client from the average (sum over layers of the L2 norms, as
+    MocoSFL measures it), in pool order on every rank."""
+    average = average_pool(clients, pool, client_sizes, runtime)
+    divergences = None
+    if divergence_aware is not None or measure:
+        own = client_shares(pool, runtime.world_size)[runtime.rank] if runtime.is_distributed else list(pool)
+        own_state = clients.stacked_state(own)
+        divergences = _pool_divergences(layer_divergences(own_state, average).sum(dim=1), own, pool, runtime)
+        if divergence_aware is not None:
+            mixed = divergence_aware.mix(own, own_state, average, runtime)
+    clients.set_every_client(average)
+    if divergence_aware is not None:
+        clients.set_clients(own, mixed)
     if include_momentum_copies:
         clients.set_every_client(average_pool(clients, pool, client_sizes, runtime, momentum_copies=True),
                                  momentum_copies=True)
+    return divergences
+
+
+def _pool_divergences(own_values: Tensor, own: Sequence[int], pool: Sequence[int], runtime: Runtime) -> list[float]:
+    """Every pool client's divergence, in pool order, on every rank (each rank measured its own clients)."""
+    values = torch.zeros(len(pool), dtype=torch.float64, device=own_values.device)
+    position = {client: j for j, client in enumerate(pool)}
+    values[[position[c] for c in own]] = own_values.double()
+    if runtime.is_distributed:
+        values = all_reduce_sum(values.to(runtime.device))
+    return values.cpu().tolist()
+
+
+def divergence_summary(divergences: Sequence[float]) -> dict[str, float]:
+    """Mean and spread of the pool clients' divergences at the epoch's last FedAvg (logged with every value)."""
+    if not divergences:
+        return {}
+    values = np.asarray(divergences)
+    logger.info(f"client divergence: mean {values.mean():.4g}, std {values.std():.4g}, per client "
+                f"{[round(v, 4) for v in values.tolist()]}")
+    return {"client_divergence": float(values.mean()), "client_divergence_std": float(values.std())}

@@ -192,6 +192,11 @@ class TrainingLog:
             self.tensorboard.scalar(f"train/{name}", value, global_step)
         window.start, window.images = time.perf_counter(), 0
 
+    def mean_loss(self, steps: int) -> float:
+        """Mean of the last `steps` logged losses (the epoch's)."""
+        recent = [loss for _, loss in self.metrics.data["train_loss"][-steps:]] if steps else []
+        return float(np.mean(recent)) if recent else float("nan")
+
     def loss_scale(self, global_step: int, skipped_steps: int, scale: float) -> None:
         """fp16: the count of skipped steps (metrics.json, tensorboard) and the loss scale (tensorboard)."""
         self.metrics.append("skipped_steps", global_step, skipped_steps)

@@ -342,6 +342,8 @@ class MocoServer(ServerMethod):
             raise UserError("--K, --K_dim, --T and --temperature must be positive")
         if not 0.0 <= args.moco_momentum < 1.0:
             raise UserError(f"--moco_momentum must be in [0, 1) (got {args.moco_momentum})")
+        if args.scheme == "fl" and args.loss_type != "moco":
+            raise UserError("--scheme fl is MocoSFL's FL-MoCo baseline: run it with --loss_type moco")
         if args.disable_feature_sharing and args.K < args.num_client:
             raise UserError(f"--disable_feature_sharing splits --K {args.K} over {args.num_client} clients; "
                             "use a --K of at least one key per client")

@@ -379,6 +379,8 @@ class SwavServer(ServerMethod):
 
     @classmethod
     def check_args(cls, args: argparse.Namespace) -> None:
+        if args.scheme != "sfl":
+            raise UserError("--scheme fl is MocoSFL's FL-MoCo baseline: run it with run_sflmoco.py")
         if args.moco_version is not None:
             version = MOCO_VERSIONS[args.moco_version]
             args.K_dim = version.K_dim if args.K_dim is None else args.K_dim

@@ -24,10 +24,12 @@ from functions.datasets import dataset_entry
 from functions.distributed import ClientHandOver, Runtime, all_reduce_max_flag, run_agreed
 from functions.errors import TrainingInterrupted, UserError
 from functions.evaluation import FINAL_EVALUATIONS, Evaluation, EvaluationContext, knn_evaluation
-from functions.fedavg import average_pool, fedavg, fedavg_positions
+from functions.communication import CommunicationSaving
+from functions.fedavg import DivergenceAwareAveraging, average_pool, divergence_summary, fedavg, fedavg_positions
 from functions.logs import EpochStatistics, LogWindow, ProgressBar, TrainingLog, logger
 from functions.precision import MixedPrecision, amp_dtype_of
 from functions.server_method import ServerMethod, StepLayout, method_class
+from functions.flmoco import build_fl_step
 from functions.step import ClientEngine, build_split_step
 from functions.stopping import StopSignal, resume_command
 
@@ -57,7 +59,8 @@ class Trainer:
         # Reads this node's disk: may fail on one rank only, so every rank stops with that rank's line.
         self.data = run_agreed(lambda: FederatedData(args, view_spec, runtime, output_dir))
         self.precision = MixedPrecision(amp_dtype_of(args.use_fp16, args.amp_dtype, runtime), runtime)
-        self.split_step = build_split_step(args, runtime, self.precision)
+        build_step = build_fl_step if args.scheme == "fl" else build_split_step
+        self.split_step = build_step(args, runtime, self.precision)
         if runtime.is_distributed and self.method.per_client_server_updates:
             raise UserError("per-client server updates (--server_update per_client) step the server once per client "
                             "in pool order and cannot be split over processes; run one process or the joint update")
@@ -73,6 +76,11 @@ class Trainer:
                                world_size=runtime.world_size, steps_per_epoch=self.steps_per_epoch,
                                partition_hash=self.data.partition_hash)
         self.epoch_statistics = EpochStatistics(runtime)
+        self.divergence_aware = (DivergenceAwareAveraging(args.num_client, args.div_lambda) if args.divergence_aware
+                                 else None)
+        self.divergences: list[float] = []  # of the pool's clients at the last FedAvg (--divergence_measure)
+        self.communication = (CommunicationSaving(args.loss_threshold, output_dir / "replay_tensors", runtime)
+                              if args.loss_threshold > 0 else None)
 
     @property
     def method(self) -> ServerMethod:
@@ -92,14 +100,32 @@ class Trainer:
 
     def train_step(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One SFL step over the pool at the run's position (see functions.step.SplitStep)."""
-        pool = self.data.pool(self.epoch)
+        pool, share = self.data.pool(self.epoch), self.data.row_share(batch, self.epoch)
         layout = StepLayout.of(batch.client_ids, batch.rows_per_client, pool, [self.data.batch_sizes[c] for c in pool])
-        return self.split_step(batch, self.epoch, self.global_step, self.data.row_share(batch, self.epoch), layout)
+        saving, step = self.communication, self.step_in_epoch
+        if saving is None:
+            return self.split_step(batch, self.epoch, self.global_step, share, layout)
+
+        def keep(inputs: list[torch.Tensor], momentum: list[torch.Tensor]) -> None:
+            saving.keep(step, inputs, momentum, layout, share)
+            saving.count_step(inputs, momentum)
+
+        return self.split_step(batch, self.epoch, self.global_step, share, layout,
+                               send_gradients=saving.sends_gradients, record=keep)
+
+    def replay_step(self, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
+        """A server-only step on the smashed data kept from `step` of the last communicating epoch."""
+        inputs, momentum, layout, share = self.communication.replayed(step, self.device)
+        self.communication.count_step(inputs, momentum)
+        return (*self.split_step.replay(inputs, momentum, layout, self.epoch, self.global_step, share), share)
 
     def fedavg(self, pool: Sequence[int]) -> None:
         """FedAvg of the pool's clients weighted by data size, loaded into every client (over all ranks)."""
         include_momentum = self.method.average_momentum_copies and self.method.client_momentum > 0
-        fedavg(self.clients, pool, self.data.client_sizes, self.runtime, include_momentum_copies=include_momentum)
+        divergences = fedavg(self.clients, pool, self.data.client_sizes, self.runtime, include_momentum,
+                             self.divergence_aware, measure=self.args.divergence_measure)
+        if divergences is not None:
+            self.divergences = divergences
 
     def stopping(self) -> bool:
         """Whether to stop: the signal itself in one process; under torchrun the decision all ranks agreed on."""
@@ -165,8 +191,10 @@ class Trainer:
                           enabled=self.runtime.is_main)
         first = True
         own = self.data.own_clients(epoch)
-        batches = iter(self.data.loaders.train.epoch(epoch, start_step=self.step_in_epoch,
-                                                     clients=own if self.runtime.is_distributed else None))
+        replaying = self.communication is not None and self.communication.replaying
+        batches = iter(self.communication.replay_order(self.steps_per_epoch, args.seed, epoch)[self.step_in_epoch:]
+                       if replaying else self.data.loaders.train.epoch(
+                           epoch, start_step=self.step_in_epoch, clients=own if self.runtime.is_distributed else None))
         try:
             while not self.stopping():
                 try:
@@ -182,9 +210,12 @@ class Trainer:
                 if first or self.lr_schedule.per_step:
                     window.server_lr, window.client_lr = self.set_learning_rates(epoch, step)
                     first = False
-                batch = batch.to(self.device)
-                loss, stats = self.train_step(batch)
-                share = self.data.row_share(batch, epoch)
+                if replaying:
+                    loss, stats, share = self.replay_step(batch)
+                else:
+                    batch = batch.to(self.device)
+                    loss, stats = self.train_step(batch)
+                    share = self.data.row_share(batch, epoch)
                 self.global_step += 1
                 self.step_in_epoch += 1
                 # Under torchrun each rank logs its row-weighted part; the sum over ranks is the global loss.
@@ -206,10 +237,13 @@ class Trainer:
             if close is not None:
                 close()  # shuts data workers down now rather than at garbage collection
             bar.close()
-        statistics = {**self.epoch_statistics.means(), **self.method.epoch_summary()}
+        statistics = {**self.epoch_statistics.means(), **self.method.epoch_summary(), **divergence_summary(self.divergences)}
         self.log.epoch(epoch, self.global_step, window.server_lr, statistics, self.epoch_statistics.steps,
                        int(self.precision.skipped_steps) if self.precision.scaling else None)
         if self.step_in_epoch >= self.steps_per_epoch:
+            if self.communication is not None:
+                self.communication.end_epoch(epoch, self.log.mean_loss(self.epoch_statistics.steps), self.log,
+                                             self.args.num_epoch)
             self.epoch += 1
             self.step_in_epoch = 0
         self.log.metrics.save()
@@ -243,12 +277,8 @@ class Trainer:
         pool = self.data.pool(min(self.epoch, self.args.num_epoch - 1))
         client_model = self.clients.module_with(average_pool(self.clients, pool, self.data.client_sizes,
                                                              self.runtime)).eval()
-        method = self.method.eval()
-
-        def encode(images: torch.Tensor) -> torch.Tensor:
-            return method.encode_features(client_model(images))
-
-        return EvaluationContext(encode, client_model, self.data.loaders.memory, self.data.loaders.test,
+        self.method.eval()
+        return EvaluationContext(self.split_step.encoder(client_model), client_model, self.data.loaders.memory, self.data.loaders.test,
                                  self.data.dataset.num_classes, self.args, self.device)
 
     def log_knn(self, epoch: int) -> float:
@@ -286,6 +316,8 @@ class Trainer:
             "rng": rng_state(),
             "metrics": self.log.metrics.data,
             "epoch_statistics": self.epoch_statistics.state_dict(),
+            "fedavg_state": self.divergence_aware.state_dict() if self.divergence_aware is not None else None,
+            "communication": self.communication.state_dict() if self.communication is not None else None,
         }
 
     def save_checkpoint(self) -> None:
@@ -327,6 +359,9 @@ class Trainer:
         self.hand_over.all_current()  # every rank loaded every client's state
         self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         self.epoch_statistics.load_state_dict(state.get("epoch_statistics", {"sums": {}, "steps": 0}))
+        for part, key in ((self.divergence_aware, "fedavg_state"), (self.communication, "communication")):
+            if part is not None and state.get(key) is not None:
+                part.load_state_dict(state[key])
         restore_rng_state(state["rng"])
         metrics = self.log.metrics
         metrics.data = {**state["metrics"], **{key: metrics.data[key] for key in ("data_backend", "world_size")}}

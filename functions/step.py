@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from functions.clients import ClientSide, query_index
 from functions.clients_vmap import VectorisedClientSide
@@ -36,6 +36,10 @@ class SplitStep:
     runtime: Runtime
     memory_format: torch.memory_format = torch.contiguous_format
 
+    def encoder(self, client_model: nn.Module) -> Callable[[Tensor], Tensor]:
+        """A client part followed by the server's backbone: what the probes see."""
+        return lambda images: self.method.encode_features(client_model(images))
+
     def set_learning_rates(self, server_lr: float, client_lr: float) -> None:
         """The learning rates of the server optimizer and of every client."""
         for group in self.server_optimizer.param_groups:
@@ -43,46 +47,73 @@ class SplitStep:
         self.clients.set_lr(client_lr)
 
     def __call__(self, batch: StepBatch, epoch: int, global_step: int, row_share: float = 1.0,
-                 layout: StepLayout | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                 layout: StepLayout | None = None, send_gradients: bool = True,
+                 record: Callable[[list[Tensor], list[Tensor]], None] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """One SFL step over the pool; returns the loss and the method's statistics (on the device, detached).
 
         row_share: this process's fraction of the step's rows (torchrun), which weights its part of the loss.
         layout: the rows of every process's clients (torchrun); by default the batch's own clients are the pool.
+        send_gradients: False for MocoSFL's upload-only epochs (--loss_threshold): the clients send their smashed
+        data, the server trains, no gradient goes back and the clients stay as they are.
+        record: called with the step's smashed data (the server's inputs), e.g. to replay them later.
         """
         method, clients, precision, pool = self.method, self.clients, self.precision, batch.client_ids
-        method.start_step(layout or StepLayout.of(batch.client_ids, batch.rows_per_client))
         crops = [crop.contiguous(memory_format=self.memory_format) for crop in batch.crops]
         precision.begin_step()
-        self.server_optimizer.zero_grad(set_to_none=True)
         clients.zero_grad(pool)
         with precision.autocast():
             smashed = clients.forward([crops[k] for k in method.trainable_crops], pool, batch.rows_per_client)
-            server_inputs = [s.detach().requires_grad_(True) for s in smashed]
+            server_inputs = [s.detach().requires_grad_(send_gradients) for s in smashed]
             momentum_smashed = (clients.momentum_forward([crops[k] for k in method.momentum_crops], pool,
                                                          batch.rows_per_client) if method.momentum_crops else [])
-        world_size = self.runtime.world_size
+        if record is not None:
+            record(server_inputs, momentum_smashed)
+        loss, stats = self.server_step(server_inputs, momentum_smashed, layout or StepLayout.of(pool, batch.rows_per_client),
+                                       epoch, global_step, row_share)
+        if send_gradients:
+            gradients = [s.grad for s in server_inputs]
+            if self.runtime.world_size > 1:
+                # The smashed rows' gradients are not averaged by DDP: undo the world-size factor of the weight.
+                gradients = [g / self.runtime.world_size if g is not None else None for g in gradients]
+            clients.backward(gradients)
+            clients.step(pool, precision.scaler)
+        else:
+            clients.forget_outputs()
+        precision.end_step(self.server_optimizer)
+        method.after_server_step()
+        if method.client_momentum > 0:
+            clients.update_momentum_copies(pool, method.client_momentum)
+        return loss, stats
+
+    def replay(self, server_inputs: list[Tensor], momentum_smashed: list[Tensor], layout: StepLayout, epoch: int,
+               global_step: int, row_share: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
+        """A server-only step on smashed data the clients sent earlier (MocoSFL's replay epochs): no client works."""
+        self.precision.begin_step()
+        loss, stats = self.server_step([x.detach() for x in server_inputs], momentum_smashed, layout, epoch,
+                                       global_step, row_share)
+        self.precision.end_step(self.server_optimizer)
+        self.method.after_server_step()
+        return loss, stats
+
+    def server_step(self, server_inputs: list[Tensor], momentum_smashed: list[Tensor], layout: StepLayout,
+                    epoch: int, global_step: int, row_share: float) -> tuple[Tensor, dict[str, Tensor]]:
+        """The server's half: the method's loss on the smashed rows, one backward, one server update."""
+        method, precision = self.method, self.precision
+        method.start_step(layout)
+        self.server_optimizer.zero_grad(set_to_none=True)
         if method.per_client_server_updates:
-            loss, stats = self._per_client_server_updates(server_inputs, momentum_smashed, batch.rows_per_client,
+            loss, stats = self._per_client_server_updates(server_inputs, momentum_smashed, layout.rows_per_client,
                                                           epoch, global_step)
         else:
             with precision.autocast():
                 loss, stats = method.compute_loss(server_inputs, momentum_smashed, epoch)
             # DDP averages the server gradients over ranks; weighting each rank's mean loss by its share of the
             # step's rows (times the world size) makes that average the gradient of the global mean loss.
+            world_size = self.runtime.world_size
             backward_loss = loss * (world_size * row_share) if world_size > 1 else loss
             precision.scaler.scale(backward_loss).backward()
             method.before_server_step(global_step)
             precision.scaler.step(self.server_optimizer)
-        gradients = [s.grad for s in server_inputs]
-        if world_size > 1:
-            # The smashed rows' gradients are not averaged by DDP: undo the world-size factor of the weight.
-            gradients = [g / world_size if g is not None else None for g in gradients]
-        clients.backward(gradients)
-        clients.step(pool, precision.scaler)
-        precision.end_step(self.server_optimizer)
-        method.after_server_step()
-        if method.client_momentum > 0:
-            clients.update_momentum_copies(pool, method.client_momentum)
         return loss.detach(), {name: value.detach() for name, value in stats.items()}
 
     def _per_client_server_updates(self, server_inputs: list[Tensor], momentum_smashed: list[Tensor],
