@@ -81,9 +81,14 @@ def average_pool(clients: StackedClients, pool: Sequence[int], client_sizes: Seq
     return partial
 
 
+def weight_names(stacked: Mapping[str, Tensor]) -> list[str]:
+    """The learned tensors (layers) of a state: floating, not BatchNorm running statistics (MocoSFL skips them)."""
+    return [name for name, rows in stacked.items() if rows.is_floating_point() and "running_" not in name]
+
+
 def layer_divergences(stacked: Mapping[str, Tensor], average: Mapping[str, Tensor]) -> Tensor:
-    """(clients, layers) L2 norm of each client's difference from the average, per floating tensor (layer)."""
-    names = [name for name, rows in stacked.items() if rows.is_floating_point()]
+    """(clients, layers) L2 norm of each client's difference from the average, per learned tensor (layer)."""
+    names = weight_names(stacked)
     return torch.stack([(stacked[name].double() - average[name].double().to(stacked[name].device)).flatten(1).norm(dim=1)
                         for name in names], dim=1)
 
@@ -112,9 +117,10 @@ class DivergenceAwareAveraging:
         new_scale = torch.where(first, torch.where(divergence > 0, mu / divergence.clamp_min(1e-300),
                                                    torch.full_like(mu, self.div_lambda)), scale)
         self._store(index, new_scale.cpu(), runtime)
-        names = [name for name, rows in stacked.items() if rows.is_floating_point()]
-        mixed = dict(stacked)
-        for layer, name in enumerate(names):
+        # Running statistics and counters take the average, as every client outside the pool.
+        mixed = {name: average[name].to(rows.device, rows.dtype).unsqueeze(0).expand_as(rows)
+                 for name, rows in stacked.items()}
+        for layer, name in enumerate(weight_names(stacked)):
             rows = stacked[name]
             weight = mu[:, layer].to(rows.dtype).view(-1, *([1] * (rows.dim() - 1)))
             mixed[name] = weight * rows + (1 - weight) * average[name].to(rows.device, rows.dtype).unsqueeze(0)

@@ -1,0 +1,311 @@
+"""MocoSFL's options checked against MocoSFL's own definitions: its symmetric loss, per-client queues, the
+parameter counts of its MoCo versions, divergence-aware FedAvg, loss-threshold communication saving, FL-MoCo."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from configs import parse_args
+from functions import communication
+from functions.communication import FULL, REPLAY, UPLOAD_ONLY, next_status
+from functions.distributed import Runtime
+from functions.fedavg import DivergenceAwareAveraging, fedavg
+from functions.server_method import StepLayout
+from functions.sflmoco_functions import LARGE_V2_HIDDEN, MOCO_VERSIONS, MocoServer, build_moco_head
+from models.split import architecture, build_split_model
+from sfl_helpers import moco_trainer
+from test_moco_losses import reference_info_nce
+
+CPU = Runtime(device=torch.device("cpu"))
+
+
+# ------------------------------------------------------------------------------------- a tiny MoCo server
+def _tiny_moco(*options: str) -> MocoServer:
+    """A MoCo server whose network is one 3x3 linear map with known weights (the momentum copy starts equal)."""
+    args = parse_args("moco", ["--K", "4", "--K_dim", "3", "--num_client", "2", *options])
+    server = nn.Linear(3, 3, bias=False)
+    with torch.no_grad():
+        server.weight.copy_(torch.tensor([[1.0, 0.5, 0.0], [0.0, 1.0, -0.5], [0.3, 0.0, 1.0]]))
+    return MocoServer(args, server, torch.device("cpu"))
+
+
+def _apply(weight: torch.Tensor, rows: list[list[float]]) -> list[list[float]]:
+    return (torch.tensor(rows) @ weight.T).tolist()
+
+
+ONLINE = [[2.0, 0.0, 1.0], [0.0, 3.0, 0.5]]   # the clients' smashed data of view 1
+TARGET = [[1.5, 0.2, 0.9], [1.0, -1.0, 0.0]]  # the clients' momentum copies' smashed data of view 2
+NEGATIVES = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.6, 0.8, 0.0]]
+
+
+def test_symmetric_loss_is_mocosfls_two_terms_with_the_momentum_smashed_data_as_second_query():
+    # MocoSFL (functions/sflmoco_functions.py): loss12 = InfoNCE(server(query), t_server(pkey)) and
+    # loss21 = InfoNCE(server(pkey), t_server(query)), summed; query: the client's smashed data, pkey: its
+    # momentum copy's. Written out here by hand with the server's weights.
+    method = _tiny_moco("--symmetric")
+    method.queues.shared.negatives.copy_(torch.tensor(NEGATIVES))
+    weight = method.server.weight.detach()
+    online = torch.tensor(ONLINE, requires_grad=True)
+    loss, _ = method.compute_loss([online], [torch.tensor(TARGET)], epoch=0)
+    term_12, _ = reference_info_nce(_apply(weight, ONLINE), _apply(weight, TARGET), NEGATIVES, 0.1)
+    term_21, _ = reference_info_nce(_apply(weight, TARGET), _apply(weight, ONLINE), NEGATIVES, 0.1)
+    assert loss.item() == pytest.approx(term_12 + term_21, rel=1e-5)
+    assert abs(term_21) > 1e-3  # the second term is really there
+
+    # Only the first term sends gradients to the clients: the second uses their smashed data as a key only.
+    loss.backward()
+    first_only = torch.tensor(ONLINE, requires_grad=True)
+    plain = _tiny_moco("--no-symmetric")
+    plain.queues.shared.negatives.copy_(torch.tensor(NEGATIVES))
+    plain_loss, _ = plain.compute_loss([first_only], [torch.tensor(TARGET)], epoch=0)
+    assert plain_loss.item() == pytest.approx(term_12, rel=1e-5)
+    plain_loss.backward()
+    assert torch.allclose(online.grad, first_only.grad, atol=1e-6)
+
+
+def test_symmetric_loss_enqueues_both_keys_in_mocosfls_order():
+    method = _tiny_moco("--symmetric")
+    method.compute_loss([torch.tensor(ONLINE)], [torch.tensor(TARGET)], epoch=0)
+    method.after_server_step()
+    weight = method.server.weight.detach()
+    expected = torch.nn.functional.normalize(torch.tensor(_apply(weight, ONLINE) + _apply(weight, TARGET)), dim=1)
+    assert torch.allclose(method.queues.shared.negatives, expected, atol=1e-6)
+
+
+def test_per_client_queues_give_each_client_its_own_negatives_and_keys():
+    method = _tiny_moco("--no-symmetric", "--disable_feature_sharing")
+    queue_0, queue_1 = NEGATIVES[:2], NEGATIVES[2:]
+    method.queues.of(0).negatives.copy_(torch.tensor(queue_0))
+    method.queues.of(1).negatives.copy_(torch.tensor(queue_1))
+    method.start_step(StepLayout.of([0, 1], [1, 1]))  # row 0 from client 0, row 1 from client 1
+    loss, _ = method.compute_loss([torch.tensor(ONLINE)], [torch.tensor(TARGET)], epoch=0)
+    weight = method.server.weight.detach()
+    queries, keys = _apply(weight, ONLINE), _apply(weight, TARGET)
+    loss_0, _ = reference_info_nce(queries[:1], keys[:1], queue_0, 0.1)
+    loss_1, _ = reference_info_nce(queries[1:], keys[1:], queue_1, 0.1)
+    assert loss.item() == pytest.approx((loss_0 + loss_1) / 2, rel=1e-5)
+    shared, _ = reference_info_nce(queries, keys, NEGATIVES, 0.1)
+    assert abs(loss.item() - shared) > 1e-3  # one shared queue would give another loss
+
+    method.after_server_step()  # each client's key joins its own queue only
+    unit_keys = torch.nn.functional.normalize(torch.tensor(keys), dim=1)
+    assert torch.allclose(method.queues.of(0).negatives[0], unit_keys[0], atol=1e-6)
+    assert torch.allclose(method.queues.of(1).negatives[0], unit_keys[1], atol=1e-6)
+    assert torch.equal(method.queues.of(0).negatives[1], torch.tensor(queue_0[1]))
+
+
+# ---------------------------------------------------------------------------------------- parameter counts
+def _conv(cin: int, cout: int, k: int) -> int:
+    return cin * cout * k * k
+
+
+def _resnet18_unit_parameters() -> list[int]:
+    """ResNet-18 for 32x32 images as MocoSFL builds it: stem conv + norm, then 8 BasicBlocks (bias-free convs,
+    norms with weight and bias, a 1x1 shortcut where the shape changes)."""
+    units = [_conv(3, 64, 3) + 2 * 64]
+    inputs = 64
+    for planes, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        for block in range(2):
+            block_stride = stride if block == 0 else 1
+            count = _conv(inputs, planes, 3) + _conv(planes, planes, 3) + 4 * planes
+            if block_stride != 1 or inputs != planes:
+                count += _conv(inputs, planes, 1) + 2 * planes
+            units.append(count)
+            inputs = planes
+    return units
+
+
+def _mocosfl_head_parameters(version: str, k_dim: int, mlp: bool) -> int:
+    """MocoSFL's classifier: Linear(512, K_dim) without --mlp; largeV2: Linear(512, 4096), BatchNorm1d(4096),
+    Linear(4096, K_dim); other V2 versions: Linear(512, K_dim), Linear(K_dim, K_dim) (all with biases)."""
+    if not mlp:
+        return 512 * k_dim + k_dim
+    if version == "largeV2":
+        return 512 * LARGE_V2_HIDDEN + LARGE_V2_HIDDEN + 2 * LARGE_V2_HIDDEN + LARGE_V2_HIDDEN * k_dim + k_dim
+    return 512 * k_dim + k_dim + k_dim * k_dim + k_dim
+
+
+@pytest.mark.parametrize("version", list(MOCO_VERSIONS))
+def test_each_moco_version_has_mocosfls_parameter_count_at_every_cut(version):
+    preset = MOCO_VERSIONS[version]
+    units = _resnet18_unit_parameters()
+    head = build_moco_head(512, version, preset.K_dim, preset.mlp)
+    assert head.prototypes is None
+    assert sum(p.numel() for p in head.projection.parameters()) == _mocosfl_head_parameters(version, preset.K_dim,
+                                                                                            preset.mlp)
+    args = parse_args("moco", ["--moco_version", version])
+    for cut in range(1, architecture("ResNet18").num_cut_points + 1):
+        split = build_split_model("ResNet18", cut, head=MocoServer.head_builder(args))
+        client = sum(p.numel() for p in split.client.parameters())
+        server = sum(p.numel() for p in split.server.parameters())
+        assert client == sum(units[:cut]), cut
+        assert server == sum(units[cut:]) + _mocosfl_head_parameters(version, preset.K_dim, preset.mlp), cut
+
+
+def test_a_version_sets_its_options_unless_they_are_given():
+    args = parse_args("moco", ["--moco_version", "V1"])
+    assert (args.mlp, args.K_dim, args.pairloader_option, args.symmetric, args.cos) == (False, 128, "mocov1", False,
+                                                                                        False)
+    args = parse_args("moco", ["--moco_version", "largeV2", "--K_dim", "256", "--no-symmetric"])
+    assert (args.mlp, args.K_dim, args.symmetric, args.cos) == (True, 256, False, True)
+
+
+# ------------------------------------------------------------------------------ divergence-aware FedAvg
+class _Clients:
+    """Stacked client weights in a dict: what fedavg needs from a client engine."""
+
+    def __init__(self, weights: dict[str, torch.Tensor]) -> None:
+        self.weights = {name: value.clone() for name, value in weights.items()}
+
+    def stacked_state(self, client_ids, momentum_copies=False):
+        return {name: value[list(client_ids)].clone() for name, value in self.weights.items()}
+
+    def set_every_client(self, state, momentum_copies=False):
+        for name, value in state.items():
+            self.weights[name][:] = value
+
+    def set_clients(self, client_ids, stacked):
+        for name, value in stacked.items():
+            self.weights[name][list(client_ids)] = value
+
+
+def test_divergence_aware_fedavg_mixes_each_layer_by_its_divergence_and_really_loads_it():
+    layer_a = torch.tensor([[0.0, 0.0], [0.4, 0.0], [9.0, 9.0]])   # client 2 is outside the pool
+    layer_b = torch.tensor([[1.0], [3.0], [5.0]])
+    running = torch.tensor([[1.0], [3.0], [7.0]])                  # BatchNorm statistics: averaged, not mixed
+    clients = _Clients({"a": layer_a, "b": layer_b, "bn.running_mean": running})
+    sizes, pool, div_lambda = [1, 3, 5], [0, 1], 0.5
+    mixer = DivergenceAwareAveraging(3, div_lambda)
+    divergences = fedavg(clients, pool, sizes, CPU, divergence_aware=mixer)
+    avg_a, avg_b = torch.tensor([0.3, 0.0]), torch.tensor([2.5])   # weights 1/4 and 3/4
+    for client, own_a, own_b in ((0, layer_a[0], layer_b[0]), (1, layer_a[1], layer_b[1])):
+        mu_a = min(div_lambda * (own_a - avg_a).norm().item(), 1.0)
+        mu_b = min(div_lambda * (own_b - avg_b).norm().item(), 1.0)
+        assert torch.allclose(clients.weights["a"][client], mu_a * own_a + (1 - mu_a) * avg_a, atol=1e-6)
+        assert torch.allclose(clients.weights["b"][client], mu_b * own_b + (1 - mu_b) * avg_b, atol=1e-6)
+    assert torch.allclose(clients.weights["a"][2], avg_a) and torch.allclose(clients.weights["b"][2], avg_b)
+    assert torch.allclose(clients.weights["bn.running_mean"], torch.full((3, 1), 2.5))
+    # Divergence as MocoSFL measures it: the sum over layers of the L2 norms, running statistics left out.
+    assert divergences == pytest.approx([0.3 + 1.5, 0.1 + 0.5])
+    # Without divergence awareness every client holds the average.
+    plain = _Clients({"a": layer_a, "b": layer_b, "bn.running_mean": running})
+    fedavg(plain, pool, sizes, CPU)
+    assert torch.allclose(plain.weights["a"], avg_a.expand(3, 2)) and not torch.allclose(
+        clients.weights["a"][:2], avg_a.expand(2, 2))
+
+
+def test_divergence_aware_lambda_is_rescaled_at_a_clients_first_aggregation():
+    mixer = DivergenceAwareAveraging(2, div_lambda=10.0)  # 10 x divergence 0.5: mu clamps at 1
+    clients = _Clients({"w": torch.tensor([[1.0], [0.0]])})
+    fedavg(clients, [0, 1], [1, 1], CPU, divergence_aware=mixer)
+    assert torch.allclose(clients.weights["w"], torch.tensor([[1.0], [0.0]]))  # mu = 1: each keeps its own
+    # lambda becomes mu / divergence = 1 / 0.5: the next aggregation with divergence 0.25 gives mu = 0.5.
+    assert mixer.scale[:, 0].tolist() == pytest.approx([2.0, 2.0])
+    clients.weights["w"] = torch.tensor([[0.75], [0.25]])
+    fedavg(clients, [0, 1], [1, 1], CPU, divergence_aware=mixer)
+    assert clients.weights["w"][:, 0].tolist() == pytest.approx([0.625, 0.375])
+
+
+def test_divergence_measure_and_awareness_reach_the_training_log(tmp_path):
+    trainer = moco_trainer(tmp_path, "--num_client", "2", "--num_epoch", "1", "--divergence_aware",
+                           "--divergence_measure")
+    trainer.train()
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["client_divergence"][0][1] > 0
+    assert trainer.divergence_aware.scale is not None and not trainer.divergence_aware.scale.isnan().any()
+    state = trainer.clients.stacked_state([0, 1])
+    assert any(not torch.equal(rows[0], rows[1]) for rows in state.values() if rows.is_floating_point())
+
+
+# --------------------------------------------------------------------------- loss-threshold communication
+def test_loss_threshold_statuses_follow_mocosfls_rule():
+    threshold = 0.1
+    assert next_status(FULL, 5.0, 4.99, threshold, epoch=10) == FULL         # warm-up epochs always communicate
+    assert next_status(FULL, 5.0, 4.95, threshold, epoch=11) == UPLOAD_ONLY
+    assert next_status(UPLOAD_ONLY, 4.95, 4.9, threshold, epoch=12) == REPLAY
+    assert next_status(REPLAY, 4.9, 4.85, threshold, epoch=13) == REPLAY
+    assert next_status(REPLAY, 4.9, 4.5, threshold, epoch=14) == FULL        # a fast fall: back to communicating
+    assert next_status(UPLOAD_ONLY, 4.9, 5.2, threshold, epoch=14) == REPLAY  # a rise is no fall
+
+
+def _client_weights(trainer) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in trainer.clients.stacked_state(range(trainer.args.num_client)).items()}
+
+
+def _server_weights(trainer) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in trainer.method.server.state_dict().items()}
+
+
+def _changed(before: dict, after: dict) -> bool:
+    return any(not torch.equal(before[k], after[k]) for k in before if before[k].is_floating_point())
+
+
+def test_upload_only_and_replay_epochs_leave_the_clients_unchanged_and_train_the_server(tmp_path, monkeypatch):
+    monkeypatch.setattr(communication, "WARMUP_EPOCHS", 0)
+    # After the first epoch (no loss to compare with yet) each epoch's loss falls by less than this threshold:
+    # A, A, then B, then C (replaying the B epoch's smashed data).
+    trainer = moco_trainer(tmp_path, "--num_client", "2", "--num_epoch", "4", "--loss_threshold", "100")
+    statuses = []
+    for _ in range(4):
+        clients, server = _client_weights(trainer), _server_weights(trainer)
+        statuses.append(trainer.communication.status)
+        if trainer.communication.replaying:
+            monkeypatch.setattr(trainer.data.loaders.train, "epoch", lambda *a, **k: pytest.fail("C read data"))
+        trainer.train_epoch()
+        assert _changed(server, _server_weights(trainer))
+        assert _changed(clients, _client_weights(trainer)) == (statuses[-1] == FULL), statuses
+    assert statuses == [FULL, FULL, UPLOAD_ONLY, REPLAY]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert [status for _, status in metrics["communication_status"]] == [0, 0, 1, 2]
+    saved = [value for _, value in metrics["communication_bytes_saved"]]
+    assert saved[1] == 0 < saved[2] < saved[3]
+    assert metrics["communication_epochs_saved"][-1][1] == pytest.approx(1.5)  # C + B / 2
+
+
+def test_without_a_loss_threshold_every_epoch_trains_the_clients(tmp_path, monkeypatch):
+    monkeypatch.setattr(communication, "WARMUP_EPOCHS", 0)
+    trainer = moco_trainer(tmp_path, "--num_client", "2", "--num_epoch", "3")
+    assert trainer.communication is None
+    for _ in range(3):
+        clients = _client_weights(trainer)
+        trainer.train_epoch()
+        assert _changed(clients, _client_weights(trainer))
+
+
+def test_communication_saving_resumes_in_its_status(tmp_path, monkeypatch):
+    monkeypatch.setattr(communication, "WARMUP_EPOCHS", 0)
+    trainer = moco_trainer(tmp_path, "--num_client", "2", "--num_epoch", "4", "--loss_threshold", "100")
+    for _ in range(3):
+        trainer.train_epoch()
+    state = trainer.state_dict()
+    resumed = moco_trainer(tmp_path / "again", "--num_client", "2", "--num_epoch", "4", "--loss_threshold", "100")
+    resumed.communication.folder = trainer.communication.folder
+    resumed.load_state_dict(state)
+    assert resumed.communication.status == REPLAY and resumed.communication.bytes_saved > 0
+
+
+# ------------------------------------------------------------------------------------------------- FL-MoCo
+def test_fl_baseline_trains_whole_networks_on_the_clients_for_local_epochs(tmp_path):
+    one = moco_trainer(tmp_path / "one", "--num_client", "2", "--scheme", "fl", "--local_epoch", "1")
+    two = moco_trainer(tmp_path / "two", "--num_client", "2", "--scheme", "fl", "--local_epoch", "2")
+    assert two.steps_per_epoch == 2 * one.steps_per_epoch
+    assert list(two.split_step.server_optimizer.param_groups[0]["params"][0].shape) == [0]  # no server weights
+    split = moco_trainer(tmp_path / "split", "--num_client", "2")
+    fl_client, split_client = (sum(rows[0].numel() for rows in trainer.clients.stacked_state([0]).values())
+                               for trainer in (two, split))
+    assert fl_client > 10 * split_client  # the whole backbone and head, not the first layers
+    before = _client_weights(two)
+    two.train_epoch()
+    assert two.global_step == two.steps_per_epoch
+    assert _changed(before, _client_weights(two))
+
+
+def test_fl_baseline_refuses_split_only_options():
+    with pytest.raises(Exception, match="FL-MoCo baseline"):
+        parse_args("swav", ["--scheme", "fl"])
+    with pytest.raises(Exception, match="loss_type moco"):
+        parse_args("moco", ["--scheme", "fl", "--loss_type", "simco"])
+
