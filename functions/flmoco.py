@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +25,9 @@ ClientEngine = ClientSide | VectorisedClientSide
 
 class NoServer(ServerMethod):
     """The server of FL: it holds nothing; the clients' queues are its state so that checkpoints keep them."""
+
+    trainable_crops = (0, 1)  # each client runs both views through its model and its momentum copy
+    momentum_crops = (0, 1)
 
     def __init__(self, queues: ClientQueues) -> None:
         super().__init__(argparse.Namespace(), nn.Module(), torch.device("cpu"))
@@ -52,6 +55,7 @@ class FederatedMocoStep:
     temperature: float
     symmetric: bool
     client_momentum: float
+    sends_smashed_data: ClassVar[bool] = False  # FL: only weights travel, at FedAvg
 
     def set_learning_rates(self, server_lr: float, client_lr: float) -> None:
         self.clients.set_lr(client_lr)

@@ -23,11 +23,13 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from functions.datasets import dataset_entry
+from functions.distributed import Runtime
 from functions.errors import run_cli
 from functions.server_method import method_class
-from models.split import build_split_model, build_unsplit_model
+from functions.views import ViewSpec
 
 BYTES_PER_VALUE = 4  # float32 on the wire and in memory (halve for fp16 smashed data)
+MEASURED_ROWS = 2
 
 
 @dataclass(frozen=True)
@@ -61,65 +63,59 @@ def _activation_values(model: nn.Module, inputs: torch.Tensor) -> int:
     return counted[0]
 
 
-def client_overhead(args: argparse.Namespace) -> ClientOverhead:
-    """The costs of one client under these run options (built on the CPU, nothing trained)."""
-    method_cls = method_class(args.method)
-    dataset = dataset_entry(args.dataset)
-    views = method_cls.view_spec(args, dataset).crops()
-    federated = getattr(args, "scheme", "sfl") == "fl"
-    with torch.random.fork_rng(devices=[]):
-        if federated:
-            model = build_unsplit_model(args.arch, head=method_cls.head_builder(args), use_ws=not args.disable_WS,
-                                        width=args.width)
-        else:
-            model = build_split_model(args.arch, args.cutlayer, head=method_cls.head_builder(args),
-                                      use_ws=not args.disable_WS, client_residual=not args.disable_c_residual,
-                                      width=args.width).client
-        method = method_cls if federated else None
-    trainable = (0, 1) if federated else _crops_of(method_cls, args, "trainable_crops")
-    momentum = (0, 1) if federated else _crops_of(method_cls, args, "momentum_crops")
-    batch = args.batch_size
-    up = down = flops = activations = 0
+def client_overhead(step: Any, views: ViewSpec, batch_size: int, cutlayer: int) -> ClientOverhead:
+    """The costs of one client of a built step (SplitStep or FL's step): measured on two images per crop on the
+    CPU (BatchNorm in a head needs two), then scaled to --batch_size (work and activations grow with the rows)."""
+    method, clients = step.method, step.clients
+    federated = not getattr(step, "sends_smashed_data", True)
+    model = clients.module_with({name: rows[0] for name, rows in clients.stacked_state([0]).items()}).cpu()
     model.train()
-    for index, (size, _) in enumerate(views):
-        images = torch.randn(batch, 3, size, size)
-        runs_online, runs_momentum = index in trainable, index in momentum
-        if not (runs_online or runs_momentum):
+    up = down = flops = activations = 0
+    for index, (size, _) in enumerate(views.crops()):
+        online, momentum = index in method.trainable_crops, index in method.momentum_crops
+        if not (online or momentum):
             continue
+        image = torch.rand(MEASURED_ROWS, 3, size, size, generator=torch.Generator().manual_seed(index))
         with FlopCounterMode(display=False) as counter:
-            output = model(images)
+            output = model(image)
         forward = counter.get_total_flops()
-        if runs_online:
+        if online:
             with FlopCounterMode(display=False) as counter:
-                output.backward(torch.ones_like(output))
+                output.float().sum().backward()
             flops += forward + counter.get_total_flops()
-            activations += _activation_values(model, images)
-            down += 0 if federated else output.numel()
-        if runs_momentum:
+            activations += _activation_values(model, image)
+            down += output.numel()
+        if momentum:
             flops += forward
-        up += 0 if federated else output.numel() * (int(runs_online) + int(runs_momentum))
+        up += output.numel() * (int(online) + int(momentum))
+    if federated:
+        up = down = 0  # FL sends weights only, at FedAvg
     parameters = sum(p.numel() for p in model.parameters())
-    copies = 3 if momentum else 2  # weights and SGD momentum, plus the momentum copy when the method keeps one
-    del method
-    return ClientOverhead(cutlayer=0 if federated else args.cutlayer, batch_size=batch,
-                          smashed_up_bytes=up * BYTES_PER_VALUE, gradient_down_bytes=down * BYTES_PER_VALUE,
-                          client_flops_per_step=int(flops), client_parameters=parameters,
-                          client_memory_bytes=(copies * parameters + activations) * BYTES_PER_VALUE,
+    copies = 3 if method.momentum_crops else 2  # weights and SGD momentum, plus the momentum copy when kept
+    def per_step(measured: int) -> int:
+        return measured * batch_size // MEASURED_ROWS
+
+    return ClientOverhead(cutlayer=0 if federated else cutlayer, batch_size=batch_size,
+                          smashed_up_bytes=per_step(up) * BYTES_PER_VALUE,
+                          gradient_down_bytes=per_step(down) * BYTES_PER_VALUE,
+                          client_flops_per_step=per_step(int(flops)), client_parameters=parameters,
+                          client_memory_bytes=(copies * parameters + per_step(activations)) * BYTES_PER_VALUE,
                           fedavg_round_bytes=2 * parameters * BYTES_PER_VALUE)
 
 
-def _crops_of(method_cls: type, args: argparse.Namespace, attribute: str) -> tuple[int, ...]:
-    """Which crops a method sends through the clients' models or their momentum copies (read from an instance)."""
-    server = nn.Module()
-    server.features = lambda x: x  # type: ignore[method-assign]
-    instance = method_cls.__new__(method_cls)
-    try:
-        method_cls.__init__(instance, args, build_split_model(args.arch, args.cutlayer, width=args.width,
-                                                              head=method_cls.head_builder(args)).server,
-                            torch.device("cpu"))
-    except Exception:  # a method that cannot be built on the CPU: its class attributes say it
-        return tuple(getattr(method_cls, attribute))
-    return tuple(getattr(instance, attribute))
+def overhead_of_options(args: argparse.Namespace) -> ClientOverhead:
+    """The costs of one client under these run options (one client built on the CPU, nothing trained)."""
+    torch.manual_seed(args.seed)
+    from functions.flmoco import build_fl_step
+    from functions.precision import MixedPrecision
+    from functions.step import build_split_step
+
+    one_client = argparse.Namespace(**{**vars(args), "num_client": 1, "compile": False, "client_exec": "loop"})
+    runtime = Runtime(device=torch.device("cpu"))
+    build = build_fl_step if args.scheme == "fl" else build_split_step
+    step = build(one_client, runtime, MixedPrecision(None, runtime))
+    views = method_class(args.method).view_spec(args, dataset_entry(args.dataset))
+    return client_overhead(step, views, args.batch_size, args.cutlayer)
 
 
 def describe(overhead: ClientOverhead) -> str:
@@ -151,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     records = []
     for cutlayer in cutlayers or [None]:
         options = argv + (["--cutlayer", cutlayer] if cutlayer is not None else [])
-        overhead = client_overhead(parse_args(method, [*options, "--output_dir", "unused"]))
+        overhead = overhead_of_options(parse_args(method, [*options, "--output_dir", "unused"]))
         print(f"cut {overhead.cutlayer}: {describe(overhead)}")
         records.append(asdict(overhead))
     return records

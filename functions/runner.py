@@ -22,6 +22,7 @@ from functions.files import RunFolderLock
 from functions.evaluation import FINAL_EVALUATIONS, Evaluation
 from functions.loaders import pool_size_of
 from functions.logs import logger, setup_logging
+from functions.overhead import describe
 from functions.server_method import method_class
 from functions.simulator import Trainer
 from functions.stopping import StopSignal
@@ -120,6 +121,7 @@ def _run_on(runtime: Runtime, args: argparse.Namespace, evaluations: Sequence[Ev
     try:
         logger.info(f"{args.method}: {args.num_client} clients, {trainer.steps_per_epoch} steps per epoch, "
                     f"device {runtime.device}, data {trainer.data.loaders.backend}, output {output_dir}")
+        logger.info(describe(trainer.overhead))
         if state is not None:
             trainer.load_state_dict(state, source=str(checkpoint_path))
             logger.info(f"resumed from {checkpoint_path} at epoch {trainer.epoch + 1}, step {trainer.global_step}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import random
 import signal
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -30,6 +31,7 @@ from functions.logs import EpochStatistics, LogWindow, ProgressBar, TrainingLog,
 from functions.precision import MixedPrecision, amp_dtype_of
 from functions.server_method import ServerMethod, StepLayout, method_class
 from functions.flmoco import build_fl_step
+from functions.overhead import client_overhead
 from functions.step import ClientEngine, build_split_step
 from functions.stopping import StopSignal, resume_command
 
@@ -61,6 +63,7 @@ class Trainer:
         self.precision = MixedPrecision(amp_dtype_of(args.use_fp16, args.amp_dtype, runtime), runtime)
         build_step = build_fl_step if args.scheme == "fl" else build_split_step
         self.split_step = build_step(args, runtime, self.precision)
+        self.overhead = client_overhead(self.split_step, view_spec, args.batch_size, args.cutlayer)
         if runtime.is_distributed and self.method.per_client_server_updates:
             raise UserError("per-client server updates (--server_update per_client) step the server once per client "
                             "in pool order and cannot be split over processes; run one process or the joint update")
@@ -74,7 +77,7 @@ class Trainer:
         self._agreed_stop = False
         self.log = TrainingLog(output_dir, runtime, method=args.method, data_backend=self.data.loaders.backend,
                                world_size=runtime.world_size, steps_per_epoch=self.steps_per_epoch,
-                               partition_hash=self.data.partition_hash)
+                               partition_hash=self.data.partition_hash, overhead=asdict(self.overhead))
         self.epoch_statistics = EpochStatistics(runtime)
         self.divergence_aware = (DivergenceAwareAveraging(args.num_client, args.div_lambda) if args.divergence_aware
                                  else None)

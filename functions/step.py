@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +35,7 @@ class SplitStep:
     precision: MixedPrecision
     runtime: Runtime
     memory_format: torch.memory_format = torch.contiguous_format
+    sends_smashed_data: ClassVar[bool] = True  # split learning: smashed data up, gradients down
 
     def encoder(self, client_model: nn.Module) -> Callable[[Tensor], Tensor]:
         """A client part followed by the server's backbone: what the probes see."""

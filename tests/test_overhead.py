@@ -1,0 +1,54 @@
+"""The client cost calculator: bytes of smashed data and gradients, client FLOPs and memory, per run and alone."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from functions.overhead import BYTES_PER_VALUE, main
+from sfl_helpers import moco_trainer
+
+SMASHED_VALUES_CUT_1 = 64 * 32 * 32          # ResNet-18's stem output for one 32x32 image
+STEM_CONV_FLOPS = 2 * 3 * 64 * 9 * 32 * 32   # multiply and add of the 3x3 convolution, 3 -> 64 channels
+
+
+def test_cut_1_costs_match_the_stem_written_out():
+    cut_1, cut_2 = main(["--cutlayer", "1", "2", "--batch_size", "1", "--no-symmetric"])
+    # MoCo: the view through the client's model goes up and its gradient comes down; the momentum copy's view
+    # goes up only.
+    assert cut_1["smashed_up_bytes"] == 2 * SMASHED_VALUES_CUT_1 * BYTES_PER_VALUE
+    assert cut_1["gradient_down_bytes"] == SMASHED_VALUES_CUT_1 * BYTES_PER_VALUE
+    # Forward of each view, and the weight gradient of the first layer (no gradient for the images).
+    assert cut_1["client_flops_per_step"] == 3 * STEM_CONV_FLOPS
+    assert cut_1["client_parameters"] == 3 * 64 * 9 + 2 * 64
+    assert cut_1["client_memory_bytes"] > 3 * cut_1["client_parameters"] * BYTES_PER_VALUE
+    assert cut_1["fedavg_round_bytes"] == 2 * cut_1["client_parameters"] * BYTES_PER_VALUE
+    # Cut 2 adds a residual block at the same resolution: the same smashed size, far more work.
+    assert cut_2["smashed_up_bytes"] == cut_1["smashed_up_bytes"]
+    assert cut_2["client_flops_per_step"] > 30 * cut_1["client_flops_per_step"]
+
+
+def test_costs_grow_with_the_batch_and_fl_sends_no_smashed_data():
+    one, = main(["--cutlayer", "2", "--batch_size", "1"])
+    eight, = main(["--cutlayer", "2", "--batch_size", "8"])
+    for key in ("smashed_up_bytes", "gradient_down_bytes", "client_flops_per_step"):
+        assert eight[key] == 8 * one[key]
+    fl, = main(["--scheme", "fl", "--batch_size", "2"])
+    assert fl["smashed_up_bytes"] == fl["gradient_down_bytes"] == 0
+    assert fl["client_parameters"] > 100 * one["client_parameters"]
+
+
+def test_a_run_logs_its_costs_and_keeps_them_in_metrics(tmp_path):
+    trainer = moco_trainer(tmp_path, "--num_client", "2", "--cutlayer", "1", "--batch_size", "4")
+    trainer.log.metrics.save()
+    saved = json.loads((tmp_path / "metrics.json").read_text())["overhead"]
+    assert saved["cutlayer"] == 1 and saved["batch_size"] == 4
+    assert saved["smashed_up_bytes"] == 4 * 2 * 8 * 32 * 32 * BYTES_PER_VALUE  # --width 8: 8 channels
+
+
+@pytest.mark.parametrize("method", ["moco", "swav"])
+def test_the_calculator_runs_alone_for_both_methods(method, capsys):
+    records = main(["--method", method, "--cutlayer", "1", "2"])
+    printed = capsys.readouterr().out
+    assert [record["cutlayer"] for record in records] == [1, 2]
+    assert printed.count("client cost per step") == 2
