@@ -118,6 +118,44 @@ def test_two_processes_train_mocosfl_symmetric_with_client_queues_like_one_proce
     assert len(load_checkpoint(two / CHECKPOINT_NAME)["method_extra"]["client_queues"]) == 4
 
 
+def test_two_processes_run_divergence_aware_fedavg_like_one_process(tmp_path):
+    # Each rank mixes its own clients; the lambdas of every client reach every rank. Loop engine: see above.
+    options = [*MOCO_SAMPLED, "--max_steps", "8", "--divergence_aware", "--divergence_measure", "--client_exec",
+               "loop"]
+    one = _train("run_sflmoco.py", options, tmp_path / "one", 1)
+    two = _train("run_sflmoco.py", options, tmp_path / "two", 2)
+    _assert_same_run(one, two, loss_tolerance=1e-4, weight_tolerance=1e-4)
+    metrics_one, metrics_two = (json.loads((run / "metrics.json").read_text()) for run in (one, two))
+    divergences = [value for _, value in metrics_two["client_divergence"]]
+    assert divergences == pytest.approx([value for _, value in metrics_one["client_divergence"]], rel=1e-4)
+
+
+def test_two_processes_save_communication_like_one_process(tmp_path):
+    # 13 epochs: after the 10 warm-up epochs, epoch 12 uploads only and epoch 13 replays each rank's kept rows.
+    # With a tiny learning rate the rounding of two processes cannot grow over the 39 steps, so every loss, the
+    # replayed ones included, must be the one-process loss (loop engine: see above).
+    options = [*TINY_MOCO, "--num_client", "4", "--batch_size", "24", "--data_proportion", "0.5", "--no-cos",
+               "--num_epoch", "13", "--log_freq", "2", "--loss_threshold", "100", "--lr", "1e-6", "--c_lr", "1e-6",
+               "--client_exec", "loop"]
+    one = _train("run_sflmoco.py", options, tmp_path / "one", 1)
+    two = _train("run_sflmoco.py", options, tmp_path / "two", 2)
+    _assert_same_run(one, two, loss_tolerance=1e-4, weight_tolerance=1e-4)
+    metrics_one, metrics_two = (json.loads((run / "metrics.json").read_text()) for run in (one, two))
+    assert [status for _, status in metrics_two["communication_status"]][-3:] == [0, 1, 2]
+    for key in ("communication_status", "communication_bytes_saved", "communication_epochs_saved"):
+        assert metrics_two[key] == metrics_one[key], key
+    assert sorted(path.name for path in (two / "replay_tensors").iterdir()) == [
+        f"rank{rank}_step{step}.pt" for rank in (0, 1) for step in range(metrics_two["steps_per_epoch"])]
+
+
+def test_two_processes_train_fl_moco_like_one_process(tmp_path):
+    options = [*TINY_MOCO, "--scheme", "fl", "--local_epoch", "2", "--num_client", "4", "--batch_size", "16",
+               "--client_sample_ratio", "0.5", "--max_steps", "6", "--client_exec", "loop", "--log_freq", "2"]
+    one = _train("run_sflmoco.py", options, tmp_path / "one", 1)
+    two = _train("run_sflmoco.py", options, tmp_path / "two", 2)
+    _assert_same_run(one, two, loss_tolerance=1e-4, weight_tolerance=1e-4)
+
+
 # SwAV with a BatchNorm projection head, the queue in use from the start and hetero clients (unequal rows per rank).
 SWAV_QUEUE = [*TINY_SWAV, "--num_client", "4", "--batch_size", "8", "--queue_length", "32",
               "--epoch_queue_starts", "0", "--max_steps", "4", "--hetero", "--hetero_string", "0.25_0.5|8|0.75_0.5"]
