@@ -16,7 +16,7 @@ from functions.fedavg import DivergenceAwareAveraging, fedavg
 from functions.server_method import StepLayout
 from functions.sflmoco_functions import LARGE_V2_HIDDEN, MOCO_VERSIONS, MocoServer, build_moco_head
 from models.split import architecture, build_split_model
-from sfl_helpers import moco_trainer
+from sfl_helpers import moco_trainer, swav_trainer
 from test_moco_losses import reference_info_nce
 
 CPU = Runtime(device=torch.device("cpu"))
@@ -209,9 +209,10 @@ def test_divergence_aware_lambda_is_rescaled_at_a_clients_first_aggregation():
     assert clients.weights["w"][:, 0].tolist() == pytest.approx([0.625, 0.375])
 
 
-def test_divergence_measure_and_awareness_reach_the_training_log(tmp_path):
-    trainer = moco_trainer(tmp_path, "--num_client", "2", "--num_epoch", "1", "--divergence_aware",
-                           "--divergence_measure")
+@pytest.mark.parametrize("make, engine", [(moco_trainer, "vmap"), (moco_trainer, "loop"), (swav_trainer, "vmap")])
+def test_divergence_measure_and_awareness_reach_the_training_log(tmp_path, make, engine):
+    trainer = make(tmp_path, "--num_client", "2", "--num_epoch", "1", "--divergence_aware", "--divergence_measure",
+                   "--client_exec", engine)
     trainer.train()
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["client_divergence"][0][1] > 0
@@ -243,11 +244,14 @@ def _changed(before: dict, after: dict) -> bool:
     return any(not torch.equal(before[k], after[k]) for k in before if before[k].is_floating_point())
 
 
-def test_upload_only_and_replay_epochs_leave_the_clients_unchanged_and_train_the_server(tmp_path, monkeypatch):
+@pytest.mark.parametrize("make, engine", [(moco_trainer, "vmap"), (moco_trainer, "loop"), (swav_trainer, "vmap")])
+def test_upload_only_and_replay_epochs_leave_the_clients_unchanged_and_train_the_server(tmp_path, monkeypatch, make,
+                                                                                       engine):
     monkeypatch.setattr(communication, "WARMUP_EPOCHS", 0)
     # After the first epoch (no loss to compare with yet) each epoch's loss falls by less than this threshold:
     # A, A, then B, then C (replaying the B epoch's smashed data).
-    trainer = moco_trainer(tmp_path, "--num_client", "2", "--num_epoch", "4", "--loss_threshold", "100")
+    trainer = make(tmp_path, "--num_client", "2", "--num_epoch", "4", "--loss_threshold", "100", "--client_exec",
+                   engine)
     statuses = []
     for _ in range(4):
         clients, server = _client_weights(trainer), _server_weights(trainer)
