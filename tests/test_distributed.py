@@ -328,11 +328,11 @@ DISK_FULL_ON_RANK_ZERO = """
 import errno, os, sys
 sys.path.insert(0, {repo!r})
 import run_sflmoco
-from functions import simulator
+from functions import trainer_state
 from functions.errors import run_cli
 from functions.files import write_atomic
 
-real_save_atomic, saves = simulator.save_atomic, []
+real_save_atomic, saves = trainer_state.save_atomic, []
 
 
 def full_disk(stream):
@@ -346,7 +346,7 @@ def save_atomic(state, path):  # rank 0's disk fills after its first checkpoint
     return real_save_atomic(state, path)
 
 
-simulator.save_atomic = save_atomic
+trainer_state.save_atomic = save_atomic
 run_cli(lambda: run_sflmoco.main(sys.argv[1:]))
 """
 
