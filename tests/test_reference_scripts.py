@@ -4,9 +4,9 @@ Every line is parsed here with its options as written. Each line also trains 2 s
 cifar10-mini images repeated to the full training-set size, since the scripts' 1000 clients need about 50 images
 each), its paths translated, `--device cuda:N` run on the CPU and torchrun's 4 processes run as 2. By default a
 covering selection trains: 5 clients with --auto_adjust, 20 sampled clients and 1000 clients, both cut layers,
-CIFAR-10 and CIFAR-100, the seed's MoCo lines (one under torchrun). SFL_SCRIPT_LINES=all trains every line (over
-an hour on 2 cores: the seed's SwAV lines alone run 224-pixel crops through a CIFAR ResNet-18 on the CPU for
-several minutes each). ImageNet-12 lines end with one line naming the datasets there are.
+CIFAR-10 and CIFAR-100, the seed's MoCo lines (one under torchrun). SFL_SCRIPT_LINES=all trains every line (about
+half an hour on 2 cores; the seed's SwAV lines run 224-pixel crops through a CIFAR ResNet-18, 3 to 4 minutes each,
+and under torchrun a rank took over 13 GB of memory). ImageNet-12 lines end with one line naming the datasets.
 """
 from __future__ import annotations
 
