@@ -19,6 +19,7 @@ from functions.errors import UserError
 from functions.files import TEMPORARY_SUFFIX, temporary_prefix, write_atomic
 
 CHECKPOINT_NAME = "checkpoint_last.pt"
+BEST_CHECKPOINT_NAME = "checkpoint_best.pt"  # the state of the epoch with the best kNN monitor so far
 CHECKPOINT_FORMAT = 1
 # Keys every checkpoint of this format holds; a file without them is refused before anything is loaded.
 CHECKPOINT_KEYS = frozenset({"format", "args", "signature", "partition_hash", "epoch", "step_in_epoch", "global_step",

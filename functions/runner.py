@@ -13,8 +13,8 @@ from typing import Any, Sequence
 import torch
 
 from configs import RUNTIME_OPTIONS, build_parser, run_options, save_resolved_config
-from functions.checkpoint import (CHECKPOINT_NAME, check_checkpoint_layout, check_same_method, load_checkpoint,
-                                  remove_stale_temporaries)
+from functions.checkpoint import (BEST_CHECKPOINT_NAME, CHECKPOINT_NAME, check_checkpoint_layout, check_same_method,
+                                  load_checkpoint, remove_stale_temporaries)
 from functions.distributed import (Runtime, all_reduce_max_flag, broadcast_object, check_clients_per_rank,
                                    planned_world_size, run_agreed, setup_runtime, shutdown_runtime)
 from functions.errors import UserError
@@ -114,7 +114,8 @@ def _run_on(runtime: Runtime, args: argparse.Namespace, evaluations: Sequence[Ev
         logger.warning(f"{', '.join('--' + name for name in unused)}: no effect on {args.method} (options of the "
                        "seed's other method, accepted for its command lines)")
     if runtime.is_main:
-        for leftover in remove_stale_temporaries(checkpoint_path):
+        for leftover in [*remove_stale_temporaries(checkpoint_path),
+                         *remove_stale_temporaries(checkpoint_path.with_name(BEST_CHECKPOINT_NAME))]:
             logger.info(f"removed {leftover.name}, left by a save that was killed before it completed")
     run_agreed(lambda: save_resolved_config(args, output_dir / "config.yaml") if runtime.is_main else None)
     trainer = Trainer(args, runtime, output_dir, evaluations, stop=stop)

@@ -163,7 +163,7 @@ class Trainer(TrainerCheckpoints):
                     else:
                         self.log_knn(completed)
                 if not self.stopping():
-                    self.save_checkpoint()
+                    self.save_checkpoint(best=self.knn_improved(completed))
         self.save_checkpoint()
         if self.stopping():
             self.interrupted()

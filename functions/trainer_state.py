@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from configs import run_options, training_signature
-from functions.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, check_checkpoint_layout,
-                                  check_same_configuration, first_non_finite, restore_rng_state, rng_state,
-                                  save_atomic)
+from functions.checkpoint import (BEST_CHECKPOINT_NAME, CHECKPOINT_FORMAT, CHECKPOINT_NAME,
+                                  check_checkpoint_layout, check_same_configuration, first_non_finite,
+                                  restore_rng_state, rng_state, save_atomic)
 from functions.distributed import run_agreed
 from functions.errors import UserError
 from functions.logs import logger
@@ -38,8 +38,15 @@ class TrainerCheckpoints:
             "communication": self.communication.state_dict() if self.communication is not None else None,
         }
 
-    def save_checkpoint(self: Trainer) -> None:
-        """Write checkpoint_last.pt atomically; refuse (keeping the previous file) when the weights are not finite.
+    def knn_improved(self: Trainer, epoch: int) -> bool:
+        """Whether the kNN monitor after `epoch` is the run's best so far (the one before training not counted)."""
+        scores = [(monitored, accuracy) for monitored, accuracy in self.log.metrics.data["knn_acc"] if monitored >= 1]
+        now = [accuracy for monitored, accuracy in scores if monitored == epoch]
+        return bool(now) and all(now[-1] > accuracy for monitored, accuracy in scores if monitored < epoch)
+
+    def save_checkpoint(self: Trainer, best: bool = False) -> None:
+        """Write checkpoint_last.pt atomically, and with `best` the same state to checkpoint_best.pt; refuse
+        (keeping the previous files) when the weights are not finite.
 
         Under torchrun every rank calls it: clients trained on other ranks send their state first, then every
         rank checks the same state (so all stop together on a non-finite one) and rank 0 writes.
@@ -56,6 +63,10 @@ class TrainerCheckpoints:
         # Agreed: when rank 0 cannot write (a full disk), every rank stops with its one line instead of hanging.
         run_agreed(lambda: save_atomic(state, path) if self.runtime.is_main else None)
         self.saved_step = self.global_step
+        if best:
+            run_agreed(lambda: save_atomic(state, path.with_name(BEST_CHECKPOINT_NAME)) if self.runtime.is_main
+                       else None)
+            logger.info(f"best kNN accuracy so far: saved {path.with_name(BEST_CHECKPOINT_NAME)}")
 
     def load_state_dict(self: Trainer, state: dict[str, Any], check_signature: bool = True,
                         source: str = "the checkpoint") -> None:
