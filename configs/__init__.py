@@ -26,7 +26,7 @@ CONFIG_DIR = Path(__file__).resolve().parent
 # Options that do not change what a run computes: a resumed run may change them freely.
 RUNTIME_OPTIONS = frozenset({
     "config", "resume", "checkpoint", "eval_only", "output_dir", "data_dir", "device", "num_workers",
-    "num_epoch", "max_steps", "eval_freq", "linear_epochs", "skip_linear", "knn_k", "knn_t",
+    "num_epoch", "max_steps", "eval_freq", "linear_epochs", "skip_linear", "knn_k", "knn_t", "eval_protocol",
     "log_freq", "eval_batch_size", "client_exec", "is_distributed", "compile",
     "channels_last", "cudnn_benchmark",
 })
@@ -175,6 +175,11 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     evaluation.add_argument("--eval_batch_size", type=int, default=512, help="batch size of feature extraction")
     evaluation.add_argument("--linear_epochs", type=int, default=100, help="epochs of the final linear and semi-supervised probes")
     evaluation.add_argument("--skip_linear", action="store_true", help="skip the final linear and semi-supervised probes")
+    evaluation.add_argument("--eval_protocol", type=str, default="honest", choices=["honest", "mocosfl"],
+                            help="honest: probes on the last model, scored once after their last epoch; mocosfl: "
+                                 "MocoSFL's Adam linear probe and MLP heads on 10 %% and 1 %% of the labels, on "
+                                 "checkpoint_best.pt (best kNN), each reporting its best test epoch (figures selected "
+                                 "on the test set, labelled _test_selected)")
 
     method_cls.add_arguments(parser)
     add_seed_options(parser)
@@ -322,6 +327,9 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
             raise UserError(f"--{name} {value!r} is not a valid UTF-8 path; choose a folder whose name is UTF-8")
     if args.eval_only and not args.checkpoint:
         raise UserError("--eval_only needs --checkpoint PATH (a checkpoint_last.pt of an earlier run)")
+    if args.eval_protocol == "mocosfl" and args.eval_freq == 0 and not args.eval_only:
+        raise UserError("--eval_protocol mocosfl evaluates the epoch with the best kNN accuracy: it needs the kNN "
+                        "monitor (--eval_freq 1, as MocoSFL runs it)")
     if args.hetero:
         parse_hetero_string(args.hetero_string)
     check_cutlayer(args.arch, args.cutlayer)

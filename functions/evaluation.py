@@ -18,11 +18,13 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from functions.errors import UserError
+from functions.mocosfl_eval import mocosfl_probes
 
 __all__ = [
     "EvaluationContext",
     "FINAL_EVALUATIONS",
     "knn_evaluation",
+    "final_knn_evaluation",
     "probe_evaluation",
     "extract_features",
     "knn_predict",
@@ -327,16 +329,29 @@ class EvaluationContext:
     num_classes: int
     args: Any
     device: torch.device
-    _features: tuple[Tensor, Tensor, Tensor, Tensor] | None = field(default=None, init=False, repr=False)
+    _features: dict[bool, tuple[Tensor, Tensor, Tensor, Tensor]] = field(default_factory=dict, init=False, repr=False)
+
+    def _extracted(self, normalize: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        if normalize not in self._features:
+            train_features, train_labels = extract_features(self.encode, self.memory, self.device, normalize=normalize)
+            test_features, test_labels = extract_features(self.encode, self.test, self.device, normalize=normalize)
+            self._features[normalize] = (train_features, train_labels, test_features, test_labels)
+        return self._features[normalize]
 
     @property
     def features(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(train features, train labels, test features, test labels), L2-normalised, on the CPU."""
-        if self._features is None:
-            train_features, train_labels = extract_features(self.encode, self.memory, self.device)
-            test_features, test_labels = extract_features(self.encode, self.test, self.device)
-            self._features = (train_features, train_labels, test_features, test_labels)
-        return self._features
+        return self._extracted(normalize=True)
+
+    @property
+    def raw_features(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The same, as the encoder returns them (MocoSFL's probes read unnormalised features)."""
+        return self._extracted(normalize=False)
+
+    @property
+    def test_selected(self) -> bool:
+        """Whether the figures are MocoSFL's, selected on the test set (--eval_protocol mocosfl)."""
+        return getattr(self.args, "eval_protocol", "honest") == "mocosfl"
 
 
 # An evaluation of the final model: its figures by name (None for one it skipped), e.g. {"linear_acc": 61.2}.
@@ -350,11 +365,22 @@ def knn_evaluation(context: EvaluationContext) -> dict[str, Any]:
                                     k=context.args.knn_k, temperature=context.args.knn_t)}
 
 
+def final_knn_evaluation(context: EvaluationContext) -> dict[str, Any]:
+    """The kNN accuracy of the evaluated model; under --eval_protocol mocosfl, that of the best-kNN epoch, so
+    selected on the test set and named so."""
+    result = knn_evaluation(context)
+    return {"knn_acc_test_selected": result["knn_acc"]} if context.test_selected else result
+
+
 def probe_evaluation(context: EvaluationContext) -> dict[str, Any]:
-    """Final-epoch linear probe on all labels and on 1 % and 10 % of them (--linear_epochs; off with --skip_linear)."""
+    """Final-epoch linear probe on all labels and on 1 % and 10 % of them (--linear_epochs; off with --skip_linear);
+    under --eval_protocol mocosfl, MocoSFL's probes and their best test epochs instead (functions.mocosfl_eval)."""
     args = context.args
     if args.skip_linear:
-        return {"linear_acc": None}
+        return {"linear_acc_test_selected" if context.test_selected else "linear_acc": None}
+    if context.test_selected:
+        return mocosfl_probes(*context.raw_features, context.num_classes, epochs=args.linear_epochs, seed=args.seed,
+                              device=context.device)
     train_features, train_labels, test_features, test_labels = context.features
     probe = linear_probe(train_features, train_labels, test_features, test_labels, context.num_classes,
                          epochs=args.linear_epochs, seed=args.seed, device=context.device)
@@ -364,4 +390,4 @@ def probe_evaluation(context: EvaluationContext) -> dict[str, Any]:
 
 
 # What a finished run reports, in order; a new evaluation (a probe, an attack) is one function added here.
-FINAL_EVALUATIONS: list[Evaluation] = [knn_evaluation, probe_evaluation]
+FINAL_EVALUATIONS: list[Evaluation] = [final_knn_evaluation, probe_evaluation]

@@ -228,7 +228,10 @@ class TrainingLog:
         self.metrics.save()
         described = ", ".join(f"{key} {value:.2f}" if isinstance(value, float) else f"{key} {value}"
                               for key, value in results.items())
-        logger.info(f"final evaluation: {described}")
+        protocol = (" (MocoSFL's protocol: the figures named _test_selected were selected on the test set, like "
+                    "MocoSFL's; they are not comparable with the default protocol's)"
+                    if results.get("eval_protocol") == "mocosfl" else "")
+        logger.info(f"final evaluation{protocol}: {described}")
         for key, value in results.items():
             if isinstance(value, float):
                 self.tensorboard.scalar(f"final/{key}", value, global_step)

@@ -79,10 +79,15 @@ def starting_state(args: argparse.Namespace, runtime: Runtime, checkpoint_path: 
     problem = broadcast_object(problem, 0, runtime.device)
     if problem:
         raise UserError(problem)
-    if not args.resume:
-        return None
-    if not all_reduce_max_flag(not checkpoint_path.exists(), runtime.device):
+    return read_on_every_rank(checkpoint_path, runtime) if args.resume else None
+
+
+def read_on_every_rank(checkpoint_path: Path, runtime: Runtime) -> dict[str, Any]:
+    """A checkpoint that rank 0 can read, on every rank (under torchrun, sent by rank 0 to ranks that cannot see the
+    file); a refusal is raised on every rank."""
+    if not runtime.is_distributed or not all_reduce_max_flag(not checkpoint_path.exists(), runtime.device):
         return load_checkpoint(checkpoint_path)
+    problem: str | None = None
     state: dict[str, Any] | None = None
     if runtime.is_main:
         try:
@@ -131,12 +136,29 @@ def _run_on(runtime: Runtime, args: argparse.Namespace, evaluations: Sequence[Ev
         stop.outside_training(f"during the final evaluation; training is complete and saved in {checkpoint_path} "
                               f"(step {trainer.global_step}); evaluate it with: python {entry} --eval_only "
                               f"--checkpoint {checkpoint_path}")
-        results = trainer.final_evaluation()
+        results = final_results(trainer, output_dir, runtime)
         trainer.save_checkpoint()
     finally:
         trainer.close()
         lock.release()
     return results
+
+
+def final_results(trainer: Trainer, output_dir: Path, runtime: Runtime) -> dict[str, Any]:
+    """The final evaluation of a finished run: of its last model, or under --eval_protocol mocosfl of the epoch with
+    the best kNN accuracy (checkpoint_best.pt), as MocoSFL evaluates."""
+    best_path = output_dir / BEST_CHECKPOINT_NAME
+    if trainer.args.eval_protocol != "mocosfl":
+        return trainer.final_evaluation()
+    if not all_reduce_max_flag(not best_path.exists() if runtime.is_main else False, runtime.device):
+        best = read_on_every_rank(best_path, runtime)
+        check_checkpoint_layout(best, str(best_path))
+        logger.info(f"--eval_protocol mocosfl: evaluating {best_path} (epoch {best['epoch']}, the best kNN accuracy)")
+        with trainer.weights_of(best, str(best_path)):
+            return trainer.final_evaluation(model=BEST_CHECKPOINT_NAME)
+    logger.warning(f"--eval_protocol mocosfl: no {BEST_CHECKPOINT_NAME} (no complete epoch was monitored); "
+                   "evaluating the last model")
+    return trainer.final_evaluation()
 
 
 def lock_run_folder(output_dir: Path, runtime: Runtime) -> RunFolderLock:
@@ -174,7 +196,11 @@ def evaluate_checkpoint(args: argparse.Namespace, runtime: Runtime,
     trainer = Trainer(saved, runtime, output_dir, evaluations)
     try:
         trainer.load_state_dict(state, check_signature=False, source=str(args.checkpoint))
-        return trainer.final_evaluation()
+        name = Path(args.checkpoint).name
+        if saved.eval_protocol == "mocosfl" and name != BEST_CHECKPOINT_NAME:
+            logger.warning(f"--eval_protocol mocosfl: MocoSFL evaluates the best kNN epoch; {name} is evaluated as "
+                           f"given (pass the run's {BEST_CHECKPOINT_NAME} for MocoSFL's figures)")
+        return trainer.final_evaluation(model=name)
     finally:
         trainer.close()
         lock.release()

@@ -282,13 +282,15 @@ class Trainer(TrainerCheckpoints):
         self.log.evaluation("knn_acc", epoch, accuracy)
         return accuracy
 
-    def final_evaluation(self) -> dict[str, Any]:
-        """Every evaluation of the list the trainer was given, on the current model; saved, logged, returned."""
+    def final_evaluation(self, model: str = CHECKPOINT_NAME) -> dict[str, Any]:
+        """Every evaluation of the list the trainer was given, on the current model (that of `model`); saved,
+        logged, returned with the protocol, the model's file, step and epoch."""
         context = self.evaluation_context()
         results: dict[str, Any] = {}
         for evaluation in self.evaluations:
             results.update(evaluation(context))
         self.method.train()
-        results.update(step=self.global_step, epoch=self.epoch + self.step_in_epoch / self.steps_per_epoch)
+        results.update(eval_protocol=self.args.eval_protocol, model=model, step=self.global_step,
+                        epoch=self.epoch + self.step_in_epoch / self.steps_per_epoch)
         self.log.final(results, self.global_step)
         return results

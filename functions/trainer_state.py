@@ -2,7 +2,9 @@
 state, the position in the schedule, RNG and metrics (see functions.checkpoint for the file itself)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import copy
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Iterator
 
 from configs import run_options, training_signature
 from functions.checkpoint import (BEST_CHECKPOINT_NAME, CHECKPOINT_FORMAT, CHECKPOINT_NAME,
@@ -14,6 +16,11 @@ from functions.logs import logger
 
 if TYPE_CHECKING:
     from functions.simulator import Trainer
+
+
+def _reason(error: Exception) -> str:
+    """An exception's message on one line, shortened."""
+    return " ".join(str(error).split())[:200] or type(error).__name__
 
 
 class TrainerCheckpoints:
@@ -68,6 +75,30 @@ class TrainerCheckpoints:
                        else None)
             logger.info(f"best kNN accuracy so far: saved {path.with_name(BEST_CHECKPOINT_NAME)}")
 
+    @contextmanager
+    def weights_of(self: Trainer, state: dict[str, Any], source: str) -> Iterator[None]:
+        """Within the block, the weights and position of another checkpoint of this run (checkpoint_best.pt), for
+        evaluation; the trainer's own come back after it."""
+        own = copy.deepcopy({"method": self.method.state_dict(), "clients": self.clients.state_dict(),
+                             "position": (self.epoch, self.step_in_epoch, self.global_step)})
+        self._load_weights(state["method"], state["clients"], source)
+        self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
+        try:
+            yield
+        finally:
+            self._load_weights(own["method"], own["clients"], "the trainer's own state")
+            self.epoch, self.step_in_epoch, self.global_step = own["position"]
+
+    def _load_weights(self: Trainer, method_state: dict[str, Any], clients_state: dict[str, Any], source: str) -> None:
+        """The server method's and the clients' weights (and client optimizers) from a checkpoint's parts."""
+        try:
+            self.method.load_state_dict(method_state)
+            self.clients.load_state_dict(clients_state)
+        except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as error:
+            raise UserError(f"{source} does not fit this run ({_reason(error)}); delete it or pass another "
+                            "--output_dir") from None
+        self.hand_over.all_current()  # every rank loaded every client's state
+
     def load_state_dict(self: Trainer, state: dict[str, Any], check_signature: bool = True,
                         source: str = "the checkpoint") -> None:
         """Continue from a checkpoint: weights, optimizers, queues, position in the schedule, RNG and metrics."""
@@ -75,17 +106,15 @@ class TrainerCheckpoints:
         if check_signature:
             check_same_configuration(state, self.args, self.data.partition_hash)
             self._check_num_epoch(state["args"].get("num_epoch", self.args.num_epoch))
+        self._load_weights(state["method"], state["clients"], source)
         try:
-            self.method.load_state_dict(state["method"])
             self.method.load_extra_state(state["method_extra"])
-            self.clients.load_state_dict(state["clients"])
             self.split_step.server_optimizer.load_state_dict(state["server_optimizer"])
             self.precision.scaler.load_state_dict(state["scaler"])
         except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as error:
-            reason = " ".join(str(error).split())[:200] or type(error).__name__
-            raise UserError(f"{source} does not fit this run ({reason}); delete it or pass another --output_dir") from None
+            raise UserError(f"{source} does not fit this run ({_reason(error)}); delete it or pass another "
+                            "--output_dir") from None
         self.precision.skipped_steps.fill_(int(state.get("skipped_steps", 0)))
-        self.hand_over.all_current()  # every rank loaded every client's state
         self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         self.epoch_statistics.load_state_dict(state.get("epoch_statistics", {"sums": {}, "steps": 0}))
         for part, key in ((self.divergence_aware, "fedavg_state"), (self.communication, "communication")):

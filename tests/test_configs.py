@@ -66,3 +66,31 @@ def test_device_defaults_to_cpu_without_cuda():
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="no CUDA device"):
             resolve_device("cuda")
+
+
+PAPER_PRESETS = sorted([*CONFIG_DIR.glob("mocosfl_*.yaml"), *CONFIG_DIR.glob("seed_*.yaml"),
+                        CONFIG_DIR / "swav_seed.yaml"])
+
+
+@pytest.mark.parametrize("preset", PAPER_PRESETS, ids=lambda p: p.name)
+def test_every_paper_preset_names_the_figure_it_should_reach(preset):
+    import re
+
+    comments = " ".join(line for line in preset.read_text().splitlines() if line.startswith("#"))
+    assert re.search(r"\d+\.\d+ %", comments), f"{preset.name} has no reported figure in its comments"
+
+
+@pytest.mark.parametrize("preset", sorted(CONFIG_DIR.glob("mocosfl_table*_*clients.yaml")), ids=lambda p: p.name)
+def test_mocosfl_presets_match_its_auto_adjust(preset):
+    # MocoSFL's scripts run these with --auto_adjust (or, for 20 clients, its explicit values); the preset must
+    # give the same batch size, FedAvg frequency and client sampling.
+    args = parse_args("moco", ["--config", str(preset)])
+    if args.scheme == "fl":
+        return
+    adjusted = parse_args("moco", ["--num_client", str(args.num_client), "--auto_adjust"])
+    if args.num_client == 20:  # scripts/table2 sets these for 20 clients
+        assert (args.batch_size, args.client_sample_ratio, args.avg_freq) == (20, 0.25, 10)
+    else:
+        assert (args.batch_size, args.client_sample_ratio, args.avg_freq) == (
+            adjusted.batch_size, adjusted.client_sample_ratio, adjusted.avg_freq)
+    assert (args.moco_version, args.lr, args.num_epoch, args.noniid_ratio) == ("V2", 0.06, 200, 0.2)
