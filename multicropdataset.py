@@ -244,8 +244,10 @@ def build_torch_loaders(
     prefetch_factor: int = 2,
     device: torch.device | None = None,
     num_classes: int | None = None,
+    memory: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> FederatedLoaders:
-    """Training loader over the schedule plus memory (train, un-augmented) and test loaders, torchvision backend."""
+    """Training loader over the schedule plus memory (un-augmented; the labelled training images given as `memory`,
+    else all of them) and test loaders, torchvision backend."""
     check_image_array(train_images, train_labels, "train")
     check_image_array(test_images, test_labels, "test")
     check_mean_std(mean, std)
@@ -264,7 +266,8 @@ def build_torch_loaders(
     )
     return FederatedLoaders(
         train=train,
-        memory=NormalisedImageLoader(train_images, train_labels, mean, std, eval_batch_size, device=device),
+        memory=NormalisedImageLoader(*(memory if memory is not None else (train_images, train_labels)), mean, std,
+                                     eval_batch_size, device=device),
         test=NormalisedImageLoader(test_images, test_labels, mean, std, eval_batch_size, device=device),
         backend="torch",
         num_classes=num_classes,

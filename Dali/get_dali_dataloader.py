@@ -521,8 +521,8 @@ def build_dali_loaders(dataset: ImageDataset, schedule: FederatedSchedule, view_
                             device_id=device_id)
     return FederatedLoaders(
         train=train,
-        memory=NormalisedImageLoader(dataset.train_images, dataset.train_labels, dataset.mean, dataset.std,
-                                     eval_batch_size, device=device),
+        memory=NormalisedImageLoader(*dataset.memory_split, dataset.mean, dataset.std, eval_batch_size,
+                                     device=device),
         test=NormalisedImageLoader(dataset.test_images, dataset.test_labels, dataset.mean, dataset.std,
                                    eval_batch_size, device=device),
         backend="dali",

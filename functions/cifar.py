@@ -185,7 +185,7 @@ def file_md5(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _extract_archive(archive: Path, data_dir: Path) -> None:
+def extract_tar_gz(archive: Path, data_dir: Path) -> None:
     """Extract a .tar.gz into data_dir, refusing members that would land outside it."""
     with tarfile.open(archive, "r:gz") as tar:
         if hasattr(tarfile, "data_filter"):
@@ -208,7 +208,7 @@ def _download_and_extract(spec: CifarSpec, data_dir: Path) -> None:
         if checksum != spec.md5:
             archive.unlink()
             raise ValueError(f"md5 {checksum} of the downloaded file differs from the official {spec.md5}")
-    _extract_archive(archive, data_dir)
+    extract_tar_gz(archive, data_dir)
 
 
 def _missing_data_message(spec: CifarSpec, data_dir: Path, reason: str | None) -> str:

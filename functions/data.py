@@ -46,7 +46,8 @@ def build_loaders(dataset: ImageDataset, schedule: FederatedSchedule, view_spec:
     return build_torch_loaders(dataset.train_images, dataset.train_labels, dataset.test_images, dataset.test_labels,
                                dataset.mean, dataset.std, schedule,
                                multicrop_transforms(dataset.mean, dataset.std, view_spec),
-                               eval_batch_size=eval_batch_size, num_workers=num_workers, device=device)
+                               eval_batch_size=eval_batch_size, num_workers=num_workers, device=device,
+                               num_classes=dataset.num_classes, memory=dataset.memory_split)
 
 
 class FederatedData:
@@ -78,15 +79,22 @@ class FederatedData:
 
     def _partition(self, args: argparse.Namespace, output_dir: Path) -> list[np.ndarray]:
         """Each client's training-sample indices (rank 0 writes partition.json and partition.png)."""
-        labels = self.dataset.train_labels
+        labels, num_classes = self.dataset.train_labels, self.dataset.num_classes
+        if self.dataset.has_unlabelled:
+            if args.partition != "iid":
+                raise UserError(f"--dataset {args.dataset} trains on unlabelled images too: a {args.partition} "
+                                "partition follows labels they do not have; use --partition iid, or a dataset of "
+                                "labelled images only for non-IID clients")
+            # Unlabelled images count as one more column of the class counts (the last one).
+            labels, num_classes = np.where(labels < 0, num_classes, labels), num_classes + 1
         if args.hetero and args.partition == "iid":
             indices = hetero_partition(len(labels), args.num_client, args.hetero_string, args.seed)
         else:
-            indices = make_partition(labels, args.num_client, args.partition, self.dataset.num_classes,
+            indices = make_partition(labels, args.num_client, args.partition, num_classes,
                                      dirichlet_alpha=args.dirichlet_alpha, noniid_ratio=args.noniid_ratio,
                                      min_client_samples=args.min_client_samples, seed=args.seed)
         if self.runtime.is_main:
-            save_partition(output_dir, labels, indices, self.dataset.num_classes,
+            save_partition(output_dir, labels, indices, num_classes,
                            extra={"partition": args.partition, "dirichlet_alpha": args.dirichlet_alpha,
                                   "noniid_ratio": args.noniid_ratio, "seed": args.seed, "hetero": args.hetero})
         return indices

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from functions import cifar
+from functions import cifar, readers
 from functions.errors import UserError
+from functions.readers import UNLABELLED
 
 # Set to 1 (or any non-empty value other than 0) to never download a dataset: a missing folder is then an error at once.
 NO_DOWNLOAD_ENV = "SFL_NO_DOWNLOAD"
@@ -34,7 +36,20 @@ class ImageDataset:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     source: str
-    unlabelled_images: np.ndarray | None = None  # an extra unlabelled training split, where the dataset has one
+
+    @property
+    def memory_split(self) -> tuple[np.ndarray, np.ndarray]:
+        """The labelled training images and their labels: the kNN monitor's memory and the probes' training set
+        (all training images, unless the dataset trains on unlabelled ones too)."""
+        labelled = self.train_labels != UNLABELLED
+        if labelled.all():
+            return self.train_images, self.train_labels
+        return self.train_images[labelled], self.train_labels[labelled]
+
+    @property
+    def has_unlabelled(self) -> bool:
+        """Whether some training images have no label (UNLABELLED)."""
+        return bool((self.train_labels == UNLABELLED).any())
 
 
 # A reader: (data_dir, download=..., seed=..., **options) -> (train images, train labels, test images, test labels,
@@ -100,10 +115,19 @@ def stratified_subset(labels: np.ndarray, proportion: float, seed: int) -> np.nd
     return np.sort(np.concatenate(kept)).astype(np.int64)
 
 
-def channel_stats(images: np.ndarray) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
-    """Per-channel mean and std of uint8 NHWC images in [0, 1] units."""
-    scaled = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
-    mean, std = scaled.mean(axis=0), scaled.std(axis=0)
+def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[tuple[float, float, float],
+                                                                  tuple[float, float, float]]:
+    """Per-channel mean and std of uint8 NHWC images in [0, 1] units (summed in chunks: no float copy of a large
+    dataset)."""
+    total = np.zeros(images.shape[-1])
+    squares = np.zeros(images.shape[-1])
+    for start in range(0, images.shape[0], chunk):
+        block = images[start : start + chunk].reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
+        total += block.sum(axis=0)
+        squares += (block * block).sum(axis=0)
+    count = images.shape[0] * images.shape[1] * images.shape[2]
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean * mean, 0.0))
     return (float(mean[0]), float(mean[1]), float(mean[2])), (float(std[0]), float(std[1]), float(std[2]))
 
 
@@ -176,3 +200,17 @@ for _name, _spec in cifar.CIFAR_SPECS.items():
                                   blur_kernel_size=3))
 register_dataset(DatasetEntry(name="synthetic", read=read_synthetic, num_classes=10, image_size=SYNTHETIC_SIZE,
                               mean=None, std=None, crop_sizes=(32, 16), blur_kernel_size=3))
+register_dataset(DatasetEntry(name="stl10", read=readers.read_stl10, num_classes=10, image_size=readers.STL10_SIZE,
+                              mean=None, std=None, crop_sizes=(96, 48), blur_kernel_size=9))
+# Self-supervised training on STL-10's 100,000 unlabelled images as well; only an IID split is defined for them.
+register_dataset(DatasetEntry(name="stl10_unlabelled", read=partial(readers.read_stl10, with_unlabelled=True),
+                              num_classes=10, image_size=readers.STL10_SIZE, mean=None, std=None,
+                              crop_sizes=(96, 48), blur_kernel_size=9, splits=("train", "unlabeled", "test")))
+register_dataset(DatasetEntry(name="svhn", read=readers.read_svhn, num_classes=10, image_size=32, mean=None,
+                              std=None, crop_sizes=(32, 16), blur_kernel_size=3))
+register_dataset(DatasetEntry(name="svhn_extra", read=partial(readers.read_svhn, with_extra=True), num_classes=10,
+                              image_size=32, mean=None, std=None, crop_sizes=(32, 16), blur_kernel_size=3,
+                              splits=("train", "extra", "test")))
+register_dataset(DatasetEntry(name="tinyimagenet", read=readers.read_tiny_imagenet, num_classes=200,
+                              image_size=readers.TINY_SIZE, mean=None, std=None, crop_sizes=(64, 32),
+                              blur_kernel_size=7, splits=("train", "val")))

@@ -1,0 +1,145 @@
+"""STL-10, SVHN and Tiny-ImageNet readers on files written in the official layouts; downloads refused offline;
+2-step training on each dataset with both methods and both data paths."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from configs import parse_args
+from dataset_files import write_stl10, write_svhn, write_tiny_imagenet
+from functions import cifar, readers
+from functions.datasets import dataset_entry, load_dataset
+from functions.distributed import Runtime
+from functions.errors import UserError
+from functions.simulator import Trainer
+
+
+def test_stl10_reads_images_upright_and_labels_from_zero(tmp_path: Path) -> None:
+    written = write_stl10(tmp_path)
+    train_images, train_labels, test_images, test_labels, source = readers.read_stl10(tmp_path, download=False)
+    assert np.array_equal(train_images, written["train_images"]) and np.array_equal(test_images, written["test_images"])
+    assert np.array_equal(train_labels, written["train_labels"]) and np.array_equal(test_labels, written["test_labels"])
+    # The left half is the bright one: rows and columns are not swapped.
+    assert train_images[:, :, :48].mean() > train_images[:, :, 48:].mean() + 50
+    assert source.endswith("stl10_binary")
+
+
+def test_stl10_unlabelled_split_joins_training_without_labels(tmp_path: Path) -> None:
+    written = write_stl10(tmp_path)
+    dataset = load_dataset("stl10_unlabelled", tmp_path, download=False)
+    assert dataset.train_images.shape == (50, 96, 96, 3) and dataset.has_unlabelled
+    assert np.array_equal(dataset.train_images[20:], written["unlabeled_images"])
+    assert (dataset.train_labels[20:] == readers.UNLABELLED).all()
+    memory_images, memory_labels = dataset.memory_split
+    assert np.array_equal(memory_images, written["train_images"]) and np.array_equal(memory_labels,
+                                                                                     written["train_labels"])
+    assert not load_dataset("stl10", tmp_path, download=False).has_unlabelled
+
+
+def test_svhn_reads_mat_files_and_maps_ten_to_zero(tmp_path: Path) -> None:
+    written = write_svhn(tmp_path)
+    train_images, train_labels, test_images, test_labels, _ = readers.read_svhn(tmp_path, download=False)
+    assert np.array_equal(train_images, written["train_images"]) and np.array_equal(test_labels,
+                                                                                    written["test_labels"])
+    assert train_labels.min() == 0 and train_labels.max() == 9 and np.array_equal(train_labels,
+                                                                                  written["train_labels"])
+    extra = load_dataset("svhn_extra", tmp_path, download=False)
+    assert extra.train_images.shape[0] == 35 and np.array_equal(extra.train_images[20:], written["extra_images"])
+
+
+def test_tiny_imagenet_reads_folders_and_val_annotations_then_its_cache(tmp_path: Path, monkeypatch) -> None:
+    written = write_tiny_imagenet(tmp_path)
+    train_images, train_labels, test_images, test_labels, _ = readers.read_tiny_imagenet(tmp_path, download=False)
+    assert np.array_equal(train_labels, written["train_labels"]) and np.array_equal(test_labels,
+                                                                                    written["test_labels"])
+    # JPEG at quality 100 is near lossless.
+    assert np.abs(train_images.astype(int) - written["train_images"]).mean() < 3
+    assert np.abs(test_images.astype(int) - written["test_images"]).mean() < 3
+
+    def must_not_decode(*args, **kwargs):
+        raise AssertionError("decoded again instead of reading the cache")
+
+    monkeypatch.setattr(readers, "_decode", must_not_decode)
+    again = readers.read_tiny_imagenet(tmp_path, download=False)
+    assert np.array_equal(again[0], train_images) and np.array_equal(again[2], test_images)
+    assert dataset_entry("tinyimagenet").num_classes == 200
+
+
+@pytest.mark.parametrize("name, target", [("stl10", "stl10_binary"), ("svhn", "train_32x32.mat"),
+                                          ("tinyimagenet", "tiny-imagenet-200")])
+def test_missing_datasets_are_one_line_when_downloads_are_off(tmp_path: Path, name: str, target: str) -> None:
+    with pytest.raises(UserError, match=f"not found at .*{target}.*download disabled.*http") as error:
+        load_dataset(name, tmp_path, download=False)
+    assert "\n" not in str(error.value)
+
+
+def test_a_download_with_the_wrong_checksum_is_refused(tmp_path: Path, monkeypatch) -> None:
+    def fake_download(url: str, destination: Path, timeout_s: float = 0.0) -> None:
+        destination.write_bytes(b"not the archive")
+
+    monkeypatch.setattr(cifar, "download_file", fake_download)
+    with pytest.raises(UserError, match="could not be downloaded.*md5"):
+        load_dataset("stl10", tmp_path, download=True)
+    assert not (tmp_path / "stl10_binary.tar.gz").exists()
+
+
+def test_damaged_files_are_one_line(tmp_path: Path) -> None:
+    write_stl10(tmp_path)
+    (tmp_path / "stl10_binary" / "train_X.bin").write_bytes(b"\x00" * 1000)
+    with pytest.raises(UserError, match="not a whole number of 96x96"):
+        load_dataset("stl10", tmp_path, download=False)
+    (tmp_path / "svhn").mkdir()
+    (tmp_path / "svhn" / "train_32x32.mat").write_bytes(b"junk")
+    (tmp_path / "svhn" / "test_32x32.mat").write_bytes(b"junk")
+    with pytest.raises(UserError, match="not an SVHN .mat file"):
+        load_dataset("svhn", tmp_path / "svhn", download=False)
+
+
+def test_unlabelled_images_refuse_a_label_based_partition(tmp_path: Path) -> None:
+    write_stl10(tmp_path)
+    args = parse_args("moco", ["--dataset", "stl10_unlabelled", "--data_dir", str(tmp_path), "--partition",
+                               "dirichlet", "--num_client", "2", "--min_client_samples", "1", "--output_dir",
+                               str(tmp_path / "run")])
+    (tmp_path / "run").mkdir()
+    with pytest.raises(UserError, match="unlabelled images too.*--partition iid"):
+        Trainer(args, Runtime(device=torch.device("cpu")), tmp_path / "run")
+
+
+DATASET_WRITERS = {"stl10": write_stl10, "stl10_unlabelled": write_stl10, "svhn": write_svhn,
+                   "tinyimagenet": write_tiny_imagenet}
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+@pytest.mark.parametrize("method", ["moco", "swav"])
+@pytest.mark.parametrize("dataset", list(DATASET_WRITERS))
+def test_two_training_steps_on_each_dataset(tmp_path: Path, dataset: str, method: str, backend: str) -> None:
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    DATASET_WRITERS[dataset](tmp_path / "data")
+    size = dataset_entry(dataset).image_size
+    options = ["--dataset", dataset, "--data_dir", str(tmp_path / "data"), "--output_dir", str(tmp_path / "run"),
+               "--arch", "ResNet18", "--width", "2", "--num_client", "2", "--batch_size", "2", "--partition", "iid",
+               "--min_client_samples", "1", "--num_workers", "0", "--max_steps", "2", "--eval_freq", "0",
+               "--skip_linear", "--log_freq", "1"]
+    if method == "moco":
+        options += ["--K", "16", "--K_dim", "8"]
+    else:
+        options += ["--nmb_prototypes", "4", "--feat_dim", "8", "--hidden_mlp", "16", "--nmb_crops", "2", "1",
+                    "--size_crops", str(size), str(size // 2), "--min_scale_crops", "0.3", "0.1",
+                    "--max_scale_crops", "1.0", "0.3", "--crops_for_assign", "0", "1"]
+    if backend == "dali":
+        options += ["--use_dali", "--dali_device", "cpu"]
+    args = parse_args(method, options)
+    (tmp_path / "run").mkdir()
+    trainer = Trainer(args, Runtime(device=torch.device("cpu")), tmp_path / "run")
+    trainer.train()
+    losses = [loss for _, loss in trainer.log.metrics.data["train_loss"]]
+    assert trainer.global_step == 2 and len(losses) == 2 and all(np.isfinite(losses))
+    assert trainer.data.loaders.backend == backend
+    # The kNN memory holds the labelled images only.
+    memory_labels = torch.cat([labels for _, labels in trainer.data.loaders.memory])
+    assert memory_labels.min() >= 0
+    trainer.close()
