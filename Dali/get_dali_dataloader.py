@@ -38,6 +38,7 @@ from nvidia.dali.data_node import DataNode
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from functions.datasets import ImageDataset
+from functions.image_folder import ImageFiles
 from functions.errors import UserError
 from functions.loaders import (
     FederatedLoaders,
@@ -311,18 +312,25 @@ def _augment_crop(images: DataNode, inputs: Sequence[DataNode], size: int, blur_
 
 @pipeline_def
 def _crops_pipeline(source: Any, crop_sizes: Sequence[int], blur_kernel_size: int, mean255: list[float],
-                    std255: list[float], on_gpu: bool) -> tuple[DataNode, ...]:
-    """DALI graph: uint8 NHWC images plus per-crop parameters in, one normalised NCHW batch per crop out."""
+                    std255: list[float], on_gpu: bool, encoded_size: int | None = None) -> tuple[DataNode, ...]:
+    """DALI graph: uint8 NHWC images (or, with encoded_size, image files' bytes, decoded here and resized to
+    encoded_size pixels square) plus per-crop parameters in, one normalised NCHW batch per crop out."""
     num_outputs = 1 + _INPUTS_PER_CROP * len(crop_sizes)
     per_crop_dtypes = ([types.FLOAT] * (2 + 3 * BLEND_SLOTS)) + [types.FLOAT, types.FLOAT, types.FLOAT, types.INT32]
     per_crop_ndim = [1, 1] + [0] * (3 * BLEND_SLOTS) + [1, 2, 0, 0]
     fed = fn.external_source(
         source=source, num_outputs=num_outputs, batch=True,
         dtype=[types.UINT8] + per_crop_dtypes * len(crop_sizes),
-        ndim=[3] + per_crop_ndim * len(crop_sizes),
-        layout=["HWC"] + [""] * (num_outputs - 1),
+        ndim=[1 if encoded_size else 3] + per_crop_ndim * len(crop_sizes),
+        layout=["" if encoded_size else "HWC"] + [""] * (num_outputs - 1),
     )
-    images = fed[0].gpu() if on_gpu else fed[0]
+    if encoded_size:
+        # "mixed" decodes on the GPU (nvJPEG); the crop windows were drawn for the resized square.
+        decoded = fn.decoders.image(fed[0], device="mixed" if on_gpu else "cpu", output_type=types.RGB)
+        images = fn.resize(decoded, size=[encoded_size, encoded_size], interp_type=types.INTERP_LINEAR,
+                           antialias=True)
+    else:
+        images = fed[0].gpu() if on_gpu else fed[0]
     return tuple(
         _augment_crop(images, fed[1 + crop * _INPUTS_PER_CROP:1 + (crop + 1) * _INPUTS_PER_CROP], size,
                       blur_kernel_size, mean255, std255, on_gpu)
@@ -342,7 +350,8 @@ class DaliCropAugmenter(Generic[Tag]):
 
     def __init__(self, crop_sizes: Sequence[int], mean: Sequence[float], std: Sequence[float], *,
                  max_batch_size: int, blur_kernel_size: int = 3, dali_device: str, output_device: torch.device,
-                 num_threads: int, device_id: int | None = None, prefetch_queue_depth: int = 2) -> None:
+                 num_threads: int, device_id: int | None = None, prefetch_queue_depth: int = 2,
+                 encoded_size: int | None = None) -> None:
         check_mean_std(mean, std)
         if dali_device not in DALI_DEVICES:
             raise UserError(f"--dali_device must be one of {', '.join(DALI_DEVICES)}, got {dali_device!r}")
@@ -361,7 +370,7 @@ class DaliCropAugmenter(Generic[Tag]):
         self.pipeline = _crops_pipeline(
             source=self._next_inputs, crop_sizes=self.crop_sizes, blur_kernel_size=self.blur_kernel_size,
             mean255=[255.0 * float(m) for m in mean], std255=[255.0 * float(s) for s in std],
-            on_gpu=dali_device == "gpu",
+            on_gpu=dali_device == "gpu", encoded_size=encoded_size,
             batch_size=int(max_batch_size), num_threads=int(num_threads), device_id=self.device_id,
             prefetch_queue_depth=int(prefetch_queue_depth),
         )
@@ -372,10 +381,10 @@ class DaliCropAugmenter(Generic[Tag]):
         images, parameters, tag = next(self._feed)
         if len(parameters) != len(self.crop_sizes):
             raise ValueError(f"got parameters of {len(parameters)} crops, the pipeline makes {len(self.crop_sizes)}")
-        if any(p.num_rows != images.shape[0] for p in parameters):
+        if any(p.num_rows != len(images) for p in parameters):
             raise ValueError("every crop needs parameters for each image row")
         self._tags.append(tag)
-        return (np.ascontiguousarray(images, dtype=np.uint8),
+        return (images if isinstance(images, list) else np.ascontiguousarray(images, dtype=np.uint8),
                 *[array for crop in parameters for array in crop.pipeline_inputs()])
 
     def stream(self, batches: Iterable[tuple[np.ndarray, Sequence[CropParameters], Tag]]
@@ -439,6 +448,8 @@ class DaliTrainLoader:
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
         self.images = images
+        # Image files go to DALI undecoded: its decoder reads them (on the GPU where there is one).
+        self.encoded = isinstance(images, ImageFiles)
         self.schedule = schedule
         self.view_spec = view_spec
         self.seed = int(seed)
@@ -449,7 +460,7 @@ class DaliTrainLoader:
         self.augmenter: DaliCropAugmenter[Plan] = DaliCropAugmenter(
             [size for size, _ in crops], mean, std, max_batch_size=largest_step,
             blur_kernel_size=view_spec.blur_kernel_size, dali_device=dali_device, output_device=output_device,
-            num_threads=num_threads, device_id=device_id)
+            num_threads=num_threads, device_id=device_id, encoded_size=images.shape[1] if self.encoded else None)
 
     def pool(self, epoch: int) -> list[int]:
         """Clients sampled for `epoch`, ascending."""
@@ -472,7 +483,7 @@ class DaliTrainLoader:
         indices = np.concatenate([indices for _, indices, _ in plan])
         keys = np.concatenate([keys for _, _, keys in plan])
         parameters = draw_view_parameters(keys, self.seed, self.view_spec, self.images.shape[1:3])
-        return self.images[indices], parameters, plan
+        return (self.images.encoded(indices) if self.encoded else self.images[indices]), parameters, plan
 
     @staticmethod
     def _batches(stream: Iterator[tuple[Plan, list[torch.Tensor]]]) -> Iterator[StepBatch]:

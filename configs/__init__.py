@@ -14,7 +14,7 @@ from typing import Any, NoReturn, Sequence
 
 import yaml
 
-from functions.datasets import dataset_entry, dataset_names
+from functions.datasets import dataset_names, resolved_entry
 from functions.errors import UserError, check_range
 from functions.files import write_text_atomic
 from functions.partition import add_partition_arguments, parse_hetero_string, resolve_partition_method
@@ -86,7 +86,9 @@ def build_parser(method: str) -> argparse.ArgumentParser:
 
     sfl = parser.add_argument_group("split federated learning")
     sfl.add_argument("--num_client", type=int, default=10, help="number of simulated clients")
-    sfl.add_argument("--cutlayer", type=int, default=1, help="client keeps this many ResNet units (1 = stem only, 2 = stem + first block, ...)")
+    sfl.add_argument("--cutlayer", type=int, default=1,
+                     help="client keeps this many backbone units (ResNet: 1 = stem only, 2 = stem + first block, ...; "
+                          "VGG: one per conv; MobileNetV2: stem, each block, last conv)")
     sfl.add_argument("--batch_size", type=int, default=64, help="samples per client per step")
     sfl.add_argument("--client_sample_ratio", type=float, default=1.0, help="fraction of clients in the pool, redrawn each epoch")
     sfl.add_argument("--avg_freq", type=int, default=1, help="FedAvg of client models this many times per epoch")
@@ -124,7 +126,7 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     model = parser.add_argument_group("model")
     model.add_argument("--arch", type=str, default="ResNet18",
                        help=f"split backbone: {', '.join(entry.name for entry in ARCHITECTURES.values())}")
-    model.add_argument("--width", type=int, default=64, help="base channel count of the ResNet (64 = standard)")
+    model.add_argument("--width", type=int, default=64, help="base channel count of the backbone (64 = standard)")
     model.add_argument("--disable_WS", action="store_true", help="plain convolutions instead of weight-standardised ones")
     model.add_argument("--disable_c_residual", action="store_true", help="no shortcut connections in the client's blocks")
 
@@ -392,9 +394,11 @@ def check_privacy_options(args: argparse.Namespace) -> None:
 
 def check_dataset_options(args: argparse.Namespace) -> None:
     """MocoSFL's --num_class and --data_size follow the dataset; a value that contradicts it is refused."""
-    entry = dataset_entry(args.dataset)
+    entry = resolved_entry(args.dataset, args.data_size)
     for name, actual in (("num_class", entry.num_classes), ("data_size", entry.image_size)):
         value = getattr(args, name)
+        if name == "num_class" and not actual:
+            continue  # an image folder's classes are known once it is read
         if value is not None and value != actual:
             raise UserError(f"--{name} {value} does not match --dataset {args.dataset} ({actual}); drop --{name}")
         setattr(args, name, actual)

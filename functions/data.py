@@ -56,7 +56,7 @@ class FederatedData:
     def __init__(self, args: argparse.Namespace, view_spec: ViewSpec, runtime: Runtime, output_dir: Path) -> None:
         self.runtime = runtime
         self.dataset = load_dataset(args.dataset, args.data_dir, download=download_allowed(),
-                                    data_proportion=args.data_proportion, seed=args.seed)
+                                    data_proportion=args.data_proportion, seed=args.seed, data_size=args.data_size)
         self.client_indices = self._partition(args, output_dir)
         self.client_sizes = [len(indices) for indices in self.client_indices]
         self.partition_hash = partition_hash(self.client_indices)

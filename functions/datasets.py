@@ -7,7 +7,7 @@ it (normalisation, the default crop sizes of the views, the blur kernel). Adding
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -16,6 +16,7 @@ import numpy as np
 
 from functions import cifar, readers
 from functions.errors import UserError
+from functions.image_folder import IMAGENET_MEAN, IMAGENET_STD, ImageFiles, read_image_folder
 from functions.readers import UNLABELLED
 
 # Set to 1 (or any non-empty value other than 0) to never download a dataset: a missing folder is then an error at once.
@@ -75,6 +76,7 @@ class DatasetEntry:
     crop_sizes: tuple[int, int]
     blur_kernel_size: int
     splits: tuple[str, ...] = ("train", "test")
+    sized_by_data_size: bool = False  # image folders: --data_size sets the size, the views scale with it
 
 
 DATASETS: dict[str, DatasetEntry] = {}
@@ -97,6 +99,23 @@ def dataset_entry(name: str) -> DatasetEntry:
     if entry is None:
         raise UserError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
     return entry
+
+
+def blur_kernel_for(size: int) -> int:
+    """The views' Gaussian blur side for images of `size` pixels: a tenth of the side, odd (23 at 224 px)."""
+    kernel = max(1, int(0.1 * size))
+    return kernel + 1 if kernel % 2 == 0 else kernel
+
+
+def resolved_entry(name: str, data_size: int | None = None) -> DatasetEntry:
+    """The entry of a dataset at the size a run reads it: for image folders --data_size (default 224), with the
+    views' crops (global, local = 96/224 of it) and blur scaled to it; other datasets have one size."""
+    entry = dataset_entry(name)
+    if not entry.sized_by_data_size:
+        return entry
+    size = int(data_size or entry.image_size)
+    return replace(entry, image_size=size, crop_sizes=(size, max(1, round(size * 96 / 224))),
+                   blur_kernel_size=blur_kernel_for(size))
 
 
 def download_allowed() -> bool:
@@ -132,9 +151,11 @@ def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[tuple[float, f
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike, *, download: bool = True, data_proportion: float = 1.0,
-                 seed: int = 0, **reader_options: Any) -> ImageDataset:
+                 seed: int = 0, data_size: int | None = None, **reader_options: Any) -> ImageDataset:
     """Read a registered dataset (downloading if allowed and needed); optionally keep a stratified part of train."""
-    entry = dataset_entry(name)
+    entry = resolved_entry(name, data_size)
+    if entry.sized_by_data_size:
+        reader_options["data_size"] = entry.image_size
     if not 0.0 < data_proportion <= 1.0:
         raise UserError(f"--data_proportion must be in (0, 1], got {data_proportion}")
     train_images, train_labels, test_images, test_labels, source = entry.read(
@@ -148,9 +169,13 @@ def load_dataset(name: str, data_dir: str | os.PathLike, *, download: bool = Tru
         mean, std = channel_stats(train_images)
     if data_proportion < 1.0:
         keep = stratified_subset(train_labels, data_proportion, seed)
-        train_images, train_labels = np.ascontiguousarray(train_images[keep]), train_labels[keep]
+        train_images = train_images.subset(keep) if isinstance(train_images, ImageFiles) else np.ascontiguousarray(
+            train_images[keep])
+        train_labels = train_labels[keep]
+    # An image folder's classes are its train folder's subfolders.
+    num_classes = entry.num_classes or int(train_labels.max()) + 1
     return ImageDataset(name=name, train_images=train_images, train_labels=train_labels, test_images=test_images,
-                        test_labels=test_labels, num_classes=entry.num_classes, mean=mean, std=std, source=source)
+                        test_labels=test_labels, num_classes=num_classes, mean=mean, std=std, source=source)
 
 
 def make_synthetic(num_train: int, num_test: int, seed: int, num_classes: int = 10) -> tuple[np.ndarray, ...]:
@@ -214,3 +239,8 @@ register_dataset(DatasetEntry(name="svhn_extra", read=partial(readers.read_svhn,
 register_dataset(DatasetEntry(name="tinyimagenet", read=readers.read_tiny_imagenet, num_classes=200,
                               image_size=readers.TINY_SIZE, mean=None, std=None, crop_sizes=(64, 32),
                               blur_kernel_size=7, splits=("train", "val")))
+# Any train/<class>/ + val/<class>/ tree (ImageNet-12, ImageNet-100, DomainNet domains): decoded in the data path,
+# resized to --data_size; classes from the folder (num_classes 0 = "the folder says").
+register_dataset(DatasetEntry(name="imagefolder", read=read_image_folder, num_classes=0, image_size=224,
+                              mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_sizes=(224, 96), blur_kernel_size=23,
+                              splits=("train", "val"), sized_by_data_size=True))

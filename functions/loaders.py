@@ -314,8 +314,11 @@ class NormalisedImageLoader:
         check_mean_std(mean, std)
         if batch_size < 1:
             raise UserError(f"evaluation batch size must be at least 1, got {batch_size}")
-        # Kept as uint8 (4x smaller than float); each batch is normalised when it is read.
-        self.images = torch.from_numpy(np.ascontiguousarray(images)).to(device or "cpu")
+        # Kept as uint8 (4x smaller than float); each batch is normalised when it is read. Image files (an array
+        # only in shape) stay undecoded until their batch is read.
+        self.device = torch.device(device or "cpu")
+        self.images = images if not isinstance(images, np.ndarray) else torch.from_numpy(
+            np.ascontiguousarray(images)).to(self.device)
         self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device or "cpu")
         self.mean = [float(m) for m in mean]
         self.std = [float(s) for s in std]
@@ -334,4 +337,7 @@ class NormalisedImageLoader:
         """Yield (normalised images (B, 3, H, W), labels (B,)) in dataset order."""
         for start in range(0, self.num_samples, self.batch_size):
             stop = start + self.batch_size
-            yield normalise_uint8_images(self.images[start:stop], self.mean, self.std), self.labels[start:stop]
+            batch = self.images[start:stop]
+            if isinstance(batch, np.ndarray):
+                batch = torch.from_numpy(batch).to(self.device)
+            yield normalise_uint8_images(batch, self.mean, self.std), self.labels[start:stop]

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from functions.datasets import dataset_entry
+from functions.datasets import resolved_entry
 from functions.distributed import Runtime
 from functions.errors import run_cli
 from functions.server_method import method_class
@@ -114,7 +114,7 @@ def overhead_of_options(args: argparse.Namespace) -> ClientOverhead:
     runtime = Runtime(device=torch.device("cpu"))
     build = build_fl_step if args.scheme == "fl" else build_split_step
     step = build(one_client, runtime, MixedPrecision(None, runtime))
-    views = method_class(args.method).view_spec(args, dataset_entry(args.dataset))
+    views = method_class(args.method).view_spec(args, resolved_entry(args.dataset, args.data_size))
     return client_overhead(step, views, args.batch_size, args.cutlayer)
 
 

@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from functions.datasets import DatasetEntry, dataset_entry
+from functions.datasets import DatasetEntry, resolved_entry
 from functions.distributed import all_gather_rows, all_reduce_sum, forward_server
 from functions.errors import UserError, check_range
 from functions.schedules import LearningRateSchedule
@@ -389,9 +389,10 @@ class SwavServer(ServerMethod):
             raise UserError("--K_dim and --mlp shape the seed's MoCo-style SwAV head: add --moco_version")
         if args.K is not None and args.queue_length == 0:
             args.queue_length = args.K
+        dataset = resolved_entry(args.dataset, args.data_size)
         if args.size_crops is None:
-            args.size_crops = list(dataset_entry(args.dataset).crop_sizes)
-        total_crops = cls.view_spec(args, dataset_entry(args.dataset)).total_crops  # checks the crop lists
+            args.size_crops = list(dataset.crop_sizes)
+        total_crops = cls.view_spec(args, dataset).total_crops  # checks the crop lists
         if total_crops < 2:
             raise UserError("SwAV needs at least two crops in total (--nmb_crops)")
         for crop in args.crops_for_assign:

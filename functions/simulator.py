@@ -19,7 +19,7 @@ import torch
 from functions.checkpoint import CHECKPOINT_NAME
 from functions.communication import CommunicationSaving
 from functions.data import FederatedData
-from functions.datasets import dataset_entry
+from functions.datasets import resolved_entry
 from functions.distributed import ClientHandOver, Runtime, all_reduce_max_flag, run_agreed
 from functions.errors import TrainingInterrupted, UserError
 from functions.evaluation import FINAL_EVALUATIONS, Evaluation, EvaluationContext, knn_evaluation
@@ -56,7 +56,7 @@ class Trainer(TrainerCheckpoints):
         self.stop = stop if stop is not None else StopSignal(announce=runtime.is_main)
         seed_everything(args.seed)
         method_cls = method_class(args.method)
-        view_spec = method_cls.view_spec(args, dataset_entry(args.dataset))
+        view_spec = method_cls.view_spec(args, resolved_entry(args.dataset, args.data_size))
         # Reads this node's disk: may fail on one rank only, so every rank stops with that rank's line.
         self.data = run_agreed(lambda: FederatedData(args, view_spec, runtime, output_dir))
         self.precision = MixedPrecision(amp_dtype_of(args.use_fp16, args.amp_dtype, runtime), runtime)
