@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--engine", type=str, default="auto", choices=ENGINES,
                         help="engine of the vmap mode: grouped convolutions, torch.vmap, or auto (grouped when possible)")
     parser.add_argument("--arch", type=str, default="ResNet18", help="split backbone (any --arch of the training scripts)")
-    parser.add_argument("--width", type=int, default=64, help="base channel count of the ResNet")
+    parser.add_argument("--width", type=int, default=64, help="base channel count of the backbone (64 = standard)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per repetition")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before the repetitions")
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions (the median is reported)")

@@ -5,9 +5,11 @@ client c's parameter `name` is row c of one stacked tensor of shape (num_client,
 whole pool at once, so the cost of a step no longer grows with a Python loop over clients. Two engines:
 
 * "grouped" (used when the client model is made of convolutions, GroupNorm and units that declare
-  `channel_packable`, such as the ResNet units of models/resnet.py: ReLU, residual additions): the pool's activations are packed along channels, (rows, clients *
-  channels, H, W); every convolution becomes one grouped convolution (groups = clients) and every GroupNorm one
-  GroupNorm with clients * groups groups, so the modules' own forward code runs unchanged on the packed tensor.
+  `channel_packable`, such as the ResNet, VGG and MobileNetV2 units of models/: ReLU, residual additions,
+  max-pooling): the pool's activations are packed along channels, (rows, clients * channels, H, W); every
+  convolution becomes one grouped convolution (groups = clients x the convolution's own groups, so depthwise
+  convolutions pack too) and every GroupNorm one GroupNorm with clients * groups groups, so the modules' own
+  forward code runs unchanged on the packed tensor.
 * "vmap" (any other client model): `torch.func.functional_call` under `torch.vmap` over the stacked weights.
 
 Both give the loop's numbers up to float rounding; "grouped" avoids the layout changes vmap inserts between
@@ -58,9 +60,10 @@ MAX_ROW_GROUPS = 4
 _PLAN_CACHE_SIZE = 8
 
 
-# Containers whose forward only calls their children and element-wise ops (ReLU, addition): they run unchanged on
-# channel-packed activations once their convolutions and norms are swapped for the packed versions below. A
-# backbone's own unit classes join them by declaring `channel_packable = True` in their class body.
+# Containers whose forward only calls their children, element-wise ops (ReLU, addition) and channel-wise ones
+# (max-pooling): they run unchanged on channel-packed activations once their convolutions and norms are swapped
+# for the packed versions below. A backbone's own unit classes join them by declaring `channel_packable = True` in
+# their class body.
 _PACKABLE_CONTAINERS = (nn.Sequential, nn.Identity, nn.ReLU)
 
 
@@ -214,8 +217,8 @@ class VectorisedClientSide:
         if engine not in ENGINES:
             raise UserError(f"client engine {engine!r} is not one of {', '.join(ENGINES)}")
         if engine == "grouped" and not can_pack(template):
-            raise UserError("the grouped client engine needs a client model of convolutions, GroupNorm and ResNet "
-                            "units only; use engine 'vmap'")
+            raise UserError("the grouped client engine needs a client model of convolutions, GroupNorm and "
+                            "channel-packable units only; use engine 'vmap'")
         if num_client < 1:
             raise UserError(f"--num_client must be at least 1 (got {num_client})")
         buffers = [name for name, _ in template.named_buffers()]

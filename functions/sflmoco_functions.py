@@ -250,7 +250,7 @@ def build_moco_head(feature_dim: int, moco_version: str = "V2", K_dim: int = 102
                     expansion: int = 1) -> Head:
     """MocoSFL's projection heads: without --mlp one Linear layer to K_dim; with it, for largeV2, Linear to 4096,
     BatchNorm, ReLU, Linear to K_dim; for the other V2 versions Linear to K_dim * expansion, ReLU, Linear to
-    K_dim (expansion: 4 for bottleneck ResNets). Xavier-initialised, as MocoSFL does."""
+    K_dim (expansion: the architecture's, 4 for bottleneck ResNets). Xavier-initialised, as MocoSFL does."""
     if moco_version not in MOCO_VERSIONS:
         raise UserError(f"--moco_version {moco_version} is not supported; choose one of {', '.join(MOCO_VERSIONS)}")
     if isinstance(K_dim, bool) or not isinstance(K_dim, int) or K_dim <= 0:
@@ -360,7 +360,7 @@ class MocoServer(ServerMethod):
         from models.split import architecture
 
         return partial(build_moco_head, moco_version=args.moco_version, K_dim=args.K_dim, mlp=args.mlp,
-                       expansion=architecture(args.arch).feature_dim(args.width) // (8 * args.width))
+                       expansion=architecture(args.arch).expansion)
 
     @classmethod
     def view_spec(cls, args: argparse.Namespace, dataset: "DatasetEntry") -> ViewSpec:

@@ -44,10 +44,13 @@ def standardize_kernel(weight: torch.Tensor) -> torch.Tensor:
     return ((flat - mean) / (std + WS_EPS)).view_as(weight)
 
 
-def conv(in_channels: int, out_channels: int, kernel_size: int, stride: int, use_ws: bool) -> nn.Conv2d:
-    """A bias-free conv with 'same' padding, weight-standardised when use_ws."""
+def conv(in_channels: int, out_channels: int, kernel_size: int, stride: int, use_ws: bool, groups: int = 1,
+         bias: bool = False) -> nn.Conv2d:
+    """A conv with 'same' padding (bias-free unless asked), weight-standardised when use_ws; groups=in_channels is
+    depthwise."""
     conv_class = WSConv2d if use_ws else nn.Conv2d
-    return conv_class(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, bias=False)
+    return conv_class(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, bias=bias,
+                      groups=groups)
 
 
 class L2Normalize(nn.Module):
@@ -56,3 +59,33 @@ class L2Normalize(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x / ||x|| along dim 1."""
         return F.normalize(x, dim=1)
+
+
+class ConvNormReLU(nn.Module):
+    """conv (k x k, stride), GroupNorm, ReLU: a plain backbone unit (VGG's convs, MobileNetV2's stem and last conv)."""
+
+    # Its forward only calls its convolution and norm and applies ReLU: the grouped client engine can pack it.
+    channel_packable = True
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, use_ws: bool,
+                 bias: bool = False) -> None:
+        super().__init__()
+        self.conv = conv(in_channels, out_channels, kernel_size, stride, use_ws, bias=bias)
+        self.norm = group_norm(out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """relu(norm(conv(x)))."""
+        return F.relu(self.norm(self.conv(x)))
+
+
+def initialise_convs_and_norms(backbone: nn.Module) -> None:
+    """Kaiming-normal convs (fan_out, ReLU) with zero biases, GroupNorm scale 1, shift 0: the backbones' common
+    starting point."""
+    for module in backbone.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.GroupNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)

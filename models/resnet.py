@@ -182,6 +182,7 @@ def _register(name: str, block_type: str, blocks_per_stage: tuple[int, int, int,
         build_units=lambda width, use_ws: _build_units(block_type, blocks_per_stage, width, use_ws),
         feature_dim=lambda width: 8 * width * expansion,
         initialise=initialise_resnet,
+        expansion=expansion,
     ))
 
 

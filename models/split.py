@@ -47,7 +47,9 @@ class Architecture:
     build_units(width, use_ws) makes the units in network order, named as in `unit_names`; feature_dim(width) is
     the size of their pooled output; initialise(backbone, plain_units) sets the initial weights once the head
     exists (so the head's random draws come first, whatever the architecture) and removes the shortcuts of the
-    units named in plain_units (--disable_c_residual on the client's units).
+    units named in plain_units (--disable_c_residual on the client's units). expansion is MocoSFL's
+    `model.expansion` (4 for the bottleneck ResNet-50, 1 otherwise), by which MoCo's V2 head widens its hidden
+    layer; it is not always feature_dim / (8 * width) (MobileNetV2: 1280 features, expansion 1).
     """
 
     name: str
@@ -55,6 +57,7 @@ class Architecture:
     build_units: Callable[[int, bool], "OrderedDict[str, nn.Module]"]
     feature_dim: Callable[[int], int]
     initialise: Callable[[nn.Module, Sequence[str]], None]
+    expansion: int = 1
 
     @property
     def num_cut_points(self) -> int:

@@ -273,7 +273,7 @@ def test_invalid_options_are_user_errors() -> None:
     with pytest.raises(UserError, match="--arch ResNet101 is not supported"):
         build_split_model("ResNet101", 1, width=WIDTH)
     with pytest.raises(UserError, match="--arch"):
-        num_cut_points("vgg11")
+        num_cut_points("vgg12")  # VGG-11/13/16/19 are registered, there is no VGG-12
     with pytest.raises(UserError, match="--moco_version"):
         build_split_model("ResNet18", 1, width=WIDTH, head=moco_head(moco_version="V3"))
     with pytest.raises(UserError, match="--mlp needs a V2 version"):

@@ -107,6 +107,13 @@ def test_sweep_options_make_one_job_per_preset_variant_and_seed(tmp_path: Path) 
     assert jobs[0].folder == tmp_path / "out" / "tiny_moco_cutlayer1" / "seed3"
     assert preset_method(Path(files[0])) == "moco" and preset_method(Path(files[1])) == "swav"
     assert preset_method(REPO_ROOT / "configs" / "swav_cpu.yaml") == "swav"
+    from functions.sweep import job_command
+
+    plain = job_command(jobs[0], Path("c.yaml"), resume=False, nproc_per_node=1)
+    assert plain[1].endswith("run_sflmoco.py") and plain[-4:] == ["--seed", "3", "--output_dir", str(jobs[0].folder)]
+    distributed = job_command(jobs[4], Path("c.yaml"), resume=True, nproc_per_node=2)
+    assert distributed[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    assert distributed[5].endswith("run_sflswav.py") and distributed[-1] == "--resume"
 
 
 def test_sweep_refuses_mistakes_in_one_line(tmp_path: Path) -> None:
