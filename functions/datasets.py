@@ -16,7 +16,7 @@ import numpy as np
 
 from functions import cifar, readers
 from functions.errors import UserError
-from functions.image_folder import IMAGENET_MEAN, IMAGENET_STD, ImageFiles, read_image_folder
+from functions.image_folder import IMAGENET_MEAN, IMAGENET_STD, ImageFiles, read_image_folder, read_imagenet12
 from functions.readers import UNLABELLED
 
 # Set to 1 (or any non-empty value other than 0) to never download a dataset: a missing folder is then an error at once.
@@ -244,3 +244,7 @@ register_dataset(DatasetEntry(name="tinyimagenet", read=readers.read_tiny_imagen
 register_dataset(DatasetEntry(name="imagefolder", read=read_image_folder, num_classes=0, image_size=224,
                               mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_sizes=(224, 96), blur_kernel_size=23,
                               splits=("train", "val"), sized_by_data_size=True))
+# MocoSFL's --dataset imagenet12 (Table 3): its 12-class ImageNet folder, read at 224 px like MocoSFL.
+register_dataset(DatasetEntry(name="imagenet12", read=read_imagenet12, num_classes=12, image_size=224,
+                              mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_sizes=(224, 96), blur_kernel_size=23,
+                              splits=("train", "val")))

@@ -124,3 +124,21 @@ def image_folder_classes(data_dir: Path) -> int:
     if train_folder is None:
         return 0
     return sum(1 for path in train_folder.iterdir() if path.is_dir())
+
+
+# MocoSFL's prepare_imagenet12.py writes data/imagnet-12/{train,val}/<class>/ (its spelling).
+IMAGENET12_FOLDERS = ("imagnet-12", "imagenet-12", "imagenet12")
+
+
+def read_imagenet12(data_dir: Path, *, download: bool = True, seed: int = 0) -> tuple[Any, ...]:
+    """MocoSFL's ImageNet-12 (12 ImageNet classes) at 224 px, from --data_dir/imagnet-12 (MocoSFL's folder) or a
+    folder of that layout given directly."""
+    for folder in (*(data_dir / name for name in IMAGENET12_FOLDERS), data_dir):
+        if _split_folder(folder, TRAIN_SPLITS) and _split_folder(folder, TEST_SPLITS):
+            read = read_image_folder(folder, data_size=224)
+            if int(read[1].max()) + 1 != 12:
+                raise UserError(f"{folder} holds {int(read[1].max()) + 1} classes, ImageNet-12 has 12; check --data_dir")
+            return read
+    raise UserError(f"ImageNet-12 not found in {data_dir}: MocoSFL's prepare_imagenet12.py writes imagnet-12/train/"
+                    "<class>/ and imagnet-12/val/<class>/ from ImageNet (it cannot be downloaded); pass --data_dir "
+                    "pointing to the folder that holds imagnet-12")

@@ -26,7 +26,7 @@ def write_folder(root: Path, classes=("cat", "dog", "eel"), train: int = 6, val:
             folder = root / split / name
             folder.mkdir(parents=True)
             for index in range(count):
-                pixels = np.full((30 + index, 40, 3), 40 * label, dtype=np.uint8)
+                pixels = np.full((30 + index, 40, 3), (40 * label) % 240, dtype=np.uint8)
                 pixels += rng.integers(0, 20, pixels.shape, dtype=np.uint8)
                 Image.fromarray(pixels).save(folder / f"{index}.{'png' if index % 2 else 'jpg'}")
             (folder / "notes.txt").write_text("not an image")
@@ -116,3 +116,15 @@ def test_two_steps_decode_only_the_images_they_read(tmp_path: Path, monkeypatch,
     features = [images.shape for images, _ in trainer.data.loaders.test]
     assert features == [(6, 3, 32, 32)] and len(decoded) == (6 if backend == "dali" else 14)
     trainer.close()
+
+
+def test_imagenet12_reads_mocosfls_folder_at_224_pixels(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="ImageNet-12 not found .*prepare_imagenet12.py"):
+        load_dataset("imagenet12", tmp_path)
+    classes = [f"n{index:08d}" for index in range(12)]
+    write_folder(tmp_path / "imagnet-12", classes=classes, train=1, val=1)  # MocoSFL's spelling
+    dataset = load_dataset("imagenet12", tmp_path)
+    assert dataset.num_classes == 12 and dataset.train_images.shape == (12, 224, 224, 3)
+    write_folder(tmp_path / "eleven", classes=classes[:11], train=1, val=1)
+    with pytest.raises(UserError, match="holds 11 classes, ImageNet-12 has 12"):
+        load_dataset("imagenet12", tmp_path / "eleven")
