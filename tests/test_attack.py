@@ -1,0 +1,88 @@
+"""The model-inversion attack: near perfect on a client that sends its images, no better than the mean image on
+one that sends nothing; decoder names and sizes as MocoSFL's attacker names them."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from functions.attack import image_figures, inversion_decoder, invert, save_reconstructions, to_unit_images
+from functions.datasets import load_dataset
+from functions.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def images(cifar10_mini_dir_module):
+    dataset = load_dataset("cifar10", cifar10_mini_dir_module, download=False)
+    mean = torch.tensor(dataset.mean).view(1, 3, 1, 1)
+    std = torch.tensor(dataset.std).view(1, 3, 1, 1)
+    return (to_unit_images(dataset.train_images[:512]), to_unit_images(dataset.test_images[:64]),
+            lambda x: (x - mean) / std)
+
+
+@pytest.fixture(scope="module")
+def cifar10_mini_dir_module():
+    from conftest import CIFAR10_MINI
+
+    if not (CIFAR10_MINI / "cifar-10-batches-py" / "data_batch_1").is_file():
+        pytest.skip(f"real CIFAR-10 sample not found at {CIFAR10_MINI}")
+    return CIFAR10_MINI
+
+
+def test_a_client_that_sends_its_images_is_rebuilt_almost_perfectly(images) -> None:
+    auxiliary, targets, normalise = images
+    figures, reconstructed = invert(torch.nn.Identity(), auxiliary, targets, normalise=normalise,
+                                    decoder_name="conv_normN0C8", epochs=15)
+    assert reconstructed.shape == targets.shape
+    assert figures["ssim"] > 0.75 and figures["psnr"] > figures["mean_image_psnr"] + 8 and figures["mse"] < 0.01
+
+
+def test_a_client_that_sends_zeros_gives_the_mean_image_figures(images) -> None:
+    auxiliary, targets, normalise = images
+
+    def zeros(batch: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(batch.shape[0], 4, 16, 16)
+
+    figures, _ = invert(zeros, auxiliary, targets, normalise=normalise, decoder_name="conv_normN0C8", epochs=15,
+                        lr=1e-2)
+    # Nothing to decode: the best the attacker can learn is one image for all, the mean image at most.
+    assert abs(figures["psnr"] - figures["mean_image_psnr"]) < 2.0
+    assert figures["ssim"] < figures["mean_image_ssim"] + 0.05
+
+
+def test_figures_of_identical_and_opposite_images() -> None:
+    generator = torch.Generator().manual_seed(0)
+    originals = torch.rand(4, 3, 16, 16, generator=generator)
+    same = image_figures(originals, originals)
+    assert same["mse"] == 0 and same["ssim"] == pytest.approx(1.0, abs=1e-4) and same["psnr"] > 60
+    opposite = image_figures(1 - originals, originals)
+    assert opposite["ssim"] < 0 and opposite["psnr"] < 10
+
+
+@pytest.mark.parametrize("name, in_size, upsamplings", [("conv_normN2C16", 32, 0), ("res_normN4C64", 16, 1),
+                                                       ("res_normN1C8", 8, 2)])
+def test_decoders_double_up_to_the_image_size(name: str, in_size: int, upsamplings: int) -> None:
+    decoder = inversion_decoder(name, in_channels=5, in_size=in_size, out_size=32)
+    with torch.no_grad():
+        output = decoder(torch.randn(2, 5, in_size, in_size))
+    assert output.shape == (2, 3, 32, 32) and 0 <= float(output.min()) and float(output.max()) <= 1
+    assert sum(isinstance(layer, torch.nn.ConvTranspose2d) for layer in decoder) == upsamplings
+
+
+def test_bad_decoder_names_and_sizes_are_one_line() -> None:
+    with pytest.raises(UserError, match="not a decoder name"):
+        inversion_decoder("resnet", 4, 16, 32)
+    with pytest.raises(UserError, match="power of two"):
+        inversion_decoder("conv_normN1C8", 4, 12, 32)
+
+
+def test_the_picture_puts_originals_above_reconstructions(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    originals, reconstructed = torch.zeros(3, 3, 8, 8), torch.ones(3, 3, 8, 8)
+    save_reconstructions(tmp_path / "attack.png", originals, reconstructed)
+    picture = np.asarray(Image.open(tmp_path / "attack.png").convert("L"))
+    assert picture.shape == (2 * 10 + 2, 3 * 10 + 2)
+    assert picture[2:10, 2:10].max() == 0 and picture[12:20, 2:10].min() == 255
