@@ -28,6 +28,7 @@ RUNTIME_OPTIONS = frozenset({
     "config", "resume", "checkpoint", "eval_only", "output_dir", "data_dir", "device", "num_workers",
     "num_epoch", "max_steps", "eval_freq", "linear_epochs", "skip_linear", "knn_k", "knn_t", "eval_protocol",
     "log_freq", "eval_batch_size", "client_exec", "is_distributed", "compile",
+    "attack", "MIA_arch", "aux_data", "aux_images", "attack_epochs", "attack_client", "attack_images",
     "channels_last", "cudnn_benchmark",
 })
 
@@ -140,10 +141,17 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     run.add_argument("--debug", action="store_true", help="accepted as in MocoSFL and the seed, which never read it")
 
     privacy = parser.add_argument_group(
-        "privacy (model-inversion attack, ResSFL defence, expert initialisation; accepted, not available yet)")
-    privacy.add_argument("--attack", action="store_true", help="model-inversion attack on the smashed data after training")
-    privacy.add_argument("--MIA_arch", type=str, default="custom", help="architecture of the inversion decoder")
-    privacy.add_argument("--aux_data", type=str, default="cifar100", help="auxiliary data of the attacker")
+        "privacy (model-inversion attack; the ResSFL defence and expert initialisation are accepted, not available yet)")
+    privacy.add_argument("--attack", action="store_true",
+                         help="model-inversion attack on the smashed data after training (and with --eval_only)")
+    privacy.add_argument("--MIA_arch", type=str, default="custom",
+                         help="inversion decoder: conv_normN<N>C<C> or res_normN<N>C<C> (custom = res_normN4C64)")
+    privacy.add_argument("--aux_data", type=str, default="cifar100",
+                         help="the attacker's images: a dataset read from --data_dir, or heldout (the run's test images)")
+    privacy.add_argument("--aux_images", type=int, default=10000, help="at most this many auxiliary images")
+    privacy.add_argument("--attack_epochs", type=int, default=50, help="epochs of the attacker's decoder training")
+    privacy.add_argument("--attack_client", type=int, default=0, help="the client whose images are attacked")
+    privacy.add_argument("--attack_images", type=int, default=128, help="target images rebuilt and scored")
     privacy.add_argument("--enable_ressfl", action="store_true", help="ResSFL: attacker-aware training of the clients")
     privacy.add_argument("--ressfl_alpha", type=float, default=0.0, help="ResSFL strength (0 = off)")
     privacy.add_argument("--ressfl_target_ssim", type=float, default=0.5, help="ResSFL: SSIM the attacker should not exceed")
@@ -349,7 +357,8 @@ _RANGES = {
     "linear_epochs": "[1, inf)", "seed": f"[0, {2**63 - 1}]", "lr": "(0, inf)", "c_lr": "(0, inf)",
     "momentum": "[0, 1)", "weight_decay": "[0, inf)", "s_gamma": "(0, inf)", "c_gamma": "(0, inf)",
     "client_sample_ratio": "(0, 1]", "data_proportion": "(0, 1]", "dirichlet_alpha": "(0, inf)",
-    "min_client_samples": "[1, inf)",
+    "min_client_samples": "[1, inf)", "aux_images": "[2, inf)", "attack_epochs": "[1, inf)",
+    "attack_images": "[1, inf)", "attack_client": "[0, inf)",
 }
 
 
@@ -378,7 +387,7 @@ def apply_auto_adjust(args: argparse.Namespace) -> None:
 
 
 # Options that reach the model-inversion attack or the ResSFL defence; until those exist a run asking for them stops.
-_PRIVACY_SWITCHES = ("attack", "enable_ressfl", "adds_bottleneck", "load_server")
+_PRIVACY_SWITCHES = ("enable_ressfl", "adds_bottleneck", "load_server")
 
 
 def check_privacy_options(args: argparse.Namespace) -> None:
@@ -388,8 +397,8 @@ def check_privacy_options(args: argparse.Namespace) -> None:
     asked += ["--bottleneck_option"] if args.bottleneck_option != "None" else []
     asked += ["--initialze_path"] if args.initialze_path != "None" else []
     if asked:
-        raise UserError(f"{', '.join(asked)}: the model-inversion attack, the ResSFL defence, the bottleneck and expert "
-                        "initialisation are not available yet (privacy evaluation); run without them")
+        raise UserError(f"{', '.join(asked)}: the ResSFL defence, the bottleneck and expert initialisation are not "
+                        "available yet (privacy evaluation); run without them")
 
 
 def check_dataset_options(args: argparse.Namespace) -> None:

@@ -25,6 +25,7 @@ __all__ = [
     "FINAL_EVALUATIONS",
     "knn_evaluation",
     "final_knn_evaluation",
+    "attack_evaluation",
     "probe_evaluation",
     "extract_features",
     "knn_predict",
@@ -329,6 +330,11 @@ class EvaluationContext:
     num_classes: int
     args: Any
     device: torch.device
+    # For the attack: a client's own training images (uint8 NHWC), the normalisation, whether this process writes.
+    client_images: Callable[[int], np.ndarray] | None = None
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.25, 0.25, 0.25)
+    is_main: bool = True
     _features: dict[bool, tuple[Tensor, Tensor, Tensor, Tensor]] = field(default_factory=dict, init=False, repr=False)
 
     def _extracted(self, normalize: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -389,5 +395,14 @@ def probe_evaluation(context: EvaluationContext) -> dict[str, Any]:
                                      epochs=args.linear_epochs, seed=args.seed, device=context.device)}
 
 
+def attack_evaluation(context: EvaluationContext) -> dict[str, Any]:
+    """With --attack: the model-inversion attack on a client's smashed data (functions.attack_run)."""
+    if not getattr(context.args, "attack", False):
+        return {}
+    from functions.attack_run import attack_on_client
+
+    return attack_on_client(context)
+
+
 # What a finished run reports, in order; a new evaluation (a probe, an attack) is one function added here.
-FINAL_EVALUATIONS: list[Evaluation] = [final_knn_evaluation, probe_evaluation]
+FINAL_EVALUATIONS: list[Evaluation] = [final_knn_evaluation, probe_evaluation, attack_evaluation]

@@ -271,8 +271,11 @@ class Trainer(TrainerCheckpoints):
         client_model = self.clients.module_with(average_pool(self.clients, pool, self.data.client_sizes,
                                                              self.runtime)).eval()
         self.method.eval()
-        return EvaluationContext(self.split_step.encoder(client_model), client_model, self.data.loaders.memory, self.data.loaders.test,
-                                 self.data.dataset.num_classes, self.args, self.device)
+        dataset = self.data.dataset
+        return EvaluationContext(self.split_step.encoder(client_model), client_model, self.data.loaders.memory,
+                                 self.data.loaders.test, dataset.num_classes, self.args, self.device,
+                                 client_images=lambda client: dataset.train_images[self.data.client_indices[client]],
+                                 mean=dataset.mean, std=dataset.std, is_main=self.runtime.is_main)
 
     def log_knn(self, epoch: int) -> float:
         """The kNN monitor after `epoch` (0 = before training): logged, saved to metrics.json, returned."""

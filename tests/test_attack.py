@@ -86,3 +86,39 @@ def test_the_picture_puts_originals_above_reconstructions(tmp_path: Path) -> Non
     picture = np.asarray(Image.open(tmp_path / "attack.png").convert("L"))
     assert picture.shape == (2 * 10 + 2, 3 * 10 + 2)
     assert picture[2:10, 2:10].max() == 0 and picture[12:20, 2:10].min() == 255
+
+
+# ------------------------------------------------------------------------------------------- --attack in a run
+def test_attack_after_training_and_on_a_saved_run(tmp_path: Path, cifar10_mini_dir_module) -> None:
+    import json
+
+    from configs import parse_args
+    from functions.runner import run
+
+    common = ["--data_dir", str(cifar10_mini_dir_module), "--attack", "--aux_data", "heldout", "--aux_images", "64",
+              "--attack_epochs", "1", "--attack_images", "8", "--MIA_arch", "conv_normN0C8"]
+    results = run(parse_args("moco", [
+        "--dataset", "cifar10", "--data_proportion", "0.02", "--width", "4", "--num_client", "2", "--batch_size", "8",
+        "--num_epoch", "1", "--max_steps", "2", "--eval_freq", "0", "--skip_linear", "--num_workers", "0",
+        "--K", "32", "--K_dim", "8", "--output_dir", str(tmp_path / "run"), *common]))
+    for key in ("attack_mse", "attack_ssim", "attack_psnr", "attack_mean_image_mse", "attack_mean_image_ssim",
+                "attack_mean_image_psnr"):
+        assert isinstance(results[key], float), key
+    assert results["attack_decoder"] == "conv_normN0C8"
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["final"]["attack_psnr"] == results[
+        "attack_psnr"]
+    assert (tmp_path / "run" / "attack.png").is_file()
+    again = run(parse_args("moco", ["--eval_only", "--checkpoint", str(tmp_path / "run" / "checkpoint_last.pt"),
+                                    "--skip_linear", *common]))
+    assert again["attack_psnr"] == pytest.approx(results["attack_psnr"], abs=1e-4)  # same seed, same model
+    assert (tmp_path / "run" / "eval_only" / "attack.png").is_file()
+
+
+def test_attack_options_are_checked_in_one_line(tmp_path: Path) -> None:
+    from configs import parse_args
+
+    with pytest.raises(UserError, match="--attack_epochs must be"):
+        parse_args("moco", ["--attack", "--attack_epochs", "0"])
+    with pytest.raises(UserError, match="--enable_ressfl: the ResSFL defence.*not available yet"):
+        parse_args("moco", ["--enable_ressfl"])
+    assert parse_args("moco", ["--attack"]).attack
