@@ -4,7 +4,8 @@ Every line is parsed here with its options as written. Each line also trains 2 s
 cifar10-mini images repeated to the full training-set size, since the scripts' 1000 clients need about 50 images
 each), its paths translated, `--device cuda:N` run on the CPU and torchrun's 4 processes run as 2. By default a
 covering selection trains: 5 clients with --auto_adjust, 20 sampled clients and 1000 clients, both cut layers,
-CIFAR-10 and CIFAR-100, the seed's MoCo lines (one under torchrun). SFL_SCRIPT_LINES=all trains every line (about
+CIFAR-10 and CIFAR-100, the seed's MoCo line (its torchrun line is left to SFL_SCRIPT_LINES=all; torchrun itself
+is tested in test_distributed.py). SFL_SCRIPT_LINES=all trains every line (about
 half an hour on 2 cores; the seed's SwAV lines run 224-pixel crops through a CIFAR ResNet-18, 3 to 4 minutes each,
 and under torchrun a rank took over 13 GB of memory). The ImageNet-12 lines parse (MocoSFL's imagnet-12 folder,
 224 pixels) but do not train here: a full-width ResNet-18 at 224 pixels is too slow for a CPU; their data path is
@@ -39,7 +40,6 @@ COVERING = {  # (script, dataset, clients, non-IID ratio, cut, seed): the lines 
     ("run_sflmoco_cross_client_cifar10.sh", "cifar10", "5", "0.2", "1", None),
     ("run_sflmoco_cross_client_cifar100.sh", "cifar100", "20", "1.0", "2", None),
     ("run_sflmoco_cross_client.sh", "cifar10", "1000", "0.2", "2", "1234"),
-    ("run_sflmoco_cross_client_cifar10_DDP.sh", "cifar10", "10", "1.0", "1", None),
     ("run_sflmoco_cross_client_cifar10_new.sh", "cifar10", "10", "1.0", "1", None),
 }
 
