@@ -1,6 +1,8 @@
 """Layers shared by the split backbones: weight-standardised convolutions, GroupNorm sizing, L2 normalisation."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -89,3 +91,17 @@ def initialise_convs_and_norms(backbone: nn.Module) -> None:
         elif isinstance(module, nn.GroupNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+
+
+def start_blocks_as_shortcuts(backbone: nn.Module, plain_units: Sequence[str], block_type: type[nn.Module]) -> None:
+    """Drop the shortcuts of the `plain_units` blocks (--disable_c_residual), then zero the last norm's scale of
+    every block that keeps its shortcut, so that it starts as its shortcut. Blocks of `block_type` provide
+    `disable_residual()`, `shortcut` and `last_norm()`; blocks without a shortcut keep scale 1, or they would
+    output zeros. Call it after the initialisation pass, so every other weight draws the same random numbers."""
+    for name in plain_units:
+        unit = backbone.get_submodule(name)
+        if isinstance(unit, block_type):
+            unit.disable_residual()
+    for block in backbone.modules():
+        if isinstance(block, block_type) and block.shortcut is not None:
+            nn.init.zeros_(block.last_norm().weight)

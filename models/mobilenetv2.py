@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.layers import ConvNormReLU, conv, group_norm, initialise_convs_and_norms
+from models.layers import ConvNormReLU, conv, group_norm, initialise_convs_and_norms, start_blocks_as_shortcuts
 from models.split import Architecture, register_architecture
 
 # Channels of the standard network, which --width 64 builds.
@@ -85,6 +85,10 @@ class InvertedResidual(nn.Module):
             return nn.Identity()
         return nn.Sequential(conv(in_channels, out_channels, 1, 1, use_ws), group_norm(out_channels))
 
+    def last_norm(self) -> nn.GroupNorm:
+        """The norm at the end of the residual branch."""
+        return self.norm3
+
     def disable_residual(self) -> None:
         """Drop the shortcut: the block becomes a plain conv stack (MocoSFL --disable_c_residual)."""
         self.residual = False
@@ -127,14 +131,7 @@ def initialise_mobilenetv2(backbone: nn.Module, plain_units: Sequence[str]) -> N
     scale 1, or they would output zeros.
     """
     initialise_convs_and_norms(backbone)
-    # Shortcuts go only after the init pass, so every other weight draws the same random numbers.
-    for name in plain_units:
-        unit = backbone.get_submodule(name)
-        if isinstance(unit, InvertedResidual):
-            unit.disable_residual()
-    for block in backbone.modules():
-        if isinstance(block, InvertedResidual) and block.shortcut is not None:
-            nn.init.zeros_(block.norm3.weight)
+    start_blocks_as_shortcuts(backbone, plain_units, InvertedResidual)
 
 
 register_architecture(Architecture(

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.layers import conv, group_norm
+from models.layers import conv, group_norm, initialise_convs_and_norms, start_blocks_as_shortcuts
 from models.split import Architecture, register_architecture
 
 # Blocks per stage and block type for each architecture.
@@ -158,20 +158,8 @@ def initialise_resnet(backbone: nn.Module, plain_units: Sequence[str]) -> None:
     (kNN on its features is near chance on CIFAR-10), which gives SwAV's swapped prediction no signal to start
     from. Blocks without a shortcut keep scale 1, or they would output zeros.
     """
-    for module in backbone.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(module, nn.GroupNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-    # Shortcuts go only after the init pass, so every other weight draws the same random numbers.
-    for name in plain_units:
-        unit = backbone.get_submodule(name)
-        if isinstance(unit, _ResidualBlock):
-            unit.disable_residual()
-    for block in backbone.modules():
-        if isinstance(block, _ResidualBlock) and block.shortcut is not None:
-            nn.init.zeros_(block.last_norm().weight)
+    initialise_convs_and_norms(backbone)
+    start_blocks_as_shortcuts(backbone, plain_units, _ResidualBlock)
 
 
 def _register(name: str, block_type: str, blocks_per_stage: tuple[int, int, int, int]) -> None:

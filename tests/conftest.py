@@ -21,3 +21,15 @@ def cifar10_mini_dir() -> Path:
     if not (CIFAR10_MINI / "cifar-10-batches-py" / "data_batch_1").is_file():
         pytest.skip(f"real CIFAR-10 sample not found at {CIFAR10_MINI}")
     return CIFAR10_MINI
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one thread is as fast and does not stall on a busy machine's OpenMP barriers (test modules
+    ask for it with pytestmark = pytest.mark.usefixtures("one_thread"))."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

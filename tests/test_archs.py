@@ -44,13 +44,7 @@ WIDTH = "4"  # VGG-11 4..32 channels, MobileNetV2 1..80: a step takes millisecon
 CASE_IDS = [f"{arch}-cut{cut}" for arch, cut in CASES]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is as fast and does not stall on a busy machine's OpenMP barriers."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _options(arch: str, cut: int) -> list[str]:

@@ -23,13 +23,7 @@ TOLERANCE = dict(rtol=1e-9, atol=1e-10)
 TRAINER_TOLERANCE = dict(rtol=1e-4, atol=2e-4)  # the Trainer runs in float32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is as fast and does not stall on a busy machine's OpenMP barriers."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _template(cutlayer: int) -> nn.Module:
