@@ -19,6 +19,7 @@ from functions.errors import UserError, check_range
 from functions.files import write_text_atomic
 from functions.partition import add_partition_arguments, parse_hetero_string, resolve_partition_method
 from functions.server_method import method_class
+from models.bottleneck import parse_bottleneck_option
 from models.split import ARCHITECTURES, check_cutlayer
 
 CONFIG_DIR = Path(__file__).resolve().parent
@@ -141,7 +142,7 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     run.add_argument("--debug", action="store_true", help="accepted as in MocoSFL and the seed, which never read it")
 
     privacy = parser.add_argument_group(
-        "privacy (model-inversion attack; the ResSFL defence and expert initialisation are accepted, not available yet)")
+        "privacy (model-inversion attack, the ResSFL defence, the bottleneck and expert initialisation)")
     privacy.add_argument("--attack", action="store_true",
                          help="model-inversion attack on the smashed data after training (and with --eval_only)")
     privacy.add_argument("--MIA_arch", type=str, default="custom",
@@ -386,19 +387,25 @@ def apply_auto_adjust(args: argparse.Namespace) -> None:
             setattr(args, name, value)
 
 
-# Options that reach the model-inversion attack or the ResSFL defence; until those exist a run asking for them stops.
-_PRIVACY_SWITCHES = ("enable_ressfl", "adds_bottleneck", "load_server")
-
-
 def check_privacy_options(args: argparse.Namespace) -> None:
-    """Refuse, in one line, the privacy features that are not available yet (their disabled values are accepted)."""
-    asked = [f"--{name}" for name in _PRIVACY_SWITCHES if getattr(args, name)]
-    asked += ["--ressfl_alpha"] if args.ressfl_alpha > 0 else []
-    asked += ["--bottleneck_option"] if args.bottleneck_option != "None" else []
-    asked += ["--initialze_path"] if args.initialze_path != "None" else []
-    if asked:
-        raise UserError(f"{', '.join(asked)}: the ResSFL defence, the bottleneck and expert initialisation are not "
-                        "available yet (privacy evaluation); run without them")
+    """The bottleneck, expert initialisation and ResSFL options: their combinations, one clear line each.
+
+    As in MocoSFL, a --bottleneck_option other than None adds the bottleneck (and sets --adds_bottleneck);
+    --adds_bottleneck alone names no bottleneck and is refused rather than ignored.
+    """
+    if args.bottleneck_option != "None":
+        parse_bottleneck_option(args.bottleneck_option)
+        args.adds_bottleneck = True
+    elif args.adds_bottleneck:
+        raise UserError("--adds_bottleneck needs --bottleneck_option, e.g. C4S2 (4 channels, stride 2)")
+    if args.adds_bottleneck and args.scheme == "fl":
+        raise UserError("--bottleneck_option sits at the cut of split learning; --scheme fl has no cut")
+    if args.load_server and args.initialze_path == "None":
+        raise UserError("--load_server needs --initialze_path (the run whose server part to load)")
+    if args.ressfl_alpha > 0 and not args.enable_ressfl:
+        raise UserError("--ressfl_alpha needs --enable_ressfl (the simulated attacker it penalises)")
+    if args.enable_ressfl and args.scheme == "fl":
+        raise UserError("--enable_ressfl defends smashed data; --scheme fl sends none")
 
 
 def check_dataset_options(args: argparse.Namespace) -> None:

@@ -29,6 +29,7 @@ from functions.logs import EpochStatistics, LogWindow, ProgressBar, TrainingLog,
 from functions.overhead import client_overhead
 from functions.precision import MixedPrecision, amp_dtype_of
 from functions.server_method import ServerMethod, StepLayout, method_class
+from functions.ressfl import SimulatedAttacker
 from functions.step import ClientEngine, build_split_step
 from functions.stopping import StopSignal, resume_command
 from functions.trainer_state import TrainerCheckpoints
@@ -63,6 +64,8 @@ class Trainer(TrainerCheckpoints):
         build_step = build_fl_step if args.scheme == "fl" else build_split_step
         self.split_step = build_step(args, runtime, self.precision)
         self.overhead = client_overhead(self.split_step, view_spec, args.batch_size, args.cutlayer)
+        if args.enable_ressfl:
+            self.split_step.attacker = self._simulated_attacker(view_spec)
         if runtime.is_distributed and self.method.per_client_server_updates:
             raise UserError("per-client server updates (--server_update per_client) step the server once per client "
                             "in pool order and cannot be split over processes; run one process or the joint update")
@@ -83,6 +86,19 @@ class Trainer(TrainerCheckpoints):
         self.divergences: list[float] = []  # of the pool's clients at the last FedAvg (--divergence_measure)
         self.communication = (CommunicationSaving(args.loss_threshold, output_dir / "replay_tensors", runtime)
                               if args.loss_threshold > 0 else None)
+
+    def _simulated_attacker(self, view_spec: Any) -> SimulatedAttacker:
+        """ResSFL's attacker for the smashed data of the method's first trainable crop."""
+        first_client = self.clients.module_with({name: rows[0] for name, rows in self.clients.stacked_state([0]).items()})
+        image_size = view_spec.crops()[self.method.trainable_crops[0]][0]
+        dataset = self.data.dataset
+        return SimulatedAttacker(self.args, first_client, image_size, dataset.mean, dataset.std, self.device,
+                                 distributed=self.runtime.is_distributed)
+
+    @property
+    def attacker(self) -> SimulatedAttacker | None:
+        """ResSFL's simulated attacker (--enable_ressfl), else None (and always None with --scheme fl)."""
+        return getattr(self.split_step, "attacker", None)
 
     @property
     def method(self) -> ServerMethod:

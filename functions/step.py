@@ -17,12 +17,19 @@ from torch import Tensor, nn
 from functions.clients import ClientSide, query_index
 from functions.clients_vmap import VectorisedClientSide
 from functions.distributed import Runtime, wrap_server
+from functions.expert import load_initial_weights
 from functions.loaders import StepBatch
 from functions.precision import MixedPrecision
+from functions.ressfl import SimulatedAttacker
 from functions.server_method import ServerMethod, StepLayout, method_class
 from models.split import build_split_model
 
 ClientEngine = ClientSide | VectorisedClientSide
+
+
+def bottleneck_of(args: argparse.Namespace) -> str | None:
+    """The --bottleneck_option code of a run, None without a bottleneck."""
+    return None if getattr(args, "bottleneck_option", "None") == "None" else args.bottleneck_option
 
 
 @dataclass(eq=False)
@@ -35,6 +42,8 @@ class SplitStep:
     precision: MixedPrecision
     runtime: Runtime
     memory_format: torch.memory_format = torch.contiguous_format
+    # ResSFL (--enable_ressfl): trained on every step's first trainable crop, its penalty joins the gradients.
+    attacker: SimulatedAttacker | None = None
     sends_smashed_data: ClassVar[bool] = True  # split learning: smashed data up, gradients down
 
     def encoder(self, client_model: nn.Module) -> Callable[[Tensor], Tensor]:
@@ -76,6 +85,12 @@ class SplitStep:
             if self.runtime.world_size > 1:
                 # The smashed rows' gradients are not averaged by DDP: undo the world-size factor of the weight.
                 gradients = [g / self.runtime.world_size if g is not None else None for g in gradients]
+            if self.attacker is not None and gradients[0] is not None:
+                penalty_gradient, attacker_stats = self.attacker(
+                    server_inputs[0], crops[method.trainable_crops[0]], batch.rows_per_client, epoch, row_share)
+                # Scaled like the server's gradients (fp16), which the clients' step unscales.
+                gradients[0] = gradients[0] + precision.scaler.scale(penalty_gradient).to(gradients[0].dtype)
+                stats = {**stats, **attacker_stats}
             clients.backward(gradients)
             clients.step(pool, precision.scaler)
         else:
@@ -143,7 +158,10 @@ def build_split_step(args: argparse.Namespace, runtime: Runtime, precision: Mixe
     (--client_exec; `engine` chooses inside the vectorised one) and the server optimizer."""
     method_cls = method_class(args.method)
     split = build_split_model(args.arch, args.cutlayer, head=method_cls.head_builder(args), use_ws=not args.disable_WS,
-                              client_residual=not args.disable_c_residual, width=args.width)
+                              client_residual=not args.disable_c_residual, width=args.width,
+                              bottleneck=bottleneck_of(args), image_size=args.data_size)
+    if args.initialze_path != "None":
+        load_initial_weights(args, split)  # before the clients and the method copy the parts
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     # Before the method copies the server (MoCo's key encoder), so every copy has the same layout.
     method = method_cls(args, split.server.to(runtime.device, memory_format=memory_format), runtime.device)

@@ -43,6 +43,7 @@ class TrainerCheckpoints:
             "epoch_statistics": self.epoch_statistics.state_dict(),
             "fedavg_state": self.divergence_aware.state_dict() if self.divergence_aware is not None else None,
             "communication": self.communication.state_dict() if self.communication is not None else None,
+            "ressfl": self.attacker.state_dict() if self.attacker is not None else None,
         }
 
     def knn_improved(self: Trainer, epoch: int) -> bool:
@@ -117,7 +118,8 @@ class TrainerCheckpoints:
         self.precision.skipped_steps.fill_(int(state.get("skipped_steps", 0)))
         self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         self.epoch_statistics.load_state_dict(state.get("epoch_statistics", {"sums": {}, "steps": 0}))
-        for part, key in ((self.divergence_aware, "fedavg_state"), (self.communication, "communication")):
+        for part, key in ((self.divergence_aware, "fedavg_state"), (self.communication, "communication"),
+                          (self.attacker, "ressfl")):
             if part is not None and state.get(key) is not None:
                 part.load_state_dict(state[key])
         restore_rng_state(state["rng"])

@@ -12,6 +12,9 @@ or removing the ``backbone.`` prefix:
 * unsplit: ``backbone.<unit>.*``, ``head.*``, ``prototypes.weight``
 * client:  ``<unit>.*``
 * server:  ``backbone.<unit>.*``, ``head.*``, ``prototypes.weight`` (same keys as unsplit)
+
+With a bottleneck at the cut (models.bottleneck), ``client_bottleneck`` ends the client's units and
+``server_bottleneck`` starts the server's; the unsplit model holds both at the cut, in that order.
 """
 from __future__ import annotations
 
@@ -24,6 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from functions.errors import UserError
+from models.bottleneck import (CLIENT_BOTTLENECK, SERVER_BOTTLENECK, client_bottleneck, parse_bottleneck_option,
+                               server_bottleneck)
 
 BACKBONE_PREFIX = "backbone."
 
@@ -157,11 +162,13 @@ class UnsplitNet(ServerNet):
     """The whole network in one module: backbone units, pooling, head (and prototypes)."""
 
     def __init__(self, backbone: nn.Sequential, head: nn.Module, prototypes: nn.Linear | None, feature_dim: int,
-                 arch: str, client_residual_cut: int | None) -> None:
+                 arch: str, client_residual_cut: int | None, bottleneck_cut: int | None = None) -> None:
         super().__init__(backbone, head, prototypes, feature_dim)
         self.arch = architecture(arch).name
         # Cut layer whose client units had their shortcut removed; None when all shortcuts are present.
         self.client_residual_cut = client_residual_cut
+        # Cut layer at which the bottleneck pair sits; None without a bottleneck.
+        self.bottleneck_cut = bottleneck_cut
 
 
 @dataclass
@@ -180,16 +187,20 @@ def identity_head(feature_dim: int) -> Head:
 
 
 def build_unsplit_model(arch: str = "ResNet18", *, cutlayer: int | None = None, head: HeadBuilder = identity_head,
-                        use_ws: bool = True, client_residual: bool = True, width: int = 64) -> UnsplitNet:
+                        use_ws: bool = True, client_residual: bool = True, width: int = 64,
+                        bottleneck: str | None = None, image_size: int = 32) -> UnsplitNet:
     """The unsplit network; with the same torch seed its weights equal build_split_model's for every cutlayer.
 
-    `cutlayer` matters only with client_residual=False: it says which units (those before the cut) lose their
-    shortcut.
+    `cutlayer` matters only with client_residual=False (the units before the cut lose their shortcut) and with a
+    `bottleneck` (a --bottleneck_option code: the pair of bottleneck layers sits at the cut, for images of
+    `image_size` pixels). The bottleneck's weights are drawn last, so the other weights do not depend on it.
     """
     entry = architecture(arch)
     _positive("width", width)
     if not client_residual and cutlayer is None:
         raise UserError("client_residual=False needs --cutlayer: it removes the shortcuts of the client blocks")
+    if bottleneck is not None and cutlayer is None:
+        raise UserError("a bottleneck needs --cutlayer: it sits at the cut")
     if cutlayer is not None:
         check_cutlayer(arch, cutlayer)
     feature_dim = entry.feature_dim(width)
@@ -200,47 +211,69 @@ def build_unsplit_model(arch: str = "ResNet18", *, cutlayer: int | None = None, 
     parts = head(feature_dim)
     plain_units = entry.unit_names[:cutlayer] if not client_residual and cutlayer is not None else ()
     entry.initialise(backbone, plain_units)
+    if bottleneck is not None:
+        assert cutlayer is not None
+        backbone = _with_bottleneck(backbone, cutlayer, bottleneck, image_size)
     return UnsplitNet(backbone, parts.projection, parts.prototypes, feature_dim, entry.name,
-                      cutlayer if plain_units else None)
+                      cutlayer if plain_units else None, cutlayer if bottleneck is not None else None)
+
+
+def _with_bottleneck(backbone: nn.Sequential, cutlayer: int, option: str, image_size: int) -> nn.Sequential:
+    """`backbone` with the bottleneck pair of `option` inserted after unit `cutlayer`."""
+    spec = parse_bottleneck_option(option)
+    units = list(backbone.named_children())
+    with torch.no_grad():
+        cut_shape = nn.Sequential(OrderedDict(units[:cutlayer]))(torch.zeros(1, 3, image_size, image_size)).shape
+    channels, height, width = cut_shape[1:]
+    if height % spec.stride or width % spec.stride:
+        raise UserError(f"--bottleneck_option {option}: stride {spec.stride} does not divide the {height}x{width} "
+                        f"grid of the smashed data at --cutlayer {cutlayer}; choose a smaller S or another cut")
+    pair = [(CLIENT_BOTTLENECK, client_bottleneck(channels, spec)), (SERVER_BOTTLENECK, server_bottleneck(channels, spec))]
+    return nn.Sequential(OrderedDict(units[:cutlayer] + pair + units[cutlayer:]))
 
 
 def split_unsplit(model: UnsplitNet, cutlayer: int) -> SplitModel:
     """Split `model` at `cutlayer`; the parts share modules (and so parameters) with `model`."""
     check_cutlayer(model.arch, cutlayer)
-    if model.client_residual_cut is not None and model.client_residual_cut != cutlayer:
-        raise ValueError(
-            f"model has its client shortcuts removed for cutlayer {model.client_residual_cut}, not {cutlayer}"
-        )
+    for fixed_cut, what in ((model.client_residual_cut, "its client shortcuts removed"),
+                            (model.bottleneck_cut, "its bottleneck")):
+        if fixed_cut is not None and fixed_cut != cutlayer:
+            raise ValueError(f"model has {what} at cutlayer {fixed_cut}, not {cutlayer}")
     units = list(model.backbone.named_children())
-    client = nn.Sequential(OrderedDict(units[:cutlayer]))
-    server_backbone = nn.Sequential(OrderedDict(units[cutlayer:]))
+    client_count = cutlayer + (1 if model.bottleneck_cut is not None else 0)
+    client = nn.Sequential(OrderedDict(units[:client_count]))
+    server_backbone = nn.Sequential(OrderedDict(units[client_count:]))
     server = ServerNet(server_backbone, model.head, model.prototypes, model.feature_dim)
     return SplitModel(client=client, server=server, cutlayer=cutlayer, arch=model.arch)
 
 
 def build_split_model(arch: str = "ResNet18", cutlayer: int = 1, *, head: HeadBuilder = identity_head,
-                      use_ws: bool = True, client_residual: bool = True, width: int = 64) -> SplitModel:
-    """The backbone split at `cutlayer`: client = units[:cutlayer], server = units[cutlayer:] + pool + head."""
+                      use_ws: bool = True, client_residual: bool = True, width: int = 64,
+                      bottleneck: str | None = None, image_size: int = 32) -> SplitModel:
+    """The backbone split at `cutlayer`: client = units[:cutlayer], server = units[cutlayer:] + pool + head (with a
+    bottleneck: client_bottleneck ends the client, server_bottleneck starts the server)."""
     model = build_unsplit_model(arch, cutlayer=cutlayer, head=head, use_ws=use_ws, client_residual=client_residual,
-                                width=width)
+                                width=width, bottleneck=bottleneck, image_size=image_size)
     return split_unsplit(model, cutlayer)
 
 
 def merge_split(split: SplitModel) -> UnsplitNet:
     """The unsplit network made of the split model's modules (shared, not copied): client units then server."""
     units = list(split.client.named_children()) + list(split.server.backbone.named_children())
-    if [name for name, _ in units] != unit_names(split.arch):
+    names = [name for name, _ in units]
+    if [name for name in names if name not in (CLIENT_BOTTLENECK, SERVER_BOTTLENECK)] != unit_names(split.arch):
         raise ValueError(f"client and server units do not form a {split.arch} backbone")
     has_dropped_shortcut = any(getattr(module, "residual", True) is False for _, module in split.client.named_children())
     return UnsplitNet(nn.Sequential(OrderedDict(units)), split.server.head, split.server.prototypes,
-                      split.server.feature_dim, split.arch, split.cutlayer if has_dropped_shortcut else None)
+                      split.server.feature_dim, split.arch, split.cutlayer if has_dropped_shortcut else None,
+                      split.cutlayer if CLIENT_BOTTLENECK in names else None)
 
 
 def split_state_dict(unsplit_state: Mapping[str, torch.Tensor], arch: str,
                      cutlayer: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(client_state, server_state) for a split at `cutlayer` from an unsplit model's state dict."""
     check_cutlayer(arch, cutlayer)
-    client_units = set(unit_names(arch)[:cutlayer])
+    client_units = set(unit_names(arch)[:cutlayer]) | {CLIENT_BOTTLENECK}
     client_state: dict[str, torch.Tensor] = {}
     server_state: dict[str, torch.Tensor] = {}
     for key, value in unsplit_state.items():
