@@ -167,7 +167,7 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     optim.add_argument("--lr", "--base_s_lr", type=float, default=0.06,
                        help="server learning rate (--base_s_lr: the seed's name for it)")
     optim.add_argument("--c_lr", "--base_c_lr", type=float, default=-1.0,
-                       help="client learning rate, -1 = same as --lr (--base_c_lr: the seed's name for it)")
+                       help="client learning rate, -1 = same as --lr, 0 = frozen client parts (--base_c_lr: the seed's name for it)")
     optim.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     optim.add_argument("--weight_decay", type=float, default=5e-4, help="SGD weight decay")
     optim.add_argument("--cos", action=argparse.BooleanOptionalAction, default=None,
@@ -355,7 +355,7 @@ _RANGES = {
     "num_client": "[1, inf)", "batch_size": "[1, inf)", "avg_freq": "[1, inf)", "num_epoch": "[1, inf)",
     "width": "[1, inf)", "eval_batch_size": "[1, inf)", "max_steps": "[0, inf)", "num_workers": "[0, inf)",
     "log_freq": "[1, inf)", "eval_freq": "[0, inf)", "knn_k": "[1, inf)", "knn_t": "(0, inf)",
-    "linear_epochs": "[1, inf)", "seed": f"[0, {2**63 - 1}]", "lr": "(0, inf)", "c_lr": "(0, inf)",
+    "linear_epochs": "[1, inf)", "seed": f"[0, {2**63 - 1}]", "lr": "(0, inf)", "c_lr": "[0, inf)",
     "momentum": "[0, 1)", "weight_decay": "[0, inf)", "s_gamma": "(0, inf)", "c_gamma": "(0, inf)",
     "client_sample_ratio": "(0, 1]", "data_proportion": "(0, 1]", "dirichlet_alpha": "(0, inf)",
     "min_client_samples": "[1, inf)", "aux_images": "[2, inf)", "attack_epochs": "[1, inf)",

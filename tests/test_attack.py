@@ -119,6 +119,4 @@ def test_attack_options_are_checked_in_one_line(tmp_path: Path) -> None:
 
     with pytest.raises(UserError, match="--attack_epochs must be"):
         parse_args("moco", ["--attack", "--attack_epochs", "0"])
-    with pytest.raises(UserError, match="--enable_ressfl: the ResSFL defence.*not available yet"):
-        parse_args("moco", ["--enable_ressfl"])
     assert parse_args("moco", ["--attack"]).attack
