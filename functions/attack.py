@@ -132,9 +132,16 @@ def invert(client: Callable[[Tensor], Tensor], auxiliary: Tensor, targets: Tenso
     return {**figures, **{f"mean_image_{key}": value for key, value in baseline.items()}}, reconstructed
 
 
-def save_reconstructions(path, originals: Tensor, reconstructed: Tensor, count: int = 8) -> None:
-    """A PNG of `count` originals (top row) above their reconstructions (bottom row)."""
-    from torchvision.utils import save_image
+def reconstruction_grid(originals: Tensor, reconstructed: Tensor, count: int = 8) -> Tensor:
+    """One (3, H, W) picture: `count` originals (top row) above their reconstructions (bottom row)."""
+    from torchvision.utils import make_grid
 
     count = min(count, originals.shape[0])
-    save_image(torch.cat([originals[:count], reconstructed[:count].clamp(0, 1)]), str(path), nrow=count, padding=2)
+    return make_grid(torch.cat([originals[:count], reconstructed[:count].clamp(0, 1)]), nrow=count, padding=2)
+
+
+def save_reconstructions(path, originals: Tensor, reconstructed: Tensor, count: int = 8) -> None:
+    """A PNG of reconstruction_grid: `count` originals above their reconstructions."""
+    from torchvision.utils import save_image
+
+    save_image(reconstruction_grid(originals, reconstructed, count), str(path))

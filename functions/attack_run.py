@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from functions.attack import DEFAULT_DECODER, invert, save_reconstructions, to_unit_images
+from functions.attack import DEFAULT_DECODER, invert, reconstruction_grid, save_reconstructions, to_unit_images
 from functions.datasets import download_allowed, load_dataset
 from functions.errors import UserError
 from functions.evaluation import EvaluationContext
-from functions.logs import logger
+from functions.logs import TensorboardLog, logger
 
 HELD_OUT = "heldout"
 
@@ -66,5 +66,8 @@ def attack_on_client(context: EvaluationContext) -> dict[str, Any]:
                                     device=context.device)
     if context.is_main:
         save_reconstructions(Path(args.output_dir) / "attack.png", targets, reconstructed)
+        board = TensorboardLog(Path(args.output_dir) / "tensorboard")
+        board.image("attack/originals_above_reconstructions", reconstruction_grid(targets, reconstructed), 0)
+        board.close()
     return {**{f"attack_{key}": value for key, value in figures.items()}, "attack_decoder": name,
             "attack_client": args.attack_client}

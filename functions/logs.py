@@ -80,6 +80,13 @@ class TensorboardLog:
         self._writer: Any = None
 
     def scalar(self, tag: str, value: float, step: int) -> None:
+        self._write(lambda writer: writer.add_scalar(tag, value, step))
+
+    def image(self, tag: str, image: Any, step: int) -> None:
+        """A (3, H, W) image in [0, 1] (e.g. the attack's originals above their reconstructions)."""
+        self._write(lambda writer: writer.add_image(tag, image, step))
+
+    def _write(self, write: Any) -> None:
         if not self.enabled:
             return
         try:
@@ -88,7 +95,7 @@ class TensorboardLog:
 
                 _quiet_tensorboard_thread_errors()
                 self._writer = SummaryWriter(str(self.folder))
-            self._writer.add_scalar(tag, value, step)
+            write(self._writer)
         except ImportError as error:
             logger.warning(f"tensorboard logging is off: it cannot be imported here ({error}); pip install tensorboard")
             self.enabled = False

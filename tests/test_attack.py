@@ -108,6 +108,11 @@ def test_attack_after_training_and_on_a_saved_run(tmp_path: Path, cifar10_mini_d
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["final"]["attack_psnr"] == results[
         "attack_psnr"]
     assert (tmp_path / "run" / "attack.png").is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    board.Reload()
+    assert "attack/originals_above_reconstructions" in board.Tags()["images"]
     again = run(parse_args("moco", ["--eval_only", "--checkpoint", str(tmp_path / "run" / "checkpoint_last.pt"),
                                     "--skip_linear", *common]))
     assert again["attack_psnr"] == pytest.approx(results["attack_psnr"], abs=1e-4)  # same seed, same model
