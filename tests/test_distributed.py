@@ -134,7 +134,7 @@ def test_two_processes_save_communication_like_one_process(tmp_path):
     # 13 epochs: after the 10 warm-up epochs, epoch 12 uploads only and epoch 13 replays each rank's kept rows.
     # With a tiny learning rate the rounding of two processes cannot grow over the 39 steps, so every loss, the
     # replayed ones included, must be the one-process loss (loop engine: see above).
-    options = [*TINY_MOCO, "--num_client", "4", "--batch_size", "24", "--data_proportion", "0.5", "--no-cos",
+    options = [*TINY_MOCO, "--num_client", "4", "--batch_size", "8", "--data_proportion", "0.17", "--no-cos",
                "--num_epoch", "13", "--log_freq", "2", "--loss_threshold", "100", "--lr", "1e-6", "--c_lr", "1e-6",
                "--client_exec", "loop"]
     one = _train("run_sflmoco.py", options, tmp_path / "one", 1)
