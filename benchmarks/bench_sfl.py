@@ -19,7 +19,11 @@ steps, momentum copies. With `--client_only` only the client half is timed (loop
 forward, backward of a fixed stand-in server gradient, client steps, momentum copies. `images_per_sec` counts
 samples of the global batch, `--sampled_clients` x `--per_client_batch`, each with all its views (2 for MoCo,
 sum(--nmb_crops) of the SwAV defaults for SwAV). Warm-up steps are excluded; each of `--repeats` timed runs
-covers `--steps` steps, and the median is reported. CUDA is timed with CUDA events and its peak memory is
+covers `--steps` steps, and the median is reported with the spread of the runs. The settings of one client count
+(the centralised step, every cut and mode) are built and warmed up first, then timed in turns, A B C A B C ..., so
+a slow spell of the machine falls on all of them alike. On CPU the benchmark also measures how many cores other
+programs kept busy meanwhile (Linux /proc/stat) and flags a setting timed while they used more than a quarter of a
+core: BUSY in the table, `busy_machine` in the records. CUDA is timed with CUDA events and its peak memory is
 `torch.cuda.max_memory_allocated`; on CPU the time is wall-clock and `peak_mem_mb` is the increase of the
 process's peak resident set during that setting (0 when an earlier setting already went higher). CPU records
 also carry `cpu_step_ms`, the process CPU time per step: with `--threads 1` it is the step's cost even when other
@@ -38,6 +42,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -375,48 +380,137 @@ def timed_seconds(step: Step, steps: int, device: torch.device) -> tuple[float, 
     return time.perf_counter() - begin, time.process_time() - cpu_begin
 
 
-def measure(setting: Setting, device: torch.device, *, steps: int, warmup: int, repeats: int,
-            seed: int) -> dict[str, Any]:
-    """Throughput and peak memory of one setting; the first (warm-up) step's loss is kept as a cross-check."""
+def other_processes_cores(wall_seconds: float, own_cpu_seconds: float, busy_before: float) -> float | None:
+    """Average number of cores other processes kept busy since `busy_before` (the machine's busy CPU seconds
+    then, from busy_cpu_seconds), given this process's own wall and CPU time since; None where /proc/stat is
+    missing."""
+    busy_now = busy_cpu_seconds()
+    if busy_now is None or wall_seconds <= 0:
+        return None
+    return max(0.0, (busy_now - busy_before - own_cpu_seconds) / wall_seconds)
+
+
+def busy_cpu_seconds() -> float | None:
+    """CPU seconds every core of the machine spent busy since boot (Linux /proc/stat), None elsewhere."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    ticks = [int(value) for value in fields]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle and iowait
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+# Other programs using more than this many cores on average during a setting's timing flag it as measured on a
+# busy machine: its wall-clock figures (and the ratios between modes) are then not to be trusted.
+BUSY_CORES = 0.25
+
+
+@dataclass
+class _Prepared:
+    """A built and warmed-up setting waiting for its timed repetitions."""
+
+    setting: Setting
+    step: Step
+    engine: str | None
+    first_loss: float
+    peak_mem_mb: float
+    seconds: list[float]
+    cpu_seconds: list[float]
+    other_cores: list[float]
+
+
+def prepare(setting: Setting, device: torch.device, *, warmup: int, seed: int) -> _Prepared:
+    """Build one setting's step and run its warm-up steps (its first loss is kept as a cross-check); the peak memory
+    is that of building and warming up (on CUDA: above what was allocated before)."""
     if device.type == "cuda":
         gc.collect()  # what an earlier setting left in reference cycles would otherwise still hold GPU memory
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+        allocated_before = torch.cuda.memory_allocated(device)
     rss_before = peak_rss_mb()
     step, engine = build_step(setting, device, seed)
-    first_loss = step()
+    first_loss = float(step())
     for _ in range(warmup - 1):
         step()
-    timings = [timed_seconds(step, steps, device) for _ in range(repeats)]
-    seconds = [wall for wall, _ in timings]
-    median = statistics.median(seconds)
-    cpu_median = statistics.median(cpu for _, cpu in timings)
-    images = setting.sampled_clients * setting.per_client_batch * steps
     if device.type == "cuda":
-        peak_mem_mb, peak_mem_kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_memory_allocated"
+        peak_mem_mb = (torch.cuda.max_memory_allocated(device) - allocated_before) / 2**20
     else:
-        peak_mem_mb, peak_mem_kind = max(0.0, peak_rss_mb() - rss_before), "cpu_peak_rss_increase"
+        peak_mem_mb = max(0.0, peak_rss_mb() - rss_before)
+    return _Prepared(setting, step, engine, first_loss, peak_mem_mb, [], [], [])
+
+
+def time_repetition(prepared: _Prepared, device: torch.device, steps: int) -> None:
+    """One timed repetition of `steps` steps, with the load other programs put on the machine meanwhile."""
+    busy_before = busy_cpu_seconds() if device.type == "cpu" else None
+    wall, cpu = timed_seconds(prepared.step, steps, device)
+    prepared.seconds.append(wall)
+    prepared.cpu_seconds.append(cpu)
+    if busy_before is not None:
+        other = other_processes_cores(wall, cpu, busy_before)
+        if other is not None:
+            prepared.other_cores.append(other)
+
+
+def record_of(prepared: _Prepared, device: torch.device, *, steps: int, warmup: int) -> dict[str, Any]:
+    """The benchmark record of a timed setting: median throughput, the spread of its repetitions, memory."""
+    setting, seconds = prepared.setting, prepared.seconds
+    median = statistics.median(seconds)
+    images = setting.sampled_clients * setting.per_client_batch * steps
+    other = max(prepared.other_cores) if prepared.other_cores else None
     return {
         **asdict(setting),
-        "engine": engine,
+        "engine": prepared.engine,
         "global_batch": setting.sampled_clients * setting.per_client_batch,
         "max_batch_search": False,
         "images_per_sec": images / median,
         "step_ms": 1000.0 * median / steps,
         "step_ms_all": [1000.0 * s / steps for s in seconds],
+        # (slowest - fastest) / median of the repetitions, in %.
+        "spread_pct": 100.0 * (max(seconds) - min(seconds)) / median,
         # CPU only: process CPU time per step; unlike wall time it ignores other programs on a busy machine.
-        "cpu_step_ms": None if device.type == "cuda" else 1000.0 * cpu_median / steps,
-        "peak_mem_mb": peak_mem_mb,
-        "peak_mem_kind": peak_mem_kind,
+        "cpu_step_ms": None if device.type == "cuda" else 1000.0 * statistics.median(prepared.cpu_seconds) / steps,
+        # CPU only: the most cores other programs kept busy during one repetition, and whether that is too many.
+        "other_processes_cores": other,
+        "busy_machine": other is not None and other > BUSY_CORES,
+        "peak_mem_mb": prepared.peak_mem_mb,
+        "peak_mem_kind": ("cuda_max_memory_allocated_above_start" if device.type == "cuda"
+                          else "cpu_peak_rss_increase"),
         # The first step's loss (with --client_only: the mean square of the smashed activations), equal across modes.
-        "first_loss": float(first_loss),
+        "first_loss": prepared.first_loss,
         "steps": steps,
         "warmup": warmup,
-        "repeats": repeats,
+        "repeats": len(seconds),
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
+
+
+def measure_interleaved(settings: Sequence[Setting], device: torch.device, *, steps: int, warmup: int,
+                        repeats: int, seed: int) -> list[dict[str, Any]]:
+    """Build and warm up every setting, then time them in turns (A B C A B C ...): a slow spell of the machine
+    then falls on every mode alike instead of on whichever ran at that moment."""
+    prepared = [prepare(setting, device, warmup=warmup, seed=seed) for setting in settings]
+    for _ in range(repeats):
+        for entry in prepared:
+            time_repetition(entry, device, steps)
+    return [record_of(entry, device, steps=steps, warmup=warmup) for entry in prepared]
+
+
+def measure(setting: Setting, device: torch.device, *, steps: int, warmup: int, repeats: int,
+            seed: int) -> dict[str, Any]:
+    """Throughput and peak memory of one setting on its own (the largest-batch search)."""
+    return measure_interleaved([setting], device, steps=steps, warmup=warmup, repeats=repeats, seed=seed)[0]
+
+
+def interleaved_groups(settings: Sequence[Setting]) -> list[list[Setting]]:
+    """The settings grouped by client count (the centralised step and every cut and mode of it), in order: each
+    group is timed in turns."""
+    groups: dict[int, list[Setting]] = {}
+    for setting in settings:
+        groups.setdefault(setting.clients, []).append(setting)
+    return list(groups.values())
 
 
 def settings_of(options: argparse.Namespace) -> list[Setting]:
@@ -511,6 +605,11 @@ def max_batch_record(setting: Setting, device: torch.device, *, limit: int, step
 
 
 # ------------------------------------------------------------------------------------------------- output
+def _setting_label(setting: Setting) -> str:
+    """mode (and cut) of a setting, for progress lines."""
+    return setting.mode if setting.cutlayer is None else f"{setting.mode}@cut{setting.cutlayer}"
+
+
 def _cell(value: float | None, spec: str) -> str:
     """`value` formatted with `spec`, or "-" when there is none."""
     return "-" if value is None else format(value, spec)
@@ -525,13 +624,27 @@ def mode_label(record: dict[str, Any]) -> str:
     return f"max:{label}" if record.get("max_batch_search") else label
 
 
+def _machine(record: dict[str, Any]) -> str:
+    """BUSY when other programs loaded the machine while the record was timed, idle when not, - when unknown."""
+    if record.get("other_processes_cores") is None:
+        return "-"
+    return "BUSY" if record.get("busy_machine") else "idle"
+
+
+def _spread(record: dict[str, Any]) -> str:
+    """The spread of a record's repetitions, e.g. 4.2%, or - without one."""
+    value = record.get("spread_pct")
+    return "-" if value is None else f"{value:.1f}%"
+
+
 def format_table(records: Sequence[dict[str, Any]]) -> str:
     """A plain-text table of the records, with each step mode's speed relative to the loop of the same setting."""
     loop_speed = {(r["clients"], r["cutlayer"]): r["images_per_sec"] for r in records
                   if r["mode"] == "loop" and r["images_per_sec"] is not None}
     best_loop = {clients: max(v for (c, _), v in loop_speed.items() if c == clients) for clients, _ in loop_speed}
     header = (f"{'method':<6} {'mode':<24} {'device':<6} {'clients':>7} {'pool':>5} {'batch':>5} {'global':>7} "
-              f"{'cut':>3} {'amp':>3} {'img/s':>10} {'ms/step':>9} {'cpu ms':>9} {'peak MB':>9} {'x loop':>7}")
+              f"{'cut':>3} {'amp':>3} {'img/s':>10} {'ms/step':>9} {'spread':>7} {'cpu ms':>9} {'peak MB':>9} "
+              f"{'machine':>7} {'x loop':>7}")
     lines = [header, "-" * len(header)]
     for r in records:
         # The centralised step has no cut: it is compared with the fastest loop of the same client count.
@@ -544,7 +657,8 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
                      f"{r['sampled_clients']:>5} {r['per_client_batch']:>5} "
                      f"{r['sampled_clients'] * r['per_client_batch']:>7} {cut:>3} {'yes' if r['amp'] else 'no':>3} "
                      f"{_cell(r['images_per_sec'], '.1f'):>10} {_cell(r['step_ms'], '.2f'):>9} "
-                     f"{_cell(r['cpu_step_ms'], '.2f'):>9} {_cell(r['peak_mem_mb'], '.1f'):>9} {relative:>7}")
+                     f"{_spread(r):>7} {_cell(r['cpu_step_ms'], '.2f'):>9} {_cell(r['peak_mem_mb'], '.1f'):>9} "
+                     f"{_machine(r):>7} {relative:>7}")
     return "\n".join(lines)
 
 
@@ -560,16 +674,20 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     torch.backends.cudnn.benchmark = options.cudnn_benchmark
     records = []
     try:
-        for setting in settings_of(options):
-            print(f"{'searching the largest batch of' if options.find_max_batch else 'measuring'} {setting.method} "
-                  f"{setting.mode} clients={setting.clients} cut={setting.cutlayer} ...", file=sys.stderr, flush=True)
-            if options.find_max_batch:
+        if options.find_max_batch:
+            for setting in settings_of(options):
+                print(f"searching the largest batch of {setting.method} {setting.mode} clients={setting.clients} "
+                      f"cut={setting.cutlayer} ...", file=sys.stderr, flush=True)
                 records.append(max_batch_record(setting, options.device, limit=options.max_batch_limit,
                                                 steps=options.steps, warmup=options.warmup, repeats=options.repeats,
                                                 seed=options.seed))
-            else:
-                records.append(measure(setting, options.device, steps=options.steps, warmup=options.warmup,
-                                       repeats=options.repeats, seed=options.seed))
+        else:
+            for group in interleaved_groups(settings_of(options)):
+                print(f"measuring {group[0].method} clients={group[0].clients}: "
+                      f"{', '.join(_setting_label(setting) for setting in group)} in turns ...", file=sys.stderr,
+                      flush=True)
+                records.extend(measure_interleaved(group, options.device, steps=options.steps,
+                                                   warmup=options.warmup, repeats=options.repeats, seed=options.seed))
         if DATA_MODE in options.modes:
             views = view_spec_of(options.method, method_args(options.method, options.seed, options.method_config))
             records.extend(data_records(options, views))
@@ -582,8 +700,16 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     if options.find_max_batch:
         print(f"max: the largest per-client batch (up to --max_batch_limit {options.max_batch_limit}) whose step fits "
               "in GPU memory, measured there; batch 0 = even --per_client_batch does not fit")
+    print("modes of one client count are timed in turns (A B C A B C ...); spread = (slowest - fastest) / median "
+          "of the repetitions")
     if options.device.type == "cpu":
-        print("peak MB on CPU: increase of the process's peak resident set during the setting (0 = below an earlier peak)")
+        print("peak MB on CPU: increase of the process's peak resident set while the setting was built and warmed up "
+              "(0 = below an earlier peak)")
+        busy = [r for r in records if r.get("busy_machine")]
+        if busy:
+            print(f"BUSY: other programs kept up to {max(r['other_processes_cores'] for r in busy):.2f} cores busy "
+                  f"while {len(busy)} setting(s) were timed (more than {BUSY_CORES}); their wall-clock figures and "
+                  "ratios are not reliable, measure again on an idle machine (cpu ms is the process's own CPU time)")
     for source in dict.fromkeys(r["data_source"] for r in records if r["mode"] == DATA_MODE):
         print(f"data: {source}")
     for note in options.notes:

@@ -1,7 +1,9 @@
 """The benchmark harness: a tiny CPU run of every mode writes comparable records; bad options are user errors."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import statistics
 import subprocess
 import sys
 
@@ -313,7 +315,7 @@ def test_the_batch_search_measures_the_largest_batch_before_memory_runs_out(monk
     cells = [line.split() for line in table.splitlines()[2:]]
     assert [row[1] for row in cells] == ["max:loop", "max:loop"]
     assert cells[0][5:7] == ["3", "9"] and cells[0][-1] == "1.00"
-    assert cells[1][5:7] == ["0", "0"] and cells[1][9:] == ["-", "-", "-", "-", "-"]
+    assert cells[1][5:7] == ["0", "0"] and cells[1][9:] == ["-"] * 7
 
 
 def test_the_batch_search_needs_cuda():
@@ -376,3 +378,46 @@ def test_cudnn_benchmark_is_recorded_and_restored():
     assert [r["cudnn_benchmark"] for r in records] == [True]
     assert torch.backends.cudnn.benchmark is False
     assert bench_sfl.main([*TINY, "--clients", "3", "--cutlayer", "1", "--modes", "vmap"])[0]["cudnn_benchmark"] is False
+
+
+def test_the_modes_of_a_client_count_are_timed_in_turns(monkeypatch):
+    order = []
+    real_timed_seconds = bench_sfl.timed_seconds
+
+    def recording(step, steps, device):
+        order.append(step)
+        return real_timed_seconds(step, steps, device)
+
+    monkeypatch.setattr(bench_sfl, "timed_seconds", recording)
+    # Stand-in steps (the order is what matters here; real steps are timed by the tests above).
+    monkeypatch.setattr(bench_sfl, "build_step", lambda setting, device, seed: (lambda: torch.zeros(()), None))
+    settings = [dataclasses.replace(tiny_setting(1), cutlayer=cutlayer) for cutlayer in (1, 2)]
+    records = bench_sfl.measure_interleaved(settings, torch.device("cpu"), steps=1, warmup=1, repeats=3, seed=0)
+    first, second = order[0], order[1]
+    assert first is not second and order == [first, second] * 3  # A B A B A B, not A A A B B B
+    assert [len(r["step_ms_all"]) for r in records] == [3, 3]
+    for record in records:
+        times = record["step_ms_all"]
+        assert record["spread_pct"] == pytest.approx(100 * (max(times) - min(times)) / statistics.median(times))
+
+
+def test_a_setting_timed_while_other_programs_load_the_machine_is_flagged(monkeypatch, capsys):
+    # /proc/stat as seen by the benchmark: the machine's busy CPU seconds grow by the process's own CPU time plus
+    # `others` cores for the whole wall time of each repetition.
+    for others, expected in ((2.0, True), (0.0, False)):
+        clock = {"busy": 0.0}
+
+        def timed(step, steps, device, others=others):
+            step()
+            clock["busy"] += 0.5 + others * 1.0
+            return 1.0, 0.5
+
+        monkeypatch.setattr(bench_sfl, "timed_seconds", timed)
+        monkeypatch.setattr(bench_sfl, "busy_cpu_seconds", lambda: clock["busy"])
+        monkeypatch.setattr(bench_sfl, "build_step", lambda setting, device, seed: (lambda: torch.zeros(()), None))
+        [record] = bench_sfl.measure_interleaved([tiny_setting(1)], torch.device("cpu"), steps=1, warmup=1,
+                                                 repeats=2, seed=0)
+        assert record["other_processes_cores"] == pytest.approx(others)
+        assert record["busy_machine"] is expected
+        row = bench_sfl.format_table([record]).splitlines()[2].split()
+        assert row[-2] == ("BUSY" if expected else "idle")
