@@ -94,9 +94,11 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     sfl.add_argument("--batch_size", type=int, default=64, help="samples per client per step")
     sfl.add_argument("--client_sample_ratio", type=float, default=1.0, help="fraction of clients in the pool, redrawn each epoch")
     sfl.add_argument("--avg_freq", type=int, default=1, help="FedAvg of client models this many times per epoch")
-    sfl.add_argument("--client_exec", type=str, default="vmap", choices=["vmap", "loop"],
+    sfl.add_argument("--client_exec", type=str, default="auto", choices=["auto", "vmap", "loop"],
                      help="client simulation: the whole pool in one vectorised pass over stacked per-client weights, "
-                          "or a Python loop over per-client models (same results; vmap is faster)")
+                          "or a Python loop over per-client models (same results); auto: the faster one for the "
+                          "device and client part by the benchmark's rule (vmap on GPUs; on CPUs the loop for client "
+                          "parts of 32+ channels with 8+ images per client)")
     sfl.add_argument("--hetero", action="store_true",
                      help="heterogeneous clients: each client's batch is proportional to its data size (rich clients send more rows)")
     sfl.add_argument("--hetero_string", type=str, default="0.2_0.8|16|0.8_0.2",

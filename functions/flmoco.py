@@ -10,8 +10,7 @@ from typing import Callable, ClassVar
 import torch
 from torch import Tensor, nn
 
-from functions.clients import ClientSide
-from functions.clients_vmap import VectorisedClientSide
+from functions.client_engines import ClientEngine, build_client_engine
 from functions.distributed import Runtime, all_gather_rows
 from functions.errors import UserError
 from functions.loaders import StepBatch
@@ -19,8 +18,6 @@ from functions.precision import MixedPrecision
 from functions.server_method import ServerMethod, StepLayout, method_class
 from functions.sflmoco_functions import ClientQueues, MocoServer, info_nce_loss
 from models.split import build_unsplit_model
-
-ClientEngine = ClientSide | VectorisedClientSide
 
 
 class NoServer(ServerMethod):
@@ -107,13 +104,7 @@ def build_fl_step(args: argparse.Namespace, runtime: Runtime, precision: MixedPr
         raise UserError("--scheme fl is MocoSFL's FL-MoCo baseline: run it with run_sflmoco.py")
     network = build_unsplit_model(args.arch, head=method_class(args.method).head_builder(args),
                                   use_ws=not args.disable_WS, width=args.width)
-    options = dict(lr=args.c_lr, momentum=args.momentum, weight_decay=args.weight_decay, keep_momentum_copies=True,
-                   device=runtime.device)
-    clients: ClientEngine
-    if args.client_exec == "loop":
-        clients = ClientSide(network, args.num_client, **options)
-    else:
-        clients = VectorisedClientSide(network, args.num_client, engine=engine, **options)
+    clients = build_client_engine(network, args, runtime.device, keep_momentum_copies=True, engine=engine)
     generator = torch.Generator().manual_seed(args.seed)
     queues = ClientQueues(args.K * args.num_client, args.K_dim, args.num_client, device=runtime.device,
                           generator=generator)

@@ -30,7 +30,8 @@ from functions.overhead import client_overhead
 from functions.precision import MixedPrecision, amp_dtype_of
 from functions.server_method import ServerMethod, StepLayout, method_class
 from functions.ressfl import SimulatedAttacker
-from functions.step import ClientEngine, build_split_step
+from functions.client_engines import ClientEngine
+from functions.step import build_split_step
 from functions.stopping import StopSignal, resume_command
 from functions.trainer_state import TrainerCheckpoints
 

@@ -14,8 +14,8 @@ from typing import Callable, ClassVar, Sequence
 import torch
 from torch import Tensor, nn
 
-from functions.clients import ClientSide, query_index
-from functions.clients_vmap import VectorisedClientSide
+from functions.client_engines import ClientEngine, build_client_engine
+from functions.clients import query_index
 from functions.distributed import Runtime, wrap_server
 from functions.expert import load_initial_weights
 from functions.loaders import StepBatch
@@ -24,7 +24,6 @@ from functions.ressfl import SimulatedAttacker
 from functions.server_method import ServerMethod, StepLayout, method_class
 from models.split import build_split_model
 
-ClientEngine = ClientSide | VectorisedClientSide
 
 
 def bottleneck_of(args: argparse.Namespace) -> str | None:
@@ -170,13 +169,8 @@ def build_split_step(args: argparse.Namespace, runtime: Runtime, precision: Mixe
         method.server.compile()
     if runtime.is_distributed:
         wrap_server(method, runtime)  # before the optimizer: BatchNorm layers are replaced
-    options = dict(lr=args.c_lr, momentum=args.momentum, weight_decay=args.weight_decay,
-                   keep_momentum_copies=method.client_momentum > 0, device=runtime.device, memory_format=memory_format)
-    clients: ClientEngine
-    if args.client_exec == "loop":
-        clients = ClientSide(split.client, args.num_client, **options)
-    else:
-        clients = VectorisedClientSide(split.client, args.num_client, engine=engine, **options)
+    clients = build_client_engine(split.client, args, runtime.device, keep_momentum_copies=method.client_momentum > 0,
+                                  engine=engine, memory_format=memory_format)
     server_optimizer = torch.optim.SGD(method.optimized_parameters(), lr=args.lr, momentum=args.momentum,
                                        weight_decay=args.weight_decay)
     return SplitStep(method, clients, server_optimizer, precision, runtime, memory_format)
