@@ -104,10 +104,12 @@ def _mocosfl_hint(state: Mapping[str, torch.Tensor]) -> str:
     if not unit_indices:
         return ""
     cut = max(unit_indices) + 1
-    bottleneck = [value for key, value in state.items() if key == f"{cut}.weight"]
-    channels = f" and a bottleneck of {bottleneck[0].shape[0]} channels (--bottleneck_option C{bottleneck[0].shape[0]}S..)" \
-        if bottleneck else " and no bottleneck"
-    return f"; the file holds a client part at --cutlayer {cut}{channels}"
+    first_layer = state.get(f"{cut}.weight")
+    if first_layer is None:
+        return f"; the file holds a client part at --cutlayer {cut} and no bottleneck"
+    channels = first_layer.shape[0]
+    return (f"; the file holds a client part at --cutlayer {cut} and a bottleneck of {channels} channels "
+            f"(--bottleneck_option C{channels}S<stride>)")
 
 
 def load_initial_weights(args: argparse.Namespace, split: SplitModel) -> None:

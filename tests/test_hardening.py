@@ -140,7 +140,7 @@ def test_a_full_disk_inside_torch_save_is_one_line_and_keeps_the_previous_checkp
 @pytest.mark.parametrize("entry, yaml_line, fragment", [
     ("moco", 'cos: "false"', "cos must be true or false, got 'false'"),
     ("moco", 'skip_linear: "no"', "skip_linear must be true or false"),
-    ("moco", "client_exec: fast", "client_exec must be one of vmap, loop, got 'fast'"),
+    ("moco", "client_exec: fast", "client_exec must be one of auto, vmap, loop, got 'fast'"),
     ("moco", "max_steps: 2.7", "max_steps must be a whole number, got 2.7"),
     ("moco", "K: 1e3", "K must be a whole number, got '1e3'"),
     ("moco", "batch_size: [4, 8]", "batch_size must be a whole number"),

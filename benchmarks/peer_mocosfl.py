@@ -1,0 +1,297 @@
+"""This project's SFL-MoCo step side by side with MocoSFL's own code, at the same settings, timed in turns.
+
+    python benchmarks/peer_mocosfl.py --peer_dir ~/src/MocoSFL                  # 100 clients x 1, 10 clients x 8
+    python benchmarks/peer_mocosfl.py --peer_dir ~/src/MocoSFL --settings 100x1 --cutlayer 1 --repeats 7
+
+--peer_dir is a checkout of MocoSFL (github.com/SonyResearch/MocoSFL); nothing of it is copied into this project.
+Its modules are imported from there in a process of their own (its `functions`, `models` and `configs` packages
+share their names with this project's) and patched at run time only as far as running on a CPU needs: `.cuda()`
+of tensors and modules returns them unchanged. Both sides train on the same fixed synthetic images (no loader, no
+augmentation): what is timed is the step alone, as MocoSFL's run_sflmoco.py runs it (client forwards and momentum
+forwards one client after another, the server's symmetric InfoNCE with queue, the clients' backward and SGD steps),
+and this project's SplitStep with its loop engine, its vectorised engine and `--client_exec auto`'s choice, plus
+the centralised ceiling of benchmarks/bench_sfl.py. Settings are MocoSFL's V2 (MLP head, --K_dim 1024, --K 6000,
+--T 0.1, symmetric loss, SGD 0.06 / 0.9 / 5e-4), ResNet-18 at MocoSFL's width 64.
+
+Every side runs in its own worker process: built, then --warmup steps, then the parent has each side time --steps
+steps in turn (A B C D E A B C D E ...) for --repeats rounds; the median per side is reported (ms per step) with
+the spread of the rounds. On a CPU a round timed while other programs kept the machine busy is flagged.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SIDES = ("mocosfl", "loop", "vmap", "auto", "centralised")
+PEER_FILES = ("run_sflmoco.py", "models/resnet.py", "functions/sflmoco_functions.py", "functions/sfl_functions.py",
+              "configs/__init__.py")
+MOCO_V2 = {"K": 6000, "K_dim": 1024, "T": 0.1, "lr": 0.06, "momentum": 0.9, "weight_decay": 5e-4}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--peer_dir", type=str, required=True, help="a checkout of MocoSFL (its run_sflmoco.py, models/, functions/)")
+    parser.add_argument("--settings", type=str, nargs="+", default=["100x1", "10x8"],
+                        help="CLIENTSxBATCH: clients (all in the pool) and images per client per step")
+    parser.add_argument("--cutlayer", type=int, default=2, help="cut layer (MocoSFL's numbering = this project's)")
+    parser.add_argument("--sides", type=str, nargs="+", default=list(SIDES), choices=SIDES, help="what to time")
+    parser.add_argument("--steps", type=int, default=3, help="steps per timed round")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds per side (the median is reported)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads of every side")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the images")
+    parser.add_argument("--json", type=str, default=None, help="write the records to this JSON file")
+    parser.add_argument("--worker", type=str, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--clients", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def parse_setting(text: str) -> tuple[int, int]:
+    """(clients, images per client) of a CLIENTSxBATCH setting."""
+    try:
+        clients, batch = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"--settings {text}: write CLIENTSxBATCH, e.g. 100x1") from None
+    if clients < 1 or batch < 1:
+        raise SystemExit(f"--settings {text}: clients and batch must be at least 1")
+    return clients, batch
+
+
+# --------------------------------------------------------------------------------------------------- workers
+def synthetic_views(clients: int, batch: int, seed: int) -> list[tuple[Any, Any]]:
+    """Two 32-pixel views per image, batch images per client, the same on every side."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 3, 32, 32, generator=generator), torch.randn(batch, 3, 32, 32, generator=generator))
+            for _ in range(clients)]
+
+
+def peer_step(options: argparse.Namespace) -> Callable[[], None]:
+    """MocoSFL's training step, built from its own modules (imported from --peer_dir) on the CPU."""
+    import torch
+    import torch.nn as nn
+
+    # The only patch: MocoSFL moves tensors and modules with .cuda(); on a CPU that is a no-op.
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self  # type: ignore[method-assign]
+    nn.Module.cuda = lambda self, *args, **kwargs: self  # type: ignore[method-assign]
+    sys.path.insert(0, str(Path(options.peer_dir).resolve()))
+    from configs import get_sfl_args  # MocoSFL's
+    from functions.sfl_functions import client_backward  # MocoSFL's
+    from functions.sflmoco_functions import sflmoco_simulator  # MocoSFL's
+    from models import resnet  # MocoSFL's
+    from models.resnet import init_weights  # MocoSFL's
+
+    output_dir = tempfile.mkdtemp(prefix="peer_mocosfl_")
+    sys.argv = ["run_sflmoco.py", "--num_client", str(options.clients), "--batch_size", str(options.batch),
+                "--cutlayer", str(options.cutlayer), "--moco_version", "V2", "--symmetric", "--mlp", "--cos",
+                "--K", str(MOCO_V2["K"]), "--K_dim", str(MOCO_V2["K_dim"]), "--T", str(MOCO_V2["T"]),
+                "--lr", str(MOCO_V2["lr"]), "--output_dir", output_dir, "--seed", str(options.seed)]
+    args = get_sfl_args()
+    torch.manual_seed(options.seed)
+    model = resnet.ResNet18(cutting_layer=args.cutlayer, num_client=args.num_client, num_class=args.K_dim,
+                            group_norm=True, input_size=32, adds_bottleneck=False, bottleneck_option="None",
+                            c_residual=args.c_residual, WS=args.WS)
+    # MocoSFL's V2 head, as its run_sflmoco.py builds it for --mlp.
+    head = nn.Sequential(nn.Linear(512, args.K_dim), nn.ReLU(True), nn.Linear(args.K_dim, args.K_dim))
+    head.apply(init_weights)
+    model.classifier = head
+    model.merge_classifier_cloud()
+    views = synthetic_views(args.num_client, args.batch_size, options.seed)
+    simulator = sflmoco_simulator(model, nn.CrossEntropyLoss(), [None] * args.num_client, None, args)
+    simulator.train()
+    pool = list(range(args.num_client))
+
+    def step() -> None:
+        simulator.optimizer_zero_grads()
+        queries, keys = [], []
+        for client in pool:
+            query, key = views[client]
+            queries.append(simulator.c_instance_list[client](query))
+            with torch.no_grad():
+                keys.append(simulator.c_instance_list[client].t_model(key).detach())
+        simulator.s_optimizer.zero_grad()
+        _, gradient, _ = simulator.s_instance.compute(torch.cat(queries), torch.cat(keys), pool=pool)
+        simulator.s_optimizer.step()
+        rows = args.batch_size
+        client_backward(simulator, pool, {j: gradient[j * rows:(j + 1) * rows] for j in range(len(pool))})
+
+    return step
+
+
+def own_step(options: argparse.Namespace, side: str) -> Callable[[], None]:
+    """This project's step (benchmarks/bench_sfl.py's build) on the same images: loop, vmap, auto or centralised."""
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    sys.path.insert(0, str(REPO_ROOT))
+    import torch
+
+    import bench_sfl
+    from functions.client_engines import auto_client_exec
+    from models.split import build_split_model
+
+    mode = side
+    if side == "auto":
+        client = build_split_model("ResNet18", options.cutlayer, width=64).client
+        mode = auto_client_exec(client, torch.device("cpu"), options.batch)
+    setting = bench_sfl.Setting(method="moco", mode=mode, device="cpu", clients=options.clients,
+                                sampled_clients=options.clients, per_client_batch=options.batch,
+                                cutlayer=None if side == "centralised" else options.cutlayer, amp=False,
+                                arch="ResNet18", width=64, engine="auto" if mode == "vmap" else None,
+                                method_config=str(REPO_ROOT / "configs" / "mocosfl_table3_100clients.yaml"))
+    step, _ = bench_sfl.build_step(setting, torch.device("cpu"), options.seed)
+
+    def run_step() -> None:
+        step()
+
+    return run_step
+
+
+def run_worker(options: argparse.Namespace) -> None:
+    """Build one side's step, warm it up, then time `steps` steps each time the parent asks (line protocol)."""
+    import torch
+
+    torch.set_num_threads(options.threads)
+    step = peer_step(options) if options.worker == "mocosfl" else own_step(options, options.worker)
+    for _ in range(options.warmup):
+        step()
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() != "time":
+            break
+        begin, cpu_begin = time.perf_counter(), time.process_time()
+        for _ in range(options.steps):
+            step()
+        print(json.dumps({"seconds": time.perf_counter() - begin, "cpu_seconds": time.process_time() - cpu_begin}),
+              flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------- parent
+class Worker:
+    """One side's worker process."""
+
+    def __init__(self, side: str, options: argparse.Namespace, clients: int, batch: int) -> None:
+        self.side = side
+        command = [sys.executable, str(Path(__file__).resolve()), "--worker", side, "--peer_dir", options.peer_dir,
+                   "--clients", str(clients), "--batch", str(batch), "--cutlayer", str(options.cutlayer),
+                   "--steps", str(options.steps), "--warmup", str(options.warmup), "--threads", str(options.threads),
+                   "--seed", str(options.seed)]
+        env = {**os.environ, "OMP_NUM_THREADS": str(options.threads)}
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                                        cwd=tempfile.gettempdir())
+        self.rounds: list[dict[str, float]] = []
+
+    def wait_ready(self) -> None:
+        line = self.process.stdout.readline()
+        if line.strip() != "ready":
+            self.process.kill()
+            raise SystemExit(f"the {self.side} side did not start (see its error above)")
+
+    def time_round(self) -> None:
+        self.process.stdin.write("time\n")
+        self.process.stdin.flush()
+        self.rounds.append(json.loads(self.process.stdout.readline()))
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            self.process.wait(timeout=60)
+
+
+def measure_setting(options: argparse.Namespace, clients: int, batch: int) -> list[dict[str, Any]]:
+    """Every side of one setting, warmed up one after another, then timed in turns."""
+    from bench_sfl import BUSY_CORES, busy_cpu_seconds, other_processes_cores
+
+    records = []
+    workers: list[Worker] = []
+    try:
+        for side in options.sides:
+            print(f"building {side} ({clients} clients x {batch}) ...", file=sys.stderr, flush=True)
+            worker = Worker(side, options, clients, batch)
+            worker.wait_ready()  # one at a time: a side warming up would slow another one's timing
+            workers.append(worker)
+        others: dict[str, list[float]] = {worker.side: [] for worker in workers}
+        for _ in range(options.repeats):
+            for worker in workers:
+                busy_before = busy_cpu_seconds()
+                worker.time_round()
+                last = worker.rounds[-1]
+                # The worker's own CPU time counts as "own": everything else busy meanwhile is other programs.
+                if busy_before is not None:
+                    other = other_processes_cores(last["seconds"], last["cpu_seconds"], busy_before)
+                    if other is not None:
+                        others[worker.side].append(other)
+        for worker in workers:
+            seconds = [entry["seconds"] for entry in worker.rounds]
+            median = statistics.median(seconds)
+            busiest = max(others[worker.side]) if others[worker.side] else None
+            records.append({"side": worker.side, "clients": clients, "per_client_batch": batch,
+                            "cutlayer": options.cutlayer, "step_ms": 1000 * median / options.steps,
+                            "step_ms_all": [1000 * s / options.steps for s in seconds],
+                            "spread_pct": 100 * (max(seconds) - min(seconds)) / median,
+                            "other_processes_cores": busiest,
+                            "busy_machine": busiest is not None and busiest > BUSY_CORES,
+                            "steps": options.steps, "repeats": options.repeats, "threads": options.threads})
+    finally:
+        for worker in workers:
+            worker.close()
+    return records
+
+
+def format_table(records: Sequence[dict[str, Any]], sides: Sequence[str]) -> str:
+    """ms per step: a row per setting, a column per side (spread in brackets, BUSY when flagged)."""
+    lines = ["| setting | " + " | ".join(sides) + " |", "|---|" + "---|" * len(sides)]
+    for clients, batch in dict.fromkeys((r["clients"], r["per_client_batch"]) for r in records):
+        cells = []
+        for side in sides:
+            found = [r for r in records if (r["clients"], r["per_client_batch"], r["side"]) == (clients, batch, side)]
+            if not found:
+                cells.append("-")
+                continue
+            r = found[0]
+            cells.append(f"{r['step_ms']:,.0f} ({r['spread_pct']:.0f} %)" + (" BUSY" if r["busy_machine"] else ""))
+        lines.append(f"| {clients} clients x {batch} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    options = build_parser().parse_args(argv)
+    if options.worker is not None:
+        run_worker(options)
+        return []
+    peer = Path(options.peer_dir)
+    missing = [name for name in PEER_FILES if not (peer / name).is_file()]
+    if missing:
+        raise SystemExit(f"--peer_dir {peer} is not a MocoSFL checkout (no {missing[0]}); clone "
+                         "https://github.com/SonyResearch/MocoSFL and pass its folder")
+    for name in ("steps", "warmup", "repeats", "threads"):
+        if getattr(options, name) < 1:
+            raise SystemExit(f"--{name} must be at least 1")
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    sys.path.insert(0, str(REPO_ROOT))
+    records = []
+    for text in options.settings:
+        clients, batch = parse_setting(text)
+        records.extend(measure_setting(options, clients, batch))
+    print(f"ms per step (spread of {options.repeats} rounds of {options.steps} steps), cut {options.cutlayer}, "
+          f"{options.threads} threads, sides timed in turns:")
+    print(format_table(records, options.sides))
+    if any(r["busy_machine"] for r in records):
+        print("BUSY: other programs loaded the machine during those rounds; measure again on an idle machine")
+    if options.json:
+        Path(options.json).write_text(json.dumps(records, indent=1))
+    return records
+
+
+if __name__ == "__main__":
+    main()
