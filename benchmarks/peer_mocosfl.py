@@ -31,6 +31,10 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from functions.errors import UserError, run_cli  # noqa: E402
 SIDES = ("mocosfl", "loop", "vmap", "auto", "centralised")
 PEER_FILES = ("run_sflmoco.py", "models/resnet.py", "functions/sflmoco_functions.py", "functions/sfl_functions.py",
               "configs/__init__.py")
@@ -62,9 +66,9 @@ def parse_setting(text: str) -> tuple[int, int]:
     try:
         clients, batch = (int(part) for part in text.lower().split("x"))
     except ValueError:
-        raise SystemExit(f"--settings {text}: write CLIENTSxBATCH, e.g. 100x1") from None
+        raise UserError(f"--settings {text}: write CLIENTSxBATCH, e.g. 100x1") from None
     if clients < 1 or batch < 1:
-        raise SystemExit(f"--settings {text}: clients and batch must be at least 1")
+        raise UserError(f"--settings {text}: clients and batch must be at least 1")
     return clients, batch
 
 
@@ -86,6 +90,11 @@ def peer_step(options: argparse.Namespace) -> Callable[[], None]:
     # The only patch: MocoSFL moves tensors and modules with .cuda(); on a CPU that is a no-op.
     torch.Tensor.cuda = lambda self, *args, **kwargs: self  # type: ignore[method-assign]
     nn.Module.cuda = lambda self, *args, **kwargs: self  # type: ignore[method-assign]
+    # MocoSFL's packages have this project's names (functions, models, configs): forget ours in this process.
+    for name in list(sys.modules):
+        if name.split(".")[0] in ("functions", "models", "configs"):
+            del sys.modules[name]
+    sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != REPO_ROOT]
     sys.path.insert(0, str(Path(options.peer_dir).resolve()))
     from configs import get_sfl_args  # MocoSFL's
     from functions.sfl_functions import client_backward  # MocoSFL's
@@ -109,7 +118,8 @@ def peer_step(options: argparse.Namespace) -> Callable[[], None]:
     model.classifier = head
     model.merge_classifier_cloud()
     views = synthetic_views(args.num_client, args.batch_size, options.seed)
-    simulator = sflmoco_simulator(model, nn.CrossEntropyLoss(), [None] * args.num_client, None, args)
+    # Each client's "loader" is its fixed pair of views; the step below hands them over directly.
+    simulator = sflmoco_simulator(model, nn.CrossEntropyLoss(), [[view] for view in views], None, args)
     simulator.train()
     pool = list(range(args.num_client))
 
@@ -195,7 +205,7 @@ class Worker:
         line = self.process.stdout.readline()
         if line.strip() != "ready":
             self.process.kill()
-            raise SystemExit(f"the {self.side} side did not start (see its error above)")
+            raise UserError(f"the {self.side} side did not start (its error is printed above)")
 
     def time_round(self) -> None:
         self.process.stdin.write("time\n")
@@ -272,11 +282,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     peer = Path(options.peer_dir)
     missing = [name for name in PEER_FILES if not (peer / name).is_file()]
     if missing:
-        raise SystemExit(f"--peer_dir {peer} is not a MocoSFL checkout (no {missing[0]}); clone "
+        raise UserError(f"--peer_dir {peer} is not a MocoSFL checkout (no {missing[0]}); clone "
                          "https://github.com/SonyResearch/MocoSFL and pass its folder")
     for name in ("steps", "warmup", "repeats", "threads"):
         if getattr(options, name) < 1:
-            raise SystemExit(f"--{name} must be at least 1")
+            raise UserError(f"--{name} must be at least 1")
     sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
     sys.path.insert(0, str(REPO_ROOT))
     records = []
@@ -294,4 +304,4 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
