@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from functions.checkpoint import CHECKPOINT_NAME
+from functions.client_engines import ClientEngine
 from functions.communication import CommunicationSaving
 from functions.data import FederatedData
 from functions.datasets import resolved_entry
@@ -28,9 +29,8 @@ from functions.flmoco import build_fl_step
 from functions.logs import EpochStatistics, LogWindow, ProgressBar, TrainingLog, logger
 from functions.overhead import client_overhead
 from functions.precision import MixedPrecision, amp_dtype_of
-from functions.server_method import ServerMethod, StepLayout, method_class
 from functions.ressfl import SimulatedAttacker
-from functions.client_engines import ClientEngine
+from functions.server_method import ServerMethod, StepLayout, method_class
 from functions.step import build_split_step
 from functions.stopping import StopSignal, resume_command
 from functions.trainer_state import TrainerCheckpoints

@@ -25,7 +25,6 @@ from functions.server_method import ServerMethod, StepLayout, method_class
 from models.split import build_split_model
 
 
-
 def bottleneck_of(args: argparse.Namespace) -> str | None:
     """The --bottleneck_option code of a run, None without a bottleneck."""
     return None if getattr(args, "bottleneck_option", "None") == "None" else args.bottleneck_option

@@ -14,8 +14,8 @@ from configs import parse_args
 from functions.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from functions.errors import UserError
 from functions.expert import MOCOSFL_CLIENT_FILE, load_initial_weights, mocosfl_client_state
-from functions.server_method import method_class
 from functions.ressfl import SimulatedAttacker, client_penalty, per_image_ssim, ressfl_penalty
+from functions.server_method import method_class
 from models.bottleneck import parse_bottleneck_option
 from models.split import build_split_model, merge_split, merge_state_dicts, split_state_dict
 from sfl_helpers import TINY_MOCO
