@@ -120,8 +120,9 @@ class SimulatedAttacker:
             penalty = client_penalty(image_ssim, rows_per_client, self.target_ssim, self.alpha, row_share)
             (gradient,) = torch.autograd.grad(penalty, rows)
         self.decoder.zero_grad(set_to_none=True)
+        # The penalty as if these rows were the whole step: the loop's row-share-weighted mean over ranks sums it.
         stats = {"ressfl_attacker_ssim": attacker_ssim.detach(), "ressfl_client_ssim": image_ssim.detach().mean(),
-                 "ressfl_penalty": penalty.detach()}
+                 "ressfl_penalty": penalty.detach() / row_share}
         return gradient.to(smashed.dtype), stats
 
     def state_dict(self) -> dict:
