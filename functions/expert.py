@@ -11,7 +11,7 @@ import argparse
 import logging
 import re
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
@@ -45,20 +45,29 @@ def _mocosfl_units(arch: str) -> tuple[str, ...]:
     return entry.unit_names
 
 
-def mocosfl_client_state(state: Mapping[str, torch.Tensor], arch: str, cutlayer: int) -> dict[str, torch.Tensor]:
-    """A MocoSFL client part (keys `<index>.<layer>`: units 0..cutlayer-1, then the bottleneck's layers) with this
-    project's keys (`stem.conv.weight`, `layer1_0.norm1.bias`, `client_bottleneck.0.weight`, ...)."""
-    units = _mocosfl_units(arch)
+def _renamed(state: Mapping[str, torch.Tensor], part: str,
+             rename: Callable[[int, str], str]) -> dict[str, torch.Tensor]:
+    """`state` with each MocoSFL key `<index>.<rest>` replaced by rename(index, rest); a UserError for other keys."""
     mapped: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         index, _, rest = key.partition(".")
         if not index.isdigit():
-            raise UserError(f"--initialze_path: {key} is not a MocoSFL client key (<layer index>.<name>)")
-        position = int(index)
-        new_key = (_mocosfl_unit_key(units[position], rest) if position < cutlayer
-                   else f"{CLIENT_BOTTLENECK}.{position - cutlayer}.{rest}")
-        mapped[new_key] = value
+            raise UserError(f"--initialze_path: {key} is not a MocoSFL {part} key (<layer index>.<name>)")
+        mapped[rename(int(index), rest)] = value
     return mapped
+
+
+def mocosfl_client_state(state: Mapping[str, torch.Tensor], arch: str, cutlayer: int) -> dict[str, torch.Tensor]:
+    """A MocoSFL client part (keys `<index>.<layer>`: units 0..cutlayer-1, then the bottleneck's layers) with this
+    project's keys (`stem.conv.weight`, `layer1_0.norm1.bias`, `client_bottleneck.0.weight`, ...)."""
+    units = _mocosfl_units(arch)
+
+    def rename(position: int, rest: str) -> str:
+        if position < cutlayer:
+            return _mocosfl_unit_key(units[position], rest)
+        return f"{CLIENT_BOTTLENECK}.{position - cutlayer}.{rest}"
+
+    return _renamed(state, "client", rename)
 
 
 def mocosfl_server_state(state: Mapping[str, torch.Tensor], arch: str, cutlayer: int,
@@ -66,20 +75,15 @@ def mocosfl_server_state(state: Mapping[str, torch.Tensor], arch: str, cutlayer:
     """A MocoSFL server part (keys `<index>.<layer>`: the bottleneck's layers, the remaining units, a parameter-free
     pooling view, then the projection head) with this project's server keys."""
     units = _mocosfl_units(arch)[cutlayer:]
-    mapped: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        index, _, rest = key.partition(".")
-        if not index.isdigit():
-            raise UserError(f"--initialze_path: {key} is not a MocoSFL server key (<layer index>.<name>)")
-        position = int(index)
+
+    def rename(position: int, rest: str) -> str:
         if position < server_bottleneck_layers:
-            new_key = f"{BACKBONE_PREFIX}{SERVER_BOTTLENECK}.{position}.{rest}"
-        elif position - server_bottleneck_layers < len(units):
-            new_key = BACKBONE_PREFIX + _mocosfl_unit_key(units[position - server_bottleneck_layers], rest)
-        else:
-            new_key = f"head.{rest}"  # after the units and the pooling view: the classifier (MoCo's projection)
-        mapped[new_key] = value
-    return mapped
+            return f"{BACKBONE_PREFIX}{SERVER_BOTTLENECK}.{position}.{rest}"
+        if position - server_bottleneck_layers < len(units):
+            return BACKBONE_PREFIX + _mocosfl_unit_key(units[position - server_bottleneck_layers], rest)
+        return f"head.{rest}"  # after the units and the pooling view: the classifier (MoCo's projection)
+
+    return _renamed(state, "server", rename)
 
 
 def _fit(module: torch.nn.Module, state: Mapping[str, torch.Tensor], what: str, hint: str) -> None:
