@@ -2,6 +2,7 @@
 
     python benchmarks/peer_mocosfl.py --peer_dir ~/src/MocoSFL                  # 100 clients x 1, 10 clients x 8
     python benchmarks/peer_mocosfl.py --peer_dir ~/src/MocoSFL --settings 100x1 --cutlayer 1 --repeats 7
+    python benchmarks/peer_mocosfl.py --peer_dir ~/src/MocoSFL --width 16                       # a narrower ResNet-18
 
 --peer_dir is a checkout of MocoSFL (github.com/SonyResearch/MocoSFL); nothing of it is copied into this project.
 Its modules are imported from there in a process of their own (its `functions`, `models` and `configs` packages
@@ -11,7 +12,9 @@ augmentation): what is timed is the step alone, as MocoSFL's run_sflmoco.py runs
 forwards one client after another, the server's symmetric InfoNCE with queue, the clients' backward and SGD steps),
 and this project's SplitStep with its loop engine, its vectorised engine and `--client_exec auto`'s choice, plus
 the centralised ceiling of benchmarks/bench_sfl.py. Settings are MocoSFL's V2 (MLP head, --K_dim 1024, --K 6000,
---T 0.1, symmetric loss, SGD 0.06 / 0.9 / 5e-4), ResNet-18 at MocoSFL's width 64.
+--T 0.1, symmetric loss, SGD 0.06 / 0.9 / 5e-4), ResNet-18 at MocoSFL's width 64 or, with --width, another
+width: MocoSFL builds its ResNets 64 wide, so for any other width its own stem and block classes are subclassed at
+run time to be built with every channel count scaled by width / 64 (the same layers, groups and order).
 
 Every side runs in its own worker process: built, then --warmup steps, then the parent has each side time --steps
 steps in turn (A B C D E A B C D E ...) for --repeats rounds; the median per side is reported (ms per step) with
@@ -48,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--settings", type=str, nargs="+", default=["100x1", "10x8"],
                         help="CLIENTSxBATCH: clients (all in the pool) and images per client per step")
     parser.add_argument("--cutlayer", type=int, default=2, help="cut layer (MocoSFL's numbering = this project's)")
+    parser.add_argument("--width", type=int, default=64,
+                        help="ResNet-18 width (channels of the first stage); MocoSFL's own is 64, others are scaled")
     parser.add_argument("--sides", type=str, nargs="+", default=list(SIDES), choices=SIDES, help="what to time")
     parser.add_argument("--steps", type=int, default=3, help="steps per timed round")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
@@ -82,6 +87,27 @@ def synthetic_views(clients: int, batch: int, seed: int) -> list[tuple[Any, Any]
             for _ in range(clients)]
 
 
+def scale_peer_width(resnet_module: Any, width: int) -> None:
+    """Have MocoSFL's resnet module build its GroupNorm stem and blocks `width` wide instead of 64 wide."""
+    if width == 64:
+        return
+
+    def scaled(channels: int) -> int:
+        return channels * width // 64
+
+    # Their constructors are wrapped in place (not subclassed: MocoSFL's super(Class, self) calls look the class
+    # names up in the module); make_layers() passes them 64-based channel counts, the image's 3 are kept.
+    block_init, stem_init = resnet_module.BasicBlock_gn.__init__, resnet_module.conv3x3_gn.__init__
+
+    def block(self: Any, in_planes: int, planes: int, *args: Any, **kwargs: Any) -> None:
+        block_init(self, scaled(in_planes), scaled(planes), *args, **kwargs)
+
+    def stem(self: Any, in_planes: int, planes: int, *args: Any, **kwargs: Any) -> None:
+        stem_init(self, in_planes, scaled(planes), *args, **kwargs)
+
+    resnet_module.BasicBlock_gn.__init__, resnet_module.conv3x3_gn.__init__ = block, stem
+
+
 def peer_step(options: argparse.Namespace) -> Callable[[], None]:
     """MocoSFL's training step, built from its own modules (imported from --peer_dir) on the CPU."""
     import torch
@@ -108,12 +134,13 @@ def peer_step(options: argparse.Namespace) -> Callable[[], None]:
                 "--K", str(MOCO_V2["K"]), "--K_dim", str(MOCO_V2["K_dim"]), "--T", str(MOCO_V2["T"]),
                 "--lr", str(MOCO_V2["lr"]), "--output_dir", output_dir, "--seed", str(options.seed)]
     args = get_sfl_args()
+    scale_peer_width(resnet, options.width)
     torch.manual_seed(options.seed)
     model = resnet.ResNet18(cutting_layer=args.cutlayer, num_client=args.num_client, num_class=args.K_dim,
                             group_norm=True, input_size=32, adds_bottleneck=False, bottleneck_option="None",
                             c_residual=args.c_residual, WS=args.WS)
     # MocoSFL's V2 head, as its run_sflmoco.py builds it for --mlp.
-    head = nn.Sequential(nn.Linear(512, args.K_dim), nn.ReLU(True), nn.Linear(args.K_dim, args.K_dim))
+    head = nn.Sequential(nn.Linear(8 * options.width, args.K_dim), nn.ReLU(True), nn.Linear(args.K_dim, args.K_dim))
     head.apply(init_weights)
     model.classifier = head
     model.merge_classifier_cloud()
@@ -152,12 +179,12 @@ def own_step(options: argparse.Namespace, side: str) -> Callable[[], None]:
 
     mode = side
     if side == "auto":
-        client = build_split_model("ResNet18", options.cutlayer, width=64).client
+        client = build_split_model("ResNet18", options.cutlayer, width=options.width).client
         mode = auto_client_exec(client, torch.device("cpu"), options.batch)
     setting = bench_sfl.Setting(method="moco", mode=mode, device="cpu", clients=options.clients,
                                 sampled_clients=options.clients, per_client_batch=options.batch,
                                 cutlayer=None if side == "centralised" else options.cutlayer, amp=False,
-                                arch="ResNet18", width=64, engine="auto" if mode == "vmap" else None,
+                                arch="ResNet18", width=options.width, engine="auto" if mode == "vmap" else None,
                                 method_config=str(REPO_ROOT / "configs" / "mocosfl_table3_100clients.yaml"))
     step, _ = bench_sfl.build_step(setting, torch.device("cpu"), options.seed)
 
@@ -194,6 +221,7 @@ class Worker:
         self.side = side
         command = [sys.executable, str(Path(__file__).resolve()), "--worker", side, "--peer_dir", options.peer_dir,
                    "--clients", str(clients), "--batch", str(batch), "--cutlayer", str(options.cutlayer),
+                   "--width", str(options.width),
                    "--steps", str(options.steps), "--warmup", str(options.warmup), "--threads", str(options.threads),
                    "--seed", str(options.seed)]
         env = {**os.environ, "OMP_NUM_THREADS": str(options.threads)}
@@ -246,7 +274,7 @@ def measure_setting(options: argparse.Namespace, clients: int, batch: int) -> li
             median = statistics.median(seconds)
             busiest = max(others[worker.side]) if others[worker.side] else None
             records.append({"side": worker.side, "clients": clients, "per_client_batch": batch,
-                            "cutlayer": options.cutlayer, "step_ms": 1000 * median / options.steps,
+                            "cutlayer": options.cutlayer, "width": options.width, "step_ms": 1000 * median / options.steps,
                             "step_ms_all": [1000 * s / options.steps for s in seconds],
                             "spread_pct": 100 * (max(seconds) - min(seconds)) / median,
                             "other_processes_cores": busiest,
@@ -284,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     if missing:
         raise UserError(f"--peer_dir {peer} is not a MocoSFL checkout (no {missing[0]}); clone "
                          "https://github.com/SonyResearch/MocoSFL and pass its folder")
-    for name in ("steps", "warmup", "repeats", "threads"):
+    for name in ("steps", "warmup", "repeats", "threads", "width"):
         if getattr(options, name) < 1:
             raise UserError(f"--{name} must be at least 1")
     sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
@@ -293,7 +321,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     for text in options.settings:
         clients, batch = parse_setting(text)
         records.extend(measure_setting(options, clients, batch))
-    print(f"ms per step (spread of {options.repeats} rounds of {options.steps} steps), cut {options.cutlayer}, "
+    print(f"ms per step (spread of {options.repeats} rounds of {options.steps} steps), ResNet-18 width {options.width}, "
+          f"cut {options.cutlayer}, "
           f"{options.threads} threads, sides timed in turns:")
     print(format_table(records, options.sides))
     if any(r["busy_machine"] for r in records):

@@ -38,3 +38,47 @@ def test_the_table_has_a_row_per_setting_and_a_column_per_side() -> None:
     table = peer_mocosfl.format_table(records, ["mocosfl", "loop", "vmap"]).splitlines()
     assert table[0] == "| setting | mocosfl | loop | vmap |"
     assert table[2] == "| 100 clients x 1 | 4,018 (3 %) | 3,900 (5 %) BUSY | - |"
+
+
+# The shape of MocoSFL's models/resnet.py that the width patch relies on: GroupNorm stem and block classes whose
+# constructors call super(Class, self) by the module-level name, and 64-based channel counts from make_layers.
+FAKE_RESNET = '''
+import torch.nn as nn
+
+class conv3x3_gn(nn.Module):
+    def __init__(self, in_planes, planes, input_size=32):
+        super(conv3x3_gn, self).__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, padding=1)
+        self.bn1 = nn.GroupNorm(max(planes // 4, 1), planes)
+
+class BasicBlock_gn(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_planes, planes, stride=1, residual=True, WS=True):
+        super(BasicBlock_gn, self).__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1)
+        self.bn1 = nn.GroupNorm(max(planes // 4, 1), planes)
+
+def make_layers():
+    return [conv3x3_gn(3, 64), BasicBlock_gn(64, 64), BasicBlock_gn(64, 128, 2)]
+'''
+
+
+def _fake_resnet(tmp_path, name):
+    import importlib.util
+
+    path = tmp_path / f"{name}.py"
+    path.write_text(FAKE_RESNET)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("width, expected", [(16, [(3, 16, 4), (16, 16, 4), (16, 32, 8)]),
+                                             (64, [(3, 64, 16), (64, 64, 16), (64, 128, 32)])])
+def test_the_peer_model_is_built_at_the_asked_width(tmp_path, width, expected) -> None:
+    module = _fake_resnet(tmp_path, f"fake_resnet_{width}")
+    peer_mocosfl.scale_peer_width(module, width)
+    layers = module.make_layers()
+    assert [(layer.conv1.in_channels, layer.conv1.out_channels, layer.bn1.num_groups) for layer in layers] == expected
