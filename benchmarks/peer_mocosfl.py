@@ -167,6 +167,16 @@ def peer_step(options: argparse.Namespace) -> Callable[[], None]:
     return step
 
 
+def auto_engine(cutlayer: int, width: int, batch: int) -> str:
+    """The engine `--client_exec auto` picks for this setting's client part on the CPU."""
+    import torch
+
+    from functions.client_engines import auto_client_exec
+    from models.split import build_split_model
+
+    return auto_client_exec(build_split_model("ResNet18", cutlayer, width=width).client, torch.device("cpu"), batch)
+
+
 def own_step(options: argparse.Namespace, side: str) -> Callable[[], None]:
     """This project's step (benchmarks/bench_sfl.py's build) on the same images: loop, vmap, auto or centralised."""
     sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
@@ -174,13 +184,8 @@ def own_step(options: argparse.Namespace, side: str) -> Callable[[], None]:
     import torch
 
     import bench_sfl
-    from functions.client_engines import auto_client_exec
-    from models.split import build_split_model
 
-    mode = side
-    if side == "auto":
-        client = build_split_model("ResNet18", options.cutlayer, width=options.width).client
-        mode = auto_client_exec(client, torch.device("cpu"), options.batch)
+    mode = auto_engine(options.cutlayer, options.width, options.batch) if side == "auto" else side
     setting = bench_sfl.Setting(method="moco", mode=mode, device="cpu", clients=options.clients,
                                 sampled_clients=options.clients, per_client_batch=options.batch,
                                 cutlayer=None if side == "centralised" else options.cutlayer, amp=False,
@@ -280,14 +285,33 @@ def measure_setting(options: argparse.Namespace, clients: int, batch: int) -> li
                             "other_processes_cores": busiest,
                             "busy_machine": busiest is not None and busiest > BUSY_CORES,
                             "steps": options.steps, "repeats": options.repeats, "threads": options.threads})
+        for record in records:
+            if record["side"] == "auto":
+                record["engine"] = auto_engine(options.cutlayer, options.width, batch)
+        add_speed_over_peer(records)
     finally:
         for worker in workers:
             worker.close()
     return records
 
 
+def add_speed_over_peer(records: list[dict[str, Any]]) -> None:
+    """Each side's speed over MocoSFL's round by round (its round / the side's round timed next to it): the median
+    and range of those ratios, which a machine's slow drift between rounds does not move as it moves the medians."""
+    peer = [r for r in records if r["side"] == "mocosfl"]
+    if not peer:
+        return
+    for record in records:
+        if record["side"] == "mocosfl":
+            continue
+        ratios = [theirs / ours for theirs, ours in zip(peer[0]["step_ms_all"], record["step_ms_all"])]
+        record["speed_over_mocosfl"] = statistics.median(ratios)
+        record["speed_over_mocosfl_range"] = [min(ratios), max(ratios)]
+
+
 def format_table(records: Sequence[dict[str, Any]], sides: Sequence[str]) -> str:
-    """ms per step: a row per setting, a column per side (spread in brackets, BUSY when flagged)."""
+    """ms per step: a row per setting, a column per side (spread in brackets, BUSY when flagged, then the speed over
+    MocoSFL's step with its range over the rounds)."""
     lines = ["| setting | " + " | ".join(sides) + " |", "|---|" + "---|" * len(sides)]
     for clients, batch in dict.fromkeys((r["clients"], r["per_client_batch"]) for r in records):
         cells = []
@@ -298,6 +322,11 @@ def format_table(records: Sequence[dict[str, Any]], sides: Sequence[str]) -> str
                 continue
             r = found[0]
             cells.append(f"{r['step_ms']:,.0f} ({r['spread_pct']:.0f} %)" + (" BUSY" if r["busy_machine"] else ""))
+            if "engine" in r:
+                cells[-1] += f", {r['engine']}"
+            if "speed_over_mocosfl" in r:
+                low, high = r["speed_over_mocosfl_range"]
+                cells[-1] += f", {r['speed_over_mocosfl']:.2f}x [{low:.2f}-{high:.2f}]"
         lines.append(f"| {clients} clients x {batch} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -323,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         records.extend(measure_setting(options, clients, batch))
     print(f"ms per step (spread of {options.repeats} rounds of {options.steps} steps), ResNet-18 width {options.width}, "
           f"cut {options.cutlayer}, "
-          f"{options.threads} threads, sides timed in turns:")
+          f"{options.threads} threads, sides timed in turns; speed over MocoSFL = median of the rounds' ratios [range]:")
     print(format_table(records, options.sides))
     if any(r["busy_machine"] for r in records):
         print("BUSY: other programs loaded the machine during those rounds; measure again on an idle machine")

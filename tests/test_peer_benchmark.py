@@ -40,6 +40,22 @@ def test_the_table_has_a_row_per_setting_and_a_column_per_side() -> None:
     assert table[2] == "| 100 clients x 1 | 4,018 (3 %) | 3,900 (5 %) BUSY | - |"
 
 
+def test_the_speed_over_mocosfl_is_the_median_of_the_rounds_ratios() -> None:
+    # The machine slowed down in rounds 3-4: both sides' medians move, the round-by-round ratios do not.
+    records = [
+        {"side": "mocosfl", "clients": 10, "per_client_batch": 8, "step_ms": 1100.0, "spread_pct": 90.0,
+         "busy_machine": False, "step_ms_all": [1000.0, 1100.0, 2000.0, 2100.0, 1000.0]},
+        {"side": "auto", "clients": 10, "per_client_batch": 8, "step_ms": 1000.0, "spread_pct": 100.0,
+         "busy_machine": False, "step_ms_all": [800.0, 1000.0, 1600.0, 2100.0, 1000.0]},
+    ]
+    peer_mocosfl.add_speed_over_peer(records)
+    assert "speed_over_mocosfl" not in records[0]
+    assert records[1]["speed_over_mocosfl"] == pytest.approx(1.1)  # ratios 1.25, 1.1, 1.25, 1.0, 1.0
+    assert records[1]["speed_over_mocosfl_range"] == pytest.approx([1.0, 1.25])
+    table = peer_mocosfl.format_table(records, ["mocosfl", "auto"]).splitlines()
+    assert table[2] == "| 10 clients x 8 | 1,100 (90 %) | 1,000 (100 %), 1.10x [1.00-1.25] |"
+
+
 # The shape of MocoSFL's models/resnet.py that the width patch relies on: GroupNorm stem and block classes whose
 # constructors call super(Class, self) by the module-level name, and 64-based channel counts from make_layers.
 FAKE_RESNET = '''
