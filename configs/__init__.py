@@ -98,7 +98,7 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                      help="client simulation: the whole pool in one vectorised pass over stacked per-client weights, "
                           "or a Python loop over per-client models (same results); auto: the faster one for the "
                           "device and client part by the benchmark's rule (vmap on GPUs; on CPUs the loop for client "
-                          "parts of 32+ channels with 8+ images per client)")
+                          "parts of 64+ channels with 8+ images per client)")
     sfl.add_argument("--hetero", action="store_true",
                      help="heterogeneous clients: each client's batch is proportional to its data size (rich clients send more rows)")
     sfl.add_argument("--hetero_string", type=str, default="0.2_0.8|16|0.8_0.2",

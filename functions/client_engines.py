@@ -2,11 +2,12 @@
 vectorised pass), and the rule by which `auto` (the default) chooses.
 
 Both engines give the same results up to the order of floating-point sums, so the choice is about speed only. The
-rule is the benchmark's (benchmarks/bench_sfl.py, modes loop and vmap timed in turns; figures in the README's
-speed section): on a GPU the vectorised pass (one kernel per layer for the whole pool, instead of one per client);
-on a CPU too, except for wide client parts with larger per-client batches, where one dense convolution per client
-is as fast or faster than the grouped one (ResNet-18 at width 64 and 10 clients x 8 images: the loop 2-7 % ahead,
-within noise or just above; at width 8 to 16, or 1 image per client, the vectorised pass is 1.0-2.6x faster).
+rule is the benchmarks' (benchmarks/bench_sfl.py and benchmarks/peer_mocosfl.py, engines timed in turns; figures in
+the README's speed section): on a GPU the vectorised pass (one kernel per layer for the whole pool, instead of one
+per client); on a CPU too, except for client parts 64 channels wide with 8 or more images per client, where one
+dense convolution per client is about as fast as the grouped one (ResNet-18 at width 64, 10 clients x 8 images: the
+loop 7-9 % ahead timed in one process, the vectorised pass 3-5 % ahead in separate processes); at width 32 and 8
+images the two are level (0.97-1.07x), at width 8 to 16 or 1 image per client the vectorised pass is 1.0-2.6x faster.
 Client parts with buffers (BatchNorm) cannot be vectorised and always run in the loop.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from functions.clients_vmap import VectorisedClientSide
 ClientEngine = ClientSide | VectorisedClientSide
 
 # On a CPU the loop is chosen from this many output channels in the client's widest convolution ...
-CPU_LOOP_MIN_CHANNELS = 32
+CPU_LOOP_MIN_CHANNELS = 64
 # ... when each client also sends at least this many images per step.
 CPU_LOOP_MIN_ROWS = 8
 

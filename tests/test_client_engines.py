@@ -21,10 +21,20 @@ CPU = torch.device("cpu")
 #       --width W --cutlayer 1 2 --modes loop vmap --steps 2 --warmup 1 --repeats 5      (and --clients 10 --per_client_batch 8)
 # the last row with --method_config configs/mocosfl_table3_100clients.yaml (MocoSFL's V2 head, K 6000) and
 # centralised too. Differences under 5 % are within the repetitions' spread: either engine is right there.
+# Then two more of that last row (the same command with --repeats 7, --modes loop vmap and vmap loop). Then the loop and vmap sides of the peer benchmark,
+# each engine in a process of its own as in a real run (median of the round-by-round ratios):
+#   python benchmarks/peer_mocosfl.py --peer_dir DIR --width W --settings 100x1 10x8 --steps S --warmup 2 --repeats 7
+# (S = 4 at width 16, 3 at width 64; MocoSFL's V2 head, K 6000, symmetric loss), and the last row with
+#   python benchmarks/peer_mocosfl.py --peer_dir DIR --width W --cutlayer C --settings 10x8 --sides loop vmap \
+#       --steps 3 --warmup 2 --repeats 7
 MEASURED = [  # (width, images per client, cut, vmap / loop speed)
     (16, 1, 1, 1.07), (16, 1, 2, 1.43), (16, 8, 1, 1.01), (16, 8, 2, 1.07),
     (32, 1, 1, 1.03), (32, 1, 2, 1.22), (32, 8, 1, 0.97), (32, 8, 2, 0.98),
     (64, 1, 1, 1.02), (64, 1, 2, 1.02), (64, 8, 1, 1.02), (64, 8, 2, 0.98), (64, 8, 2, 0.93),
+    (64, 8, 2, 0.93), (64, 8, 2, 0.91),
+    (16, 1, 2, 1.45), (16, 1, 2, 1.62), (16, 8, 2, 1.04), (16, 8, 2, 1.08),
+    (64, 1, 2, 1.08), (64, 1, 2, 1.14), (64, 8, 2, 1.04), (64, 8, 2, 1.03),
+    (32, 8, 1, 1.05), (32, 8, 2, 1.07), (64, 8, 1, 0.98), (64, 8, 2, 1.05),
 ]
 NOISE = 0.05
 
@@ -47,7 +57,7 @@ def test_auto_runs_gpus_vectorised_and_client_parts_with_buffers_in_the_loop() -
     assert widest_convolution(client) == 64 and widest_convolution(nn.Linear(3, 4)) == 0
 
 
-@pytest.mark.parametrize("width, batch, engine", [(8, 2, VectorisedClientSide), (32, 8, ClientSide)])
+@pytest.mark.parametrize("width, batch, engine", [(8, 2, VectorisedClientSide), (64, 8, ClientSide)])
 def test_the_default_builds_the_chosen_engine(width, batch, engine) -> None:
     args = parse_args("moco", ["--width", str(width), "--batch_size", str(batch), "--num_client", "2",
                                "--K", "64", "--K_dim", "16"])
