@@ -13,8 +13,8 @@ forwards one client after another, the server's symmetric InfoNCE with queue, th
 and this project's SplitStep with its loop engine, its vectorised engine and `--client_exec auto`'s choice, plus
 the centralised ceiling of benchmarks/bench_sfl.py. Settings are MocoSFL's V2 (MLP head, --K_dim 1024, --K 6000,
 --T 0.1, symmetric loss, SGD 0.06 / 0.9 / 5e-4), ResNet-18 at MocoSFL's width 64 or, with --width, another
-width: MocoSFL builds its ResNets 64 wide, so for any other width its own stem and block classes are subclassed at
-run time to be built with every channel count scaled by width / 64 (the same layers, groups and order).
+width: MocoSFL builds its ResNets 64 wide, so for any other width the constructors of its own stem and block
+classes are wrapped at run time to scale every channel count by width / 64 (the same layers, groups and order).
 
 Every side runs in its own worker process: built, then --warmup steps, then the parent has each side time --steps
 steps in turn (A B C D E A B C D E ...) for --repeats rounds; the median per side is reported (ms per step) with
@@ -279,7 +279,8 @@ def measure_setting(options: argparse.Namespace, clients: int, batch: int) -> li
             median = statistics.median(seconds)
             busiest = max(others[worker.side]) if others[worker.side] else None
             records.append({"side": worker.side, "clients": clients, "per_client_batch": batch,
-                            "cutlayer": options.cutlayer, "width": options.width, "step_ms": 1000 * median / options.steps,
+                            "cutlayer": options.cutlayer, "width": options.width,
+                            "step_ms": 1000 * median / options.steps,
                             "step_ms_all": [1000 * s / options.steps for s in seconds],
                             "spread_pct": 100 * (max(seconds) - min(seconds)) / median,
                             "other_processes_cores": busiest,
@@ -350,9 +351,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     for text in options.settings:
         clients, batch = parse_setting(text)
         records.extend(measure_setting(options, clients, batch))
-    print(f"ms per step (spread of {options.repeats} rounds of {options.steps} steps), ResNet-18 width {options.width}, "
-          f"cut {options.cutlayer}, "
-          f"{options.threads} threads, sides timed in turns; speed over MocoSFL = median of the rounds' ratios [range]:")
+    print(f"ms per step (spread of {options.repeats} rounds of {options.steps} steps), ResNet-18 width "
+          f"{options.width}, cut {options.cutlayer}, {options.threads} threads, sides timed in turns; speed over "
+          "MocoSFL = median of the rounds' ratios [range]:")
     print(format_table(records, options.sides))
     if any(r["busy_machine"] for r in records):
         print("BUSY: other programs loaded the machine during those rounds; measure again on an idle machine")

@@ -21,8 +21,9 @@ CPU = torch.device("cpu")
 #       --width W --cutlayer 1 2 --modes loop vmap --steps 2 --warmup 1 --repeats 5      (and --clients 10 --per_client_batch 8)
 # the last row with --method_config configs/mocosfl_table3_100clients.yaml (MocoSFL's V2 head, K 6000) and
 # centralised too. Differences under 5 % are within the repetitions' spread: either engine is right there.
-# Then two more of that last row (the same command with --repeats 7, --modes loop vmap and vmap loop). Then the loop and vmap sides of the peer benchmark,
-# each engine in a process of its own as in a real run (median of the round-by-round ratios):
+# Then two more of that last row (the same command with --repeats 7, --modes loop vmap and vmap loop). Then the
+# loop and vmap sides of the peer benchmark, each engine in a process of its own as in a real run (median of the
+# round-by-round ratios):
 #   python benchmarks/peer_mocosfl.py --peer_dir DIR --width W --settings 100x1 10x8 --steps S --warmup 2 --repeats 7
 # (S = 4 at width 16, 3 at width 64; MocoSFL's V2 head, K 6000, symmetric loss), and the last row with
 #   python benchmarks/peer_mocosfl.py --peer_dir DIR --width W --cutlayer C --settings 10x8 --sides loop vmap \
