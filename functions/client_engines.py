@@ -6,7 +6,7 @@ rule is the benchmarks' (benchmarks/bench_sfl.py and benchmarks/peer_mocosfl.py,
 the README's speed section): on a GPU the vectorised pass (one kernel per layer for the whole pool, instead of one
 per client); on a CPU too, except for client parts 64 channels wide with 8 or more images per client, where one
 dense convolution per client is about as fast as the grouped one (ResNet-18 at width 64, 10 clients x 8 images: the
-loop 7-9 % ahead timed in one process, the vectorised pass 3-5 % ahead in separate processes); at width 32 and 8
+loop 2-9 % ahead timed in one process, the vectorised pass 3-5 % ahead in separate processes); at width 32 and 8
 images the two are level (0.97-1.07x), at width 8 to 16 or 1 image per client the vectorised pass is 1.0-2.6x faster.
 Client parts with buffers (BatchNorm) cannot be vectorised and always run in the loop.
 """

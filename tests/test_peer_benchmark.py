@@ -41,7 +41,7 @@ def test_the_table_has_a_row_per_setting_and_a_column_per_side() -> None:
 
 
 def test_the_speed_over_mocosfl_is_the_median_of_the_rounds_ratios() -> None:
-    # The machine slowed down in rounds 3-4: both sides' medians move, the round-by-round ratios do not.
+    # The machine slowed down in rounds 3-4 for both sides; each ratio compares two rounds timed next to each other.
     records = [
         {"side": "mocosfl", "clients": 10, "per_client_batch": 8, "step_ms": 1100.0, "spread_pct": 90.0,
          "busy_machine": False, "step_ms_all": [1000.0, 1100.0, 2000.0, 2100.0, 1000.0]},
