@@ -390,6 +390,13 @@ def other_processes_cores(wall_seconds: float, own_cpu_seconds: float, busy_befo
     return max(0.0, (busy_now - busy_before - own_cpu_seconds) / wall_seconds)
 
 
+def timed_with_others(timer: Callable[[], tuple[float, float]]) -> tuple[float, float, float | None]:
+    """timer()'s wall and own CPU seconds, and the cores other programs kept busy meanwhile (None where unknown)."""
+    busy_before = busy_cpu_seconds()
+    wall, cpu = timer()
+    return wall, cpu, None if busy_before is None else other_processes_cores(wall, cpu, busy_before)
+
+
 def busy_cpu_seconds() -> float | None:
     """CPU seconds every core of the machine spent busy since boot (Linux /proc/stat), None elsewhere."""
     try:
@@ -442,14 +449,17 @@ def prepare(setting: Setting, device: torch.device, *, warmup: int, seed: int) -
 
 def time_repetition(prepared: _Prepared, device: torch.device, steps: int) -> None:
     """One timed repetition of `steps` steps, with the load other programs put on the machine meanwhile."""
-    busy_before = busy_cpu_seconds() if device.type == "cpu" else None
-    wall, cpu = timed_seconds(prepared.step, steps, device)
+    def timer() -> tuple[float, float]:
+        return timed_seconds(prepared.step, steps, device)
+
+    if device.type == "cpu":
+        wall, cpu, other = timed_with_others(timer)
+    else:
+        (wall, cpu), other = timer(), None
     prepared.seconds.append(wall)
     prepared.cpu_seconds.append(cpu)
-    if busy_before is not None:
-        other = other_processes_cores(wall, cpu, busy_before)
-        if other is not None:
-            prepared.other_cores.append(other)
+    if other is not None:
+        prepared.other_cores.append(other)
 
 
 def record_of(prepared: _Prepared, device: torch.device, *, steps: int, warmup: int) -> dict[str, Any]:

@@ -192,11 +192,7 @@ def own_step(options: argparse.Namespace, side: str) -> Callable[[], None]:
                                 arch="ResNet18", width=options.width, engine="auto" if mode == "vmap" else None,
                                 method_config=str(REPO_ROOT / "configs" / "mocosfl_table3_100clients.yaml"))
     step, _ = bench_sfl.build_step(setting, torch.device("cpu"), options.seed)
-
-    def run_step() -> None:
-        step()
-
-    return run_step
+    return step
 
 
 def run_worker(options: argparse.Namespace) -> None:
@@ -232,7 +228,8 @@ class Worker:
         env = {**os.environ, "OMP_NUM_THREADS": str(options.threads)}
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
                                         cwd=tempfile.gettempdir())
-        self.rounds: list[dict[str, float]] = []
+        self.seconds: list[float] = []  # wall seconds of each timed round
+        self.other_cores: list[float] = []  # cores other programs kept busy during each round, where known
 
     def wait_ready(self) -> None:
         line = self.process.stdout.readline()
@@ -241,9 +238,20 @@ class Worker:
             raise UserError(f"the {self.side} side did not start (its error is printed above)")
 
     def time_round(self) -> None:
-        self.process.stdin.write("time\n")
-        self.process.stdin.flush()
-        self.rounds.append(json.loads(self.process.stdout.readline()))
+        """One round of --steps steps; the worker's own CPU time counts as "own", everything else busy meanwhile is
+        other programs."""
+        from bench_sfl import timed_with_others
+
+        def timer() -> tuple[float, float]:
+            self.process.stdin.write("time\n")
+            self.process.stdin.flush()
+            answer = json.loads(self.process.stdout.readline())
+            return answer["seconds"], answer["cpu_seconds"]
+
+        wall, _, other = timed_with_others(timer)
+        self.seconds.append(wall)
+        if other is not None:
+            self.other_cores.append(other)
 
     def close(self) -> None:
         if self.process.poll() is None:
@@ -253,7 +261,7 @@ class Worker:
 
 def measure_setting(options: argparse.Namespace, clients: int, batch: int) -> list[dict[str, Any]]:
     """Every side of one setting, warmed up one after another, then timed in turns."""
-    from bench_sfl import BUSY_CORES, busy_cpu_seconds, other_processes_cores
+    from bench_sfl import BUSY_CORES
 
     records = []
     workers: list[Worker] = []
@@ -263,21 +271,13 @@ def measure_setting(options: argparse.Namespace, clients: int, batch: int) -> li
             worker = Worker(side, options, clients, batch)
             worker.wait_ready()  # one at a time: a side warming up would slow another one's timing
             workers.append(worker)
-        others: dict[str, list[float]] = {worker.side: [] for worker in workers}
         for _ in range(options.repeats):
             for worker in workers:
-                busy_before = busy_cpu_seconds()
                 worker.time_round()
-                last = worker.rounds[-1]
-                # The worker's own CPU time counts as "own": everything else busy meanwhile is other programs.
-                if busy_before is not None:
-                    other = other_processes_cores(last["seconds"], last["cpu_seconds"], busy_before)
-                    if other is not None:
-                        others[worker.side].append(other)
         for worker in workers:
-            seconds = [entry["seconds"] for entry in worker.rounds]
+            seconds = worker.seconds
             median = statistics.median(seconds)
-            busiest = max(others[worker.side]) if others[worker.side] else None
+            busiest = max(worker.other_cores) if worker.other_cores else None
             records.append({"side": worker.side, "clients": clients, "per_client_batch": batch,
                             "cutlayer": options.cutlayer, "width": options.width,
                             "step_ms": 1000 * median / options.steps,
@@ -286,9 +286,8 @@ def measure_setting(options: argparse.Namespace, clients: int, batch: int) -> li
                             "other_processes_cores": busiest,
                             "busy_machine": busiest is not None and busiest > BUSY_CORES,
                             "steps": options.steps, "repeats": options.repeats, "threads": options.threads})
-        for record in records:
-            if record["side"] == "auto":
-                record["engine"] = auto_engine(options.cutlayer, options.width, batch)
+            if worker.side == "auto":
+                records[-1]["engine"] = auto_engine(options.cutlayer, options.width, batch)
         add_speed_over_peer(records)
     finally:
         for worker in workers:
