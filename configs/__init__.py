@@ -14,6 +14,7 @@ from typing import Any, NoReturn, Sequence
 
 import yaml
 
+from functions.compat import COMPAT_MODES
 from functions.datasets import dataset_names, resolved_entry
 from functions.errors import UserError, check_range
 from functions.files import write_text_atomic
@@ -73,6 +74,11 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     run.add_argument("--cudnn_benchmark", action="store_true",
                      help="let cuDNN time its convolution algorithms and keep the fastest (CUDA; faster for fixed "
                           "shapes, but runs are no longer bit-reproducible)")
+    run.add_argument("--compat", type=str, default="none", choices=list(COMPAT_MODES),
+                     help="none: MocoSFL's option names with MocoSFL's choices and its bugs fixed; mocosfl: reproduce "
+                          "MocoSFL's code as it ran, bugs included (client lr stepped per client step, its "
+                          "divergence-aware FedAvg, its communication-saving count, ...), to re-run a published "
+                          "number; every difference is listed in docs/mocosfl.md")
     run.add_argument("--is_distributed", action="store_true",
                      help="accepted for compatibility with the seed scripts; torchrun's environment decides")
 
