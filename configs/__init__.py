@@ -70,7 +70,7 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                      help="torch.compile the server part (first steps slower while it compiles; off by default)")
     run.add_argument("--channels_last", action="store_true",
                      help="convolutions in the NHWC (channels_last) memory layout, clients and server; same results "
-                          "up to rounding (see the README's speed section)")
+                          "up to rounding (see docs/speed.md)")
     run.add_argument("--cudnn_benchmark", action="store_true",
                      help="let cuDNN time its convolution algorithms and keep the fastest (CUDA; faster for fixed "
                           "shapes, but runs are no longer bit-reproducible)")

@@ -3,7 +3,7 @@ vectorised pass), and the rule by which `auto` (the default) chooses.
 
 Both engines give the same results up to the order of floating-point sums, so the choice is about speed only. The
 rule is the benchmarks' (benchmarks/bench_sfl.py and benchmarks/peer_mocosfl.py, engines timed in turns; figures in
-the README's speed section): on a GPU the vectorised pass (one kernel per layer for the whole pool, instead of one
+docs/speed.md): on a GPU the vectorised pass (one kernel per layer for the whole pool, instead of one
 per client); on a CPU too, except for client parts 64 channels wide with 8 or more images per client, where one
 dense convolution per client is about as fast as the grouped one (ResNet-18 at width 64, 10 clients x 8 images: the
 loop 2-9 % ahead timed in one process, the vectorised pass 3-5 % ahead in separate processes); at width 32 and 8
