@@ -8,6 +8,10 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One worker per core (pytest.ini): each keeps to one thread, set before torch is first imported, and so do the
+    # programs the tests start.
+    os.environ["OMP_NUM_THREADS"] = "1"
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
