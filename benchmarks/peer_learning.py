@@ -16,13 +16,16 @@ datasets.py reads CIFAR-10 from ./data through torchvision with download=True, s
 link to --data_dir and torchvision's archive check is skipped (files of a reduced CIFAR-10 are not the archive's);
 for a --width other than its 64, its stem and blocks are built that wide (benchmarks/peer_mocosfl.py's
 scale_peer_width) and its projection head's first layer takes the narrower pooled features (its script hard-codes
-512). Training ends where its script would start the final probes (its `load_model` of the best checkpoint), so the
-figures are those of its own per-epoch log line (kNN with 2 decimals, mean contrastive loss).
+512); NumPy 2's missing `numpy.Inf` alias is put back. Training ends where its script would start the final probes
+(its `load_model` of the best checkpoint), so the figures are those of its own per-epoch log line (kNN with 2
+decimals, mean contrastive loss).
 
 Differences in what is measured, not in training: MocoSFL's kNN monitor reads the projection head's output and
 keeps all training images as its memory; this project's reads the backbone's pooled features and keeps the
---data_proportion it trained on (both k = 200, t = 0.1, against all test images). This project's run also gives
-the kNN accuracy before training (epoch 0).
+--data_proportion it trained on (both k = 200, t = 0.1, against all test images). With --peer_backbone_knn,
+MocoSFL's model is also measured on its backbone's pooled features after each of its own kNN monitors (its random
+state saved and put back, so its training is unchanged): the column "MocoSFL backbone". This project's run also
+gives the kNN accuracy before training (epoch 0).
 """
 from __future__ import annotations
 
@@ -55,6 +58,8 @@ PEER_FILES = ("run_sflmoco.py", "datasets.py", "models/resnet.py", "functions/sf
 # MocoSFL's per-epoch line (run_sflmoco.py) and its count of steps per epoch.
 PEER_EPOCH_LINE = re.compile(r"epoch:(\d+), knn_val_accu: ([-\d.naife]+), contrast_loss: ([-\d.naife]+)")
 PEER_STEPS_LINE = re.compile(r"total number of batches for each client is (\d+)")
+FIGURES = ("knn", "knn_backbone", "loss")
+BACKBONE_KNN_FILE = "backbone_knn.jsonl"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sides", type=str, nargs="+", default=list(SIDES), choices=SIDES, help="what to train")
     parser.add_argument("--own_extra", type=str, default="",
                         help="more options for this project's run, e.g. '--compat mocosfl' or '--client_exec loop'")
+    parser.add_argument("--peer_backbone_knn", action="store_true",
+                        help="also measure MocoSFL's model each epoch as this project's monitor does (kNN on the "
+                             "backbone's pooled features), its random state kept as it was")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads of every run")
     parser.add_argument("--runs_dir", type=str, default=None,
                         help="keep the runs' folders here (default: a temporary folder, removed at the end)")
@@ -118,6 +126,18 @@ def parse_peer_log(text: str) -> dict[str, Any]:
     return {"steps_per_epoch": int(steps.group(1)) if steps else None, "epochs": epochs}
 
 
+def merge_backbone_knn(parsed: dict[str, Any], lines: Sequence[str]) -> dict[str, Any]:
+    """Add the worker's per-epoch backbone kNN accuracies (JSON lines {"epoch", "knn_backbone"}) to a parsed log."""
+    by_epoch = {}
+    for line in lines:
+        if line.strip():
+            record = json.loads(line)
+            by_epoch[int(record["epoch"])] = float(record["knn_backbone"])
+    for row in parsed["epochs"]:
+        row["knn_backbone"] = by_epoch.get(row["epoch"])
+    return parsed
+
+
 def parse_own_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     """This project's metrics.json: per epoch the kNN accuracy and the mean of its steps' losses (epoch 0: the kNN
     accuracy before training, no loss)."""
@@ -138,9 +158,9 @@ def summarise(records: Sequence[dict[str, Any]]) -> dict[str, dict[int, dict[str
     summary: dict[str, dict[int, dict[str, list[float]]]] = {}
     for record in records:
         for row in record["epochs"]:
-            cell = summary.setdefault(record["side"], {}).setdefault(row["epoch"], {"knn": [], "loss": []})
-            for name in ("knn", "loss"):
-                if row[name] is not None:
+            cell = summary.setdefault(record["side"], {}).setdefault(row["epoch"], {name: [] for name in FIGURES})
+            for name in FIGURES:
+                if row.get(name) is not None:
                     cell[name].append(row[name])
     return summary
 
@@ -157,13 +177,15 @@ def mean_and_spread(values: Sequence[float], digits: int) -> str:
 def format_table(records: Sequence[dict[str, Any]], sides: Sequence[str]) -> str:
     """Markdown: a row per epoch; kNN accuracy (%) then epoch loss, a column per side (mean ± sd over seeds)."""
     summary = summarise(records)
-    names = [SIDE_NAMES[side] for side in sides]
-    header = ["epoch", *[f"kNN % {name}" for name in names], *[f"loss {name}" for name in names]]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    epochs = sorted({epoch for side in sides for epoch in summary.get(side, {})})
-    for epoch in epochs:
-        cells = [mean_and_spread(summary.get(side, {}).get(epoch, {}).get("knn", []), 2) for side in sides]
-        cells += [mean_and_spread(summary.get(side, {}).get(epoch, {}).get("loss", []), 3) for side in sides]
+    columns = [(f"kNN % {SIDE_NAMES[side]}", side, "knn", 2) for side in sides]
+    if "mocosfl" in sides and any(row.get("knn_backbone") is not None for record in records
+                                  for row in record["epochs"]):
+        columns.insert(sides.index("mocosfl") + 1, ("kNN % MocoSFL backbone", "mocosfl", "knn_backbone", 2))
+    columns += [(f"loss {SIDE_NAMES[side]}", side, "loss", 3) for side in sides]
+    lines = ["| epoch | " + " | ".join(column[0] for column in columns) + " |", "|" + "---|" * (len(columns) + 1)]
+    for epoch in sorted({epoch for side in sides for epoch in summary.get(side, {})}):
+        cells = [mean_and_spread(summary.get(side, {}).get(epoch, {}).get(name, []), digits)
+                 for _, side, name, digits in columns]
         lines.append(f"| {epoch} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -211,10 +233,52 @@ def scale_head_input(resnet_module: Any, width: int) -> None:
     resnet_module.ResNet.merge_classifier_cloud = merged
 
 
+def weighted_knn_accuracy(bank: Any, bank_labels: Any, queries: Any, query_labels: Any, classes: int,
+                          k: int = 200, temperature: float = 0.1) -> float:
+    """Accuracy (%) of the similarity-weighted kNN vote (InstDisc's monitor) on L2-normalised features."""
+    import torch
+
+    similarity = queries @ bank.t()
+    weights, indices = similarity.topk(k=min(k, bank.shape[0]), dim=1)
+    votes = torch.zeros(queries.shape[0], classes).scatter_add_(1, bank_labels[indices], (weights / temperature).exp())
+    return 100.0 * (votes.argmax(dim=1) == query_labels).float().mean().item()
+
+
+def peer_backbone_knn(simulator: Any, memloader: Any) -> float:
+    """kNN accuracy of MocoSFL's model (client 0's part and the server's) on the backbone's pooled features, with
+    its own memory and test loaders; every random state is put back, so its training goes on unchanged."""
+    import random
+
+    import numpy
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    states = torch.get_rng_state(), numpy.random.get_state(), random.getstate()
+    layers = list(simulator.model.cloud.children())
+    pooled = next(i for i, layer in enumerate(layers) if type(layer).__name__ == "MobView") + 1
+    backbone = nn.Sequential(simulator.model.local_list[0], *layers[:pooled])
+
+    def features(loader: Any) -> tuple[Any, Any]:
+        batches = [(F.normalize(backbone(images), dim=1), labels) for images, labels in loader]
+        return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+
+    simulator.eval()
+    with torch.no_grad():
+        bank, bank_labels = features(memloader[0])
+        queries, query_labels = features(simulator.validate_loader)
+    simulator.train()
+    torch.set_rng_state(states[0])
+    numpy.random.set_state(states[1])
+    random.setstate(states[2])
+    return weighted_knn_accuracy(bank, bank_labels, queries, query_labels, simulator.num_class)
+
+
 def run_peer_worker(options: argparse.Namespace) -> None:
     """MocoSFL's run_sflmoco.py as a script, in this process (cwd: the run's folder, with its data link)."""
     import runpy
 
+    import numpy
     import torch
     import torchvision
     from torch import nn
@@ -224,6 +288,8 @@ def run_peer_worker(options: argparse.Namespace) -> None:
     nn.Module.cuda = lambda self, *args, **kwargs: self  # type: ignore[method-assign]
     # A reduced CIFAR-10 is not the archive torchvision checks before it would download one.
     torchvision.datasets.CIFAR10._check_integrity = lambda self: True  # type: ignore[method-assign]
+    if not hasattr(numpy, "Inf"):
+        numpy.Inf = numpy.inf  # NumPy 2 dropped the alias MocoSFL's loss_based_status starts from
     # MocoSFL's packages have this project's names (functions, models, configs): forget ours in this process.
     for name in list(sys.modules):
         if name.split(".")[0] in ("functions", "models", "configs", "utils", "datasets"):
@@ -242,6 +308,18 @@ def run_peer_worker(options: argparse.Namespace) -> None:
         raise TrainingDone
 
     sflmoco_functions.sflmoco_simulator.load_model = stop
+    if options.peer_backbone_knn:
+        own_knn = sflmoco_functions.sflmoco_simulator.knn_eval
+        measured = Path(options.output_dir) / BACKBONE_KNN_FILE
+
+        def knn_eval(self: Any, memloader: Any) -> float:
+            accuracy = own_knn(self, memloader)
+            epoch = len(measured.read_text().splitlines()) + 1 if measured.exists() else 1
+            with open(measured, "a") as lines:
+                lines.write(json.dumps({"epoch": epoch, "knn_backbone": peer_backbone_knn(self, memloader)}) + "\n")
+            return accuracy
+
+        sflmoco_functions.sflmoco_simulator.knn_eval = knn_eval
     sys.argv = peer_command(options, options.seed, Path(options.output_dir))
     try:
         runpy.run_path(str(peer / "run_sflmoco.py"), run_name="__main__")
@@ -275,6 +353,8 @@ def run_side(options: argparse.Namespace, side: str, seed: int, runs_dir: Path) 
                         + "\n".join(tail))
     if side == "mocosfl":
         result = parse_peer_log((output_dir / "output.log").read_text(errors="replace"))
+        if options.peer_backbone_knn:
+            result = merge_backbone_knn(result, (output_dir / BACKBONE_KNN_FILE).read_text().splitlines())
     else:
         result = parse_own_metrics(json.loads((output_dir / "metrics.json").read_text()))
     return {"side": side, "seed": seed, "seconds": seconds, **result}
@@ -285,7 +365,8 @@ def worker_options(options: argparse.Namespace) -> list[str]:
     return ["--data_proportion", str(options.data_proportion), "--clients", str(options.clients),
             "--batch", str(options.batch), "--cutlayer", str(options.cutlayer), "--width", str(options.width),
             "--moco_version", options.moco_version, "--K", str(options.K), "--lr", str(options.lr),
-            "--epochs", str(options.epochs), "--threads", str(options.threads)]
+            "--epochs", str(options.epochs), "--threads", str(options.threads),
+            *(["--peer_backbone_knn"] if options.peer_backbone_knn else [])]
 
 
 def check_options(options: argparse.Namespace) -> None:

@@ -87,3 +87,29 @@ def test_a_data_folder_without_cifar_batches_is_one_clear_error(tmp_path) -> Non
         (peer / name).write_text("")
     with pytest.raises(UserError, match="no cifar-10-batches-py"):
         peer_learning.main(["--peer_dir", str(peer), "--data_dir", str(Path(tmp_path) / "nothing")])
+
+
+def test_backbone_knn_lines_join_their_epochs_and_get_a_column() -> None:
+    parsed = peer_learning.merge_backbone_knn(peer_learning.parse_peer_log(PEER_LOG),
+                                              ['{"epoch": 1, "knn_backbone": 30.5}', "", '{"epoch": 2, "knn_backbone": 31}'])
+    assert [row["knn_backbone"] for row in parsed["epochs"]] == [30.5, 31.0]
+    records = [{"side": "mocosfl", "seed": 0, "seconds": 1, "steps_per_epoch": 33, **parsed},
+               {"side": "ours", "seed": 0, "seconds": 1, "steps_per_epoch": 33,
+                "epochs": [{"epoch": 1, "knn": 25.0, "loss": 7.5}]}]
+    table = peer_learning.format_table(records, ["mocosfl", "ours"]).splitlines()
+    assert table[0] == ("| epoch | kNN % MocoSFL | kNN % MocoSFL backbone | kNN % this project | loss MocoSFL | "
+                        "loss this project |")
+    assert table[2] == "| 1 | 21.34 | 30.50 | 25.00 | 8.730 | 7.500 |"
+
+
+def test_weighted_knn_votes_by_similarity() -> None:
+    import torch
+
+    bank = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    labels = torch.tensor([0, 1, 1])
+    queries = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    # The first query's nearest neighbour is class 0, but with k = 3 the two class-1 votes outweigh it only when the
+    # temperature is high; at t = 0.1 exp(10) for the exact match wins.
+    assert peer_learning.weighted_knn_accuracy(bank, labels, queries, torch.tensor([0, 1]), 2, k=3) == 100.0
+    assert peer_learning.weighted_knn_accuracy(bank, labels, queries, torch.tensor([0, 1]), 2, k=3,
+                                               temperature=100.0) == 50.0
