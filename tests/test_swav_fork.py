@@ -106,3 +106,19 @@ def test_client_gradients_of_local_crops_only_under_compat(tmp_path, compat, sen
 def test_compat_refuses_the_per_client_server_update():
     with pytest.raises(UserError, match="per_client"):
         parse_args("swav", ["--dataset", "synthetic", "--compat", "mocosfl", "--server_update", "per_client"])
+
+
+def test_compat_queue_gives_each_client_the_queue_before_its_own_rows(tmp_path, monkeypatch):
+    import functions.sflswav_functions as swav
+
+    trainer = swav_trainer(tmp_path, "--num_client", "2", "--batch_size", "4", "--queue_length", "16",
+                           "--epoch_queue_starts", "0", "--compat", "mocosfl", *MULTI_CROP)
+    seen_rows = []
+    real_sinkhorn = swav.sinkhorn_knopp
+    monkeypatch.setattr(swav, "sinkhorn_knopp",
+                        lambda scores, *a, **k: seen_rows.append(scores.shape[0]) or real_sinkhorn(scores, *a, **k))
+    for batch in list(trainer.data.loaders.train.epoch(0))[:3]:
+        trainer.train_step(batch)
+    # Per client and assignment crop: its 4 rows; each slot gets 4 rows per client, so it is full (16) after two
+    # steps, and from then on every client's codes see the 16 queued rows too.
+    assert seen_rows == [4] * 8 + [20] * 4
