@@ -25,7 +25,8 @@ keeps all training images as its memory; this project's reads the backbone's poo
 --data_proportion it trained on (both k = 200, t = 0.1, against all test images). With --peer_backbone_knn,
 MocoSFL's model is also measured on its backbone's pooled features after each of its own kNN monitors (its random
 state saved and put back, so its training is unchanged): the column "MocoSFL backbone". This project's run also
-gives the kNN accuracy before training (epoch 0).
+gives the kNN accuracy before training (epoch 0). Epoch length: MocoSFL runs ceil(client 0's images / --batch)
+steps, this project round(images / rows per step), which can differ by one; the footer gives both.
 """
 from __future__ import annotations
 
