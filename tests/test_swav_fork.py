@@ -122,3 +122,14 @@ def test_compat_queue_gives_each_client_the_queue_before_its_own_rows(tmp_path, 
     # Per client and assignment crop: its 4 rows; each slot gets 4 rows per client, so it is full (16) after two
     # steps, and from then on every client's codes see the 16 queued rows too.
     assert seen_rows == [4] * 8 + [20] * 4
+
+
+def test_overhead_counts_no_gradient_rows_for_local_crops_under_compat(tmp_path):
+    default = swav_trainer(tmp_path / "default", "--num_client", "2", "--batch_size", "4", *MULTI_CROP).overhead
+    compat = swav_trainer(tmp_path / "compat", "--num_client", "2", "--batch_size", "4", "--compat", "mocosfl",
+                          *MULTI_CROP).overhead
+    # The client's output has a quarter of the values at 8 px as at 16 px: 2 global + 2 local crops = 2.5 global
+    # crops' worth up and (by default) down; under compat only the 2 global crops' gradients come down.
+    assert compat.smashed_up_bytes == default.smashed_up_bytes
+    assert compat.gradient_down_bytes * 2.5 == default.gradient_down_bytes * 2
+    assert compat.client_flops_per_step < default.client_flops_per_step
