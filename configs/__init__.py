@@ -78,7 +78,9 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                      help="none: MocoSFL's option names with MocoSFL's choices and its bugs fixed; mocosfl: reproduce "
                           "MocoSFL's code as it ran, bugs included (client lr stepped per client step, its "
                           "divergence-aware FedAvg, its communication-saving count, ...), to re-run a published "
-                          "number; every difference is listed in docs/mocosfl.md")
+                          "number; for SwAV, the seed fork's (SL-FedSwAV) per-client loss summed with its running "
+                          "per-client sum never reset, and client gradients from the global crops only; every "
+                          "difference is listed in docs/mocosfl.md")
     run.add_argument("--is_distributed", action="store_true",
                      help="accepted for compatibility with the seed scripts; torchrun's environment decides")
 

@@ -75,16 +75,21 @@ def client_overhead(step: Any, views: ViewSpec, batch_size: int, cutlayer: int) 
         online, momentum = index in method.trainable_crops, index in method.momentum_crops
         if not (online or momentum):
             continue
+        # A trainable crop outside the method's gradient_crops trains the server only: no gradient comes back.
+        sends_gradient = online and (method.gradient_crops is None or index in method.gradient_crops)
         image = torch.rand(MEASURED_ROWS, 3, size, size, generator=torch.Generator().manual_seed(index))
         with FlopCounterMode(display=False) as counter:
             output = model(image)
         forward = counter.get_total_flops()
         if online:
-            with FlopCounterMode(display=False) as counter:
-                output.float().sum().backward()
-            flops += forward + counter.get_total_flops()
+            backward = 0
+            if sends_gradient:
+                with FlopCounterMode(display=False) as counter:
+                    output.float().sum().backward()
+                backward = counter.get_total_flops()
+                down += output.numel()
+            flops += forward + backward
             activations += _activation_values(model, image)
-            down += output.numel()
         if momentum:
             flops += forward
         up += output.numel() * (int(online) + int(momentum))

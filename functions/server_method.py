@@ -86,6 +86,7 @@ class ServerMethod(nn.Module):
     description: str = ""           # one line for --help
     trainable_crops: tuple[int, ...] = ()
     momentum_crops: tuple[int, ...] = ()
+    gradient_crops: tuple[int, ...] | None = None  # trainable crops whose gradients go back to the clients; None: all
     client_momentum: float = 0.0    # momentum of the clients' key copies; 0 = clients keep no copies
     average_momentum_copies = False  # FedAvg also averages the clients' momentum copies
     per_client_server_updates = False  # one server step per client instead of one joint step (an ablation)

@@ -16,11 +16,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from functions.compat import mocosfl_compat
 from functions.datasets import DatasetEntry, resolved_entry
 from functions.distributed import all_gather_rows, all_reduce_sum, forward_server
 from functions.errors import UserError, check_range
 from functions.schedules import LearningRateSchedule
-from functions.server_method import ServerMethod, register_method
+from functions.server_method import ServerMethod, StepLayout, register_method
 from functions.sflmoco_functions import MOCO_VERSIONS, MocoServer
 from functions.views import ViewSpec
 from models.layers import L2Normalize
@@ -29,6 +30,7 @@ from models.split import Head, HeadBuilder
 __all__ = [
     "sinkhorn_knopp",
     "swapped_prediction_loss",
+    "seed_fork_accumulated_loss",
     "code_entropy",
     "prototypes_used",
     "embedding_std",
@@ -135,6 +137,17 @@ def swapped_prediction_loss(scores: Sequence[Tensor], codes: Mapping[int, Tensor
             ]
             total = total + torch.stack(pair_losses).mean()
         return total / len(codes)
+
+
+def seed_fork_accumulated_loss(client_losses: Sequence[Tensor], num_crops_for_assign: int) -> Tensor:
+    """The seed fork's step loss: the sum over clients c of a_c = a_(c-1) / num_crops_for_assign + l_c (a_(-1) = 0)."""
+    # The fork divided a per-client sum by the number of assignment crops but never reset it between clients, so
+    # with 2 assignment crops its total for clients 0, 1 is l0 + (l0/2 + l1); kept only for --compat mocosfl.
+    running = total = client_losses[0].new_zeros(())
+    for client_loss in client_losses:
+        running = running / num_crops_for_assign + client_loss
+        total = total + running
+    return total
 
 
 def code_entropy(codes: Tensor) -> Tensor:
@@ -419,6 +432,8 @@ class SwavServer(ServerMethod):
                             "scaling with the clients; use --amp_dtype bf16 or --server_update joint")
         if args.final_c_lr == -1.0:
             args.final_c_lr = args.final_s_lr
+        if mocosfl_compat(args) and args.server_update == "per_client":
+            raise UserError("--compat mocosfl reproduces the seed fork's joint SwAV step; drop --server_update per_client")
 
     @classmethod
     def head_builder(cls, args: argparse.Namespace) -> HeadBuilder:
@@ -458,6 +473,11 @@ class SwavServer(ServerMethod):
                       if args.queue_length > 0 else None)
         # Set by the distributed set-up: Sinkhorn sums are then all-reduced and the queue holds every rank's rows.
         self.distributed = False
+        # --compat mocosfl: the seed fork's per-client codes and loss, and client gradients of the global crops only
+        # (the fork detached the local crops' smashed data); by default every crop trains the clients.
+        self.seed_fork_loss = mocosfl_compat(args)
+        self.gradient_crops = tuple(range(args.nmb_crops[0])) if self.seed_fork_loss else None
+        self._rows_per_client: tuple[int, ...] = ()
         self._monitor: dict[str, Tensor] = {}
         self._monitor_steps = 0
 
@@ -474,6 +494,10 @@ class SwavServer(ServerMethod):
         crop_embeddings = embeddings.split(rows)
         crop_scores = scores.split(rows)
         use_queue = self.queue is not None and epoch >= self.epoch_queue_starts
+        if self.seed_fork_loss:
+            loss, first_codes = self._seed_fork_loss(crop_embeddings, crop_scores, use_queue)
+            self._record(first_codes, crop_embeddings[0].detach())
+            return loss, {}
         codes: dict[int, Tensor] = {}
         with torch.no_grad():
             for slot, crop in enumerate(self.crops_for_assign):
@@ -490,6 +514,35 @@ class SwavServer(ServerMethod):
         loss = swapped_prediction_loss(crop_scores, codes, self.temperature)
         self._record(codes[self.crops_for_assign[0]], crop_embeddings[0].detach())
         return loss, {}
+
+    def _seed_fork_loss(self, crop_embeddings: Sequence[Tensor], crop_scores: Sequence[Tensor],
+                        use_queue: bool) -> tuple[Tensor, Tensor]:
+        """--compat mocosfl: the seed fork's loss (Sinkhorn and swapped prediction per client, accumulated as
+        seed_fork_accumulated_loss) and the codes of the first assignment crop, clients in pool order."""
+        if self.distributed:
+            raise UserError("--compat mocosfl's SwAV (the seed fork's per-client loss) runs in one process")
+        rows = crop_scores[0].shape[0]
+        rows_per_client = self._rows_per_client if sum(self._rows_per_client) == rows else (rows,)
+        client_losses, first_codes, start = [], [], 0
+        for client_rows in rows_per_client:
+            block = slice(start, start + client_rows)
+            start += client_rows
+            codes: dict[int, Tensor] = {}
+            with torch.no_grad():
+                for slot, crop in enumerate(self.crops_for_assign):
+                    assignment_scores = crop_scores[crop][block].detach()
+                    if use_queue:
+                        # As the fork: a client's codes see the queue before its own rows are pushed.
+                        assignment_scores = self.queue.scores_with_queue(slot, assignment_scores, self.prototypes)
+                        self.queue.push(slot, crop_embeddings[crop][block].detach())
+                    codes[crop] = sinkhorn_knopp(assignment_scores, self.epsilon, self.sinkhorn_iterations)[-client_rows:]
+            client_losses.append(swapped_prediction_loss([scores[block] for scores in crop_scores], codes,
+                                                         self.temperature))
+            first_codes.append(codes[self.crops_for_assign[0]])
+        return seed_fork_accumulated_loss(client_losses, len(self.crops_for_assign)), torch.cat(first_codes)
+
+    def start_step(self, layout: StepLayout) -> None:
+        self._rows_per_client = layout.rows_per_client
 
     @torch.no_grad()
     def _record(self, codes: Tensor, embeddings: Tensor) -> None:

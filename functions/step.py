@@ -71,7 +71,9 @@ class SplitStep:
         clients.zero_grad(pool)
         with precision.autocast():
             smashed = clients.forward([crops[k] for k in method.trainable_crops], pool, batch.rows_per_client)
-            server_inputs = [s.detach().requires_grad_(send_gradients) for s in smashed]
+            sent = method.trainable_crops if method.gradient_crops is None else method.gradient_crops
+            server_inputs = [s.detach().requires_grad_(send_gradients and crop in sent)
+                             for crop, s in zip(method.trainable_crops, smashed)]
             momentum_smashed = (clients.momentum_forward([crops[k] for k in method.momentum_crops], pool,
                                                          batch.rows_per_client) if method.momentum_crops else [])
         if record is not None:
