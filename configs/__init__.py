@@ -181,9 +181,12 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     optim.add_argument("--cos", action=argparse.BooleanOptionalAction, default=None,
                        help="cosine learning-rate decay over the epochs, else MultiStepLR (default: off, or the "
                             "--moco_version's)")
-    optim.add_argument("--milestones", type=int, nargs="*", default=[], help="MultiStepLR epochs at which the lr is multiplied by the gamma")
+    optim.add_argument("--milestones", type=int, nargs="*", default=None,
+                       help="MultiStepLR epochs at which the lr is multiplied by the gamma (default: MocoSFL's, 60 %% "
+                            "and 80 %% of --num_epoch, for MoCo; none for SwAV; --milestones alone: none)")
     optim.add_argument("--s_gamma", type=float, default=0.1, help="server MultiStepLR factor")
-    optim.add_argument("--c_gamma", type=float, default=0.1, help="client MultiStepLR factor")
+    optim.add_argument("--c_gamma", type=float, default=None,
+                       help="client MultiStepLR factor (default: MocoSFL's 0.2 for MoCo, 0.1 for SwAV)")
     optim.add_argument("--use_fp16", action="store_true", help="mixed precision (CUDA only; full precision with a warning on CPU)")
     optim.add_argument("--amp_dtype", type=str, default="fp16", choices=["fp16", "bf16"], help="mixed-precision type with --use_fp16")
 
@@ -374,8 +377,9 @@ _RANGES = {
 def _check_ranges(args: argparse.Namespace) -> None:
     """Every numeric option of the loop inside its interval: one line naming the option otherwise."""
     for name, interval in _RANGES.items():
-        check_range(name, getattr(args, name), interval)
-    if any(milestone < 1 for milestone in args.milestones):
+        if getattr(args, name) is not None:  # None: a default the schedule resolves (--c_gamma)
+            check_range(name, getattr(args, name), interval)
+    if any(milestone < 1 for milestone in args.milestones or ()):
         raise UserError(f"--milestones are epochs, each at least 1 (got {args.milestones})")
 
 

@@ -438,9 +438,10 @@ class SwavServer(ServerMethod):
 
     @classmethod
     def learning_rate_schedule(cls, args: argparse.Namespace, steps_per_epoch: int) -> LearningRateSchedule:
+        # Not MocoSFL's: no milestones unless given, the client factor 0.1, no --compat client stepping.
         if args.use_swav_scheduler:
-            return SwavWarmupCosine(args, steps_per_epoch)
-        return super().learning_rate_schedule(args, steps_per_epoch)
+            return SwavWarmupCosine(args, steps_per_epoch, mocosfl_defaults=False)
+        return LearningRateSchedule(args, steps_per_epoch, mocosfl_defaults=False)
 
     def __init__(self, args: argparse.Namespace, server: nn.Module, device: torch.device) -> None:
         super().__init__(args, server, device)

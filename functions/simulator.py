@@ -72,6 +72,8 @@ class Trainer(TrainerCheckpoints):
                             "in pool order and cannot be split over processes; run one process or the joint update")
         self.steps_per_epoch = self.data.steps_per_epoch
         self.lr_schedule = method_cls.learning_rate_schedule(args, self.steps_per_epoch)
+        # Steps each client trained with gradients (its lr under --compat mocosfl, where it drives the schedule).
+        self.client_steps = np.zeros(args.num_client, dtype=np.int64)
         self.epoch = 0            # epoch in progress (0-based)
         self.step_in_epoch = 0    # next step to run in that epoch
         self.global_step = 0      # steps done since the start of the run
@@ -113,7 +115,12 @@ class Trainer(TrainerCheckpoints):
 
     # ---------------------------------------------------------------------------------------------- training
     def set_learning_rates(self, epoch: int, step: int) -> tuple[float, float]:
+        """Set the server's and the clients' rates of this step; returns them (a pool client's, when they differ)."""
         server_lr, client_lr = self.lr_schedule.rates(epoch, step)
+        if self.lr_schedule.per_client_steps:
+            rates = [self.lr_schedule.client_rate_after_steps(int(steps)) for steps in self.client_steps]
+            self.split_step.set_learning_rates(server_lr, rates)
+            return server_lr, rates[self.data.pool(epoch)[0]]
         self.split_step.set_learning_rates(server_lr, client_lr)
         return server_lr, client_lr
 
@@ -235,6 +242,8 @@ class Trainer(TrainerCheckpoints):
                     batch = batch.to(self.device)
                     loss, stats = self.train_step(batch)
                     share = self.data.row_share(batch, epoch)
+                    if self.communication is None or self.communication.sends_gradients:
+                        self.client_steps[pool] += 1
                 self.global_step += 1
                 self.step_in_epoch += 1
                 # Under torchrun each rank logs its row-weighted part; the sum over ranks is the global loss.
