@@ -19,6 +19,7 @@ import torch
 from functions.checkpoint import CHECKPOINT_NAME
 from functions.client_engines import ClientEngine
 from functions.communication import CommunicationSaving
+from functions.compat import mocosfl_compat
 from functions.data import FederatedData
 from functions.datasets import resolved_entry
 from functions.distributed import ClientHandOver, Runtime, all_reduce_max_flag, run_agreed
@@ -87,7 +88,8 @@ class Trainer(TrainerCheckpoints):
         self.divergence_aware = (DivergenceAwareAveraging(args.num_client, args.div_lambda) if args.divergence_aware
                                  else None)
         self.divergences: list[float] = []  # of the pool's clients at the last FedAvg (--divergence_measure)
-        self.communication = (CommunicationSaving(args.loss_threshold, output_dir / "replay_tensors", runtime)
+        self.communication = (CommunicationSaving(args.loss_threshold, output_dir / "replay_tensors", runtime,
+                                                  count_next_status=mocosfl_compat(args))
                               if args.loss_threshold > 0 else None)
 
     def _simulated_attacker(self, view_spec: Any) -> SimulatedAttacker:
