@@ -85,8 +85,11 @@ class Trainer(TrainerCheckpoints):
                                world_size=runtime.world_size, steps_per_epoch=self.steps_per_epoch,
                                partition_hash=self.data.partition_hash, overhead=asdict(self.overhead))
         self.epoch_statistics = EpochStatistics(runtime)
-        self.divergence_aware = (DivergenceAwareAveraging(args.num_client, args.div_lambda) if args.divergence_aware
-                                 else None)
+        self.divergence_aware = (DivergenceAwareAveraging(args.num_client, args.div_lambda, mocosfl_compat(args))
+                                 if args.divergence_aware else None)
+        if runtime.is_distributed and mocosfl_compat(args) and args.client_sample_ratio < 1:
+            raise UserError("--compat mocosfl averages client 0 into pools without it (as MocoSFL's FedAvg), which "
+                            "torchrun's processes do not hold; run it in one process or with --client_sample_ratio 1")
         self.divergences: list[float] = []  # of the pool's clients at the last FedAvg (--divergence_measure)
         self.communication = (CommunicationSaving(args.loss_threshold, output_dir / "replay_tensors", runtime,
                                                   count_next_status=mocosfl_compat(args))
@@ -151,7 +154,8 @@ class Trainer(TrainerCheckpoints):
         """FedAvg of the pool's clients weighted by data size, loaded into every client (over all ranks)."""
         include_momentum = self.method.average_momentum_copies and self.method.client_momentum > 0
         divergences = fedavg(self.clients, pool, self.data.client_sizes, self.runtime, include_momentum,
-                             self.divergence_aware, measure=self.args.divergence_measure)
+                             self.divergence_aware, measure=self.args.divergence_measure,
+                             mocosfl_compat=mocosfl_compat(self.args))
         if divergences is not None:
             self.divergences = divergences
 
