@@ -381,6 +381,9 @@ class SwavServer(ServerMethod):
     def check_args(cls, args: argparse.Namespace) -> None:
         if args.scheme != "sfl":
             raise UserError("--scheme fl is MocoSFL's FL-MoCo baseline: run it with run_sflmoco.py")
+        # SwAV keeps a constant rate without --milestones (MoCo's default is MocoSFL's milestones).
+        args.milestones = [] if args.milestones is None else args.milestones
+        args.c_gamma = 0.1 if args.c_gamma is None else args.c_gamma
         if args.moco_version is not None:
             version = MOCO_VERSIONS[args.moco_version]
             args.K_dim = version.K_dim if args.K_dim is None else args.K_dim
