@@ -121,8 +121,9 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     sfl.add_argument("--divergence_measure", action="store_true",
                      help="log each epoch the divergence of the pool's client models from their average")
     sfl.add_argument("--divergence_aware", action="store_true",
-                     help="divergence-aware FedAvg (FedEMA): each pool client keeps mu * its own weights + (1 - mu) * "
-                          "the average, per layer, mu = min(lambda * divergence, 1)")
+                     help="divergence-aware FedAvg (FedEMA, as MocoSFL means it): each pool client keeps mu * its own "
+                          "weights + (1 - mu) * the average, mu = min(lambda * divergence, 1), the divergence summed "
+                          "over its layers")
     sfl.add_argument("--div_lambda", type=float, default=1.0,
                      help="lambda of --divergence_aware at the first FedAvg; from then on each client's lambda is "
                           "scaled so that its first mu is kept (FedEMA's auto-scaler)")

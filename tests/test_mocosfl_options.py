@@ -1,5 +1,6 @@
 """MocoSFL's options checked against MocoSFL's own definitions: its symmetric loss, per-client queues, the
-parameter counts of its MoCo versions, divergence-aware FedAvg, loss-threshold communication saving, FL-MoCo."""
+parameter counts of its MoCo versions, FL-MoCo; divergence-aware FedAvg and loss-threshold communication saving in
+the loop (their rules against MocoSFL's code: tests/test_golden_divergence.py, tests/test_golden_communication.py)."""
 from __future__ import annotations
 
 import json
