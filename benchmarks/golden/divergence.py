@@ -80,7 +80,6 @@ def stacked(states: list[list[Any]]) -> Any:
 def run_case(pools: list[list[int]], aware: bool, div_lambda: float, intended: bool) -> tuple[dict, dict]:
     """MocoSFL's fedavg called once per pool on the same four clients: (values, tensors)."""
     import collections
-    import torch
 
     from functions.base_funtions import base_simulator  # MocoSFL's
 
@@ -109,7 +108,6 @@ def run_case(pools: list[list[int]], aware: bool, div_lambda: float, intended: b
                                 "div_lambda": [float(v) for v in simulator.div_lambda],
                                 "auto_scaler": bool(simulator.auto_scaler)})
         tensors["after"].append([floating_state(m) for m in models])
-    del torch
     return values, {name: stacked(rows) for name, rows in tensors.items()}
 
 
