@@ -148,3 +148,21 @@ def test_compat_rates_reach_the_client_optimizers(tmp_path, engine):
     else:
         rates = trainer.clients.optimizer.row_lr.tolist()
     assert rates == pytest.approx([trainer.args.c_lr, 0.0], abs=TOLERANCE)
+
+
+def test_client_step_counts_resume_and_are_derived_for_older_checkpoints(tmp_path):
+    options = ["--num_client", "4", "--client_sample_ratio", "0.5", "--compat", "mocosfl"]
+    trainer = moco_trainer(tmp_path / "one", *options)
+    trainer.epoch, trainer.step_in_epoch = 2, 1
+    state = trainer.state_dict()
+    state["client_steps"] = [5, 6, 7, 8]
+    resumed = moco_trainer(tmp_path / "two", *options)
+    resumed.load_state_dict(state)
+    assert resumed.client_steps.tolist() == [5, 6, 7, 8]
+    del state["client_steps"]  # written before the counts were kept: each pool's steps so far
+    resumed.load_state_dict(state)
+    expected = [0] * 4
+    for epoch, steps in ((0, trainer.steps_per_epoch), (1, trainer.steps_per_epoch), (2, 1)):
+        for client in trainer.data.pool(epoch):
+            expected[client] += steps
+    assert resumed.client_steps.tolist() == expected
