@@ -123,8 +123,9 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     sfl.add_argument("--divergence_measure", action="store_true",
                      help="log each epoch the divergence of the pool's client models from their average")
     sfl.add_argument("--divergence_aware", action="store_true",
-                     help="divergence-aware FedAvg (FedEMA): each pool client keeps mu * its own weights + (1 - mu) * "
-                          "the average, per layer, mu = min(lambda * divergence, 1)")
+                     help="divergence-aware FedAvg (FedEMA, as MocoSFL means it): each pool client keeps mu * its own "
+                          "weights + (1 - mu) * the average, mu = min(lambda * divergence, 1), the divergence summed "
+                          "over its layers")
     sfl.add_argument("--div_lambda", type=float, default=1.0,
                      help="lambda of --divergence_aware at the first FedAvg; from then on each client's lambda is "
                           "scaled so that its first mu is kept (FedEMA's auto-scaler)")
@@ -183,9 +184,12 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     optim.add_argument("--cos", action=argparse.BooleanOptionalAction, default=None,
                        help="cosine learning-rate decay over the epochs, else MultiStepLR (default: off, or the "
                             "--moco_version's)")
-    optim.add_argument("--milestones", type=int, nargs="*", default=[], help="MultiStepLR epochs at which the lr is multiplied by the gamma")
+    optim.add_argument("--milestones", type=int, nargs="*", default=None,
+                       help="MultiStepLR epochs at which the lr is multiplied by the gamma (default: MocoSFL's, 60 %% "
+                            "and 80 %% of --num_epoch, for MoCo; none for SwAV; --milestones alone: none)")
     optim.add_argument("--s_gamma", type=float, default=0.1, help="server MultiStepLR factor")
-    optim.add_argument("--c_gamma", type=float, default=0.1, help="client MultiStepLR factor")
+    optim.add_argument("--c_gamma", type=float, default=None,
+                       help="client MultiStepLR factor (default: MocoSFL's 0.2 for MoCo, 0.1 for SwAV)")
     optim.add_argument("--use_fp16", action="store_true", help="mixed precision (CUDA only; full precision with a warning on CPU)")
     optim.add_argument("--amp_dtype", type=str, default="fp16", choices=["fp16", "bf16"], help="mixed-precision type with --use_fp16")
 
@@ -376,8 +380,9 @@ _RANGES = {
 def _check_ranges(args: argparse.Namespace) -> None:
     """Every numeric option of the loop inside its interval: one line naming the option otherwise."""
     for name, interval in _RANGES.items():
-        check_range(name, getattr(args, name), interval)
-    if any(milestone < 1 for milestone in args.milestones):
+        if getattr(args, name) is not None:  # None: a default the schedule resolves (--c_gamma)
+            check_range(name, getattr(args, name), interval)
+    if any(milestone < 1 for milestone in args.milestones or ()):
         raise UserError(f"--milestones are epochs, each at least 1 (got {args.milestones})")
 
 

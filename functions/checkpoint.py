@@ -141,12 +141,19 @@ def check_same_method(state: dict[str, Any], args: argparse.Namespace, source: s
         raise UserError(f"{source} {problem}")
 
 
+def _effective_signature(signature: dict[str, Any]) -> dict[str, Any]:
+    """The options that change what a run computes: under --cos the MultiStepLR options do not."""
+    if signature.get("cos"):
+        return {key: value for key, value in signature.items() if key not in ("milestones", "s_gamma", "c_gamma")}
+    return signature
+
+
 def check_same_configuration(state: dict[str, Any], args: argparse.Namespace, current_hash: str) -> None:
     """Refuse to resume a checkpoint made under different training options (names the first difference)."""
     from configs import training_signature  # configs imports the registries; imported when a run resumes
 
-    saved = state["signature"]
-    current = training_signature(args)
+    saved = _effective_signature(state["signature"])
+    current = _effective_signature(training_signature(args))
     given = set(getattr(args, "_given", ()))
     # An option newer than the checkpoint did not exist for that run: its value here applies, unless set on purpose.
     differing = [key for key in sorted(set(saved) | set(current))

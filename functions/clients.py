@@ -124,10 +124,12 @@ class ClientSide:
         for client in client_ids:
             momentum_update_(self.momentum_models[client], self.models[client], momentum)
 
-    def set_lr(self, lr: float) -> None:
-        for optimizer in self.optimizers:
+    def set_lr(self, lr: float | Sequence[float]) -> None:
+        """One rate for every client, or one per client (--compat mocosfl)."""
+        rates = [lr] * len(self.optimizers) if isinstance(lr, (int, float)) else list(lr)
+        for optimizer, rate in zip(self.optimizers, rates, strict=True):
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = rate
 
     @torch.no_grad()
     def stacked_state(self, client_ids: Sequence[int], momentum_copies: bool = False) -> dict[str, torch.Tensor]:

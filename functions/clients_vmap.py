@@ -452,7 +452,16 @@ class VectorisedClientSide:
                                                                                  alpha=1.0 - momentum)
                 copy_tensor.index_copy_(0, index, updated)
 
-    def set_lr(self, lr: float) -> None:
+    def set_lr(self, lr: float | Sequence[float]) -> None:
+        """One rate for every client, or one per client (--compat mocosfl; the optimizer then scales row by row)."""
+        if isinstance(lr, (int, float)):
+            self.optimizer.row_lr = None
+        else:
+            rates = list(lr)
+            if len(rates) != self._num_client:
+                raise ValueError(f"{len(rates)} learning rates for {self._num_client} clients")
+            self.optimizer.row_lr = torch.tensor(rates, dtype=torch.float64, device=self.device)
+            lr = rates[0]  # the param group's rate: what a per-client optimizer state dict shows
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 

@@ -9,7 +9,9 @@ delta < threshold moves the status A -> B -> C (C stays C), anything else goes b
 * B: smashed data up only; the server trains, the clients stay as they are;
 * C: nothing is sent; the server replays, in a shuffled order, the steps of the last A or B epoch.
 
-MocoSFL counts the saving as C + B / 2 epochs; the bytes not sent are counted here as well.
+The saving is counted as MocoSFL measures it, C + B / 2 epochs, over the statuses the epochs trained in; MocoSFL's
+code counts the status each epoch leaves for the next one instead (the statuses of epochs 2 .. N + 1), which
+`--compat mocosfl` reproduces. The bytes not sent are counted here as well.
 """
 from __future__ import annotations
 
@@ -42,8 +44,9 @@ def next_status(status: str, previous_loss: float, loss: float, threshold: float
 class CommunicationSaving:
     """The status of each epoch, the smashed data kept for replay (files in the run folder) and what was saved."""
 
-    def __init__(self, threshold: float, folder: Path, runtime: Runtime) -> None:
+    def __init__(self, threshold: float, folder: Path, runtime: Runtime, count_next_status: bool = False) -> None:
         self.threshold = float(threshold)
+        self.count_next_status = count_next_status  # --compat mocosfl: MocoSFL's count, shifted by one epoch
         self.folder = folder
         self.runtime = runtime
         self.status = FULL
@@ -74,19 +77,21 @@ class CommunicationSaving:
         self.bytes_saved += int(all_reduce_sum(epoch_bytes).item())
         self._epoch_bytes = 0
         was = self.status
-        self.epochs[was] += 1
         self.status = next_status(was, self.previous_loss, loss, self.threshold, epoch + 1)
+        self.epochs[self.status if self.count_next_status else was] += 1
         self.previous_loss = loss
         for name, value in (("communication_status", "ABC".index(was)), ("communication_bytes_saved",
                             self.bytes_saved), ("communication_epochs_saved", self.saved_epochs)):
             log.metrics.append(name, epoch + 1, value)
         logger.info(f"communication: epoch {epoch + 1} was {was}, the next is {self.status}; saved {self.bytes_saved} "
-                    f"bytes and {self.saved_epochs:g} epochs of {num_epoch} (C + B/2, as MocoSFL counts)")
+                    f"bytes and {self.saved_epochs:g} epochs of {num_epoch} (C + B/2 "
+                    f"{'of the next epochs, as MocoSFL counts' if self.count_next_status else 'epochs, as MocoSFL'})")
         return self.status
 
     @property
     def saved_epochs(self) -> float:
-        """MocoSFL's measure of the saving: replay epochs plus half the upload-only ones."""
+        """MocoSFL's measure of the saving: replay epochs plus half the upload-only ones (with count_next_status,
+        those of the statuses after each epoch, as MocoSFL's code counts)."""
         return self.epochs[REPLAY] + self.epochs[UPLOAD_ONLY] / 2
 
     # --------------------------------------------------------------------------------------------- replay

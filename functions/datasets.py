@@ -37,15 +37,19 @@ class ImageDataset:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     source: str
+    # The whole training set when --data_proportion trains on a part of it (train_images, train_labels are then
+    # that part): the kNN memory and the probes still use all of it, as in MocoSFL.
+    full_train: tuple[Any, np.ndarray] | None = None
 
     @property
     def memory_split(self) -> tuple[np.ndarray, np.ndarray]:
         """The labelled training images and their labels: the kNN monitor's memory and the probes' training set
-        (all training images, unless the dataset trains on unlabelled ones too)."""
-        labelled = self.train_labels != UNLABELLED
+        (every training image, also with --data_proportion, unless the dataset trains on unlabelled ones too)."""
+        images, labels = self.full_train if self.full_train is not None else (self.train_images, self.train_labels)
+        labelled = labels != UNLABELLED
         if labelled.all():
-            return self.train_images, self.train_labels
-        return self.train_images[labelled], self.train_labels[labelled]
+            return images, labels
+        return images[labelled], labels[labelled]
 
     @property
     def has_unlabelled(self) -> bool:
@@ -167,7 +171,9 @@ def load_dataset(name: str, data_dir: str | os.PathLike, *, download: bool = Tru
         mean, std = entry.mean, entry.std
     else:
         mean, std = channel_stats(train_images)
+    full_train = None
     if data_proportion < 1.0:
+        full_train = (train_images, train_labels)
         keep = stratified_subset(train_labels, data_proportion, seed)
         train_images = train_images.subset(keep) if isinstance(train_images, ImageFiles) else np.ascontiguousarray(
             train_images[keep])
@@ -175,7 +181,8 @@ def load_dataset(name: str, data_dir: str | os.PathLike, *, download: bool = Tru
     # An image folder's classes are its train folder's subfolders.
     num_classes = entry.num_classes or int(train_labels.max()) + 1
     return ImageDataset(name=name, train_images=train_images, train_labels=train_labels, test_images=test_images,
-                        test_labels=test_labels, num_classes=num_classes, mean=mean, std=std, source=source)
+                        test_labels=test_labels, num_classes=num_classes, mean=mean, std=std, source=source,
+                        full_train=full_train)
 
 
 def make_synthetic(num_train: int, num_test: int, seed: int, num_classes: int = 10) -> tuple[np.ndarray, ...]:

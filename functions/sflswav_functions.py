@@ -394,6 +394,9 @@ class SwavServer(ServerMethod):
     def check_args(cls, args: argparse.Namespace) -> None:
         if args.scheme != "sfl":
             raise UserError("--scheme fl is MocoSFL's FL-MoCo baseline: run it with run_sflmoco.py")
+        # SwAV keeps a constant rate without --milestones (MoCo's default is MocoSFL's milestones).
+        args.milestones = [] if args.milestones is None else args.milestones
+        args.c_gamma = 0.1 if args.c_gamma is None else args.c_gamma
         if args.moco_version is not None:
             version = MOCO_VERSIONS[args.moco_version]
             args.K_dim = version.K_dim if args.K_dim is None else args.K_dim
@@ -453,9 +456,10 @@ class SwavServer(ServerMethod):
 
     @classmethod
     def learning_rate_schedule(cls, args: argparse.Namespace, steps_per_epoch: int) -> LearningRateSchedule:
+        # Not MocoSFL's: no milestones unless given, the client factor 0.1, no --compat client stepping.
         if args.use_swav_scheduler:
-            return SwavWarmupCosine(args, steps_per_epoch)
-        return super().learning_rate_schedule(args, steps_per_epoch)
+            return SwavWarmupCosine(args, steps_per_epoch, mocosfl_defaults=False)
+        return LearningRateSchedule(args, steps_per_epoch, mocosfl_defaults=False)
 
     def __init__(self, args: argparse.Namespace, server: nn.Module, device: torch.device) -> None:
         super().__init__(args, server, device)

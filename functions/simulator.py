@@ -19,6 +19,7 @@ import torch
 from functions.checkpoint import CHECKPOINT_NAME
 from functions.client_engines import ClientEngine
 from functions.communication import CommunicationSaving
+from functions.compat import mocosfl_compat
 from functions.data import FederatedData
 from functions.datasets import resolved_entry
 from functions.distributed import ClientHandOver, Runtime, all_reduce_max_flag, run_agreed
@@ -72,6 +73,8 @@ class Trainer(TrainerCheckpoints):
                             "in pool order and cannot be split over processes; run one process or the joint update")
         self.steps_per_epoch = self.data.steps_per_epoch
         self.lr_schedule = method_cls.learning_rate_schedule(args, self.steps_per_epoch)
+        # Steps each client trained with gradients (its lr under --compat mocosfl, where it drives the schedule).
+        self.client_steps = np.zeros(args.num_client, dtype=np.int64)
         self.epoch = 0            # epoch in progress (0-based)
         self.step_in_epoch = 0    # next step to run in that epoch
         self.global_step = 0      # steps done since the start of the run
@@ -82,10 +85,14 @@ class Trainer(TrainerCheckpoints):
                                world_size=runtime.world_size, steps_per_epoch=self.steps_per_epoch,
                                partition_hash=self.data.partition_hash, overhead=asdict(self.overhead))
         self.epoch_statistics = EpochStatistics(runtime)
-        self.divergence_aware = (DivergenceAwareAveraging(args.num_client, args.div_lambda) if args.divergence_aware
-                                 else None)
+        self.divergence_aware = (DivergenceAwareAveraging(args.num_client, args.div_lambda, mocosfl_compat(args))
+                                 if args.divergence_aware else None)
+        if runtime.is_distributed and mocosfl_compat(args) and args.client_sample_ratio < 1:
+            raise UserError("--compat mocosfl averages client 0 into pools without it (as MocoSFL's FedAvg), which "
+                            "torchrun's processes do not hold; run it in one process or with --client_sample_ratio 1")
         self.divergences: list[float] = []  # of the pool's clients at the last FedAvg (--divergence_measure)
-        self.communication = (CommunicationSaving(args.loss_threshold, output_dir / "replay_tensors", runtime)
+        self.communication = (CommunicationSaving(args.loss_threshold, output_dir / "replay_tensors", runtime,
+                                                  count_next_status=mocosfl_compat(args))
                               if args.loss_threshold > 0 else None)
 
     def _simulated_attacker(self, view_spec: Any) -> SimulatedAttacker:
@@ -113,7 +120,12 @@ class Trainer(TrainerCheckpoints):
 
     # ---------------------------------------------------------------------------------------------- training
     def set_learning_rates(self, epoch: int, step: int) -> tuple[float, float]:
+        """Set the server's and the clients' rates of this step; returns them (a pool client's, when they differ)."""
         server_lr, client_lr = self.lr_schedule.rates(epoch, step)
+        if self.lr_schedule.per_client_steps:
+            rates = [self.lr_schedule.client_rate_after_steps(int(steps)) for steps in self.client_steps]
+            self.split_step.set_learning_rates(server_lr, rates)
+            return server_lr, rates[self.data.pool(epoch)[0]]
         self.split_step.set_learning_rates(server_lr, client_lr)
         return server_lr, client_lr
 
@@ -142,7 +154,8 @@ class Trainer(TrainerCheckpoints):
         """FedAvg of the pool's clients weighted by data size, loaded into every client (over all ranks)."""
         include_momentum = self.method.average_momentum_copies and self.method.client_momentum > 0
         divergences = fedavg(self.clients, pool, self.data.client_sizes, self.runtime, include_momentum,
-                             self.divergence_aware, measure=self.args.divergence_measure)
+                             self.divergence_aware, measure=self.args.divergence_measure,
+                             mocosfl_compat=mocosfl_compat(self.args))
         if divergences is not None:
             self.divergences = divergences
 
@@ -235,6 +248,8 @@ class Trainer(TrainerCheckpoints):
                     batch = batch.to(self.device)
                     loss, stats = self.train_step(batch)
                     share = self.data.row_share(batch, epoch)
+                    if self.communication is None or self.communication.sends_gradients:
+                        self.client_steps[pool] += 1
                 self.global_step += 1
                 self.step_in_epoch += 1
                 # Under torchrun each rank logs its row-weighted part; the sum over ranks is the global loss.

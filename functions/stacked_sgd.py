@@ -16,7 +16,8 @@ class StackedSGD(torch.optim.Optimizer):
     """SGD on stacked per-client tensors (num_client, ...): updates only the rows in `pool_index`.
 
     Equal, row by row, to one `torch.optim.SGD(lr, momentum, weight_decay)` per client (dampening 0, no
-    Nesterov). Set `pool_index` (a LongTensor of client ids on the parameters' device) before `step`.
+    Nesterov). Set `pool_index` (a LongTensor of client ids on the parameters' device) before `step`; `row_lr`
+    (one rate per client, float64 on that device) replaces the group's lr when set.
     """
 
     # GradScaler then hands over `grad_scale` and `found_inf` instead of skipping the whole step itself.
@@ -26,6 +27,7 @@ class StackedSGD(torch.optim.Optimizer):
         defaults = dict(lr=lr, momentum=momentum, dampening=0, weight_decay=weight_decay, nesterov=False)
         super().__init__(list(params), defaults)
         self.pool_index: Tensor | None = None
+        self.row_lr: Tensor | None = None
 
     def _buffers_of(self, parameter: Tensor) -> tuple[Tensor, Tensor]:
         """(momentum buffers, has-stepped flags) of a stacked parameter, created as zeros / False on first use."""
@@ -63,6 +65,7 @@ class StackedSGD(torch.optim.Optimizer):
                 # Per client: a client with an inf/NaN gradient skips its update, the others step.
                 finite = torch.stack([g.reshape(g.shape[0], -1).isfinite().all(dim=1) for g in grads]).all(dim=0)
             lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
+            pool_lr = None if self.row_lr is None else self.row_lr.index_select(0, pool)
             for parameter, grad in zip(parameters, grads):
                 weights = parameter.index_select(0, pool)
                 if weight_decay != 0:
@@ -79,7 +82,10 @@ class StackedSGD(torch.optim.Optimizer):
                         stepped.index_fill_(0, pool, True)
                     buffers.index_copy_(0, pool, new_buffer)
                     grad = new_buffer
-                new_weights = weights.add(grad, alpha=-lr)
+                if pool_lr is None:
+                    new_weights = weights.add(grad, alpha=-lr)
+                else:
+                    new_weights = weights - view_as_rows(pool_lr, grad).to(grad.dtype) * grad
                 if finite is not None:
                     new_weights = torch.where(view_as_rows(finite, new_weights), new_weights, weights)
                 parameter.index_copy_(0, pool, new_weights)

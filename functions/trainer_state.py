@@ -6,6 +6,8 @@ import copy
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterator
 
+import numpy as np
+
 from configs import run_options, training_signature
 from functions.checkpoint import (BEST_CHECKPOINT_NAME, CHECKPOINT_FORMAT, CHECKPOINT_NAME,
                                   check_checkpoint_layout, check_same_configuration, first_non_finite,
@@ -44,6 +46,7 @@ class TrainerCheckpoints:
             "fedavg_state": self.divergence_aware.state_dict() if self.divergence_aware is not None else None,
             "communication": self.communication.state_dict() if self.communication is not None else None,
             "ressfl": self.attacker.state_dict() if self.attacker is not None else None,
+            "client_steps": self.client_steps.tolist(),
         }
 
     def knn_improved(self: Trainer, epoch: int) -> bool:
@@ -122,9 +125,18 @@ class TrainerCheckpoints:
                           (self.attacker, "ressfl")):
             if part is not None and state.get(key) is not None:
                 part.load_state_dict(state[key])
+        self.client_steps[:] = state["client_steps"] if "client_steps" in state else self._client_steps_so_far()
         restore_rng_state(state["rng"])
         metrics = self.log.metrics
         metrics.data = {**state["metrics"], **{key: metrics.data[key] for key in ("data_backend", "world_size")}}
+
+    def _client_steps_so_far(self: Trainer) -> np.ndarray:
+        """Each client's steps up to the position, from the pools (checkpoints written before they were kept; the
+        upload-only and replay epochs of --loss_threshold are counted as steps too)."""
+        steps = np.zeros(self.args.num_client, dtype=np.int64)
+        for epoch in range(self.epoch + (self.step_in_epoch > 0)):
+            steps[self.data.pool(epoch)] += self.steps_per_epoch if epoch < self.epoch else self.step_in_epoch
+        return steps
 
     def _check_num_epoch(self: Trainer, saved_epochs: int) -> None:
         """A resumed run may train more (or fewer) epochs only where --num_epoch does not shape the learning rates."""

@@ -362,6 +362,20 @@ def test_data_proportion_on_synthetic_and_one_keeps_everything() -> None:
     assert abs(half.train_images.shape[0] - 256) <= 10
 
 
+def test_data_proportion_trains_on_a_part_but_monitors_and_probes_on_all(tmp_path) -> None:
+    """As MocoSFL: its kNN memory and probe sets are the whole training set whatever --data_proportion."""
+    from sfl_helpers import moco_trainer
+
+    whole = load_dataset("synthetic", "unused", data_proportion=1.0)
+    half = load_dataset("synthetic", "unused", data_proportion=0.5)
+    images, labels = half.memory_split
+    np.testing.assert_array_equal(images, whole.train_images)
+    np.testing.assert_array_equal(labels, whole.train_labels)
+    trainer = moco_trainer(tmp_path, "--num_client", "2", "--data_proportion", "0.5")
+    assert sum(trainer.data.client_sizes) == half.train_images.shape[0]
+    assert sum(labels.shape[0] for _, labels in trainer.data.loaders.memory) == 512
+
+
 @pytest.mark.parametrize("proportion", [0.0, -0.2, 1.5])
 def test_bad_data_proportion_raises(proportion: float) -> None:
     with pytest.raises(UserError) as error:

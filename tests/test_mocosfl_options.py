@@ -1,5 +1,6 @@
 """MocoSFL's options checked against MocoSFL's own definitions: its symmetric loss, per-client queues, the
-parameter counts of its MoCo versions, divergence-aware FedAvg, loss-threshold communication saving, FL-MoCo."""
+parameter counts of its MoCo versions, FL-MoCo; divergence-aware FedAvg and loss-threshold communication saving in
+the loop (their rules against MocoSFL's code: tests/test_golden_divergence.py, tests/test_golden_communication.py)."""
 from __future__ import annotations
 
 import json
@@ -12,7 +13,6 @@ from configs import parse_args
 from functions import communication
 from functions.communication import FULL, REPLAY, UPLOAD_ONLY, next_status
 from functions.distributed import Runtime
-from functions.fedavg import DivergenceAwareAveraging, fedavg
 from functions.server_method import StepLayout
 from functions.sflmoco_functions import LARGE_V2_HIDDEN, MOCO_VERSIONS, MocoServer, build_moco_head
 from models.split import architecture, build_split_model
@@ -154,71 +154,53 @@ def test_a_version_sets_its_options_unless_they_are_given():
 
 
 # ------------------------------------------------------------------------------ divergence-aware FedAvg
-class _Clients:
-    """Stacked client weights in a dict: what fedavg needs from a client engine."""
+# Divergence-aware FedAvg's rule is checked against MocoSFL's own fedavg in tests/test_golden_divergence.py; here,
+# that the loop runs it on its client engines and logs the divergences.
+def _fedavg_around(trainer, monkeypatch) -> list[tuple[dict, dict]]:
+    """Record the client weights just before and just after each FedAvg of the trainer."""
+    from functions import simulator
 
-    def __init__(self, weights: dict[str, torch.Tensor]) -> None:
-        self.weights = {name: value.clone() for name, value in weights.items()}
+    seen, real = [], simulator.fedavg
 
-    def stacked_state(self, client_ids, momentum_copies=False):
-        return {name: value[list(client_ids)].clone() for name, value in self.weights.items()}
+    def recording(clients, pool, *args, **kwargs):
+        before = {k: v.clone() for k, v in clients.stacked_state(range(trainer.args.num_client)).items()}
+        result = real(clients, pool, *args, **kwargs)
+        seen.append((before, {k: v.clone() for k, v in clients.stacked_state(range(trainer.args.num_client)).items()}))
+        return result
 
-    def set_every_client(self, state, momentum_copies=False):
-        for name, value in state.items():
-            self.weights[name][:] = value
-
-    def set_clients(self, client_ids, stacked):
-        for name, value in stacked.items():
-            self.weights[name][list(client_ids)] = value
-
-
-def test_divergence_aware_fedavg_mixes_each_layer_by_its_divergence_and_really_loads_it():
-    layer_a = torch.tensor([[0.0, 0.0], [0.4, 0.0], [9.0, 9.0]])   # client 2 is outside the pool
-    layer_b = torch.tensor([[1.0], [3.0], [5.0]])
-    running = torch.tensor([[1.0], [3.0], [7.0]])                  # BatchNorm statistics: averaged, not mixed
-    clients = _Clients({"a": layer_a, "b": layer_b, "bn.running_mean": running})
-    sizes, pool, div_lambda = [1, 3, 5], [0, 1], 0.5
-    mixer = DivergenceAwareAveraging(3, div_lambda)
-    divergences = fedavg(clients, pool, sizes, CPU, divergence_aware=mixer)
-    avg_a, avg_b = torch.tensor([0.3, 0.0]), torch.tensor([2.5])   # weights 1/4 and 3/4
-    for client, own_a, own_b in ((0, layer_a[0], layer_b[0]), (1, layer_a[1], layer_b[1])):
-        mu_a = min(div_lambda * (own_a - avg_a).norm().item(), 1.0)
-        mu_b = min(div_lambda * (own_b - avg_b).norm().item(), 1.0)
-        assert torch.allclose(clients.weights["a"][client], mu_a * own_a + (1 - mu_a) * avg_a, atol=1e-6)
-        assert torch.allclose(clients.weights["b"][client], mu_b * own_b + (1 - mu_b) * avg_b, atol=1e-6)
-    assert torch.allclose(clients.weights["a"][2], avg_a) and torch.allclose(clients.weights["b"][2], avg_b)
-    assert torch.allclose(clients.weights["bn.running_mean"], torch.full((3, 1), 2.5))
-    # Divergence as MocoSFL measures it: the sum over layers of the L2 norms, running statistics left out.
-    assert divergences == pytest.approx([0.3 + 1.5, 0.1 + 0.5])
-    # Without divergence awareness every client holds the average.
-    plain = _Clients({"a": layer_a, "b": layer_b, "bn.running_mean": running})
-    fedavg(plain, pool, sizes, CPU)
-    assert torch.allclose(plain.weights["a"], avg_a.expand(3, 2)) and not torch.allclose(
-        clients.weights["a"][:2], avg_a.expand(2, 2))
-
-
-def test_divergence_aware_lambda_is_rescaled_at_a_clients_first_aggregation():
-    mixer = DivergenceAwareAveraging(2, div_lambda=10.0)  # 10 x divergence 0.5: mu clamps at 1
-    clients = _Clients({"w": torch.tensor([[1.0], [0.0]])})
-    fedavg(clients, [0, 1], [1, 1], CPU, divergence_aware=mixer)
-    assert torch.allclose(clients.weights["w"], torch.tensor([[1.0], [0.0]]))  # mu = 1: each keeps its own
-    # lambda becomes mu / divergence = 1 / 0.5: the next aggregation with divergence 0.25 gives mu = 0.5.
-    assert mixer.scale[:, 0].tolist() == pytest.approx([2.0, 2.0])
-    clients.weights["w"] = torch.tensor([[0.75], [0.25]])
-    fedavg(clients, [0, 1], [1, 1], CPU, divergence_aware=mixer)
-    assert clients.weights["w"][:, 0].tolist() == pytest.approx([0.625, 0.375])
+    monkeypatch.setattr(simulator, "fedavg", recording)
+    return seen
 
 
 @pytest.mark.parametrize("make, engine", [(moco_trainer, "vmap"), (moco_trainer, "loop"), (swav_trainer, "vmap")])
-def test_divergence_measure_and_awareness_reach_the_training_log(tmp_path, make, engine):
+def test_divergence_awareness_mixes_each_client_by_one_mu_in_the_loop(tmp_path, monkeypatch, make, engine):
+    # One step with a FedAvg after it (the first of --avg_freq 16 in the epoch).
     trainer = make(tmp_path, "--num_client", "2", "--num_epoch", "1", "--divergence_aware", "--divergence_measure",
-                   "--client_exec", engine)
+                   "--div_lambda", "0.5", "--client_exec", engine, "--max_steps", "1", "--avg_freq", "16")
+    seen = _fedavg_around(trainer, monkeypatch)
     trainer.train()
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["client_divergence"][0][1] > 0
-    assert trainer.divergence_aware.scale is not None and not trainer.divergence_aware.scale.isnan().any()
-    state = trainer.clients.stacked_state([0, 1])
-    assert any(not torch.equal(rows[0], rows[1]) for rows in state.values() if rows.is_floating_point())
+    before, after = seen[-1]
+    names = [name for name, rows in before.items() if rows.is_floating_point()]
+    average = {name: before[name].double().mean(dim=0) for name in names}  # synthetic shards are equal
+    for client in range(2):
+        # after - average = mu * (before - average), the same mu for every tensor of the client, 0 < mu < 1.
+        own = torch.cat([(before[n][client].double() - average[n]).flatten() for n in names])
+        mixed = torch.cat([(after[n][client].double() - average[n]).flatten() for n in names])
+        mu = float(mixed @ own / (own @ own))
+        assert 0 < mu < 1 and torch.allclose(mixed, mu * own, atol=1e-6)
+    assert not trainer.divergence_aware.lambdas.isnan().any() and trainer.divergence_aware.rescaled.all()
+
+
+def test_compat_divergence_awareness_leaves_the_pool_clients_as_they_are(tmp_path, monkeypatch):
+    trainer = moco_trainer(tmp_path, "--num_client", "2", "--num_epoch", "1", "--divergence_aware",
+                           "--compat", "mocosfl", "--max_steps", "1", "--avg_freq", "16")
+    seen = _fedavg_around(trainer, monkeypatch)
+    trainer.train()
+    before, after = seen[-1]
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert not trainer.divergence_aware.auto_scaler
 
 
 # --------------------------------------------------------------------------- loss-threshold communication
@@ -266,7 +248,8 @@ def test_upload_only_and_replay_epochs_leave_the_clients_unchanged_and_train_the
     assert [status for _, status in metrics["communication_status"]] == [0, 0, 1, 2]
     saved = [value for _, value in metrics["communication_bytes_saved"]]
     assert saved[1] == 0 < saved[2] < saved[3]
-    assert metrics["communication_epochs_saved"][-1][1] == pytest.approx(1.5)  # C + B / 2
+    # C + B / 2 over the statuses the epochs trained in (MocoSFL's own count: tests/test_golden_communication.py).
+    assert metrics["communication_epochs_saved"][-1][1] == statuses.count(REPLAY) + statuses.count(UPLOAD_ONLY) / 2
 
 
 def test_without_a_loss_threshold_every_epoch_trains_the_clients(tmp_path, monkeypatch):
