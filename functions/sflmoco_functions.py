@@ -9,7 +9,7 @@ import argparse
 import copy
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -386,11 +386,24 @@ class MocoServer(ServerMethod):
                                    device=device, generator=generator)
         self._pending_keys: Tensor | None = None
         self._layout = StepLayout.single()
+        # With BatchNorm in the server (largeV2's head) each view goes through it in a pass of its own, as in
+        # MocoSFL, so that its statistics are those of one view; without, one pass over the stacked views gives
+        # the same values faster.
+        self.pass_per_view = any(isinstance(layer, nn.modules.batchnorm._BatchNorm) for layer in server.modules())
         # Set by the distributed set-up: keys of every rank then join the queues, identical on every rank.
         self.distributed = False
 
     def start_step(self, layout: "StepLayout") -> None:
         self._layout = layout
+        if not self.simco:
+            # MocoSFL moves its momentum encoder at the start of the server's step, before the forward passes.
+            momentum_update_(self.server_momentum, self.server, self.momentum)
+
+    def _views(self, network: Callable[[Tensor], Tensor], views: Sequence[Tensor]) -> list[Tensor]:
+        """`network` on each view: a pass per view with BatchNorm (see pass_per_view), else one stacked pass."""
+        if self.pass_per_view:
+            return [network(view) for view in views]
+        return list(network(torch.cat(list(views))).split([view.shape[0] for view in views]))
 
     def compute_loss(self, smashed: Sequence[Tensor], momentum_smashed: Sequence[Tensor],
                      epoch: int) -> tuple[Tensor, dict[str, Tensor]]:
@@ -398,20 +411,23 @@ class MocoServer(ServerMethod):
             first, second = forward_server(self, torch.cat(list(smashed))).chunk(2)
             loss, accuracy = dual_temperature_loss(first, second, self.simco_temperature)
             return loss, {"contrastive_acc": accuracy}
+        online_server = partial(forward_server, self)
         if self.both_views:
-            queries = forward_server(self, torch.cat(list(smashed))).chunk(2)
+            queries = self._views(online_server, smashed)
             with torch.no_grad():
-                keys = self.server_momentum(torch.cat(list(momentum_smashed))).chunk(2)
+                keys = self._views(self.server_momentum, momentum_smashed)
             pairs = [(queries[0], keys[1]), (queries[1], keys[0])]
             enqueued = list(keys)
         elif self.symmetric:
             # MocoSFL: the second term's query is the momentum copies' smashed data (no gradient to the clients).
             online, target = smashed[0], momentum_smashed[0]
-            queries = forward_server(self, torch.cat([online, target])).chunk(2)
-            with torch.no_grad():
-                keys = self.server_momentum(torch.cat([online.detach(), target])).chunk(2)
+            queries = self._views(online_server, [online, target])
+            with torch.no_grad():  # MocoSFL's order of the key passes: the momentum copies' rows first
+                keys = self._views(self.server_momentum, [target, online.detach()])[::-1]
             pairs = [(queries[0], keys[1]), (queries[1], keys[0])]
-            enqueued = [keys[0], keys[1]]
+            # MocoSFL enqueues both keys (the online rows' first) in the shared queue, but in per-client queues
+            # only the online rows' keys: it takes each client's rows of the first block (client_id * batch_size).
+            enqueued = [keys[0]] if self.queues.per_client else [keys[0], keys[1]]
         else:
             query = forward_server(self, smashed[0])
             with torch.no_grad():
@@ -442,7 +458,6 @@ class MocoServer(ServerMethod):
     def after_server_step(self) -> None:
         if self.simco:
             return
-        momentum_update_(self.server_momentum, self.server, self.momentum)
         if self._pending_keys is not None:
             self.queues.enqueue(self._pending_keys, self._layout)
             self._pending_keys = None
