@@ -106,12 +106,17 @@ def _complete(stacked: dict[str, torch.Tensor], parameters: dict[str, torch.Tens
     return {name: parameters.get(name, value[0]) for name, value in stacked.items()}
 
 
-REL_NORM, FACTOR = 1e-5, 20.0
+# Relative to the norm of the summarised tensor (to the loss itself for the loss).
+TOLERANCE = {"loss": 1e-4, "smashed_key": 1e-4, "client_momentum": 1e-5, "server_momentum": 1e-5, "queues": 3e-4,
+             "smashed_query": 5e-3, "clients": 5e-3, "server": 5e-3, "gradient": 1e-1}
+FACTOR = 20.0
 
 
-def _close(ours: list[float], theirs: list[float], sensitivity: float, what: str) -> None:
-    """Summaries (sum, norm, projections) equal within REL_NORM of the norm or FACTOR x MocoSFL's sensitivity."""
-    tolerance = max(REL_NORM * abs(theirs[1]) + 1e-7, FACTOR * sensitivity)
+def _close(ours: list[float], expected: dict, key: str, what: str, index: int | None = None) -> None:
+    """Summaries (sum, norm, projections) equal within TOLERANCE[key] of the norm or FACTOR x MocoSFL's own
+    float32 error (its distance from the same run in float64)."""
+    theirs = expected[key] if index is None else expected[key][index]
+    tolerance = max(TOLERANCE[key] * abs(theirs[1]), FACTOR * expected["sensitivity"][key])
     assert ours == pytest.approx(theirs, rel=0, abs=tolerance), what
 
 
@@ -144,25 +149,22 @@ def test_steps_match_mocosfl(fixture: tuple[dict, dict], version: str, per_clien
         assert (number in averaged_after) == expected["fedavg"]
         if number in averaged_after:
             fedavg(step.clients, clients, [1] * len(clients), CPU)
-        where, sensitivity = f"{name} {engine} step {number + 1}", expected["sensitivity"]
-        assert loss.item() == pytest.approx(expected["loss"], rel=REL_NORM, abs=FACTOR * sensitivity["loss"]), \
-            f"{where}: loss"
-        _close(golden.summary(sent["key"]), expected["smashed_key"], sensitivity["smashed_key"],
-               f"{where}: the momentum copies' smashed data")
-        _close(golden.summary(sent["query"].grad), expected["gradient"], sensitivity["gradient"],
-               f"{where}: the gradient sent to the clients")
+        where = f"{name} {engine} step {number + 1}"
+        assert loss.item() == pytest.approx(expected["loss"], rel=TOLERANCE["loss"],
+                                            abs=FACTOR * expected["sensitivity"]["loss"]), f"{where}: loss"
+        _close(golden.summary(sent["key"]), expected, "smashed_key", f"{where}: the momentum copies' smashed data")
+        _close(golden.summary(sent["query"]), expected, "smashed_query", f"{where}: the clients' smashed data")
+        _close(golden.summary(sent["query"].grad), expected, "gradient", f"{where}: the gradient sent to the clients")
         for client in clients:
-            _close(golden.summary(_flat(step.clients.stacked_state([client]), client_names)),
-                   expected["clients"][client], sensitivity["clients"], f"{where}: client {client}")
+            _close(golden.summary(_flat(step.clients.stacked_state([client]), client_names)), expected, "clients",
+                   f"{where}: client {client}", client)
             _close(golden.summary(_flat(step.clients.stacked_state([client], momentum_copies=True), client_names)),
-                   expected["client_momentum"][client], sensitivity["client_momentum"],
-                   f"{where}: client {client}'s momentum copy")
-        _close(golden.summary(_flat(step.method.server.state_dict(), server_names)), expected["server"],
-               sensitivity["server"], f"{where}: server")
-        _close(golden.summary(_flat(step.method.server_momentum.state_dict(), server_names)),
-               expected["server_momentum"], sensitivity["server_momentum"], f"{where}: server momentum encoder")
+                   expected, "client_momentum", f"{where}: client {client}'s momentum copy", client)
+        _close(golden.summary(_flat(step.method.server.state_dict(), server_names)), expected, "server",
+               f"{where}: server")
+        _close(golden.summary(_flat(step.method.server_momentum.state_dict(), server_names)), expected,
+               "server_momentum", f"{where}: server momentum encoder")
         queues = step.method.queues.clients if per_client else [step.method.queues.shared]
         assert [queue.pointer for queue in queues] == expected["pointers"], f"{where}: queue pointers"
         for index, queue in enumerate(queues):
-            _close(golden.summary(queue.negatives), expected["queues"][index], sensitivity["queues"],
-                   f"{where}: queue {index}")
+            _close(golden.summary(queue.negatives), expected, "queues", f"{where}: queue {index}", index)
