@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from functions.clients import momentum_update_
+from functions.compat import mocosfl_compat
 from functions.distributed import all_gather_rows, forward_server
 from functions.errors import UserError
 from functions.server_method import ServerMethod, StepLayout, register_method
@@ -90,6 +91,7 @@ class KeyQueue:
         dim: int,
         device: torch.device | str | None = None,
         generator: torch.Generator | None = None,
+        unit_rows: bool = True,
     ) -> None:
         if size < 1:
             raise UserError(f"the MoCo queue size must be >= 1 (got {size}); set --K to a positive number of keys")
@@ -100,7 +102,8 @@ class KeyQueue:
         # Draw on the generator's own device so a CPU generator can seed a queue that lives on the GPU.
         draw_device = generator.device if generator is not None else device
         initial = torch.randn(size, dim, generator=generator, device=draw_device, dtype=torch.float32)
-        self.negatives: Tensor = F.normalize(initial, dim=1).to(device)
+        # unit_rows=False: the raw Gaussian rows MocoSFL starts its per-client queues with (--compat mocosfl).
+        self.negatives: Tensor = (F.normalize(initial, dim=1) if unit_rows else initial).to(device)
         self.pointer: int = 0
 
     @torch.no_grad()
@@ -171,11 +174,11 @@ class ClientQueues:
     --disable_feature_sharing) one KeyQueue of size // num_client keys per client, each fed its own client's keys."""
 
     def __init__(self, size: int, dim: int, num_client: int = 0, device: torch.device | str | None = None,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, unit_client_rows: bool = True) -> None:
         self.per_client = num_client > 0
         self.shared = KeyQueue(size, dim, device=device, generator=generator) if not self.per_client else None
-        self.clients = [KeyQueue(size // num_client, dim, device=device, generator=generator)
-                        for _ in range(num_client)]
+        self.clients = [KeyQueue(size // num_client, dim, device=device, generator=generator,
+                                 unit_rows=unit_client_rows) for _ in range(num_client)]
 
     def of(self, client: int) -> KeyQueue:
         """The queue of `client` (per-client queues only)."""
@@ -382,8 +385,11 @@ class MocoServer(ServerMethod):
         self.trainable_crops = (0, 1) if self.both_views or self.simco else (0,)
         self.momentum_crops = () if self.simco else (0, 1) if self.both_views else (1,)
         generator = torch.Generator().manual_seed(args.seed)
+        # MocoSFL normalises the random keys its shared queue starts with but not those of its per-client queues
+        # (a bug: until a client's queue has been refilled its negatives are ~sqrt(K_dim) long and dominate the
+        # logits); --compat mocosfl starts them as MocoSFL does.
         self.queues = ClientQueues(args.K, args.K_dim, args.num_client if args.disable_feature_sharing else 0,
-                                   device=device, generator=generator)
+                                   device=device, generator=generator, unit_client_rows=not mocosfl_compat(args))
         self._pending_keys: Tensor | None = None
         self._layout = StepLayout.single()
         # With BatchNorm in the server (largeV2's head) each view goes through it in a pass of its own, as in
