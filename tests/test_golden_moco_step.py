@@ -6,11 +6,18 @@ per-client queues x plain or symmetric loss, with both client engines. Per step:
 sends to the clients, every client's weights and momentum copy, the server and its momentum encoder, the queues and
 their pointers.
 
-Tolerances: float32 on both sides, summed in other orders (grouped vs per-client convolutions, one stacked pass vs
-separate ones for heads without BatchNorm, FedAvg's weighted mean vs MocoSFL's sum then divide). A summarised value
-(sum, norm, two random projections) may differ by 1e-5 of the summarised tensor's norm, or by 20 times the change
-MocoSFL's own run shows when its initial weights move by 1e-7 relative (the fixture's `sensitivity`: a few steps
-of a small network can amplify rounding) when that is larger. Measured: within 3e-6 of the norm in step 1.
+Tolerances: both sides run float32, with sums in other orders (grouped or per-client convolutions, one stacked pass
+or separate ones for heads without BatchNorm, FedAvg's weighted mean or MocoSFL's sum then divide). Each summarised
+tensor (sum, norm, two random projections) may differ by TOLERANCE of its norm, or by 20 times MocoSFL's own float32
+error (the fixture's `sensitivity`: its distance from the same run in float64) when that is larger. The momentum
+copies, the momentum encoder, the keys and the queues are moving averages of the weights: they agree to 1e-7..1e-5
+of their norms (tolerances 1e-5..3e-4). The smashed data of the clients, the gradients and the trained weights go
+through ReLUs: a pre-activation within rounding of 0 lands on the other side in one of the two programs and moves
+its row's gradient by a few % (measured: 3 % for one row of V1-per_client-plain at step 2, where MocoSFL's float32
+and float64 runs differ as much), hence 5e-3 of the norm for weights and smashed data and 0.1 for the gradient. A
+difference this fixture pins moves a value far more: BatchNorm statistics of both views together change the first
+loss by 50 %, enqueuing both keys per client changes the pointers, moving the client momentum copies before FedAvg
+moves them by 1e-2 of their norm at step 1, the server's momentum update after its step by 0.1.
 """
 from __future__ import annotations
 
@@ -130,7 +137,8 @@ def test_steps_match_mocosfl(fixture: tuple[dict, dict], version: str, per_clien
     case = values[name]
     step = _build(settings, version, per_client, symmetric, engine, case, tensors[name]["initial_queues"])
     clients = list(range(settings["num_client"]))
-    client_names = _names(lambda s: mocosfl_client_state(s, "ResNet18", settings["cutlayer"]), case["client_parameters"])
+    client_names = _names(lambda s: mocosfl_client_state(s, "ResNet18", settings["cutlayer"]),
+                          case["client_parameters"])
     server_names = _names(lambda s: mocosfl_server_state(s, "ResNet18", settings["cutlayer"], 0),
                           case["server_parameters"])
     averaged_after = fedavg_positions(settings["steps"], settings["avg_freq"])
@@ -144,7 +152,7 @@ def test_steps_match_mocosfl(fixture: tuple[dict, dict], version: str, per_clien
         assert len(set(expected["client_lr"])) == 1
         step.clients.set_lr(expected["client_lr"][0])
         sent: dict[str, Any] = {}
-        loss, _ = step(batch, epoch=0, global_step=number,
+        loss, stats = step(batch, epoch=0, global_step=number,
                        record=lambda inputs, momentum: sent.update(query=inputs[0], key=momentum[0]))
         assert (number in averaged_after) == expected["fedavg"]
         if number in averaged_after:
@@ -152,6 +160,8 @@ def test_steps_match_mocosfl(fixture: tuple[dict, dict], version: str, per_clien
         where = f"{name} {engine} step {number + 1}"
         assert loss.item() == pytest.approx(expected["loss"], rel=TOLERANCE["loss"],
                                             abs=FACTOR * expected["sensitivity"]["loss"]), f"{where}: loss"
+        if not symmetric:  # with --symmetric MocoSFL reports the accuracy of its second term only
+            assert stats["contrastive_acc"].item() * 100 == pytest.approx(expected["accuracy_percent"], abs=1e-3)
         _close(golden.summary(sent["key"]), expected, "smashed_key", f"{where}: the momentum copies' smashed data")
         _close(golden.summary(sent["query"]), expected, "smashed_query", f"{where}: the clients' smashed data")
         _close(golden.summary(sent["query"].grad), expected, "gradient", f"{where}: the gradient sent to the clients")

@@ -2,22 +2,26 @@
 
     python benchmarks/golden/moco_step.py --peer_dir ~/src/MocoSFL
 
-A tiny ResNet-18 (MocoSFL's GroupNorm ResNet with its stem and block constructors wrapped to --width channels),
-cut after the stem, 2 clients x 3 images of 32 pixels, K 24 keys of 16 dimensions, 4 steps with FedAvg after
-steps 2 and 4 (--avg_freq 2), for every case of {V1, V2, largeV2} x {shared queue, --disable_feature_sharing} x
-{plain, --symmetric}. MocoSFL's simulator is built the way its run_sflmoco.py builds it (get_sfl_args from an
-argv, its ResNet18, its heads, sflmoco_simulator) and driven in the order of run_sflmoco.py's loop: each client's
-forward and momentum-copy forward, the server's compute and step, the clients' backward and steps (with their
-schedulers), FedAvg. Two values are set after get_sfl_args, which otherwise fixes them by --moco_version: K_dim
-(16 instead of 128-2048) and symmetric (both values for every version).
+A tiny ResNet-18 (MocoSFL's GroupNorm ResNet with its stem and block constructors wrapped to WIDTH channels),
+cut after the stem, 2 clients x 3 images of 32 pixels, K 24 keys of 16 dimensions, 3 steps with FedAvg after each
+(--avg_freq 3), for every case of {V1, V2, largeV2} x {shared queue, --disable_feature_sharing} x {plain,
+--symmetric}. MocoSFL's simulator is built the way its run_sflmoco.py builds it (get_sfl_args from an argv, its
+ResNet18, its heads, sflmoco_simulator) and driven in the order of run_sflmoco.py's loop: each client's forward
+(which moves its momentum copy) and momentum-copy forward, the server's compute (which moves its momentum encoder
+first) and step, the clients' backward and steps (with their schedulers), FedAvg. Two values are set after
+get_sfl_args, which otherwise fixes them by --moco_version: K_dim (16 instead of 128-2048) and symmetric (both
+values for every version). The head's input is 8 * WIDTH wide (run_sflmoco.py's 512 at width 64), and V1's linear
+head, which MocoSFL's ResNet builds 512 wide, is rebuilt at that width.
 
 Weights and images are not stored: every parameter is drawn from a generator seeded by the seed and the
 parameter's MocoSFL name (`seeded_parameter`), every image from a generator seeded by the seed, the step and the
 client (`synthetic_views`); the tests call the same two functions. What is stored per step: MocoSFL's loss and
 accuracy, the client and server learning rates it used, and summaries (`summary`: sum, norm and two fixed random
-projections) of the gradient sent to the clients, of each client's weights and momentum copy, of the server's
-weights and momentum encoder, and of the queue(s) with their pointers. The initial queues (random in MocoSFL) are
-stored whole (K x K_dim numbers per case).
+projections) of both smashed data, of the gradient sent to the clients, of each client's weights and momentum copy,
+of the server's weights and momentum encoder, and of the queue(s) with their pointers. The initial queues (random in
+MocoSFL) are stored whole (K x K_dim numbers per case). Each case runs a second time in float64 from the same
+weights, images and queues; `sensitivity` holds how far each summary of the float32 run is from it (MocoSFL's own
+float32 error, which the tests allow for).
 """
 from __future__ import annotations
 
@@ -47,8 +51,7 @@ VERSIONS = ("V1", "V2", "largeV2")
 SUMMARY_SEED = 12345
 NORM_SPREAD = 0.05
 LAST_NORM_SCALE = 0.1
-# The tests' tolerances grow with MocoSFL's own float32 error: how far each value of its float32 run is from a second
-# run of the same case in float64 (same weights, images and initial queues).
+# The summaries whose float32 error (distance from the float64 run) is stored as `sensitivity`.
 SUMMARISED = ("loss", "smashed_query", "smashed_key", "gradient", "clients", "client_momentum", "server",
               "server_momentum", "queues")
 
@@ -95,7 +98,7 @@ def summary(values: torch.Tensor) -> list[float]:
     return [flat.sum().item(), flat.norm().item(), *(projections @ flat).tolist()]
 
 
-def sensitivity(step: dict[str, Any], perturbed: dict[str, Any]) -> dict[str, float]:
+def sensitivity(step: dict[str, Any], exact: dict[str, Any]) -> dict[str, float]:
     """How far each summarised value of a step is from the same value of another run (float64): the largest
     difference of any entry of its summaries."""
     def change(ours: Any, theirs: Any) -> float:
@@ -103,7 +106,7 @@ def sensitivity(step: dict[str, Any], perturbed: dict[str, Any]) -> dict[str, fl
             return max((change(a, b) for a, b in zip(ours, theirs)), default=0.0)
         return abs(float(ours) - float(theirs))
 
-    return {key: change(step[key], perturbed[key]) for key in SUMMARISED}
+    return {key: change(step[key], exact[key]) for key in SUMMARISED}
 
 
 def flat_parameters(module: Any) -> torch.Tensor:
@@ -247,6 +250,7 @@ def main() -> None:
     values: dict[str, Any] = {"settings": {"seed": SEED, "width": WIDTH, "cutlayer": CUTLAYER, "num_client": NUM_CLIENT,
                                            "rows": ROWS, "image_size": IMAGE_SIZE, "K": K, "K_dim": K_DIM,
                                            "steps": STEPS, "avg_freq": AVG_FREQ, "lr": LR, "T": T,
+                                           # MocoSFL's defaults; its momentum encoders' 0.99 is fixed in its code
                                            "momentum": 0.9, "weight_decay": 5e-4, "moco_momentum": 0.99}}
     tensors: dict[str, Any] = {}
     for version, per_client, symmetric in cases():
