@@ -339,6 +339,25 @@ def test_fl_baseline_trains_whole_networks_on_the_clients_for_local_epochs(tmp_p
     assert _changed(before, _client_weights(two))
 
 
+@pytest.mark.parametrize("scheme", ["sfl", "fl"])
+def test_momentum_copies_move_as_the_next_step_begins_so_towards_the_fedavg_average(tmp_path, scheme):
+    # MocoSFL moves a client's momentum copy in the client's forward (SFL) or at the start of its compute (FL):
+    # after the FedAvg that followed the client's previous step. (SFL against MocoSFL's code: test_golden_moco_step.)
+    trainer = moco_trainer(tmp_path, "--num_client", "2", "--scheme", scheme, "--no-symmetric")
+    batches = trainer.data.loaders.train.epoch(0)
+    first = next(batches)
+    trainer.split_step(first, 0, 0)
+    pool = list(first.client_ids)
+    trainer.fedavg(pool)
+    copies = trainer.clients.stacked_state(pool, momentum_copies=True)
+    average = trainer.clients.stacked_state(pool)
+    trainer.split_step(next(batches), 0, 1)
+    moved = trainer.clients.stacked_state(pool, momentum_copies=True)
+    for name, value in moved.items():
+        if value.is_floating_point():
+            assert torch.allclose(value, 0.99 * copies[name] + 0.01 * average[name], atol=1e-6), name
+
+
 def test_fl_baseline_refuses_split_only_options():
     with pytest.raises(Exception, match="FL-MoCo baseline"):
         parse_args("swav", ["--scheme", "fl"])
