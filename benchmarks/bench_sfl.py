@@ -65,7 +65,7 @@ from functions.distributed import Runtime  # noqa: E402
 from functions.errors import UserError, run_cli  # noqa: E402
 from functions.loaders import StepBatch  # noqa: E402
 from functions.precision import MixedPrecision  # noqa: E402
-from functions.server_method import ServerMethod, method_class, method_names  # noqa: E402
+from functions.server_method import ServerMethod, StepLayout, method_class, method_names  # noqa: E402
 from functions.step import SplitStep, build_split_step  # noqa: E402
 from functions.views import ViewSpec  # noqa: E402
 from models.split import build_unsplit_model, check_cutlayer  # noqa: E402
@@ -274,7 +274,10 @@ def centralised_step(method: ServerMethod, optimizer: torch.optim.Optimizer, pre
     state = {"step": 0}
     scaler = precision.scaler
 
+    layout = StepLayout.of([0], [crops[0].shape[0]])
+
     def step() -> torch.Tensor:
+        method.start_step(layout)
         optimizer.zero_grad(set_to_none=True)
         with precision.autocast():
             momentum_inputs = [crops[k] for k in method.momentum_crops]
@@ -311,6 +314,8 @@ def client_only_step(split_step: SplitStep, crops: Sequence[torch.Tensor], pool:
     gradients: list[torch.Tensor] = []
 
     def step() -> torch.Tensor:
+        if method.client_momentum > 0:
+            clients.update_momentum_copies(pool, method.client_momentum)
         clients.zero_grad(pool)
         with precision.autocast():
             smashed = clients.forward([crops[k] for k in method.trainable_crops], pool, rows)
@@ -322,8 +327,6 @@ def client_only_step(split_step: SplitStep, crops: Sequence[torch.Tensor], pool:
         clients.backward(gradients)
         clients.step(pool, scaler)
         scaler.update()
-        if method.client_momentum > 0:
-            clients.update_momentum_copies(pool, method.client_momentum)
         return torch.stack([s.detach().float().square().mean() for s in smashed]).sum()
 
     return step

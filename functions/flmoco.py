@@ -69,6 +69,8 @@ class FederatedMocoStep:
             raise UserError("--loss_threshold saves split learning's communication; FL (--scheme fl) has none")
         clients, precision, pool, rows = self.clients, self.precision, batch.client_ids, batch.rows_per_client
         layout = layout or StepLayout.of(pool, rows)
+        # MocoSFL's FL-MoCo moves a client's momentum copy as its step begins (after any FedAvg since its last one).
+        clients.update_momentum_copies(pool, self.client_momentum)
         precision.begin_step()
         clients.zero_grad(pool)
         with precision.autocast():
@@ -87,7 +89,6 @@ class FederatedMocoStep:
         clients.forget_outputs()
         clients.step(pool, precision.scaler)
         precision.end_step(self.server_optimizer)
-        clients.update_momentum_copies(pool, self.client_momentum)
         enqueued = [keys[0], keys[1]] if self.symmetric else [keys[1]]
         if self.runtime.is_distributed:
             enqueued = [all_gather_rows(k) for k in enqueued]

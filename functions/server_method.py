@@ -138,13 +138,14 @@ class ServerMethod(nn.Module):
         raise NotImplementedError
 
     def start_step(self, layout: StepLayout) -> None:
-        """Hook before the step's loss: which clients sent which rows (e.g. for per-client queues)."""
+        """Hook before the step's loss, once per server step: which clients sent which rows (e.g. for per-client
+        queues); MoCo moves its momentum encoder here, as MocoSFL does before its forward passes."""
 
     def before_server_step(self, global_step: int) -> None:
         """Hook between backward and the server optimizer step (e.g. freezing prototypes)."""
 
     def after_server_step(self) -> None:
-        """Hook after the server optimizer step (e.g. momentum encoder update, queue push)."""
+        """Hook after the server optimizer step (e.g. the queue push of the step's keys)."""
 
     def start_epoch(self, epoch: int) -> None:
         """Hook at the start of each epoch."""

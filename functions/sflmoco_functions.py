@@ -9,13 +9,14 @@ import argparse
 import copy
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from functions.clients import momentum_update_
+from functions.compat import mocosfl_compat
 from functions.distributed import all_gather_rows, forward_server
 from functions.errors import UserError
 from functions.server_method import ServerMethod, StepLayout, register_method
@@ -90,6 +91,7 @@ class KeyQueue:
         dim: int,
         device: torch.device | str | None = None,
         generator: torch.Generator | None = None,
+        unit_rows: bool = True,
     ) -> None:
         if size < 1:
             raise UserError(f"the MoCo queue size must be >= 1 (got {size}); set --K to a positive number of keys")
@@ -100,7 +102,8 @@ class KeyQueue:
         # Draw on the generator's own device so a CPU generator can seed a queue that lives on the GPU.
         draw_device = generator.device if generator is not None else device
         initial = torch.randn(size, dim, generator=generator, device=draw_device, dtype=torch.float32)
-        self.negatives: Tensor = F.normalize(initial, dim=1).to(device)
+        # unit_rows=False: the raw Gaussian rows MocoSFL starts its per-client queues with (--compat mocosfl).
+        self.negatives: Tensor = (F.normalize(initial, dim=1) if unit_rows else initial).to(device)
         self.pointer: int = 0
 
     @torch.no_grad()
@@ -171,11 +174,11 @@ class ClientQueues:
     --disable_feature_sharing) one KeyQueue of size // num_client keys per client, each fed its own client's keys."""
 
     def __init__(self, size: int, dim: int, num_client: int = 0, device: torch.device | str | None = None,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, unit_client_rows: bool = True) -> None:
         self.per_client = num_client > 0
         self.shared = KeyQueue(size, dim, device=device, generator=generator) if not self.per_client else None
-        self.clients = [KeyQueue(size // num_client, dim, device=device, generator=generator)
-                        for _ in range(num_client)]
+        self.clients = [KeyQueue(size // num_client, dim, device=device, generator=generator,
+                                 unit_rows=unit_client_rows) for _ in range(num_client)]
 
     def of(self, client: int) -> KeyQueue:
         """The queue of `client` (per-client queues only)."""
@@ -382,15 +385,31 @@ class MocoServer(ServerMethod):
         self.trainable_crops = (0, 1) if self.both_views or self.simco else (0,)
         self.momentum_crops = () if self.simco else (0, 1) if self.both_views else (1,)
         generator = torch.Generator().manual_seed(args.seed)
+        # MocoSFL normalises the random keys its shared queue starts with but not those of its per-client queues
+        # (a bug: until a client's queue has been refilled its negatives are ~sqrt(K_dim) long and dominate the
+        # logits); --compat mocosfl starts them as MocoSFL does.
         self.queues = ClientQueues(args.K, args.K_dim, args.num_client if args.disable_feature_sharing else 0,
-                                   device=device, generator=generator)
+                                   device=device, generator=generator, unit_client_rows=not mocosfl_compat(args))
         self._pending_keys: Tensor | None = None
         self._layout = StepLayout.single()
+        # With BatchNorm in the server (largeV2's head) each view goes through it in a pass of its own, as in
+        # MocoSFL, so that its statistics are those of one view; without, one pass over the stacked views gives
+        # the same values faster.
+        self.pass_per_view = any(isinstance(layer, nn.modules.batchnorm._BatchNorm) for layer in server.modules())
         # Set by the distributed set-up: keys of every rank then join the queues, identical on every rank.
         self.distributed = False
 
     def start_step(self, layout: "StepLayout") -> None:
         self._layout = layout
+        if not self.simco:
+            # MocoSFL moves its momentum encoder at the start of the server's step, before the forward passes.
+            momentum_update_(self.server_momentum, self.server, self.momentum)
+
+    def _views(self, network: Callable[[Tensor], Tensor], views: Sequence[Tensor]) -> list[Tensor]:
+        """`network` on each view: a pass per view with BatchNorm (see pass_per_view), else one stacked pass."""
+        if self.pass_per_view:
+            return [network(view) for view in views]
+        return list(network(torch.cat(list(views))).split([view.shape[0] for view in views]))
 
     def compute_loss(self, smashed: Sequence[Tensor], momentum_smashed: Sequence[Tensor],
                      epoch: int) -> tuple[Tensor, dict[str, Tensor]]:
@@ -398,20 +417,23 @@ class MocoServer(ServerMethod):
             first, second = forward_server(self, torch.cat(list(smashed))).chunk(2)
             loss, accuracy = dual_temperature_loss(first, second, self.simco_temperature)
             return loss, {"contrastive_acc": accuracy}
+        online_server = partial(forward_server, self)
         if self.both_views:
-            queries = forward_server(self, torch.cat(list(smashed))).chunk(2)
+            queries = self._views(online_server, smashed)
             with torch.no_grad():
-                keys = self.server_momentum(torch.cat(list(momentum_smashed))).chunk(2)
+                keys = self._views(self.server_momentum, momentum_smashed)
             pairs = [(queries[0], keys[1]), (queries[1], keys[0])]
             enqueued = list(keys)
         elif self.symmetric:
             # MocoSFL: the second term's query is the momentum copies' smashed data (no gradient to the clients).
             online, target = smashed[0], momentum_smashed[0]
-            queries = forward_server(self, torch.cat([online, target])).chunk(2)
-            with torch.no_grad():
-                keys = self.server_momentum(torch.cat([online.detach(), target])).chunk(2)
+            queries = self._views(online_server, [online, target])
+            with torch.no_grad():  # MocoSFL's order of the key passes: the momentum copies' rows first
+                keys = self._views(self.server_momentum, [target, online.detach()])[::-1]
             pairs = [(queries[0], keys[1]), (queries[1], keys[0])]
-            enqueued = [keys[0], keys[1]]
+            # MocoSFL enqueues both keys (the online rows' first) in the shared queue, but in per-client queues
+            # only the online rows' keys: it takes each client's rows of the first block (client_id * batch_size).
+            enqueued = [keys[0]] if self.queues.per_client else [keys[0], keys[1]]
         else:
             query = forward_server(self, smashed[0])
             with torch.no_grad():
@@ -442,7 +464,6 @@ class MocoServer(ServerMethod):
     def after_server_step(self) -> None:
         if self.simco:
             return
-        momentum_update_(self.server_momentum, self.server, self.momentum)
         if self._pending_keys is not None:
             self.queues.enqueue(self._pending_keys, self._layout)
             self._pending_keys = None

@@ -3,7 +3,8 @@ both run this step.
 
 Per step: the pool's clients run their layers on their own rows, the server stacks all rows and computes the
 method's loss, one backward and one server step, the gradient rows go back to the clients that sent them, each
-client steps, then the method's and the clients' momentum copies move.
+client steps. The clients' momentum copies move as the step begins (MocoSFL's order: after any FedAvg that
+followed the previous step), the server's momentum encoder as the server's half begins.
 """
 from __future__ import annotations
 
@@ -67,6 +68,10 @@ class SplitStep:
         """
         method, clients, precision, pool = self.method, self.clients, self.precision, batch.client_ids
         crops = [crop.contiguous(memory_format=self.memory_format) for crop in batch.crops]
+        if method.client_momentum > 0:
+            # MocoSFL moves a client's momentum copy as the client's step begins, so after the FedAvg that may
+            # have followed its previous step: the copy follows the averaged weights.
+            clients.update_momentum_copies(pool, method.client_momentum)
         precision.begin_step()
         clients.zero_grad(pool)
         with precision.autocast():
@@ -97,8 +102,6 @@ class SplitStep:
             clients.forget_outputs()
         precision.end_step(self.server_optimizer)
         method.after_server_step()
-        if method.client_momentum > 0:
-            clients.update_momentum_copies(pool, method.client_momentum)
         return loss, stats
 
     def replay(self, server_inputs: list[Tensor], momentum_smashed: list[Tensor], layout: StepLayout, epoch: int,

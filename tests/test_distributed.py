@@ -109,9 +109,11 @@ def test_two_processes_train_moco_like_one_process(tmp_path):
 
 def test_two_processes_train_mocosfl_symmetric_with_client_queues_like_one_process(tmp_path):
     # MocoSFL's symmetric term (the momentum copies' rows through the DDP server) and one queue per client, whose
-    # keys are gathered from both ranks. The loop engine runs the same kernels in one and two processes: this run
-    # amplifies the rounding differences of the grouped convolutions (1e-7) to 1e-4 within six steps.
-    options = [*MOCO_SAMPLED, "--symmetric", "--disable_feature_sharing", "--max_steps", "8", "--client_exec", "loop"]
+    # keys are gathered from both ranks. The loop engine runs the same kernels in one and two processes. --K 256:
+    # each client's queue (64 keys, wrapping every few steps) outlives a step's 24 keys; with --K 64 each step
+    # replaced a whole queue of 16 by its last online keys, and the run amplified rounding (1e-7) to 1e-4 by step 8.
+    options = [*MOCO_SAMPLED, "--symmetric", "--disable_feature_sharing", "--max_steps", "8", "--client_exec", "loop",
+               "--K", "256"]
     one = _train("run_sflmoco.py", options, tmp_path / "one", 1)
     two = _train("run_sflmoco.py", options, tmp_path / "two", 2)
     _assert_same_run(one, two, loss_tolerance=1e-4, weight_tolerance=1e-4)

@@ -1,6 +1,10 @@
 """MocoSFL's options checked against MocoSFL's own definitions: its symmetric loss, per-client queues, the
 parameter counts of its MoCo versions, FL-MoCo; divergence-aware FedAvg and loss-threshold communication saving in
-the loop (their rules against MocoSFL's code: tests/test_golden_divergence.py, tests/test_golden_communication.py)."""
+the loop (their rules against MocoSFL's code: tests/test_golden_divergence.py, tests/test_golden_communication.py).
+
+The MoCo step as a whole (BatchNorm heads, both queue kinds, the order of momentum updates and FedAvg) is compared
+with MocoSFL's own code, step by step, in tests/test_golden_moco_step.py; the tests here write single rules out by
+hand on a 3x3 linear server."""
 from __future__ import annotations
 
 import json
@@ -66,13 +70,28 @@ def test_symmetric_loss_is_mocosfls_two_terms_with_the_momentum_smashed_data_as_
     assert torch.allclose(online.grad, first_only.grad, atol=1e-6)
 
 
-def test_symmetric_loss_enqueues_both_keys_in_mocosfls_order():
-    method = _tiny_moco("--symmetric")
-    method.compute_loss([torch.tensor(ONLINE)], [torch.tensor(TARGET)], epoch=0)
-    method.after_server_step()
-    weight = method.server.weight.detach()
-    expected = torch.nn.functional.normalize(torch.tensor(_apply(weight, ONLINE) + _apply(weight, TARGET)), dim=1)
-    assert torch.allclose(method.queues.shared.negatives, expected, atol=1e-6)
+def test_symmetric_loss_enqueues_both_keys_in_a_shared_queue_but_only_the_online_keys_in_client_queues():
+    # MocoSFL's _dequeue_and_enqueue gets [keys of the online rows, keys of the momentum rows]: the shared queue
+    # takes all of them in that order, a client queue takes its rows of the first block only.
+    weight = torch.tensor([[1.0, 0.5, 0.0], [0.0, 1.0, -0.5], [0.3, 0.0, 1.0]])
+    unit = torch.nn.functional.normalize
+    shared = _tiny_moco("--symmetric")
+    shared.start_step(StepLayout.of([0, 1], [1, 1]))
+    shared.compute_loss([torch.tensor(ONLINE)], [torch.tensor(TARGET)], epoch=0)
+    shared.after_server_step()
+    expected = unit(torch.tensor(_apply(weight, ONLINE) + _apply(weight, TARGET)), dim=1)
+    assert torch.allclose(shared.queues.shared.negatives, expected, atol=1e-6)
+    assert shared.queues.shared.pointer == 0  # 4 keys in a queue of 4
+
+    per_client = _tiny_moco("--symmetric", "--disable_feature_sharing")
+    per_client.start_step(StepLayout.of([0, 1], [1, 1]))
+    per_client.compute_loss([torch.tensor(ONLINE)], [torch.tensor(TARGET)], epoch=0)
+    per_client.after_server_step()
+    online_keys = unit(torch.tensor(_apply(weight, ONLINE)), dim=1)
+    for client in (0, 1):
+        queue = per_client.queues.of(client)
+        assert queue.pointer == 1
+        assert torch.allclose(queue.negatives[0], online_keys[client], atol=1e-6)
 
 
 def test_per_client_queues_give_each_client_its_own_negatives_and_keys():
@@ -95,6 +114,19 @@ def test_per_client_queues_give_each_client_its_own_negatives_and_keys():
     assert torch.allclose(method.queues.of(0).negatives[0], unit_keys[0], atol=1e-6)
     assert torch.allclose(method.queues.of(1).negatives[0], unit_keys[1], atol=1e-6)
     assert torch.equal(method.queues.of(0).negatives[1], torch.tensor(queue_0[1]))
+
+
+def test_client_queues_start_with_unit_keys_unless_compat_mocosfl_asks_for_its_raw_gaussian_rows():
+    # MocoSFL: torch.randn(K_dim, K // num_client) per client, never normalised (its shared queue is).
+    fixed = _tiny_moco("--disable_feature_sharing")
+    raw = _tiny_moco("--disable_feature_sharing", "--compat", "mocosfl")
+    for client in (0, 1):
+        fixed_rows, raw_rows = fixed.queues.of(client).negatives, raw.queues.of(client).negatives
+        assert torch.allclose(fixed_rows.norm(dim=1), torch.ones(2), atol=1e-6)
+        assert torch.allclose(fixed_rows, torch.nn.functional.normalize(raw_rows, dim=1), atol=1e-6)  # same draws
+        assert not torch.allclose(raw_rows.norm(dim=1), torch.ones(2), atol=1e-2)
+    shared = _tiny_moco("--compat", "mocosfl").queues.shared.negatives
+    assert torch.allclose(shared.norm(dim=1), torch.ones(4), atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------- parameter counts
@@ -288,6 +320,25 @@ def test_fl_baseline_trains_whole_networks_on_the_clients_for_local_epochs(tmp_p
     two.train_epoch()
     assert two.global_step == two.steps_per_epoch
     assert _changed(before, _client_weights(two))
+
+
+@pytest.mark.parametrize("scheme", ["sfl", "fl"])
+def test_momentum_copies_move_as_the_next_step_begins_so_towards_the_fedavg_average(tmp_path, scheme):
+    # MocoSFL moves a client's momentum copy in the client's forward (SFL) or at the start of its compute (FL):
+    # after the FedAvg that followed the client's previous step. (SFL against MocoSFL's code: test_golden_moco_step.)
+    trainer = moco_trainer(tmp_path, "--num_client", "2", "--scheme", scheme, "--no-symmetric")
+    batches = trainer.data.loaders.train.epoch(0)
+    first = next(batches)
+    trainer.split_step(first, 0, 0)
+    pool = list(first.client_ids)
+    trainer.fedavg(pool)
+    copies = trainer.clients.stacked_state(pool, momentum_copies=True)
+    average = trainer.clients.stacked_state(pool)
+    trainer.split_step(next(batches), 0, 1)
+    moved = trainer.clients.stacked_state(pool, momentum_copies=True)
+    for name, value in moved.items():
+        if value.is_floating_point():
+            assert torch.allclose(value, 0.99 * copies[name] + 0.01 * average[name], atol=1e-6), name
 
 
 def test_fl_baseline_refuses_split_only_options():
