@@ -55,7 +55,8 @@ def test_the_calculator_runs_alone_for_both_methods(method, capsys):
     assert printed.count("client cost per step") == 2
     for record in records:  # both conventions printed, each under its name
         assert f"{record['client_flops_per_step'] / 1e6:.1f} MFLOPs" in printed
-        assert f"MocoSFL-convention FLOPs/image {record['mocosfl_flops_per_image'] / MOCOSFL_FLOP_UNIT:.2f} M" in printed
+        mocosfl_figure = record["mocosfl_flops_per_image"] / MOCOSFL_FLOP_UNIT
+        assert f"MocoSFL-convention FLOPs/image {mocosfl_figure:.2f} M" in printed
 
 
 @pytest.mark.parametrize("dataset, image_size, cuts", [("cifar10", 32, (1, 2, 3)), ("tinyimagenet", 64, (1, 2, 3)),
