@@ -37,9 +37,10 @@ STEM_BY_IMAGE_SIZE: dict[int, tuple[int, int]] = {224: (7, 2), 64: (3, 2)}
 DEFAULT_STEM = (3, 1)
 
 
-def stem_geometry(image_size: int) -> tuple[int, int]:
-    """(kernel side, stride) of the stem's convolution for images of `image_size` pixels."""
-    return STEM_BY_IMAGE_SIZE.get(int(image_size), DEFAULT_STEM)
+def stem_geometry(image_size: int | None) -> tuple[int, int]:
+    """(kernel side, stride) of the stem's convolution for images of `image_size` pixels (None, as in options
+    saved before --data_size was resolved: the 32-pixel stem)."""
+    return DEFAULT_STEM if image_size is None else STEM_BY_IMAGE_SIZE.get(int(image_size), DEFAULT_STEM)
 
 
 class Stem(nn.Module):
