@@ -97,9 +97,9 @@ MOCO_SAMPLED = [*TINY_MOCO, "--num_client", "4", "--batch_size", "24", "--client
 
 def test_two_processes_train_moco_like_one_process(tmp_path):
     # The reference runs the loop engine: the vectorised engine packing two clients in one process rounds its
-    # convolutions otherwise (1e-7), and on MocoSFL's views a ReLU input within that rounding of zero flips once by
-    # step 6 and moves the loss by 1e-4 (the engines are compared in tests/test_clients_vmap.py). The two processes
-    # keep the default engine, one client each.
+    # convolutions otherwise (1e-7), and on MocoSFL's views that moves the loss by 1e-4 at step 6 at once (a jump,
+    # as when a ReLU input within rounding of zero changes side); the engines are compared in float64 in
+    # tests/test_clients_vmap.py. The two processes keep the default engine, one client each.
     one = _train("run_sflmoco.py", MOCO_SAMPLED, tmp_path / "one", 1, "--client_exec", "loop")
     two = _train("run_sflmoco.py", MOCO_SAMPLED, tmp_path / "two", 2)
     # Only the order of floating-point sums differs (DDP's gradient all-reduce, FedAvg's partial sums). Measured:
