@@ -52,7 +52,11 @@ def main() -> None:
     import torch
 
     torch.cuda.memory_allocated = lambda *args, **kwargs: 0  # printed only; there is no GPU here
-    import fvcore  # noqa: F401 - fail here, not inside the script (which would pip install it)
+    try:  # here, not inside the script, which would pip install it
+        import fvcore  # noqa: F401
+    except ImportError:
+        raise SystemExit("error: this part runs MocoSFL's fvcore counter: pip install fvcore (or install it with "
+                         "pip install --target <dir> and pass --deps_dir <dir>)") from None
 
     source = (Path(options.peer_dir) / "overhead_calculator.py").read_text(encoding="utf-8")
     records = []
