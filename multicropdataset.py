@@ -11,7 +11,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import transforms
 
@@ -24,9 +24,32 @@ from functions.loaders import (
     check_image_array,
     check_mean_std,
 )
-from functions.views import ViewSpec
+from functions.views import BLUR_SIGMA, SIGMA_FOLLOWING_BLUR, ViewSpec
 
 CropTransform = Callable[[Image.Image], torch.Tensor]
+
+
+class RadiusGaussianBlur:
+    """MocoSFL's Gaussian blur: sigma drawn uniformly per call from Python's `random` (as MocoSFL draws it), then
+    PIL's GaussianBlur(radius=sigma); PIL in and out.
+
+    PIL approximates the Gaussian by three box blurs of a fractional radius chosen so that their variance is
+    sigma^2, edges repeated, rounded to 8 bits after each pass: its extent grows with sigma (13 pixels wide at
+    sigma 2), unlike a fixed 3x3 kernel, which at sigma 2 changes a CIFAR-10 image about half as much.
+    """
+
+    def __init__(self, sigma: tuple[float, float] = BLUR_SIGMA) -> None:
+        if not (0.0 < sigma[0] <= sigma[1]):
+            raise ValueError(f"sigma range must satisfy 0 < min <= max, got {sigma}")
+        self.sigma = (float(sigma[0]), float(sigma[1]))
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        """The blurred image."""
+        sigma = random.uniform(self.sigma[0], self.sigma[1])
+        return image.filter(ImageFilter.GaussianBlur(radius=sigma))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(sigma={self.sigma})"
 
 
 class GaussianBlur:
@@ -78,12 +101,14 @@ class GaussianBlur:
 
 def _colour_chain(mean: Sequence[float], std: Sequence[float], blur_kernel_size: int,
                   blur_probability: float = 0.5) -> list[Callable]:
-    """The MoCo v2 photometric chain after the crop: jitter, grayscale, blur, flip, tensor, normalise."""
+    """The MoCo v2 photometric chain after the crop: jitter, grayscale, blur, flip, tensor, normalise (MocoSFL's
+    mocov2 pair loader, in its order: with the same seeds it draws the same random numbers)."""
+    blur: Callable = (RadiusGaussianBlur(BLUR_SIGMA) if int(blur_kernel_size) == SIGMA_FOLLOWING_BLUR
+                      else GaussianBlur(int(blur_kernel_size), sigma=BLUR_SIGMA))
     return [
         transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
         transforms.RandomGrayscale(p=0.2),
-        # The ImageNet recipe's kernel of about 10% of the side: 3 pixels for 32-pixel images (the dataset's entry).
-        transforms.RandomApply([GaussianBlur(blur_kernel_size, sigma=(0.1, 2.0))], p=blur_probability),
+        transforms.RandomApply([blur], p=blur_probability),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
         transforms.Normalize(mean=[float(m) for m in mean], std=[float(s) for s in std]),
@@ -91,7 +116,7 @@ def _colour_chain(mean: Sequence[float], std: Sequence[float], blur_kernel_size:
 
 
 def moco_transform(mean: Sequence[float], std: Sequence[float], size: int = 32,
-                   blur_kernel_size: int = 3) -> transforms.Compose:
+                   blur_kernel_size: int = SIGMA_FOLLOWING_BLUR) -> transforms.Compose:
     """One MoCo v2 view: random resized crop (scale 0.2-1), colour jitter, grayscale, blur, flip, normalise."""
     check_mean_std(mean, std)
     if size < 1:

@@ -14,9 +14,12 @@ Augmentation follows ``multicropdataset._colour_chain`` after a RandomResizedCro
 - colour jitter (p=0.8): brightness, contrast, saturation, hue in a random order, clipped after each one,
   hue shifted on the HSV hexcone; the pipeline has fixed stages, so each sample's order is laid out over
   six blend slots around one hue stage, the unused slots being identities;
-- grayscale (p=0.2, ITU-R 601 luma), Gaussian blur (the view spec's kernel, sigma in (0.1, 2), p=0.5), horizontal flip
-  (p=0.5), normalisation.
-Unlike the PIL path, intermediate images stay float instead of being rounded to uint8 after each operation.
+- grayscale (p=0.2, ITU-R 601 luma), Gaussian blur (sigma in (0.1, 2), p=0.5), horizontal flip (p=0.5),
+  normalisation. The blur is PIL's (MocoSFL's): three box-blur passes per axis with edges repeated, the box's
+  fractional radius following sigma (functions.blur), fed to ``fn.filter`` as one kernel per row; a view spec with
+  a fixed ``blur_kernel_size`` uses ``fn.gaussian_blur`` of that window instead.
+Unlike the PIL path, intermediate images stay float instead of being rounded to uint8 after each operation (for
+the blur: PIL rounds after each of its six passes).
 
 The memory and test loaders are the torch path's ``NormalisedImageLoader``: a fixed-order normalisation of
 in-memory images gains nothing from a DALI pipeline.
@@ -37,6 +40,7 @@ from nvidia.dali import pipeline_def
 from nvidia.dali.data_node import DataNode
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
+from functions.blur import PIL_BLUR_PASSES, box_kernel_length, identity_kernel, pil_box_kernels
 from functions.datasets import ImageDataset
 from functions.image_folder import ImageFiles
 from functions.errors import UserError
@@ -49,7 +53,7 @@ from functions.loaders import (
     check_image_array,
     check_mean_std,
 )
-from functions.views import ViewSpec
+from functions.views import BLUR_SIGMA, SIGMA_FOLLOWING_BLUR, ViewSpec
 
 # The torch path's augmentation constants (multicropdataset: RandomResizedCrop, _colour_chain).
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
@@ -58,7 +62,8 @@ JITTER_PROBABILITY = 0.8
 BRIGHTNESS, CONTRAST, SATURATION, HUE = 0.4, 0.4, 0.4, 0.1
 GRAYSCALE_PROBABILITY = 0.2
 BLUR_PROBABILITY = 0.5
-BLUR_SIGMA = (0.1, 2.0)
+# Taps of the per-row box kernel of the sigma-following blur: enough for the largest sigma (5 at sigma 2).
+BOX_KERNEL_TAPS = box_kernel_length(BLUR_SIGMA[1])
 FLIP_PROBABILITY = 0.5
 
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 as in PIL's convert("L") (torchvision tensors: 0.2989 red)
@@ -132,8 +137,16 @@ class CropParameters:
             flip=np.zeros(rows, dtype=bool),
         )
 
-    def pipeline_inputs(self) -> list[np.ndarray]:
-        """The arrays fed to the pipeline for this crop, in the order _augment_crop reads them."""
+    def box_kernels(self) -> np.ndarray:
+        """(N, 1, BOX_KERNEL_TAPS) float32: each row's one-pass PIL box kernel, the identity where not blurred."""
+        blurred = self.blur_sigma > NO_BLUR_SIGMA
+        kernels = np.where(blurred[:, None], pil_box_kernels(np.where(blurred, self.blur_sigma, 1.0), BOX_KERNEL_TAPS),
+                           identity_kernel(BOX_KERNEL_TAPS)[None, :])
+        return kernels.astype(np.float32).reshape(self.num_rows, 1, BOX_KERNEL_TAPS)
+
+    def pipeline_inputs(self, sigma_following_blur: bool = True) -> list[np.ndarray]:
+        """The arrays fed to the pipeline for this crop, in the order _augment_crop reads them (the blur as box
+        kernels, or as sigmas for a fixed-window Gaussian)."""
         luma_rows = np.tile(np.float32(LUMA_WEIGHTS), (3, 1))
         colour_matrix = np.where(self.grayscale[:, None, None], luma_rows, np.eye(3, dtype=np.float32))
         hue_phase = np.float32(HUE_CHANNEL_PHASE) + 6.0 * self.hue_shift[:, None].astype(np.float32)
@@ -145,7 +158,7 @@ class CropParameters:
             *blend_weights,
             np.ascontiguousarray(hue_phase, dtype=np.float32),
             np.ascontiguousarray(colour_matrix, dtype=np.float32),
-            np.ascontiguousarray(self.blur_sigma, dtype=np.float32),
+            self.box_kernels() if sigma_following_blur else np.ascontiguousarray(self.blur_sigma, dtype=np.float32),
             self.flip.astype(np.int32),
         ]
 
@@ -292,7 +305,7 @@ def _augment_crop(images: DataNode, inputs: Sequence[DataNode], size: int, blur_
     """One crop of every row: window, resize, jitter slots, hue, grayscale, blur, flip + normalise to CHW."""
     anchor, window = inputs[0], inputs[1]
     blend = list(inputs[2:2 + 3 * BLEND_SLOTS])
-    hue_phase, colour_matrix, blur_sigma, flip = inputs[2 + 3 * BLEND_SLOTS:]
+    hue_phase, colour_matrix, blur, flip = inputs[2 + 3 * BLEND_SLOTS:]
     if on_gpu:  # tensor inputs of GPU arithmetic live on the GPU; argument inputs stay on the CPU
         blend = [weight.gpu() for weight in blend]
         hue_phase = hue_phase.gpu()
@@ -305,7 +318,13 @@ def _augment_crop(images: DataNode, inputs: Sequence[DataNode], size: int, blur_
             image = _hue_stage(image, hue_phase)
         image = _blend_slot(image, *blend[3 * slot:3 * slot + 3])
     image = fn.coord_transform(image, M=colour_matrix)  # identity or three equal luma rows
-    image = fn.gaussian_blur(image, window_size=blur_kernel_size, sigma=blur_sigma)
+    if blur_kernel_size == SIGMA_FOLLOWING_BLUR:
+        # PIL's passes along rows, then along columns, edges repeated ("clamp"); kernels stay on the CPU.
+        columns = fn.reshape(blur, shape=[BOX_KERNEL_TAPS, 1])
+        for kernel in [blur] * PIL_BLUR_PASSES + [columns] * PIL_BLUR_PASSES:
+            image = fn.filter(image, kernel, border="clamp")
+    else:
+        image = fn.gaussian_blur(image, window_size=blur_kernel_size, sigma=blur)
     return fn.crop_mirror_normalize(image, mirror=flip, mean=mean255, std=std255, output_layout="CHW",
                                     dtype=types.FLOAT)
 
@@ -317,7 +336,8 @@ def _crops_pipeline(source: Any, crop_sizes: Sequence[int], blur_kernel_size: in
     encoded_size pixels square) plus per-crop parameters in, one normalised NCHW batch per crop out."""
     num_outputs = 1 + _INPUTS_PER_CROP * len(crop_sizes)
     per_crop_dtypes = ([types.FLOAT] * (2 + 3 * BLEND_SLOTS)) + [types.FLOAT, types.FLOAT, types.FLOAT, types.INT32]
-    per_crop_ndim = [1, 1] + [0] * (3 * BLEND_SLOTS) + [1, 2, 0, 0]
+    blur_ndim = 2 if blur_kernel_size == SIGMA_FOLLOWING_BLUR else 0  # box kernels, or sigmas
+    per_crop_ndim = [1, 1] + [0] * (3 * BLEND_SLOTS) + [1, 2, blur_ndim, 0]
     fed = fn.external_source(
         source=source, num_outputs=num_outputs, batch=True,
         dtype=[types.UINT8] + per_crop_dtypes * len(crop_sizes),
@@ -349,7 +369,8 @@ class DaliCropAugmenter(Generic[Tag]):
     """
 
     def __init__(self, crop_sizes: Sequence[int], mean: Sequence[float], std: Sequence[float], *,
-                 max_batch_size: int, blur_kernel_size: int = 3, dali_device: str, output_device: torch.device,
+                 max_batch_size: int, blur_kernel_size: int = SIGMA_FOLLOWING_BLUR, dali_device: str,
+                 output_device: torch.device,
                  num_threads: int, device_id: int | None = None, prefetch_queue_depth: int = 2,
                  encoded_size: int | None = None) -> None:
         check_mean_std(mean, std)
@@ -385,7 +406,8 @@ class DaliCropAugmenter(Generic[Tag]):
             raise ValueError("every crop needs parameters for each image row")
         self._tags.append(tag)
         return (images if isinstance(images, list) else np.ascontiguousarray(images, dtype=np.uint8),
-                *[array for crop in parameters for array in crop.pipeline_inputs()])
+                *[array for crop in parameters
+                  for array in crop.pipeline_inputs(self.blur_kernel_size == SIGMA_FOLLOWING_BLUR)])
 
     def stream(self, batches: Iterable[tuple[np.ndarray, Sequence[CropParameters], Tag]]
                ) -> Iterator[tuple[Tag, list[torch.Tensor]]]:

@@ -346,7 +346,7 @@ def build_step(setting: Setting, device: torch.device, seed: int) -> tuple[Step,
     if setting.mode == "centralised":
         method_cls = method_class(setting.method)
         network = build_unsplit_model(args.arch, head=method_cls.head_builder(args), use_ws=not args.disable_WS,
-                                      width=args.width)
+                                      width=args.width, image_size=args.data_size)
         method = method_cls(args, network.to(device, memory_format=memory_format), device)
         if setting.compile:
             method.server.compile()

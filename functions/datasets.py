@@ -1,7 +1,7 @@
 """The dataset registry: one entry per dataset, read by the options, both data paths, the partition and the loop.
 
 An entry says how to read the dataset (its reader), what it holds (classes, image size, splits) and how to look at
-it (normalisation, the default crop sizes of the views, the blur kernel). Adding a dataset is one reader and one
+it (normalisation, the default crop sizes of the views, the blur). Adding a dataset is one reader and one
 `register_dataset(DatasetEntry(...))`; `--dataset` then offers it, and both data paths make its views.
 """
 from __future__ import annotations
@@ -66,9 +66,10 @@ Reader = Callable[..., tuple[Any, ...]]
 class DatasetEntry:
     """A registered dataset.
 
-    mean/std None: computed from the training images. crop_sizes: (global, local) sizes of the default views
-    (MoCo's two views use the global size; SwAV's --size_crops defaults to both). blur_kernel_size: side of the
-    views' Gaussian blur, about a tenth of the image side and odd.
+    mean/std None: computed from the training images (the registered datasets carry MocoSFL's constants).
+    crop_sizes: (global, local) sizes of the default views (MoCo's two views use the global size; SwAV's
+    --size_crops defaults to both). blur_kernel_size 0: the views' Gaussian blur is MocoSFL's, PIL's radius blur
+    whose extent follows the drawn sigma; an odd side instead blurs with a fixed kernel of that many pixels.
     """
 
     name: str
@@ -78,7 +79,7 @@ class DatasetEntry:
     mean: tuple[float, float, float] | None
     std: tuple[float, float, float] | None
     crop_sizes: tuple[int, int]
-    blur_kernel_size: int
+    blur_kernel_size: int = 0
     splits: tuple[str, ...] = ("train", "test")
     sized_by_data_size: bool = False  # image folders: --data_size sets the size, the views scale with it
 
@@ -105,21 +106,14 @@ def dataset_entry(name: str) -> DatasetEntry:
     return entry
 
 
-def blur_kernel_for(size: int) -> int:
-    """The views' Gaussian blur side for images of `size` pixels: a tenth of the side, odd (23 at 224 px)."""
-    kernel = max(1, int(0.1 * size))
-    return kernel + 1 if kernel % 2 == 0 else kernel
-
-
 def resolved_entry(name: str, data_size: int | None = None) -> DatasetEntry:
     """The entry of a dataset at the size a run reads it: for image folders --data_size (default 224), with the
-    views' crops (global, local = 96/224 of it) and blur scaled to it; other datasets have one size."""
+    views' crops (global, local = 96/224 of it) scaled to it; other datasets have one size."""
     entry = dataset_entry(name)
     if not entry.sized_by_data_size:
         return entry
     size = int(data_size or entry.image_size)
-    return replace(entry, image_size=size, crop_sizes=(size, max(1, round(size * 96 / 224))),
-                   blur_kernel_size=blur_kernel_for(size))
+    return replace(entry, image_size=size, crop_sizes=(size, max(1, round(size * 96 / 224))))
 
 
 def download_allowed() -> bool:
@@ -226,32 +220,35 @@ def _cifar_reader(name: str) -> Reader:
     return read
 
 
+# MocoSFL's normalisation constants (its datasets.py); for STL-10 those its pair loader uses (CIFAR-10's).
+SVHN_MEAN, SVHN_STD = (0.3522, 0.4004, 0.4463), (0.1189, 0.1377, 0.1784)
+TINY_IMAGENET_MEAN, TINY_IMAGENET_STD = (0.5141, 0.5775, 0.3985), (0.2927, 0.2570, 0.1434)
+STL10_MEAN, STL10_STD = cifar.CIFAR_SPECS["cifar10"].mean, cifar.CIFAR_SPECS["cifar10"].std
+
 for _name, _spec in cifar.CIFAR_SPECS.items():
     register_dataset(DatasetEntry(name=_name, read=_cifar_reader(_name), num_classes=_spec.num_classes,
-                                  image_size=cifar.IMAGE_SIZE, mean=_spec.mean, std=_spec.std, crop_sizes=(32, 16),
-                                  blur_kernel_size=3))
+                                  image_size=cifar.IMAGE_SIZE, mean=_spec.mean, std=_spec.std, crop_sizes=(32, 16)))
 register_dataset(DatasetEntry(name="synthetic", read=read_synthetic, num_classes=10, image_size=SYNTHETIC_SIZE,
-                              mean=None, std=None, crop_sizes=(32, 16), blur_kernel_size=3))
+                              mean=None, std=None, crop_sizes=(32, 16)))
 register_dataset(DatasetEntry(name="stl10", read=readers.read_stl10, num_classes=10, image_size=readers.STL10_SIZE,
-                              mean=None, std=None, crop_sizes=(96, 48), blur_kernel_size=9))
+                              mean=STL10_MEAN, std=STL10_STD, crop_sizes=(96, 48)))
 # Self-supervised training on STL-10's 100,000 unlabelled images as well; only an IID split is defined for them.
 register_dataset(DatasetEntry(name="stl10_unlabelled", read=partial(readers.read_stl10, with_unlabelled=True),
-                              num_classes=10, image_size=readers.STL10_SIZE, mean=None, std=None,
-                              crop_sizes=(96, 48), blur_kernel_size=9, splits=("train", "unlabeled", "test")))
-register_dataset(DatasetEntry(name="svhn", read=readers.read_svhn, num_classes=10, image_size=32, mean=None,
-                              std=None, crop_sizes=(32, 16), blur_kernel_size=3))
+                              num_classes=10, image_size=readers.STL10_SIZE, mean=STL10_MEAN, std=STL10_STD,
+                              crop_sizes=(96, 48), splits=("train", "unlabeled", "test")))
+register_dataset(DatasetEntry(name="svhn", read=readers.read_svhn, num_classes=10, image_size=32, mean=SVHN_MEAN,
+                              std=SVHN_STD, crop_sizes=(32, 16)))
 register_dataset(DatasetEntry(name="svhn_extra", read=partial(readers.read_svhn, with_extra=True), num_classes=10,
-                              image_size=32, mean=None, std=None, crop_sizes=(32, 16), blur_kernel_size=3,
+                              image_size=32, mean=SVHN_MEAN, std=SVHN_STD, crop_sizes=(32, 16),
                               splits=("train", "extra", "test")))
 register_dataset(DatasetEntry(name="tinyimagenet", read=readers.read_tiny_imagenet, num_classes=200,
-                              image_size=readers.TINY_SIZE, mean=None, std=None, crop_sizes=(64, 32),
-                              blur_kernel_size=7, splits=("train", "val")))
+                              image_size=readers.TINY_SIZE, mean=TINY_IMAGENET_MEAN, std=TINY_IMAGENET_STD,
+                              crop_sizes=(64, 32), splits=("train", "val")))
 # Any train/<class>/ + val/<class>/ tree (ImageNet-12, ImageNet-100, DomainNet domains): decoded in the data path,
 # resized to --data_size; classes from the folder (num_classes 0 = "the folder says").
 register_dataset(DatasetEntry(name="imagefolder", read=read_image_folder, num_classes=0, image_size=224,
-                              mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_sizes=(224, 96), blur_kernel_size=23,
+                              mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_sizes=(224, 96),
                               splits=("train", "val"), sized_by_data_size=True))
 # MocoSFL's --dataset imagenet12 (Table 3): its 12-class ImageNet folder, read at 224 px like MocoSFL.
 register_dataset(DatasetEntry(name="imagenet12", read=read_imagenet12, num_classes=12, image_size=224,
-                              mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_sizes=(224, 96), blur_kernel_size=23,
-                              splits=("train", "val")))
+                              mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_sizes=(224, 96), splits=("train", "val")))

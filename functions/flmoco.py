@@ -104,7 +104,7 @@ def build_fl_step(args: argparse.Namespace, runtime: Runtime, precision: MixedPr
     if not issubclass(method_class(args.method), MocoServer):
         raise UserError("--scheme fl is MocoSFL's FL-MoCo baseline: run it with run_sflmoco.py")
     network = build_unsplit_model(args.arch, head=method_class(args.method).head_builder(args),
-                                  use_ws=not args.disable_WS, width=args.width)
+                                  use_ws=not args.disable_WS, width=args.width, image_size=args.data_size)
     clients = build_client_engine(network, args, runtime.device, keep_momentum_copies=True, engine=engine)
     generator = torch.Generator().manual_seed(args.seed)
     queues = ClientQueues(args.K * args.num_client, args.K_dim, args.num_client, device=runtime.device,

@@ -10,6 +10,13 @@ model runs, including its momentum copy's for MoCo), the gradient rows received 
 client's FLOPs (forward, backward and momentum forward, counted by torch's FlopCounterMode), and its memory
 (weights, momentum copy, SGD momentum, and the activations of one step). Per FedAvg round, the client's weights go
 up and the average comes back. With --scheme fl there is no smashed data and the whole network is the client's.
+
+Client FLOPs come in two conventions. This project's (`client_flops_per_step`): every FLOP of the step as torch
+counts it, a multiply and an add being two, the backward measured (about twice the forward), GroupNorm not
+counted. MocoSFL's (`mocosfl_flops_per_image`, what its overhead_calculator.py prints as "FLOPs/image", in units
+of 2^20): three times the forward count of fvcore's FlopCountAnalysis on one image of the first crop's size, in
+which a multiply-add is one FLOP and a GroupNorm 5 per element. For ResNet-18 at 32 px, cuts 1, 2, 3: 6.00,
+223.88, 441.75 M (2^20) in MocoSFL's convention; 10.6, 614.6, 1218.6 M (10^6) per step of one image in ours.
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from functions.datasets import resolved_entry
@@ -30,6 +38,9 @@ from functions.views import ViewSpec
 
 BYTES_PER_VALUE = 4  # float32 on the wire and in memory (halve for fp16 smashed data)
 MEASURED_ROWS = 2
+MOCOSFL_FLOP_UNIT = 2**20  # MocoSFL's "M" of FLOPs
+MOCOSFL_PASSES = 3  # MocoSFL counts a step as three forwards (forward, backward, momentum forward)
+_ATEN = torch.ops.aten
 
 
 @dataclass(frozen=True)
@@ -44,6 +55,44 @@ class ClientOverhead:
     client_parameters: int
     client_memory_bytes: int
     fedavg_round_bytes: int
+    mocosfl_flops_per_image: int = 0  # MocoSFL's convention (see the module docstring); divide by 2**20 for its M
+
+
+class _FvcoreExtras(TorchDispatchMode):
+    """What fvcore (MocoSFL's counter) adds to the multiply-adds: 5 per element of an affine GroupNorm, LayerNorm
+    or training BatchNorm (4 without affine), 2 (1) per element of an evaluating BatchNorm, 1 per input element of
+    an average pool to 1x1 (which reaches the dispatcher as a mean over the last two dimensions)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        packet = func.overloadpacket
+        if packet is _ATEN.native_group_norm:
+            self.count += args[0].numel() * (5 if args[1] is not None else 4)
+        elif packet is _ATEN.native_layer_norm:
+            self.count += args[0].numel() * (5 if args[2] is not None else 4)
+        elif packet in (_ATEN.native_batch_norm, _ATEN._native_batch_norm_legit):
+            training = args[5]
+            self.count += args[0].numel() * ((5 if training else 2) - (0 if args[1] is not None else 1))
+        elif packet is _ATEN._native_batch_norm_legit_no_training:
+            self.count += args[0].numel() * (2 if args[1] is not None else 1)
+        elif (packet is _ATEN.mean and len(args) > 1 and args[0].dim() == 4
+              and sorted(int(d) % 4 for d in args[1]) == [2, 3]):
+            self.count += args[0].numel()
+        return func(*args, **(kwargs or {}))
+
+
+def mocosfl_convention_flops(model: nn.Module, image: torch.Tensor) -> int:
+    """MocoSFL's client FLOPs per image: 3x the forward count of fvcore (a multiply-add is one FLOP, norms 4-5 per
+    element) of `model` on the rows of `image`, per row."""
+    extras = _FvcoreExtras()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter, extras:
+        model(image)
+    # FlopCounterMode counts the multiply and the add of every multiply-add: halved, fvcore's count.
+    forward = counter.get_total_flops() // 2 + extras.count
+    return MOCOSFL_PASSES * forward // image.shape[0]
 
 
 def _activation_values(model: nn.Module, inputs: torch.Tensor) -> int:
@@ -95,6 +144,9 @@ def client_overhead(step: Any, views: ViewSpec, batch_size: int, cutlayer: int) 
         up += output.numel() * (int(online) + int(momentum))
     if federated:
         up = down = 0  # FL sends weights only, at FedAvg
+    first_size = views.crops()[0][0]
+    mocosfl_flops = mocosfl_convention_flops(model, torch.rand(MEASURED_ROWS, 3, first_size, first_size,
+                                                               generator=torch.Generator().manual_seed(0)))
     parameters = sum(p.numel() for p in model.parameters())
     copies = 3 if method.momentum_crops else 2  # weights and SGD momentum, plus the momentum copy when kept
     def per_step(measured: int) -> int:
@@ -105,7 +157,8 @@ def client_overhead(step: Any, views: ViewSpec, batch_size: int, cutlayer: int) 
                           gradient_down_bytes=per_step(down) * BYTES_PER_VALUE,
                           client_flops_per_step=per_step(int(flops)), client_parameters=parameters,
                           client_memory_bytes=(copies * parameters + per_step(activations)) * BYTES_PER_VALUE,
-                          fedavg_round_bytes=2 * parameters * BYTES_PER_VALUE)
+                          fedavg_round_bytes=2 * parameters * BYTES_PER_VALUE,
+                          mocosfl_flops_per_image=mocosfl_flops)
 
 
 def overhead_of_options(args: argparse.Namespace) -> ClientOverhead:
@@ -124,11 +177,13 @@ def overhead_of_options(args: argparse.Namespace) -> ClientOverhead:
 
 
 def describe(overhead: ClientOverhead) -> str:
-    """One line: per step up/down/FLOPs, memory, FedAvg round."""
+    """One line: per step up/down/FLOPs (this project's count, then MocoSFL's convention), memory, FedAvg round."""
     mb = 1024 * 1024
     return (f"client cost per step (batch {overhead.batch_size}): smashed data up {overhead.smashed_up_bytes / mb:.3f} "
             f"MB, gradients down {overhead.gradient_down_bytes / mb:.3f} MB, {overhead.client_flops_per_step / 1e6:.1f} "
-            f"MFLOPs; memory {overhead.client_memory_bytes / mb:.2f} MB ({overhead.client_parameters} parameters); "
+            f"MFLOPs (multiply and add counted apart, backward measured; MocoSFL-convention FLOPs/image "
+            f"{overhead.mocosfl_flops_per_image / MOCOSFL_FLOP_UNIT:.2f} M = 3x forward multiply-adds with GroupNorm, "
+            f"M = 2^20); memory {overhead.client_memory_bytes / mb:.2f} MB ({overhead.client_parameters} parameters); "
             f"FedAvg round {overhead.fedavg_round_bytes / mb:.3f} MB")
 
 

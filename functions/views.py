@@ -5,21 +5,28 @@ from dataclasses import dataclass
 
 from functions.errors import UserError
 
+# MocoSFL's blur (its utils.GaussianBlur): sigma uniform in this range, applied with probability 0.5 (mocov2).
+BLUR_SIGMA = (0.1, 2.0)
+# blur_kernel_size meaning "PIL's radius blur, whose extent follows sigma" (MocoSFL's) rather than a fixed side.
+SIGMA_FOLLOWING_BLUR = 0
+
 
 @dataclass(frozen=True)
 class ViewSpec:
     """`nmb_crops[i]` crops of `size_crops[i]` pixels (RandomResizedCrop scale in [min, max]), crop-major.
 
-    Every crop then gets the MoCo v2 photometric chain (colour jitter, grayscale, a Gaussian blur of
-    `blur_kernel_size` pixels with probability `blur_probability`, flip, normalisation). The spec is checked when it is made: an impossible one is
-    a UserError naming the options.
+    Every crop then gets the MoCo v2 photometric chain (colour jitter, grayscale, a Gaussian blur with probability
+    `blur_probability`, flip, normalisation). The blur's sigma is drawn in BLUR_SIGMA; with `blur_kernel_size` 0
+    (the default) it is MocoSFL's blur, PIL's GaussianBlur(radius=sigma), whose extent follows sigma; an odd
+    `blur_kernel_size` instead blurs with a fixed kernel of that side. The spec is checked when it is made: an
+    impossible one is a UserError naming the options.
     """
 
     nmb_crops: tuple[int, ...]
     size_crops: tuple[int, ...]
     min_scale_crops: tuple[float, ...]
     max_scale_crops: tuple[float, ...]
-    blur_kernel_size: int = 3
+    blur_kernel_size: int = SIGMA_FOLLOWING_BLUR
     blur_probability: float = 0.5
 
     def __post_init__(self) -> None:
@@ -41,8 +48,10 @@ class ViewSpec:
                 raise UserError(f"crop scales must satisfy 0 < min <= max <= 1 (got min {low}, max {high})")
         if not 0.0 <= float(self.blur_probability) <= 1.0:
             raise UserError(f"the blur probability must be in [0, 1] (got {self.blur_probability})")
-        if int(self.blur_kernel_size) < 1 or int(self.blur_kernel_size) % 2 == 0:
-            raise UserError(f"the blur kernel must be an odd number of pixels (got {self.blur_kernel_size})")
+        kernel = int(self.blur_kernel_size)
+        if kernel != SIGMA_FOLLOWING_BLUR and (kernel < 1 or kernel % 2 == 0):
+            raise UserError(f"the blur kernel must be an odd number of pixels, or 0 for a kernel that follows sigma "
+                            f"(got {self.blur_kernel_size})")
 
     @property
     def total_crops(self) -> int:

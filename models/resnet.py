@@ -1,7 +1,11 @@
-"""CIFAR ResNet-18/34/50 as split backbones: the stem (no max-pool) and every residual block are units.
+"""ResNet-18/34/50 as split backbones: the stem (no max-pool) and every residual block are units.
 
 Registered in models.split as ResNet18, ResNet34 and ResNet50; units are named ``stem``, ``layer1_0``,
 ``layer1_1``, ..., ``layer4_1``, so cut 1 keeps the stem on the client, cut 2 the stem and the first block.
+
+The stem follows the image size as MocoSFL's does (its `conv3x3_gn`): a 7x7 stride-2 convolution for 224-pixel
+images, a 3x3 stride-2 one for 64-pixel images (Tiny-ImageNet: cut 1 sends 32x32 maps), a 3x3 stride-1 one for
+every other size (CIFAR, SVHN at 32, STL-10 at 96); never a max-pool.
 
 Normalisation is GroupNorm with about four channels per group (the MocoSFL choice: 64 channels -> 16 groups,
 512 -> 128) and, by default, weight-standardised convolutions. There is no BatchNorm and no buffer in the
@@ -28,15 +32,27 @@ _ARCH_SPECS: dict[str, tuple[str, tuple[int, int, int, int]]] = {
 }
 
 
+# (kernel side, stride) of the stem's convolution by image side; every other side: 3x3, stride 1 (MocoSFL's rule).
+STEM_BY_IMAGE_SIZE: dict[int, tuple[int, int]] = {224: (7, 2), 64: (3, 2)}
+DEFAULT_STEM = (3, 1)
+
+
+def stem_geometry(image_size: int | None) -> tuple[int, int]:
+    """(kernel side, stride) of the stem's convolution for images of `image_size` pixels (None, as in options
+    saved before --data_size was resolved: the 32-pixel stem)."""
+    return DEFAULT_STEM if image_size is None else STEM_BY_IMAGE_SIZE.get(int(image_size), DEFAULT_STEM)
+
+
 class Stem(nn.Module):
-    """CIFAR stem: 3x3 conv with stride 1, GroupNorm, ReLU (no max-pool)."""
+    """Stem: a conv (3x3 stride 1; 3x3 stride 2 at 64 px; 7x7 stride 2 at 224 px), GroupNorm, ReLU (no max-pool)."""
 
     # Its forward only calls its convolution and norm and applies ReLU: the grouped client engine can pack it.
     channel_packable = True
 
-    def __init__(self, out_channels: int, use_ws: bool) -> None:
+    def __init__(self, out_channels: int, use_ws: bool, image_size: int = 32) -> None:
         super().__init__()
-        self.conv = conv(3, out_channels, 3, 1, use_ws)
+        kernel_size, stride = stem_geometry(image_size)
+        self.conv = conv(3, out_channels, kernel_size, stride, use_ws)
         self.norm = group_norm(out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -135,11 +151,11 @@ def _unit_names(blocks_per_stage: Sequence[int]) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _build_units(block_type: str, blocks_per_stage: Sequence[int], width: int,
-                 use_ws: bool) -> "OrderedDict[str, nn.Module]":
-    """All units of one ResNet, built in network order, keyed by unit name."""
+def _build_units(block_type: str, blocks_per_stage: Sequence[int], width: int, use_ws: bool,
+                 image_size: int = 32) -> "OrderedDict[str, nn.Module]":
+    """All units of one ResNet for images of `image_size` pixels, built in network order, keyed by unit name."""
     block_class: type[BasicBlock] | type[Bottleneck] = Bottleneck if block_type == "bottleneck" else BasicBlock
-    units: OrderedDict[str, nn.Module] = OrderedDict(stem=Stem(width, use_ws))
+    units: OrderedDict[str, nn.Module] = OrderedDict(stem=Stem(width, use_ws, image_size))
     in_channels = width
     for stage, num_blocks in enumerate(blocks_per_stage, start=1):
         planes = width * 2 ** (stage - 1)
@@ -167,7 +183,9 @@ def _register(name: str, block_type: str, blocks_per_stage: tuple[int, int, int,
     register_architecture(Architecture(
         name=name,
         unit_names=_unit_names(blocks_per_stage),
-        build_units=lambda width, use_ws: _build_units(block_type, blocks_per_stage, width, use_ws),
+        build_units=lambda width, use_ws, image_size=32: _build_units(block_type, blocks_per_stage, width, use_ws,
+                                                                      image_size),
+        takes_image_size=True,
         feature_dim=lambda width: 8 * width * expansion,
         initialise=initialise_resnet,
         expansion=expansion,

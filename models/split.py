@@ -52,17 +52,25 @@ class Architecture:
     build_units(width, use_ws) makes the units in network order, named as in `unit_names`; feature_dim(width) is
     the size of their pooled output; initialise(backbone, plain_units) sets the initial weights once the head
     exists (so the head's random draws come first, whatever the architecture) and removes the shortcuts of the
-    units named in plain_units (--disable_c_residual on the client's units). expansion is MocoSFL's
-    `model.expansion` (4 for the bottleneck ResNet-50, 1 otherwise), by which MoCo's V2 head widens its hidden
-    layer; it is not always feature_dim / (8 * width) (MobileNetV2: 1280 features, expansion 1).
+    units named in plain_units (--disable_c_residual on the client's units). With takes_image_size, build_units
+    also gets the image side, as build_units(width, use_ws, image_size) (the ResNet stem follows it). expansion is
+    MocoSFL's `model.expansion` (4 for the bottleneck ResNet-50, 1 otherwise), by which MoCo's V2 head widens its
+    hidden layer; it is not always feature_dim / (8 * width) (MobileNetV2: 1280 features, expansion 1).
     """
 
     name: str
     unit_names: tuple[str, ...]
-    build_units: Callable[[int, bool], "OrderedDict[str, nn.Module]"]
+    build_units: Callable[..., "OrderedDict[str, nn.Module]"]
     feature_dim: Callable[[int], int]
     initialise: Callable[[nn.Module, Sequence[str]], None]
     expansion: int = 1
+    takes_image_size: bool = False
+
+    def units(self, width: int, use_ws: bool, image_size: int) -> "OrderedDict[str, nn.Module]":
+        """The units for images of `image_size` pixels (the side matters only to architectures that take it)."""
+        if self.takes_image_size:
+            return self.build_units(width, use_ws, image_size)
+        return self.build_units(width, use_ws)
 
     @property
     def num_cut_points(self) -> int:
@@ -191,9 +199,10 @@ def build_unsplit_model(arch: str = "ResNet18", *, cutlayer: int | None = None, 
                         bottleneck: str | None = None, image_size: int = 32) -> UnsplitNet:
     """The unsplit network; with the same torch seed its weights equal build_split_model's for every cutlayer.
 
-    `cutlayer` matters only with client_residual=False (the units before the cut lose their shortcut) and with a
-    `bottleneck` (a --bottleneck_option code: the pair of bottleneck layers sits at the cut, for images of
-    `image_size` pixels). The bottleneck's weights are drawn last, so the other weights do not depend on it.
+    `image_size` is the side of the input images (the ResNet stem follows it, as MocoSFL's). `cutlayer` matters
+    only with client_residual=False (the units before the cut lose their shortcut) and with a `bottleneck` (a
+    --bottleneck_option code: the pair of bottleneck layers sits at the cut). The bottleneck's weights are drawn
+    last, so the other weights do not depend on it.
     """
     entry = architecture(arch)
     _positive("width", width)
@@ -205,7 +214,7 @@ def build_unsplit_model(arch: str = "ResNet18", *, cutlayer: int | None = None, 
         check_cutlayer(arch, cutlayer)
     feature_dim = entry.feature_dim(width)
     # Fixed creation order (units, head, then initialisation) keeps the weights independent of the cut.
-    backbone = nn.Sequential(entry.build_units(width, use_ws))
+    backbone = nn.Sequential(entry.units(width, use_ws, image_size))
     if [name for name, _ in backbone.named_children()] != list(entry.unit_names):
         raise ValueError(f"{entry.name}: build_units made units that differ from its unit_names")
     parts = head(feature_dim)

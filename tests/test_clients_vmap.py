@@ -142,6 +142,25 @@ def test_vectorised_steps_equal_the_loop_and_leave_other_clients_alone(cutlayer,
         assert all(torch.equal(a, b) for a, b in zip(_weights(vectorised.momentum_models, c), before_copies[c]))
 
 
+@pytest.mark.parametrize("engine", ["grouped", "vmap"])
+@pytest.mark.parametrize("image_size", [64, 224])
+def test_strided_stems_of_64_and_224_pixel_images_run_vectorised(engine, image_size):
+    # The stem of 64-pixel images is a 3x3 stride-2 convolution, of 224-pixel ones a 7x7 stride-2 one: both packs
+    # keep the convolution's own kernel, stride and padding.
+    torch.manual_seed(0)
+    template = build_split_model("ResNet18", 2, width=4, image_size=image_size).client.double()
+    assert template.stem.conv.stride == (2, 2)
+    loop, vectorised = _client_sides(2, 3, engine, template=template)
+    assert vectorised.engine == engine
+    pool, rows = [2, 0], [1, 2]
+    generator = torch.Generator().manual_seed(5)
+    crops = [torch.randn(sum(rows), 3, image_size, image_size, generator=generator, dtype=torch.float64)]
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    expected = _step(loop, crops, pool, rows, scaler, seed=3)
+    _assert_same_step(_step(vectorised, crops, pool, rows, scaler, seed=3), expected, pool)
+    assert vectorised.forward(crops, pool, rows)[0].shape[-1] == image_size // 2
+
+
 @pytest.mark.parametrize("cutlayer", [1, 2])
 def test_channels_last_gives_the_contiguous_loops_numbers_and_nhwc_smashed_data(cutlayer):
     rows, pool, num_client = [2, 1, 3], [3, 0, 1], 4

@@ -59,11 +59,12 @@ def test_reader_refuses_broken_trees_in_one_line(tmp_path: Path) -> None:
         files[0]
 
 
-def test_views_and_blur_follow_data_size() -> None:
+def test_views_follow_data_size() -> None:
     assert resolved_entry("imagefolder", None).crop_sizes == (224, 96)
-    assert resolved_entry("imagefolder", None).blur_kernel_size == 23
+    # MocoSFL's blur at every size: PIL's radius blur, whose extent follows sigma, not a kernel sized to the image.
+    assert resolved_entry("imagefolder", None).blur_kernel_size == 0
     small = resolved_entry("imagefolder", 64)
-    assert small.image_size == 64 and small.crop_sizes == (64, 27) and small.blur_kernel_size == 7
+    assert small.image_size == 64 and small.crop_sizes == (64, 27) and small.blur_kernel_size == 0
     assert resolved_entry("cifar10", 64).image_size == 32  # other datasets have one size
     args = parse_args("moco", ["--dataset", "imagefolder", "--data_size", "48"])
     assert args.data_size == 48

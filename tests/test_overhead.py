@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from functions.overhead import BYTES_PER_VALUE, main
+from functions.overhead import BYTES_PER_VALUE, MOCOSFL_FLOP_UNIT, main
+from mocosfl_fixtures import load_fixture
 from sfl_helpers import moco_trainer
 
 SMASHED_VALUES_CUT_1 = 64 * 32 * 32          # ResNet-18's stem output for one 32x32 image
@@ -52,3 +53,23 @@ def test_the_calculator_runs_alone_for_both_methods(method, capsys):
     printed = capsys.readouterr().out
     assert [record["cutlayer"] for record in records] == [1, 2]
     assert printed.count("client cost per step") == 2
+    for record in records:  # both conventions printed, each under its name
+        assert f"{record['client_flops_per_step'] / 1e6:.1f} MFLOPs" in printed
+        mocosfl_figure = record["mocosfl_flops_per_image"] / MOCOSFL_FLOP_UNIT
+        assert f"MocoSFL-convention FLOPs/image {mocosfl_figure:.2f} M" in printed
+
+
+@pytest.mark.parametrize("dataset, image_size, cuts", [("cifar10", 32, (1, 2, 3)), ("tinyimagenet", 64, (1, 2, 3)),
+                                                        ("imagenet12", 224, (1,))])
+def test_mocosfl_convention_flops_are_those_mocosfls_calculator_prints(dataset, image_size, cuts, capsys):
+    values, _ = load_fixture("overhead")
+    expected = {record["cut"]: record for record in values["records"] if record["image_size"] == image_size}
+    records = main(["--dataset", dataset, "--cutlayer", *map(str, cuts), "--batch_size", "1"])
+    printed = capsys.readouterr().out
+    for record in records:
+        mocosfl = expected[record["cutlayer"]]
+        # fvcore's integer count exactly; the printed "FLOPs/image" (2 decimals of 2^20) as MocoSFL prints it.
+        assert record["mocosfl_flops_per_image"] == 3 * mocosfl["fvcore_forward_total"]
+        assert f"FLOPs/image {mocosfl['printed_flops_per_image_M']:.2f} M" in printed
+    if image_size == 32:  # this project's own count stays beside it: 1.7-2.8x MocoSFL's figure
+        assert [round(r["client_flops_per_step"] / 1e6, 1) for r in records] == [10.6, 614.6, 1218.6]
