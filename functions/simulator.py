@@ -292,6 +292,7 @@ class Trainer(TrainerCheckpoints):
         return EvaluationContext(self.split_step.encoder(client_model), client_model, self.data.loaders.memory,
                                  self.data.loaders.test, dataset.num_classes, self.args, self.device,
                                  client_images=lambda client: dataset.train_images[self.data.client_indices[client]],
+                                 train_images=lambda: dataset.train_images,
                                  mean=dataset.mean, std=dataset.std, is_main=self.runtime.is_main)
 
     def log_knn(self, epoch: int) -> float:
