@@ -74,31 +74,52 @@ def split_pairs(count: int) -> tuple[np.ndarray, np.ndarray]:
     return order[:cut], order[cut:]
 
 
+# One epoch's batches: row indices of the training pairs, then of the validation pairs.
+EpochBatches = Callable[[int], tuple[list[Tensor], list[Tensor]]]
+
+
+def shuffled_batches(train_rows: np.ndarray, validation_rows: np.ndarray, generator: torch.Generator) -> EpochBatches:
+    """Every epoch both shares reshuffled (MocoSFL's random samplers) into batches of 32."""
+    def epoch_batches(epoch: int) -> tuple[list[Tensor], list[Tensor]]:
+        batches = []
+        for rows in (train_rows, validation_rows):
+            order = torch.as_tensor(rows)[torch.randperm(len(rows), generator=generator)]
+            batches.append(list(order.split(BATCH_SIZE)))
+        return batches[0], batches[1]
+    return epoch_batches
+
+
 def train_decoder(decoder: nn.Module, smashed: Tensor, images: Tensor, epochs: int,
-                  generator: torch.Generator) -> tuple[dict[str, Tensor], float]:
-    """MocoSFL's decoder training on (smashed, images) pairs; returns the kept state (lowest validation batch loss)
-    and that loss."""
-    train_rows, validation_rows = split_pairs(smashed.shape[0])
+                  batches: EpochBatches) -> tuple[dict[str, Tensor], float]:
+    """MocoSFL's decoder training on (smashed, images) pairs, batches(epoch) giving each epoch's row batches;
+    returns the kept state (that after the validation batch of lowest loss) and that loss."""
     device = next(decoder.parameters()).device
     optimizer = torch.optim.Adam(decoder.parameters(), lr=LEARNING_RATE)
     best_state, best_loss = copy.deepcopy(decoder.state_dict()), float("inf")
     decoder.train()  # MocoSFL never switches to eval mode while it trains and validates
-    for _ in range(epochs):
-        order = torch.as_tensor(train_rows)[torch.randperm(len(train_rows), generator=generator)]
-        for start in range(0, len(order), BATCH_SIZE):
-            rows = order[start : start + BATCH_SIZE]
+    for epoch in range(epochs):
+        train_batches, validation_batches = batches(epoch)
+        for rows in train_batches:
             loss = F.mse_loss(decoder(smashed[rows].to(device)), images[rows].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        order = torch.as_tensor(validation_rows)[torch.randperm(len(validation_rows), generator=generator)]
-        for start in range(0, len(order), BATCH_SIZE):
-            rows = order[start : start + BATCH_SIZE]
+        for rows in validation_batches:
             with torch.no_grad():
                 loss = F.mse_loss(decoder(smashed[rows].to(device)), images[rows].to(device))
             if float(loss) < best_loss:
                 best_loss, best_state = float(loss), copy.deepcopy(decoder.state_dict())
     return best_state, best_loss
+
+
+def attack_figures(decoder: nn.Module, target_smashed: Tensor, truth: Tensor) -> tuple[dict[str, float], Tensor]:
+    """The decoder (eval mode) on each target's smashed data alone; MSE, SSIM and PSNR against `truth`, image by
+    image, averaged (MocoSFL's test_attack); and the reconstructions."""
+    device = next(decoder.parameters()).device
+    decoder.eval()
+    with torch.no_grad():
+        reconstructed = torch.cat([decoder(row[None].to(device)).cpu() for row in target_smashed])
+    return image_figures(reconstructed, truth), reconstructed
 
 
 def invert_mocosfl(client: Callable[[Tensor], Tensor], attack_images: Tensor, targets: Tensor, *,
@@ -112,16 +133,13 @@ def invert_mocosfl(client: Callable[[Tensor], Tensor], attack_images: Tensor, ta
         torch.manual_seed(seed)
         decoder = inversion_decoder(MOCOSFL_DECODER, smashed.shape[1], smashed.shape[-1],
                                     attack_images.shape[-1]).to(device)
-    best_state, best_loss = train_decoder(decoder, smashed, jpeg_round_trip(attack_images), epochs,
-                                          torch.Generator().manual_seed(seed))
+    train_rows, validation_rows = split_pairs(smashed.shape[0])
+    batches = shuffled_batches(train_rows, validation_rows, torch.Generator().manual_seed(seed))
+    best_state, best_loss = train_decoder(decoder, smashed, jpeg_round_trip(attack_images), epochs, batches)
     decoder.load_state_dict(best_state)
-    decoder.eval()
-    target_smashed = _smashed_one_by_one(client, targets, normalise, device)
-    with torch.no_grad():
-        reconstructed = torch.cat([decoder(row[None].to(device)).cpu() for row in target_smashed])
     truth = jpeg_round_trip(targets)
+    figures, reconstructed = attack_figures(decoder, _smashed_one_by_one(client, targets, normalise, device), truth)
     mean_image = jpeg_round_trip(attack_images).mean(dim=0, keepdim=True).expand_as(truth)
-    figures = image_figures(reconstructed, truth)
     baseline = image_figures(mean_image, truth)
     return {**figures, **{f"mean_image_{key}": value for key, value in baseline.items()},
             "best_validation_loss": best_loss}, reconstructed
