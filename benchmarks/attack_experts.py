@@ -20,13 +20,30 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from functions.attack_run import attack_on_client  # noqa: E402
+from functions.attack import to_unit_images  # noqa: E402
+from functions.attack_mocosfl import attack_set_size, invert_mocosfl  # noqa: E402
+from functions.attack_run import attack_on_client, sample_images  # noqa: E402
 from functions.datasets import load_dataset  # noqa: E402
 from functions.evaluation import EvaluationContext  # noqa: E402
 from functions.expert import load_initial_weights  # noqa: E402
 from models.split import build_split_model  # noqa: E402
 
 MOCOSFL_CIFAR10_STD = (0.2023, 0.1994, 0.2010)  # MocoSFL's CIFAR-10 normalisation (its mean is this project's)
+
+
+def _attack_given_targets(context: EvaluationContext, normalised: torch.Tensor) -> dict:
+    """attack_on_client's MocoSFL protocol with the targets given as normalised images."""
+    args = context.args
+    mean = torch.tensor(context.mean).view(1, 3, 1, 1)
+    std = torch.tensor(context.std).view(1, 3, 1, 1)
+    train_images = context.train_images()
+    count = attack_set_size(len(train_images), args.attack_data_proportion)
+    attack_images = to_unit_images(sample_images(train_images, count, args.seed + 1))
+    targets = (normalised * std + mean).clamp(0, 1)  # MocoSFL's denormalize
+    figures, _ = invert_mocosfl(context.client_model, attack_images, targets,
+                                normalise=lambda images: (images - mean) / std, epochs=args.attack_epochs,
+                                seed=args.seed)
+    return {f"attack_{key}": value for key, value in figures.items()}
 
 
 def main() -> None:
@@ -43,6 +60,10 @@ def main() -> None:
     parser.add_argument("--normalisation", choices=("mocosfl", "dataset"), default="mocosfl",
                         help="mocosfl: CIFAR-10 std (0.2023, 0.1994, 0.2010), which the experts were trained with; "
                              "dataset: this project's CIFAR-10 statistics, as a run would normalise")
+    parser.add_argument("--mocosfl_targets", default=None,
+                        help="attack these targets instead: a tensor file of normalised images such as MocoSFL's "
+                             "saved_tensors/test_cifar10_image.pt, fed to the client as stored and denormalised with "
+                             "--normalisation's statistics for the ground truth, as MocoSFL's attack does")
     options = parser.parse_args()
     dataset = load_dataset(options.dataset, options.data_dir, download=False)
     for cutlayer in options.cuts:
@@ -60,7 +81,10 @@ def main() -> None:
                                     torch.device("cpu"), client_images=lambda client: dataset.train_images,
                                     train_images=lambda: dataset.train_images, mean=dataset.mean, std=std)
         started = time.time()
-        figures = attack_on_client(context)
+        if options.mocosfl_targets:
+            figures = _attack_given_targets(context, torch.load(options.mocosfl_targets, map_location="cpu"))
+        else:
+            figures = attack_on_client(context)
         figures["wall_s"] = round(time.time() - started, 1)
         print(json.dumps({"cut": cutlayer, **figures}), flush=True)
 

@@ -32,7 +32,7 @@ def decoder_name(mia_arch: str) -> str:
     return DEFAULT_DECODER if mia_arch == "custom" else mia_arch
 
 
-def _sample(images: Any, count: int, seed: int) -> np.ndarray:
+def sample_images(images: Any, count: int, seed: int) -> np.ndarray:
     """`count` images (all if fewer) drawn without replacement from the seed, as one uint8 array."""
     picked = np.sort(np.random.default_rng(seed).choice(len(images), size=min(count, len(images)), replace=False))
     return np.asarray(images[picked])
@@ -46,7 +46,7 @@ def auxiliary_images(args: Any, size: tuple[int, int]) -> np.ndarray:
     if tuple(images.shape[1:3]) != tuple(size):
         raise UserError(f"--aux_data {args.aux_data} has {images.shape[1]}-pixel images, the run's are {size[0]}; "
                         f"choose auxiliary data of the same size, or --aux_data {HELD_OUT}")
-    return _sample(images, args.aux_images, args.seed + 1)
+    return sample_images(images, args.aux_images, args.seed + 1)
 
 
 def _attack_targets(context: EvaluationContext) -> tuple[np.ndarray, torch.Tensor]:
@@ -55,7 +55,7 @@ def _attack_targets(context: EvaluationContext) -> tuple[np.ndarray, torch.Tenso
     if context.client_images is None:
         raise UserError("this evaluation has no client images to attack")
     client_images = context.client_images(args.attack_client)
-    return client_images, to_unit_images(_sample(client_images, args.attack_images, args.seed))
+    return client_images, to_unit_images(sample_images(client_images, args.attack_images, args.seed))
 
 
 def attack_on_client(context: EvaluationContext) -> dict[str, Any]:
@@ -71,7 +71,7 @@ def attack_on_client(context: EvaluationContext) -> dict[str, Any]:
             raise UserError("this evaluation has no training images for MocoSFL's attacker")
         train_images = context.train_images()
         count = attack_set_size(len(train_images), args.attack_data_proportion)
-        attack_images = to_unit_images(_sample(train_images, count, args.seed + 1))
+        attack_images = to_unit_images(sample_images(train_images, count, args.seed + 1))
         name = MOCOSFL_DECODER
         logger.info(f"model-inversion attack (MocoSFL's protocol): decoder {name}, {count} of the run's training "
                     f"images, {args.attack_epochs} epochs, against client {args.attack_client}'s "
