@@ -143,7 +143,8 @@ def check_decoder_name(name: str) -> None:
         raise UserError(f"--MIA_arch {name!r} is not a decoder name: use {DECODER_NAMES}, e.g. res_normN4C64")
 
 
-def inversion_decoder(name: str, in_channels: int, in_size: int, out_size: int, *, group_norm: bool = False) -> nn.Sequential:
+def inversion_decoder(name: str, in_channels: int, in_size: int, out_size: int, *,
+                      group_norm: bool = False) -> nn.Sequential:
     """MocoSFL's decoder `name` from smashed data of in_channels x in_size x in_size to RGB images of out_size x
     out_size in [0, 1], with PyTorch's default initialisation (that of MocoSFL's attacker); group_norm: its
     small-batch variant (GroupNorm, weight standardisation)."""
