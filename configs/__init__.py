@@ -15,15 +15,18 @@ from typing import Any, NoReturn, Sequence
 import yaml
 
 from functions.compat import COMPAT_MODES
-from functions.datasets import dataset_names, resolved_entry
+from functions.datasets import dataset_entry, dataset_names, resolved_entry
 from functions.errors import UserError, check_range
 from functions.files import write_text_atomic
 from functions.partition import add_partition_arguments, parse_hetero_string, resolve_partition_method
 from functions.server_method import method_class
 from models.bottleneck import parse_bottleneck_option
+from models.decoders import check_decoder_name
 from models.split import ARCHITECTURES, check_cutlayer
 
 CONFIG_DIR = Path(__file__).resolve().parent
+# --attack_protocol: this project's auxiliary-data attack (the default) or MocoSFL's (functions.attack_mocosfl).
+ATTACK_PROTOCOLS = ("auxiliary", "mocosfl")
 
 # Options that do not change what a run computes: a resumed run may change them freely.
 RUNTIME_OPTIONS = frozenset({
@@ -31,6 +34,7 @@ RUNTIME_OPTIONS = frozenset({
     "num_epoch", "max_steps", "eval_freq", "linear_epochs", "skip_linear", "knn_k", "knn_t", "eval_protocol",
     "log_freq", "eval_batch_size", "client_exec", "is_distributed", "compile",
     "attack", "MIA_arch", "aux_data", "aux_images", "attack_epochs", "attack_client", "attack_images",
+    "attack_protocol", "attack_data_proportion",
     "channels_last", "cudnn_benchmark",
 })
 
@@ -157,7 +161,14 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     privacy.add_argument("--attack", action="store_true",
                          help="model-inversion attack on the smashed data after training (and with --eval_only)")
     privacy.add_argument("--MIA_arch", type=str, default="custom",
-                         help="inversion decoder: conv_normN<N>C<C> or res_normN<N>C<C> (custom = res_normN4C64)")
+                         help="ResSFL's simulated attacker (and the auxiliary protocol's decoder): custom, "
+                              "conv_normN<N>C<C> or res_normN<N>C<C> (the auxiliary attack reads custom as "
+                              "res_normN4C64)")
+    privacy.add_argument("--attack_protocol", type=str, default="auxiliary", choices=ATTACK_PROTOCOLS,
+                         help="auxiliary: the decoder learns from --aux_data; mocosfl: MocoSFL's attack (1 %% of the "
+                              "run's training images, JPEG round trip, best of a 90/10 split, res_normN4C64)")
+    privacy.add_argument("--attack_data_proportion", type=float, default=0.01,
+                         help="--attack_protocol mocosfl: the share of the run's training images the attacker gets")
     privacy.add_argument("--aux_data", type=str, default="cifar100",
                          help="the attacker's images: a dataset read from --data_dir, or heldout (the run's test images)")
     privacy.add_argument("--aux_images", type=int, default=10000, help="at most this many auxiliary images")
@@ -373,7 +384,7 @@ _RANGES = {
     "momentum": "[0, 1)", "weight_decay": "[0, inf)", "s_gamma": "(0, inf)", "c_gamma": "(0, inf)",
     "client_sample_ratio": "(0, 1]", "data_proportion": "(0, 1]", "dirichlet_alpha": "(0, inf)",
     "min_client_samples": "[1, inf)", "aux_images": "[2, inf)", "attack_epochs": "[1, inf)",
-    "attack_images": "[1, inf)", "attack_client": "[0, inf)",
+    "attack_images": "[1, inf)", "attack_client": "[0, inf)", "attack_data_proportion": "(0, 1]",
 }
 
 
@@ -421,6 +432,14 @@ def check_privacy_options(args: argparse.Namespace) -> None:
         raise UserError("--ressfl_alpha needs --enable_ressfl (the simulated attacker it penalises)")
     if args.enable_ressfl and args.scheme == "fl":
         raise UserError("--enable_ressfl defends smashed data; --scheme fl sends none")
+    if args.enable_ressfl or (args.attack and args.attack_protocol == "auxiliary"):
+        check_decoder_name(args.MIA_arch)
+    if args.attack:
+        if args.attack_client >= args.num_client:
+            raise UserError(f"--attack_client {args.attack_client} is not a client of this run "
+                            f"(0..{args.num_client - 1})")
+        if args.attack_protocol == "auxiliary" and args.aux_data != "heldout":
+            dataset_entry(args.aux_data)  # an unknown name stops the run now, not after training
 
 
 def check_dataset_options(args: argparse.Namespace) -> None:

@@ -1,84 +1,43 @@
 """Model-inversion attack on smashed data: how well can a decoder rebuild a client's images from what it sends?
 
-The attacker holds auxiliary images and a frozen copy of the target's client part; it trains a decoder from the
-client's smashed data back to the images (mean squared error, Adam), then rebuilds the target client's own images
-from their smashed data. The figures are MSE, SSIM and PSNR of those reconstructions (pixels in [0, 1]; SSIM and
-PSNR from torchmetrics), next to the same figures for the training images' mean image, the reconstruction of an
+The attacker holds images and a frozen copy of the target's client part; it trains a decoder (models.decoders,
+MocoSFL's family) from the client's smashed data back to the images (mean squared error, Adam), then rebuilds the
+target client's own images from their smashed data. The figures are the mean over the targets of each image's MSE,
+SSIM and PSNR (pixels in [0, 1]; SSIM in MocoSFL's convention, functions.image_quality, with torchmetrics' SSIM
+beside it), and the same figures for the attacker's training images' mean image, the reconstruction of an
 attacker that learned nothing.
 
-Decoders follow the naming of MocoSFL's attacker (``--MIA_arch``): ``conv_normN<N>C<C>`` is a 3x3 convolution
-into C channels, N more convolution layers, as many stride-2 transposed convolutions as the smashed data is
-smaller than the image (a factor of two each), and a 3x3 convolution to RGB with a sigmoid, every hidden layer
-followed by BatchNorm and ReLU; ``res_normN<N>C<C>`` has N residual blocks in place of the N convolution layers.
-This is the family, not a copy of MocoSFL's layer list.
+This module is the "auxiliary" protocol (--attack_protocol auxiliary): the decoder learns from auxiliary images
+for a fixed number of epochs and the last decoder attacks. functions.attack_mocosfl is MocoSFL's protocol.
 """
 from __future__ import annotations
 
-import math
-import re
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from functions.errors import UserError
+from functions.image_quality import psnr_per_image, ssim_per_image
+from models.decoders import inversion_decoder
 
 DEFAULT_DECODER = "res_normN4C64"
-_DECODER_NAME = re.compile(r"^(conv|res)_normN(\d+)C(\d+)$")
-
-
-def _norm_relu(channels: int) -> list[nn.Module]:
-    return [nn.BatchNorm2d(channels), nn.ReLU(inplace=True)]
-
-
-class ResidualBlock(nn.Module):
-    """Two 3x3 convolutions with BatchNorm, added to the input, then ReLU."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), *_norm_relu(channels),
-                                  nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.relu(x + self.body(x))
-
-
-def inversion_decoder(name: str, in_channels: int, in_size: int, out_size: int) -> nn.Module:
-    """A decoder named like MocoSFL's (``conv_normN2C64``, ``res_normN4C64``) from smashed data of in_channels x
-    in_size x in_size to RGB images of out_size x out_size in [0, 1]."""
-    match = _DECODER_NAME.match(name)
-    if match is None:
-        raise UserError(f"--MIA_arch {name!r} is not a decoder name: use conv_normN<N>C<C> or res_normN<N>C<C>, "
-                        f"e.g. {DEFAULT_DECODER}")
-    kind, depth, channels = match.group(1), int(match.group(2)), int(match.group(3))
-    if channels < 1:
-        raise UserError(f"--MIA_arch {name}: the decoder needs at least one channel")
-    ratio = out_size / in_size
-    upsamplings = int(round(math.log2(ratio))) if ratio >= 1 else -1
-    if upsamplings < 0 or 2 ** upsamplings * in_size != out_size:
-        raise UserError(f"smashed data of {in_size} pixels cannot be decoded to {out_size}-pixel images by "
-                        "doubling; the attack needs an image side a power of two times the smashed data's")
-    layers: list[nn.Module] = [nn.Conv2d(in_channels, channels, 3, padding=1), *_norm_relu(channels)]
-    for _ in range(depth):
-        layers += ([ResidualBlock(channels)] if kind == "res" else
-                   [nn.Conv2d(channels, channels, 3, padding=1), *_norm_relu(channels)])
-    for _ in range(upsamplings):
-        layers += [nn.ConvTranspose2d(channels, channels, 3, stride=2, padding=1, output_padding=1),
-                   *_norm_relu(channels)]
-    layers += [nn.Conv2d(channels, 3, 3, padding=1), nn.Sigmoid()]
-    return nn.Sequential(*layers)
 
 
 def image_figures(reconstructed: Tensor, originals: Tensor) -> dict[str, float]:
-    """MSE, SSIM and PSNR (dB) of reconstructions against originals, both (B, 3, H, W) in [0, 1]."""
-    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+    """Mean MSE, SSIM (MocoSFL's convention) and PSNR (dB) over images, and torchmetrics' SSIM, of reconstructions
+    against originals, both (B, 3, H, W) in [0, 1]."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
 
     reconstructed, originals = reconstructed.float().clamp(0, 1), originals.float()
-    return {"mse": float(F.mse_loss(reconstructed, originals)),
-            "ssim": float(structural_similarity_index_measure(reconstructed, originals, data_range=1.0)),
-            "psnr": float(peak_signal_noise_ratio(reconstructed, originals, data_range=1.0))}
+    with torch.no_grad():
+        return {"mse": float(F.mse_loss(reconstructed, originals)),
+                "ssim": float(ssim_per_image(reconstructed, originals).mean()),
+                "psnr": float(psnr_per_image(reconstructed, originals).mean()),
+                "ssim_torchmetrics": float(structural_similarity_index_measure(reconstructed, originals,
+                                                                               data_range=1.0))}
 
 
 def to_unit_images(images: np.ndarray | Tensor) -> Tensor:

@@ -332,6 +332,7 @@ class EvaluationContext:
     device: torch.device
     # For the attack: a client's own training images (uint8 NHWC), the normalisation, whether this process writes.
     client_images: Callable[[int], np.ndarray] | None = None
+    train_images: Callable[[], np.ndarray] | None = None  # all the run's training images (MocoSFL's attack)
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.25, 0.25, 0.25)
     is_main: bool = True

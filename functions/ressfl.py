@@ -20,8 +20,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from functions.attack import DEFAULT_DECODER, inversion_decoder
 from functions.clients import query_index
+from functions.image_quality import ssim_per_image
+from models.decoders import inversion_decoder, xavier_initialise
 
 # The simulated attacker's learning rate and its decay (MocoSFL: Adam 1e-3, x0.2 at epochs 60, 120 and 160).
 ATTACKER_LR = 1e-3
@@ -29,11 +30,14 @@ ATTACKER_DECAY = 0.2
 ATTACKER_MILESTONES = (60, 120, 160)
 
 
-def per_image_ssim(reconstructed: Tensor, originals: Tensor) -> Tensor:
-    """SSIM of every reconstruction against its original, (B, 3, H, W) in [0, 1] -> (B,) (torchmetrics)."""
-    from torchmetrics.functional.image import structural_similarity_index_measure
+# MocoSFL's simulated attacker uses GroupNorm and weight-standardised convolutions below this batch size.
+GROUP_NORM_BELOW_BATCH = 20
 
-    return structural_similarity_index_measure(reconstructed, originals, data_range=1.0, reduction="none")
+
+def per_image_ssim(reconstructed: Tensor, originals: Tensor) -> Tensor:
+    """SSIM of every reconstruction against its original, (B, 3, H, W) in [0, 1] -> (B,), in MocoSFL's convention
+    (functions.image_quality): --ressfl_target_ssim is a value on MocoSFL's scale."""
+    return ssim_per_image(reconstructed, originals)
 
 
 def ressfl_penalty(ssim: Tensor, target_ssim: float, alpha: float) -> Tensor:
@@ -70,12 +74,15 @@ class SimulatedAttacker:
         self.target_ssim = float(args.ressfl_target_ssim)
         self.device = device
         self.distributed = distributed
-        name = DEFAULT_DECODER if args.MIA_arch == "custom" else args.MIA_arch
         shape = _client_output_shape(client, image_size, device)
-        # Its own seed: the decoder's draws leave the run's random stream as it would be without ResSFL.
+        # Its own seed: the decoder's draws leave the run's random stream as it would be without ResSFL. As in
+        # MocoSFL: --MIA_arch as named (custom: its small custom decoder), GroupNorm for small client batches,
+        # Xavier-initialised plain convolutions.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(args.seed)
-            self.decoder = inversion_decoder(name, shape[1], shape[-1], image_size).to(device)
+            self.decoder = xavier_initialise(inversion_decoder(
+                args.MIA_arch, shape[1], shape[-1], image_size,
+                group_norm=args.batch_size < GROUP_NORM_BELOW_BATCH)).to(device)
         self.optimizer = torch.optim.Adam(self.decoder.parameters(), lr=ATTACKER_LR)
         # MocoSFL stretches the milestones when only part of the clients work per epoch.
         stretch = 1.0 / args.client_sample_ratio if args.client_sample_ratio < 1.0 else 1.0

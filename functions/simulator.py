@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from functions.attack_mocosfl import attack_set_size
 from functions.checkpoint import CHECKPOINT_NAME
 from functions.client_engines import ClientEngine
 from functions.communication import CommunicationSaving
@@ -62,6 +63,9 @@ class Trainer(TrainerCheckpoints):
         view_spec = method_cls.view_spec(args, resolved_entry(args.dataset, args.data_size))
         # Reads this node's disk: may fail on one rank only, so every rank stops with that rank's line.
         self.data = run_agreed(lambda: FederatedData(args, view_spec, runtime, output_dir))
+        if getattr(args, "attack", False) and getattr(args, "attack_protocol", "auxiliary") == "mocosfl":
+            # Too few images for MocoSFL's attacker stops the run now, not after training.
+            attack_set_size(len(self.data.dataset.train_images), args.attack_data_proportion)
         self.precision = MixedPrecision(amp_dtype_of(args.use_fp16, args.amp_dtype, runtime), runtime)
         build_step = build_fl_step if args.scheme == "fl" else build_split_step
         self.split_step = build_step(args, runtime, self.precision)
@@ -307,6 +311,7 @@ class Trainer(TrainerCheckpoints):
         return EvaluationContext(self.split_step.encoder(client_model), client_model, self.data.loaders.memory,
                                  self.data.loaders.test, dataset.num_classes, self.args, self.device,
                                  client_images=lambda client: dataset.train_images[self.data.client_indices[client]],
+                                 train_images=lambda: dataset.train_images,
                                  mean=dataset.mean, std=dataset.std, is_main=self.runtime.is_main)
 
     def log_knn(self, epoch: int) -> float:

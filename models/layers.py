@@ -80,12 +80,18 @@ class ConvNormReLU(nn.Module):
         return F.relu(self.norm(self.conv(x)))
 
 
-def initialise_convs_and_norms(backbone: nn.Module) -> None:
-    """Kaiming-normal convs (fan_out, ReLU) with zero biases, GroupNorm scale 1, shift 0: the backbones' common
-    starting point."""
+def initialise_like_mocosfl(backbone: nn.Module) -> None:
+    """MocoSFL's initialisation: weight-standardised convolutions keep PyTorch's default draw (made when they were
+    built), plain convolutions, transposed convolutions and linear layers get Xavier-uniform weights and zero
+    biases, GroupNorm scale 1 and shift 0.
+
+    MocoSFL's init_weights matches layers by exact type (``type(m) == nn.Conv2d``), so its WSConv2d, a subclass,
+    is left as PyTorch built it; leaving those weights untouched here also keeps their draws in construction order,
+    so a seeded model draws the same convolution weights as MocoSFL's with the same seed.
+    """
     for module in backbone.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        if type(module) in (nn.Conv2d, nn.ConvTranspose2d, nn.Linear):
+            nn.init.xavier_uniform_(module.weight, gain=1.0)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.GroupNorm):
@@ -93,15 +99,10 @@ def initialise_convs_and_norms(backbone: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-def start_blocks_as_shortcuts(backbone: nn.Module, plain_units: Sequence[str], block_type: type[nn.Module]) -> None:
-    """Drop the shortcuts of the `plain_units` blocks (--disable_c_residual), then zero the last norm's scale of
-    every block that keeps its shortcut, so that it starts as its shortcut. Blocks of `block_type` provide
-    `disable_residual()`, `shortcut` and `last_norm()`; blocks without a shortcut keep scale 1, or they would
-    output zeros. Call it after the initialisation pass, so every other weight draws the same random numbers."""
+def drop_shortcuts(backbone: nn.Module, plain_units: Sequence[str], block_type: type[nn.Module]) -> None:
+    """Drop the shortcuts of the `plain_units` blocks of `block_type` (--disable_c_residual); such blocks provide
+    `disable_residual()`."""
     for name in plain_units:
         unit = backbone.get_submodule(name)
         if isinstance(unit, block_type):
             unit.disable_residual()
-    for block in backbone.modules():
-        if isinstance(block, block_type) and block.shortcut is not None:
-            nn.init.zeros_(block.last_norm().weight)

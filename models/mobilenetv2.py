@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.layers import ConvNormReLU, conv, group_norm, initialise_convs_and_norms, start_blocks_as_shortcuts
+from models.layers import ConvNormReLU, conv, drop_shortcuts, group_norm, initialise_like_mocosfl
 from models.split import Architecture, register_architecture
 
 # Channels of the standard network, which --width 64 builds.
@@ -85,10 +85,6 @@ class InvertedResidual(nn.Module):
             return nn.Identity()
         return nn.Sequential(conv(in_channels, out_channels, 1, 1, use_ws), group_norm(out_channels))
 
-    def last_norm(self) -> nn.GroupNorm:
-        """The norm at the end of the residual branch."""
-        return self.norm3
-
     def disable_residual(self) -> None:
         """Drop the shortcut: the block becomes a plain conv stack (MocoSFL --disable_c_residual)."""
         self.residual = False
@@ -125,13 +121,9 @@ def _build_units(width: int, use_ws: bool) -> "OrderedDict[str, nn.Module]":
 
 
 def initialise_mobilenetv2(backbone: nn.Module, plain_units: Sequence[str]) -> None:
-    """Kaiming-normal convs (fan_out, ReLU), GroupNorm 1 / 0; drop the shortcuts of `plain_units`; then zero the
-    last norm's scale of every block that keeps its shortcut, so that block starts as its shortcut (as the
-    ResNets' blocks start as the identity; see models.resnet.initialise_resnet). Blocks without a shortcut keep
-    scale 1, or they would output zeros.
-    """
-    initialise_convs_and_norms(backbone)
-    start_blocks_as_shortcuts(backbone, plain_units, InvertedResidual)
+    """MocoSFL's initialisation (models.layers.initialise_like_mocosfl), then drop the shortcuts of `plain_units`."""
+    initialise_like_mocosfl(backbone)
+    drop_shortcuts(backbone, plain_units, InvertedResidual)
 
 
 register_architecture(Architecture(

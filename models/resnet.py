@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.layers import conv, group_norm, initialise_convs_and_norms, start_blocks_as_shortcuts
+from models.layers import conv, drop_shortcuts, group_norm, initialise_like_mocosfl
 from models.split import Architecture, register_architecture
 
 # Blocks per stage and block type for each architecture.
@@ -77,10 +77,6 @@ class _ResidualBlock(nn.Module):
         self.residual = False
         self.shortcut = None
 
-    def last_norm(self) -> nn.GroupNorm:
-        """The norm at the end of the residual branch."""
-        raise NotImplementedError
-
     def _add_shortcut(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """relu(out + shortcut(x)), or relu(out) when the residual is disabled."""
         if self.shortcut is not None:
@@ -103,9 +99,6 @@ class BasicBlock(_ResidualBlock):
         self.norm2 = group_norm(out_channels)
         self.residual = True
         self.shortcut = self._make_shortcut(in_channels, out_channels, stride, use_ws)
-
-    def last_norm(self) -> nn.GroupNorm:
-        return self.norm2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The block's output for input x."""
@@ -131,9 +124,6 @@ class Bottleneck(_ResidualBlock):
         self.norm3 = group_norm(out_channels)
         self.residual = True
         self.shortcut = self._make_shortcut(in_channels, out_channels, stride, use_ws)
-
-    def last_norm(self) -> nn.GroupNorm:
-        return self.norm3
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The block's output for input x."""
@@ -167,15 +157,14 @@ def _build_units(block_type: str, blocks_per_stage: Sequence[int], width: int, u
 
 
 def initialise_resnet(backbone: nn.Module, plain_units: Sequence[str]) -> None:
-    """Kaiming-normal convs (fan_out, ReLU), GroupNorm 1 / 0; drop the shortcuts of `plain_units`; then zero the
-    last norm's scale of every block that keeps its shortcut, so each such block starts as the identity.
+    """MocoSFL's initialisation (models.layers.initialise_like_mocosfl), then drop the shortcuts of `plain_units`.
 
-    With GroupNorm and weight standardisation, a randomly initialised ResNet-18 otherwise scrambles its input
-    (kNN on its features is near chance on CIFAR-10), which gives SwAV's swapped prediction no signal to start
-    from. Blocks without a shortcut keep scale 1, or they would output zeros.
+    Every block starts with its residual branch at full strength, as in MocoSFL: a deeper client part mixes the
+    image more from the first step (an earlier version started each block as the identity, which left a deeper
+    cut as easy to invert as cut 1 after short runs).
     """
-    initialise_convs_and_norms(backbone)
-    start_blocks_as_shortcuts(backbone, plain_units, _ResidualBlock)
+    initialise_like_mocosfl(backbone)
+    drop_shortcuts(backbone, plain_units, _ResidualBlock)
 
 
 def _register(name: str, block_type: str, blocks_per_stage: tuple[int, int, int, int]) -> None:

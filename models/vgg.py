@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.layers import ConvNormReLU, initialise_convs_and_norms
+from models.layers import ConvNormReLU, initialise_like_mocosfl
 from models.split import Architecture, register_architecture
 
 # Convolutions per stage of each configuration; a stage ends with a 2x2 max-pool.
@@ -77,12 +77,12 @@ def _build_units(stage_depths: Sequence[int], width: int, use_ws: bool) -> "Orde
 
 
 def initialise_vgg(backbone: nn.Module, plain_units: Sequence[str]) -> None:
-    """Kaiming-normal convs (fan_out, ReLU) with zero biases, GroupNorm 1 / 0.
+    """MocoSFL's initialisation (models.layers.initialise_like_mocosfl).
 
     VGG has no shortcuts, so `plain_units` (--disable_c_residual) changes nothing: the client's units are already
     plain, as in MocoSFL, whose VGG ignores the option.
     """
-    initialise_convs_and_norms(backbone)
+    initialise_like_mocosfl(backbone)
 
 
 def _register(name: str, stage_depths: tuple[int, int, int, int, int]) -> None:

@@ -204,8 +204,10 @@ def test_use_ws_changes_output_and_plain_convs_without_ws() -> None:
     assert not any(isinstance(m, WSConv2d) for m in without_ws.client.modules())
     assert not any(isinstance(m, nn.BatchNorm2d) for m in without_ws.client.modules())
     assert any(isinstance(m, nn.GroupNorm) for m in without_ws.client.modules())
-    for a, b in zip(with_ws.client.parameters(), without_ws.client.parameters()):
-        assert torch.equal(a, b)  # same weights, so any difference below comes from standardisation
+    # As in MocoSFL, plain convolutions are Xavier-initialised and standardised ones keep PyTorch's default draw.
+    conv = without_ws.client.stem.conv.weight.detach()
+    assert float(conv.abs().max()) <= (6 / (conv[0].numel() + conv.shape[0] * 9)) ** 0.5
+    without_ws.client.load_state_dict(with_ws.client.state_dict())  # same weights: differences are standardisation
     assert not torch.allclose(with_ws.client(x), without_ws.client(x), atol=1e-4)
 
 
@@ -224,16 +226,10 @@ def test_client_residual_false_changes_client_only() -> None:
         module.eval()
     with torch.no_grad():
         assert torch.allclose(residual.server(smashed), plain.server(smashed))
-    # Every client weight that still exists is the one the residual model drew, except the scale of each
-    # block's last norm: zero (block starts as the identity) with a shortcut, one without.
+    # Every client weight that still exists is the one the residual model drew.
     client_a = residual.client.state_dict()
-    last_scales = {f"layer{stage}_{index}.norm2.weight" for stage in (1, 2) for index in (0, 1)} & set(client_a)
-    assert last_scales
     for key, value in plain.client.state_dict().items():
-        if key in last_scales:
-            assert torch.all(value == 1) and torch.all(client_a[key] == 0), key
-        else:
-            assert torch.equal(value, client_a[key]), key
+        assert torch.equal(value, client_a[key]), key
     assert all(not block.residual for name, block in plain.client.named_children() if name != "stem")
     # layer2_0's projection shortcut is gone without the residual.
     assert any(key.startswith("layer2_0.shortcut") for key in client_a)
@@ -307,16 +303,28 @@ def test_client_is_functional_friendly() -> None:
     assert torch.allclose(vmapped[1], functional_call(client, second, (batches[1],)), atol=1e-5)
 
 
-def test_blocks_with_a_shortcut_start_as_the_identity() -> None:
-    # Zero-initialised last norm scale: the residual branch adds nothing at first, so a block passes relu(x).
+def test_blocks_start_with_their_residual_branch_at_full_strength() -> None:
+    # MocoSFL's initialisation: no block starts as the identity (an earlier version zeroed each block's last norm).
     torch.manual_seed(0)
-    model = build_unsplit_model("ResNet18", width=WIDTH)
-    block = model.backbone.layer1_1
-    x = torch.relu(torch.randn(2, WIDTH, 8, 8))
-    with torch.no_grad():
-        assert torch.allclose(block(x), x)
+    for arch, unit in (("ResNet18", "layer1_1"), ("ResNet50", "layer1_1"), ("MobileNetV2", "layer2_1")):
+        model = build_unsplit_model(arch, width=WIDTH)
+        block = model.backbone.get_submodule(unit)
+        assert all(torch.all(m.weight == 1) and torch.all(m.bias == 0) for m in block.modules()
+                   if isinstance(m, nn.GroupNorm))
+        x = torch.relu(torch.randn(2, block.conv1.in_channels, 8, 8))
+        with torch.no_grad():
+            assert not torch.allclose(block(x), x, atol=1e-2), arch
+
+
+@pytest.mark.parametrize("arch", ["ResNet18", "VGG11", "MobileNetV2"])
+def test_standardised_convolutions_keep_pytorchs_default_draw(arch: str) -> None:
+    # PyTorch's default: uniform in +-1/sqrt(fan_in) (kaiming_uniform with a = sqrt(5)), so std = bound / sqrt(3).
     torch.manual_seed(0)
-    bottleneck = build_unsplit_model("ResNet50", width=WIDTH).backbone.layer1_1
-    x = torch.relu(torch.randn(2, 4 * WIDTH, 8, 8))
-    with torch.no_grad():
-        assert torch.allclose(bottleneck(x), x)
+    model = build_unsplit_model(arch, width=16)
+    weights = [m.weight.detach() for m in model.backbone.modules() if isinstance(m, WSConv2d)]
+    assert weights
+    for weight in weights:
+        bound = 1 / weight[0].numel() ** 0.5
+        assert float(weight.abs().max()) <= bound
+        if weight.numel() >= 2000:
+            assert float(weight.std()) == pytest.approx(bound / 3 ** 0.5, rel=0.1)
