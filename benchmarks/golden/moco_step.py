@@ -114,22 +114,6 @@ def flat_parameters(module: Any) -> torch.Tensor:
     return torch.cat([parameter.detach().flatten() for parameter in module.parameters()])
 
 
-def scale_width(resnet_module: Any, width: int) -> None:
-    """Have MocoSFL's resnet module build its GroupNorm stem and blocks `width` wide instead of 64 wide."""
-    def scaled(channels: int) -> int:
-        return channels * width // 64
-
-    block_init, stem_init = resnet_module.BasicBlock_gn.__init__, resnet_module.conv3x3_gn.__init__
-
-    def block(self: Any, in_planes: int, planes: int, *args: Any, **kwargs: Any) -> None:
-        block_init(self, scaled(in_planes), scaled(planes), *args, **kwargs)
-
-    def stem(self: Any, in_planes: int, planes: int, *args: Any, **kwargs: Any) -> None:
-        stem_init(self, in_planes, scaled(planes), *args, **kwargs)
-
-    resnet_module.BasicBlock_gn.__init__, resnet_module.conv3x3_gn.__init__ = block, stem
-
-
 def run_case(version: str, per_client_queues: bool, symmetric: bool, dtype: torch.dtype = torch.float32,
              initial_queues: torch.Tensor | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """MocoSFL's steps for one case: (JSON values, tensors). dtype: of every module and tensor MocoSFL creates
@@ -245,7 +229,7 @@ def main() -> None:
     peer.import_mocosfl(options.peer_dir)
     from models import resnet  # MocoSFL's
 
-    scale_width(resnet, WIDTH)
+    peer.scale_resnet_width(resnet, WIDTH)
     torch.set_num_threads(1)
     values: dict[str, Any] = {"settings": {"seed": SEED, "width": WIDTH, "cutlayer": CUTLAYER, "num_client": NUM_CLIENT,
                                            "rows": ROWS, "image_size": IMAGE_SIZE, "K": K, "K_dim": K_DIM,

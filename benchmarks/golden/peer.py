@@ -51,3 +51,17 @@ def write_fixture(name: str, peer_dir: str | Path, values: dict[str, Any], tenso
     (FIXTURE_DIR / f"{name}.json").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     if tensors is not None:
         torch.save({"mocosfl_commit": record["mocosfl_commit"], **tensors}, FIXTURE_DIR / f"{name}.pt")
+
+
+def scale_resnet_width(resnet_module: Any, width: int) -> None:
+    """Have MocoSFL's resnet module build its GroupNorm stem and basic blocks `width` wide instead of 64 wide."""
+    block_init, stem_init = resnet_module.BasicBlock_gn.__init__, resnet_module.conv3x3_gn.__init__
+
+    def block(self: Any, in_planes: int, planes: int, *args: Any, **kwargs: Any) -> None:
+        block_init(self, in_planes * width // 64, planes * width // 64, *args, **kwargs)
+
+    def stem(self: Any, in_planes: int, planes: int, *args: Any, **kwargs: Any) -> None:
+        stem_init(self, in_planes, planes * width // 64, *args, **kwargs)
+
+    # Wrapped in place: MocoSFL's super(Class, self) calls look the class names up in the module.
+    resnet_module.BasicBlock_gn.__init__, resnet_module.conv3x3_gn.__init__ = block, stem

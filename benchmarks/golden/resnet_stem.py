@@ -21,20 +21,6 @@ FULL_OUTPUT_PIXELS = 32 * 32  # larger outputs are kept as statistics and a subs
 SUBSAMPLE = 8  # every 8th row and column of a larger output
 
 
-def scale_width(resnet_module: Any, width: int) -> None:
-    """Have MocoSFL's resnet module build its GroupNorm stem and basic blocks `width` wide instead of 64 wide."""
-    block_init, stem_init = resnet_module.BasicBlock_gn.__init__, resnet_module.conv3x3_gn.__init__
-
-    def block(self: Any, in_planes: int, planes: int, *args: Any, **kwargs: Any) -> None:
-        block_init(self, in_planes * width // 64, planes * width // 64, *args, **kwargs)
-
-    def stem(self: Any, in_planes: int, planes: int, *args: Any, **kwargs: Any) -> None:
-        stem_init(self, in_planes, planes * width // 64, *args, **kwargs)
-
-    # Wrapped in place: MocoSFL's super(Class, self) calls look the class names up in the module.
-    resnet_module.BasicBlock_gn.__init__, resnet_module.conv3x3_gn.__init__ = block, stem
-
-
 def seeded_input(size: int) -> Any:
     """The input every test regenerates: one image of N(0, 1) values from INPUT_SEED."""
     import torch
@@ -56,7 +42,7 @@ def main() -> None:
         for cut in CUTS:
             model = resnet.ResNet18(cutting_layer=cut, num_client=1, num_class=128, group_norm=True, input_size=size)
             shapes[f"{size}_cut{cut}"] = list(model.get_smashed_data_size(1, size))
-    scale_width(resnet, TINY_WIDTH)
+    peer.scale_resnet_width(resnet, TINY_WIDTH)
     tensors: dict[str, Any] = {}
     for size in IMAGE_SIZES:
         torch.manual_seed(size)

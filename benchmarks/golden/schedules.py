@@ -102,25 +102,12 @@ def main() -> None:
     warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
     from models import resnet  # MocoSFL's
 
-    wrap_width(resnet, WIDTH)
+    peer.scale_resnet_width(resnet, WIDTH)
     values = {}
     for name, (arguments, steps, pools, statuses) in SETTINGS.items():
         values[name] = {"options": arguments, "as_run": as_run(arguments, steps, pools, statuses),
                         "per_epoch": per_epoch(arguments)}
     peer.write_fixture("schedules", options.peer_dir, values)
-
-
-def wrap_width(resnet_module: Any, width: int) -> None:
-    """Have MocoSFL's GroupNorm stem and blocks built `width` wide instead of 64 (constructors wrapped in place)."""
-    block_init, stem_init = resnet_module.BasicBlock_gn.__init__, resnet_module.conv3x3_gn.__init__
-
-    def block(self: Any, in_planes: int, planes: int, *args: Any, **kwargs: Any) -> None:
-        block_init(self, in_planes * width // 64, planes * width // 64, *args, **kwargs)
-
-    def stem(self: Any, in_planes: int, planes: int, *args: Any, **kwargs: Any) -> None:
-        stem_init(self, in_planes, planes * width // 64, *args, **kwargs)
-
-    resnet_module.BasicBlock_gn.__init__, resnet_module.conv3x3_gn.__init__ = block, stem
 
 
 if __name__ == "__main__":
