@@ -1,6 +1,6 @@
 """How the views' Gaussian blur compares with MocoSFL's (PIL's GaussianBlur(radius=sigma)) on real CIFAR-10 images.
 
-    python benchmarks/blur_fidelity.py --data_dir /work/shared/data/cifar10-mini --images 500
+    python benchmarks/blur_fidelity.py --data_dir ../shared/data/cifar10-mini --images 500
 
 Per sigma, in grey levels (0-255) averaged over pixels and images: how much PIL's blur changes an image, how much
 the former fixed 3x3 kernel did, and how far from PIL's result are this project's blurs: the torch path (PIL
@@ -42,7 +42,7 @@ def dali_blur(images: np.ndarray, sigma: float) -> np.ndarray | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data_dir", default="/work/shared/data/cifar10-mini")
+    parser.add_argument("--data_dir", default="../shared/data/cifar10-mini")
     parser.add_argument("--images", type=int, default=500)
     options = parser.parse_args()
     images = load_dataset("cifar10", options.data_dir, download=False).train_images[:options.images]

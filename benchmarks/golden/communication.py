@@ -1,6 +1,6 @@
 """Golden part `communication`: MocoSFL's loss-based communication status (--loss_threshold) on fixed loss sequences.
 
-    python benchmarks/golden/communication.py --peer_dir /work/mocosfl
+    python benchmarks/golden/communication.py --peer_dir MOCOSFL_CHECKOUT
 
 MocoSFL's loss_based_status (functions/sfl_functions.py) is fed each sequence's epoch losses in run_sflmoco.py's
 order: the status read at the start of epoch e is the one epoch e trains in, then record_loss(e, loss of epoch e).

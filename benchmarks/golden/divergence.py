@@ -1,6 +1,6 @@
 """Golden part `divergence`: MocoSFL's FedAvg, plain and divergence-aware, on tiny client models with fixed weights.
 
-    python benchmarks/golden/divergence.py --peer_dir /work/mocosfl
+    python benchmarks/golden/divergence.py --peer_dir MOCOSFL_CHECKOUT
 
 MocoSFL's base_simulator.fedavg (functions/base_funtions.py) runs on four clients (Linear 3->4, BatchNorm1d 4,
 Linear 4->2; weights drawn from fixed seeds), twice in a row (the clients' weights are moved between the calls),

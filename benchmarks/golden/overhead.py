@@ -6,7 +6,7 @@ forward count of fvcore's FlopCountAnalysis, in units of 2^20) and fvcore's forw
 fvcore is not a requirement of this project: install it for this part only (pip install fvcore, or
 pip install --target <dir> fvcore iopath yacs termcolor tabulate portalocker and pass --deps_dir <dir>).
 
-    python benchmarks/golden/overhead.py --peer_dir /work/mocosfl [--deps_dir /work/golden_deps]
+    python benchmarks/golden/overhead.py --peer_dir MOCOSFL_CHECKOUT [--deps_dir DIR]
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Golden part "privacy": MocoSFL's SSIM, ResSFL step, attack decoders, initialisation and expert client parts.
 
-Run: python benchmarks/golden/privacy.py --peer_dir /work/mocosfl [--experts ../shared/mocosfl-expert]
+Run: python benchmarks/golden/privacy.py --peer_dir MOCOSFL_CHECKOUT [--experts ../shared/mocosfl-expert]
 
 Writes tests/fixtures/mocosfl/privacy.json and privacy.pt:
 * ssim: MocoSFL's pytorch_ssim.SSIM() on fixed image pairs (each pair alone and the batch).

@@ -4,7 +4,7 @@ Records the smashed-data shape of its client at full width, and, at width 4, the
 scales and shifts drawn at random) and its output
 on a seeded input (outputs over 32x32 as channel statistics and a strided subsample, to keep the file small).
 
-    python benchmarks/golden/resnet_stem.py --peer_dir /work/mocosfl
+    python benchmarks/golden/resnet_stem.py --peer_dir MOCOSFL_CHECKOUT
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Golden part `schedules`: the server and client learning rates MocoSFL's own schedulers give, step by step.
 
-    python benchmarks/golden/schedules.py --peer_dir /work/mocosfl
+    python benchmarks/golden/schedules.py --peer_dir MOCOSFL_CHECKOUT
 
 MocoSFL's simulator (sflmoco_simulator, on a ResNet-18 4 channels wide) builds its schedulers from its own
 get_sfl_args; the script then runs the stepping order of its run_sflmoco.py without data: per epoch, every step of

@@ -5,7 +5,7 @@ at fixed sigmas on a few images, 8-bit, and normalised with its CIFAR-10 constan
 mocov2 pair loader (datasets.get_cifar10_pairloader) makes of a few images under fixed seeds (torch's and Python's
 random state both seeded with the key, as this project's loader seeds them per sample), with the blur's sigmas.
 
-    python benchmarks/golden/views.py --peer_dir /work/mocosfl [--cifar_dir /work/shared/data/cifar10-mini]
+    python benchmarks/golden/views.py --peer_dir MOCOSFL_CHECKOUT [--cifar_dir ../shared/data/cifar10-mini]
 """
 from __future__ import annotations
 
@@ -100,7 +100,7 @@ def main() -> None:
         "normalised_sigmas": list(NORMALISED_SIGMAS), "pair_images": list(PAIR_IMAGES), "pair_keys": keys,
         "pair_sigmas": sigmas, "pair_transform": re.sub(r" at 0x[0-9a-f]+", "", repr(pair_dataset.transform)),
         "stl10_note": "STL10 is MocoSFL's evaluation constants; its STL-10 pair loader normalises with CIFAR10's",
-        "source": "first images of data_batch_1 of /work/shared/data/cifar10-mini (the official CIFAR-10 order)",
+        "source": "first images of data_batch_1 of ../shared/data/cifar10-mini (the official CIFAR-10 order)",
     }, {"images": torch.from_numpy(images), "blurred": blurred, "normalised": torch.stack(normalised),
         "pairs": torch.stack(pairs)})
 
