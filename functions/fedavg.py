@@ -185,11 +185,8 @@ def fedavg(clients: StackedClients, pool: Sequence[int], client_sizes: Sequence[
     `mocosfl_compat` (--compat mocosfl): MocoSFL's average, of client 0 and the pool's other clients with equal
     weights (see mocosfl_average_members)."""
     if mocosfl_compat:
-        members = mocosfl_average_members(pool)
-        if runtime.is_distributed and members != list(pool):
-            raise UserError("--compat mocosfl averages client 0 in place of a pool without it, which torchrun's "
-                            "processes do not hold; run it in one process")
-        average = average_pool(clients, members, [1] * len(client_sizes), runtime)
+        # Under torchrun the Trainer refuses client sampling with it (client 0 is not held by every pool's ranks).
+        average = average_pool(clients, mocosfl_average_members(pool), [1] * len(client_sizes), runtime)
     else:
         average = average_pool(clients, pool, client_sizes, runtime)
     divergences = None
