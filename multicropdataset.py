@@ -15,8 +15,8 @@ from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import transforms
 
-from functions.errors import UserError
-from functions.loaders import (
+from functions.core.errors import UserError
+from functions.data.loaders import (
     FederatedLoaders,
     FederatedSchedule,
     NormalisedImageLoader,
@@ -24,7 +24,7 @@ from functions.loaders import (
     check_image_array,
     check_mean_std,
 )
-from functions.views import BLUR_SIGMA, SIGMA_FOLLOWING_BLUR, ViewSpec
+from functions.data.views import BLUR_SIGMA, SIGMA_FOLLOWING_BLUR, ViewSpec
 
 CropTransform = Callable[[Image.Image], torch.Tensor]
 

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import sys
 
-from functions.errors import run_cli
+from configs import parse_args
+from functions.core.errors import run_cli
+from functions.train.runner import run
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from configs import parse_args
-    from functions.runner import run
-
     return run(parse_args("moco", argv))
 
 

@@ -16,7 +16,7 @@ Augmentation follows ``multicropdataset._colour_chain`` after a RandomResizedCro
   six blend slots around one hue stage, the unused slots being identities;
 - grayscale (p=0.2, ITU-R 601 luma), Gaussian blur (sigma in (0.1, 2), p=0.5), horizontal flip (p=0.5),
   normalisation. The blur is PIL's (MocoSFL's): three box-blur passes per axis with edges repeated, the box's
-  fractional radius following sigma (functions.blur), fed to ``fn.filter`` as one kernel per row; a view spec with
+  fractional radius following sigma (functions.data.blur), fed to ``fn.filter`` as one kernel per row; a view spec with
   a fixed ``blur_kernel_size`` uses ``fn.gaussian_blur`` of that window instead.
 Unlike the PIL path, intermediate images stay float instead of being rounded to uint8 after each operation (for
 the blur: PIL rounds after each of its six passes).
@@ -31,29 +31,29 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Generic, Iterable, Iterator, Sequence, TypeVar
 
+import numpy as np
 import nvidia.dali.fn as fn
 import nvidia.dali.math as dmath
 import nvidia.dali.types as types
-import numpy as np
 import torch
 from nvidia.dali import pipeline_def
 from nvidia.dali.data_node import DataNode
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
-from functions.blur import PIL_BLUR_PASSES, box_kernel_length, identity_kernel, pil_box_kernels
-from functions.datasets import ImageDataset
-from functions.image_folder import ImageFiles
-from functions.errors import UserError
-from functions.loaders import (
+from functions.core.errors import UserError
+from functions.data.blur import PIL_BLUR_PASSES, box_kernel_length, identity_kernel, pil_box_kernels
+from functions.data.datasets import ImageDataset
+from functions.data.image_folder import ImageFiles
+from functions.data.loaders import (
     FederatedLoaders,
     FederatedSchedule,
     NormalisedImageLoader,
     StepBatch,
-    splitmix64_finalize,
     check_image_array,
     check_mean_std,
+    splitmix64_finalize,
 )
-from functions.views import BLUR_SIGMA, SIGMA_FOLLOWING_BLUR, ViewSpec
+from functions.data.views import BLUR_SIGMA, SIGMA_FOLLOWING_BLUR, ViewSpec
 
 # The torch path's augmentation constants (multicropdataset: RandomResizedCrop, _colour_chain).
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)

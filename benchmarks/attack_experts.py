@@ -4,7 +4,7 @@
         --attack_data_proportion 0.1 --attack_epochs 50 [--cuts 1 2 3]
 
 Each expert (ResNet-18 client, width 64, C4S2 bottleneck) is loaded as --initialze_path loads it and attacked as a
-run's final evaluation attacks its clients (functions.attack_run with --attack_protocol mocosfl): the attacker
+run's final evaluation attacks its clients (functions.privacy.attack_run with --attack_protocol mocosfl): the attacker
 learns from --attack_data_proportion of the dataset's training images, then rebuilds --attack_images of them
 (fixed by --seed). Prints one line of figures per cut (MocoSFL's logs: SSIM 0.46, 0.45 and 0.42 at cuts 1 to 3).
 """
@@ -20,12 +20,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from functions.attack import to_unit_images  # noqa: E402
-from functions.attack_mocosfl import attack_set_size, invert_mocosfl  # noqa: E402
-from functions.attack_run import attack_on_client, sample_images  # noqa: E402
-from functions.datasets import load_dataset  # noqa: E402
-from functions.evaluation import EvaluationContext  # noqa: E402
-from functions.expert import load_initial_weights  # noqa: E402
+from functions.data.datasets import load_dataset  # noqa: E402
+from functions.evaluation.context import EvaluationContext  # noqa: E402
+from functions.privacy.attack import to_unit_images  # noqa: E402
+from functions.privacy.attack_mocosfl import attack_set_size, invert_mocosfl  # noqa: E402
+from functions.privacy.attack_run import attack_on_client, sample_images  # noqa: E402
+from functions.privacy.expert import load_initial_weights  # noqa: E402
 from models.split import build_split_model  # noqa: E402
 
 MOCOSFL_CIFAR10_STD = (0.2023, 0.1994, 0.2010)  # MocoSFL's CIFAR-10 normalisation (its mean is this project's)

@@ -26,9 +26,9 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from Dali.bench_loaders import dali_train_loader, load_images, torch_train_loader
-from functions.loaders import FederatedSchedule, StepBatch, TrainLoader
-from functions.views import ViewSpec
+from benchmarks.bench_loaders import dali_train_loader, load_images, torch_train_loader
+from functions.data.loaders import FederatedSchedule, StepBatch, TrainLoader
+from functions.data.views import ViewSpec
 
 DATA_MODE = "data"                        # the training loader, measured only when asked
 

@@ -55,19 +55,21 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
-
-from configs import parse_args  # noqa: E402
 from bench_data import DATA_MODE, data_records, peak_rss_mb  # noqa: E402
-from Dali.bench_loaders import dali_import_error  # noqa: E402
-from functions.clients_vmap import ENGINES, VectorisedClientSide  # noqa: E402
-from functions.datasets import dataset_entry  # noqa: E402
-from functions.distributed import Runtime  # noqa: E402
-from functions.errors import UserError, run_cli  # noqa: E402
-from functions.loaders import StepBatch  # noqa: E402
-from functions.precision import MixedPrecision  # noqa: E402
-from functions.server_method import ServerMethod, StepLayout, method_class, method_names  # noqa: E402
-from functions.step import SplitStep, build_split_step  # noqa: E402
-from functions.views import ViewSpec  # noqa: E402
+
+from benchmarks.bench_loaders import dali_import_error  # noqa: E402
+from configs import parse_args  # noqa: E402
+from functions.core.distributed import Runtime  # noqa: E402
+from functions.core.errors import UserError, run_cli  # noqa: E402
+from functions.core.precision import MixedPrecision  # noqa: E402
+from functions.data.datasets import dataset_entry  # noqa: E402
+from functions.data.layout import StepLayout
+from functions.data.loaders import StepBatch  # noqa: E402
+from functions.data.views import ViewSpec  # noqa: E402
+from functions.methods.base import ServerMethod
+from functions.methods.registry import method_class, method_names  # noqa: E402
+from functions.sfl.clients.vmap import ENGINES, VectorisedClientSide  # noqa: E402
+from functions.sfl.step import SplitStep, build_split_step  # noqa: E402
 from models.split import build_unsplit_model, check_cutlayer  # noqa: E402
 
 MODES = ("centralised", "loop", "vmap")   # the train-step modes, measured by default

@@ -4,7 +4,7 @@
 
 Per sigma, in grey levels (0-255) averaged over pixels and images: how much PIL's blur changes an image, how much
 the former fixed 3x3 kernel did, and how far from PIL's result are this project's blurs: the torch path (PIL
-itself), the float reproduction (functions.blur, what DALI computes) and, where DALI is installed, the DALI path.
+itself), the float reproduction (functions.data.blur, what DALI computes) and, where DALI is installed, the DALI path.
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from PIL import Image, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from functions.blur import pil_blur_float  # noqa: E402
-from functions.datasets import load_dataset  # noqa: E402
+from functions.data.blur import pil_blur_float  # noqa: E402
+from functions.data.datasets import load_dataset  # noqa: E402
 from multicropdataset import GaussianBlur, RadiusGaussianBlur  # noqa: E402
 
 SIGMAS = (0.1, 0.5, 1.0, 1.5, 2.0)

@@ -49,8 +49,9 @@ if str(REPO_ROOT) not in sys.path:
 if str(REPO_ROOT / "benchmarks") not in sys.path:
     sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 
-from functions.errors import UserError, run_cli  # noqa: E402
 from peer_mocosfl import scale_peer_width  # noqa: E402
+
+from functions.core.errors import UserError, run_cli  # noqa: E402
 
 SIDES = ("mocosfl", "ours")
 SIDE_NAMES = {"mocosfl": "MocoSFL", "ours": "this project"}

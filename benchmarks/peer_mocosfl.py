@@ -37,7 +37,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from functions.errors import UserError, run_cli  # noqa: E402
+from functions.core.errors import UserError, run_cli  # noqa: E402
+
 SIDES = ("mocosfl", "loop", "vmap", "auto", "centralised")
 PEER_FILES = ("run_sflmoco.py", "models/resnet.py", "functions/sflmoco_functions.py", "functions/sfl_functions.py",
               "configs/__init__.py")
@@ -122,9 +123,10 @@ def peer_step(options: argparse.Namespace) -> Callable[[], None]:
             del sys.modules[name]
     sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != REPO_ROOT]
     sys.path.insert(0, str(Path(options.peer_dir).resolve()))
-    from configs import get_sfl_args  # MocoSFL's
     from functions.sfl_functions import client_backward  # MocoSFL's
     from functions.sflmoco_functions import sflmoco_simulator  # MocoSFL's
+
+    from configs import get_sfl_args  # MocoSFL's
     from models import resnet  # MocoSFL's
     from models.resnet import init_weights  # MocoSFL's
 
@@ -171,7 +173,7 @@ def auto_engine(cutlayer: int, width: int, batch: int) -> str:
     """The engine `--client_exec auto` picks for this setting's client part on the CPU."""
     import torch
 
-    from functions.client_engines import auto_client_exec
+    from functions.sfl.clients.engines import auto_client_exec
     from models.split import build_split_model
 
     return auto_client_exec(build_split_model("ResNet18", cutlayer, width=width).client, torch.device("cpu"), batch)
@@ -181,9 +183,8 @@ def own_step(options: argparse.Namespace, side: str) -> Callable[[], None]:
     """This project's step (benchmarks/bench_sfl.py's build) on the same images: loop, vmap, auto or centralised."""
     sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
     sys.path.insert(0, str(REPO_ROOT))
-    import torch
-
     import bench_sfl
+    import torch
 
     mode = auto_engine(options.cutlayer, options.width, options.batch) if side == "auto" else side
     setting = bench_sfl.Setting(method="moco", mode=mode, device="cpu", clients=options.clients,

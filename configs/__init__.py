@@ -1,7 +1,7 @@
 """Every command-line option of the entry scripts, YAML presets (--config), and validation.
 
 Option names follow the seed scripts (MocoSFL and its SwAV descendant). The loop's options are here; each
-registered method adds its own group (functions.server_method). `parse_args(method, argv)` returns the resolved
+registered method adds its own group (functions.methods.base). `parse_args(method, argv)` returns the resolved
 options; values come from, in increasing priority: the defaults here, the `--config` YAML
 file, the command line.
 """
@@ -14,12 +14,12 @@ from typing import Any, NoReturn, Sequence
 
 import yaml
 
-from functions.compat import COMPAT_MODES
-from functions.datasets import dataset_entry, dataset_names, resolved_entry
-from functions.errors import UserError, check_range
-from functions.files import write_text_atomic
-from functions.partition import add_partition_arguments, parse_hetero_string, resolve_partition_method
-from functions.server_method import method_class
+from functions.core.compat import COMPAT_MODES
+from functions.core.errors import UserError, check_range
+from functions.core.files import write_text_atomic
+from functions.data.datasets import dataset_entry, dataset_names, resolved_entry
+from functions.data.partition import add_partition_arguments, parse_hetero_string, resolve_partition_method
+from functions.methods.registry import method_class
 from models.bottleneck import parse_bottleneck_option
 from models.decoders import check_decoder_name
 from models.split import ARCHITECTURES, check_cutlayer

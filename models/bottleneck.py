@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from functions.errors import UserError
+from functions.core.errors import UserError
 
 CLIENT_BOTTLENECK = "client_bottleneck"
 SERVER_BOTTLENECK = "server_bottleneck"

@@ -21,7 +21,7 @@ import re
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from functions.errors import UserError
+from functions.core.errors import UserError
 
 DECODER_NAMES = "custom, conv_normN<N>C<C> or res_normN<N>C<C>"
 _DECODER_NAME = re.compile(r"^(conv|res)_normN(\d+)C(\d+)$")

@@ -26,9 +26,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from functions.errors import UserError
-from models.bottleneck import (CLIENT_BOTTLENECK, SERVER_BOTTLENECK, client_bottleneck, parse_bottleneck_option,
-                               server_bottleneck)
+from functions.core.errors import UserError
+from models.bottleneck import (
+    CLIENT_BOTTLENECK,
+    SERVER_BOTTLENECK,
+    client_bottleneck,
+    parse_bottleneck_option,
+    server_bottleneck,
+)
 
 BACKBONE_PREFIX = "backbone."
 

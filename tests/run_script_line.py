@@ -10,8 +10,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from configs import parse_args  # noqa: E402
-from functions.errors import run_cli  # noqa: E402
-from functions.runner import run  # noqa: E402
+from functions.core.errors import run_cli  # noqa: E402
+from functions.train.runner import run  # noqa: E402
 
 if __name__ == "__main__":
     run_cli(lambda: run(parse_args(sys.argv[1], sys.argv[2:]), evaluations=[]))

@@ -6,8 +6,8 @@ from pathlib import Path
 import torch
 
 from configs import parse_args
-from functions.distributed import Runtime
-from functions.simulator import Trainer
+from functions.core.distributed import Runtime
+from functions.train.trainer import Trainer
 
 TINY_MOCO = ["--dataset", "synthetic", "--arch", "ResNet18", "--width", "8", "--num_workers", "0",
              "--K", "64", "--K_dim", "16", "--num_epoch", "2", "--skip_linear", "--eval_freq", "0",

@@ -7,22 +7,6 @@ import json
 
 import pytest
 import torch
-from torch import nn
-
-import run_sflmoco
-import run_sflswav
-from configs import parse_args
-from functions.errors import UserError
-from functions.server_method import method_class
-from functions.sflmoco_functions import info_nce_loss
-from models.split import (
-    build_split_model,
-    build_unsplit_model,
-    feature_dim_of,
-    merge_state_dicts,
-    num_cut_points,
-    unit_names,
-)
 from sfl_helpers import moco_trainer, swav_trainer
 from test_clients_vmap import (
     TRAINER_TOLERANCE,
@@ -33,6 +17,22 @@ from test_clients_vmap import (
     _crops,
     _step,
     _train_side_by_side,
+)
+from torch import nn
+
+import run_sflmoco
+import run_sflswav
+from configs import parse_args
+from functions.core.errors import UserError
+from functions.losses.moco import info_nce_loss
+from functions.methods.registry import method_class
+from models.split import (
+    build_split_model,
+    build_unsplit_model,
+    feature_dim_of,
+    merge_state_dicts,
+    num_cut_points,
+    unit_names,
 )
 
 # Two cut points per architecture. VGG-11: after the first conv (and its pool) and inside stage 3 after a pooled

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from functions.attack import image_figures, invert, save_reconstructions, to_unit_images
-from functions.attack_mocosfl import attack_set_size, jpeg_round_trip, split_pairs
-from functions.datasets import load_dataset
-from functions.errors import UserError
+from functions.core.errors import UserError
+from functions.data.datasets import load_dataset
+from functions.privacy.attack import image_figures, invert, save_reconstructions, to_unit_images
+from functions.privacy.attack_mocosfl import attack_set_size, jpeg_round_trip, split_pairs
 from models.decoders import inversion_decoder
 
 
@@ -133,7 +133,7 @@ def test_attack_after_training_and_on_a_saved_run(tmp_path: Path, cifar10_mini_d
     import json
 
     from configs import parse_args
-    from functions.runner import run
+    from functions.train.runner import run
 
     common = ["--data_dir", str(cifar10_mini_dir_module), "--attack", "--aux_data", "heldout", "--aux_images", "64",
               "--attack_epochs", "1", "--attack_images", "8", "--MIA_arch", "conv_normN0C8",
@@ -185,7 +185,7 @@ def test_attack_options_are_checked_in_one_line_before_training(argv, message) -
 def test_too_few_images_for_mocosfls_attacker_stop_the_run_before_training(tmp_path: Path,
                                                                            cifar10_mini_dir_module) -> None:
     from configs import parse_args
-    from functions.runner import run
+    from functions.train.runner import run
 
     args = parse_args("moco", ["--dataset", "cifar10", "--data_dir", str(cifar10_mini_dir_module),
                                "--data_proportion", "0.02", "--width", "4", "--num_client", "2", "--batch_size", "8",

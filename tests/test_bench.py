@@ -9,9 +9,9 @@ import sys
 
 import pytest
 import torch
-
 from conftest import REPO_ROOT
-from functions.errors import UserError
+
+from functions.core.errors import UserError
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import bench_sfl  # noqa: E402
@@ -152,8 +152,8 @@ def test_the_data_mode_reads_real_images_when_there_are_enough(cifar10_mini_dir)
     [record] = bench_sfl.main([*DATA_TINY, "--loaders", "torch", "--data_dir", str(cifar10_mini_dir)])
     assert record["data_source"] == "cifar10"
     # More images than the folder holds: synthetic ones, and the source says why.
-    from Dali.bench_loaders import load_images
-    from functions.datasets import load_dataset
+    from benchmarks.bench_loaders import load_images
+    from functions.data.datasets import load_dataset
 
     available = load_dataset("cifar10", cifar10_mini_dir, download=False).train_images.shape[0]
     short = load_images(str(cifar10_mini_dir), available + 1, synthetic_when_short=True)
@@ -326,8 +326,8 @@ def test_the_batch_search_needs_cuda():
 def test_channels_last_and_compile_reach_the_measured_step(tmp_path, monkeypatch):
     compiled, layouts = [], []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda module, *a, **k: compiled.append(type(module).__name__))
-    from functions.clients import ClientSide
-    from functions.clients_vmap import VectorisedClientSide
+    from functions.sfl.clients.loop import ClientSide
+    from functions.sfl.clients.vmap import VectorisedClientSide
 
     for side in (ClientSide, VectorisedClientSide):
         original = side.__init__

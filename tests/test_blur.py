@@ -1,12 +1,12 @@
-"""PIL's Gaussian blur as box kernels (functions/blur.py), what the DALI path blurs with."""
+"""PIL's Gaussian blur as box kernels (functions/data/blur.py), what the DALI path blurs with."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from functions.blur import PIL_BLUR_PASSES, box_kernel_length, pil_blur_float, pil_box_kernel, pil_box_kernels
-from functions.datasets import load_dataset
+from functions.data.blur import PIL_BLUR_PASSES, box_kernel_length, pil_blur_float, pil_box_kernel, pil_box_kernels
+from functions.data.datasets import load_dataset
 
 
 @pytest.mark.parametrize("sigma", [0.1, 0.5, 1.0, 1.37, 2.0])

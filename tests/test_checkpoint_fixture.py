@@ -10,7 +10,7 @@ import pytest
 
 import run_sflmoco
 import run_sflswav
-from functions.checkpoint import CHECKPOINT_NAME
+from functions.core.checkpoint import CHECKPOINT_NAME
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 EXPECTED = json.loads((FIXTURES / "checkpoint_format1.json").read_text())
@@ -46,7 +46,7 @@ def test_a_format_1_checkpoint_evaluates_with_either_entry_script(tmp_path, meth
 
 
 def test_a_format_1_moco_checkpoint_is_refused_in_one_line(tmp_path, capsys):
-    from functions.errors import run_cli
+    from functions.core.errors import run_cli
 
     expected = EXPECTED["moco"]
     output_dir = tmp_path / "run"

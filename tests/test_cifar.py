@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from functions import cifar
-from functions.cifar import CIFAR_SPECS, nhwc_to_rows, rows_to_nhwc
-from functions.datasets import ImageDataset, channel_stats, load_dataset
-from functions.errors import UserError
+from functions.core.errors import UserError
+from functions.data import cifar
+from functions.data.cifar import CIFAR_SPECS, nhwc_to_rows, rows_to_nhwc
+from functions.data.datasets import ImageDataset, channel_stats, load_dataset
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_DIR = REPO_ROOT / "sample_data" / "cifar10"

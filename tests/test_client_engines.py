@@ -6,12 +6,12 @@ import torch
 from torch import nn
 
 from configs import parse_args
-from functions.client_engines import auto_client_exec, widest_convolution
-from functions.clients import ClientSide
-from functions.clients_vmap import VectorisedClientSide
-from functions.distributed import Runtime
-from functions.precision import MixedPrecision
-from functions.step import build_split_step
+from functions.core.distributed import Runtime
+from functions.core.precision import MixedPrecision
+from functions.sfl.clients.engines import auto_client_exec, widest_convolution
+from functions.sfl.clients.loop import ClientSide
+from functions.sfl.clients.vmap import VectorisedClientSide
+from functions.sfl.step import build_split_step
 from models.split import build_split_model
 
 CPU = torch.device("cpu")

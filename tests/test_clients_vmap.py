@@ -6,15 +6,15 @@ import dataclasses
 
 import pytest
 import torch
+from sfl_helpers import moco_trainer, swav_trainer
 from torch import nn
 
-from functions.clients import ClientSide
-from functions.clients_vmap import VectorisedClientSide
-from functions.errors import UserError
-from functions.distributed import Runtime
-from functions.fedavg import average_pool, fedavg
+from functions.core.distributed import Runtime
+from functions.core.errors import UserError
+from functions.sfl.clients.loop import ClientSide
+from functions.sfl.clients.vmap import VectorisedClientSide
+from functions.sfl.fedavg import average_pool, fedavg
 from models.split import build_split_model
-from sfl_helpers import moco_trainer, swav_trainer
 
 LR, MOMENTUM, WEIGHT_DECAY, KEY_MOMENTUM = 0.05, 0.9, 5e-4, 0.9
 CPU = torch.device("cpu")

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from configs import CONFIG_DIR, parse_args, run_options, save_resolved_config
-from functions.errors import UserError
+from functions.core.errors import UserError
 
 
 def _method(preset: Path) -> str:
@@ -59,7 +59,7 @@ def test_contradictions_are_one_clear_line(argv, message):
 def test_device_defaults_to_cpu_without_cuda():
     import torch
 
-    from functions.distributed import resolve_device
+    from functions.core.distributed import resolve_device
 
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert resolve_device(None).type == expected

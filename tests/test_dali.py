@@ -34,11 +34,11 @@ from Dali.get_dali_dataloader import (  # noqa: E402
     resolve_dali_device,
     uniform_draws,
 )
-from functions.datasets import ImageDataset, load_dataset  # noqa: E402
-from functions.errors import UserError  # noqa: E402
-from functions.loaders import FederatedSchedule, normalise_uint8_images  # noqa: E402
-from functions.views import ViewSpec  # noqa: E402
-from functions.blur import pil_blur_float  # noqa: E402
+from functions.core.errors import UserError  # noqa: E402
+from functions.data.blur import pil_blur_float  # noqa: E402
+from functions.data.datasets import ImageDataset, load_dataset  # noqa: E402
+from functions.data.loaders import FederatedSchedule, normalise_uint8_images  # noqa: E402
+from functions.data.views import ViewSpec  # noqa: E402
 from multicropdataset import RadiusGaussianBlur, build_torch_loaders, moco_transform, multicrop_transforms  # noqa: E402
 
 MOCO_VIEWS = ViewSpec(nmb_crops=(2,), size_crops=(32,), min_scale_crops=(0.2,), max_scale_crops=(1.0,))
@@ -424,9 +424,9 @@ def test_sflmoco_entry_trains_with_dali(tmp_path: Path) -> None:
 
 
 def test_sflswav_entry_trains_with_dali(tmp_path: Path) -> None:
-    swav = pytest.importorskip("functions.sflswav_functions")
+    swav = pytest.importorskip("functions.methods.swav")
     if not hasattr(swav, "SwavServer"):
-        pytest.skip("functions.sflswav_functions has no SwavServer yet")
+        pytest.skip("functions.methods.swav has no SwavServer yet")
     import run_sflswav
 
     run_sflswav.main([*_entry_arguments(tmp_path / "swav"), "--nmb_prototypes", "12", "--feat_dim", "16",

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-
-from functions.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from functions.distributed import client_shares
 from sfl_helpers import TINY_MOCO, TINY_SWAV
+
+from functions.core.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from functions.core.distributed import client_shares
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -217,7 +217,7 @@ def test_fewer_clients_than_processes_is_one_clear_error(tmp_path):
 ])
 def test_the_printed_resume_command_repeats_the_launcher(monkeypatch, environment, expected):
     from configs import parse_args
-    from functions.stopping import resume_command
+    from functions.train.stopping import resume_command
 
     for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
@@ -228,7 +228,7 @@ def test_the_printed_resume_command_repeats_the_launcher(monkeypatch, environmen
 
 
 def test_only_the_announcing_rank_prints_an_interruption(capsys):
-    from functions.errors import TrainingInterrupted, run_cli
+    from functions.core.errors import TrainingInterrupted, run_cli
 
     def stopped(announce: bool):
         def main():
@@ -317,7 +317,7 @@ def test_resume_across_nodes_without_a_shared_disk_takes_rank_zeros_checkpoint(t
 
 def test_a_single_process_on_a_second_gpu_makes_it_the_current_device(monkeypatch):
     # Without set_device, CUDA events, streams and DALI would default to GPU 0 while the run works on GPU 1.
-    from functions import distributed
+    from functions.core import distributed
 
     selected = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -351,9 +351,9 @@ DISK_FULL_ON_RANK_ZERO = """
 import errno, os, sys
 sys.path.insert(0, {repo!r})
 import run_sflmoco
-from functions import trainer_state
-from functions.errors import run_cli
-from functions.files import write_atomic
+from functions.train import trainer as trainer_state
+from functions.core.errors import run_cli
+from functions.core.files import write_atomic
 
 real_save_atomic, saves = trainer_state.save_atomic, []
 

@@ -10,11 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from configs import parse_args
-from functions.checkpoint import load_checkpoint
-from functions.errors import UserError
-from functions.evaluation import linear_probe
-from functions.mocosfl_eval import mocosfl_head, mocosfl_probe, mocosfl_probes, mocosfl_subset
-from functions.runner import run
+from functions.core.checkpoint import load_checkpoint
+from functions.core.errors import UserError
+from functions.evaluation.mocosfl import mocosfl_head, mocosfl_probe, mocosfl_probes, mocosfl_subset
+from functions.evaluation.probes import linear_probe
+from functions.train.runner import run
 
 
 def clusters(seed: int = 7, per_class: int = 500, classes: int = 4, dim: int = 16, noise: float = 0.3):
@@ -131,7 +131,7 @@ def _mini_run(output_dir: Path, data_dir: Path, protocol: str) -> dict:
 
 
 def test_both_protocols_on_cifar10_mini(tmp_path, cifar10_mini_dir, monkeypatch) -> None:
-    from functions import simulator
+    from functions.train import trainer as simulator
 
     # The kNN monitor during training is replaced by a fixed sequence: epoch 2 is the best, epoch 3 worse.
     scores = {"honest": iter([10.0, 30.0, 50.0, 40.0]), "mocosfl": iter([10.0, 30.0, 50.0, 40.0])}

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from functions.errors import UserError
-from functions.evaluation import (
+from functions.core.errors import UserError
+from functions.evaluation.probes import (
     extract_features,
     knn_accuracy,
     knn_predict,

@@ -14,14 +14,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from configs import build_parser, parse_args
-from functions.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from functions.datasets import DATASETS, DatasetEntry, register_dataset
-from functions.distributed import Runtime, forward_server
-from functions.errors import UserError
-from functions.runner import run
-from functions.server_method import METHODS, ServerMethod, register_method
-from functions.simulator import Trainer
-from functions.views import ViewSpec
+from functions.core.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from functions.core.distributed import Runtime, forward_server
+from functions.core.errors import UserError
+from functions.data.datasets import DATASETS, DatasetEntry, register_dataset
+from functions.data.views import ViewSpec
+from functions.methods.base import ServerMethod
+from functions.methods.registry import METHODS, register_method
+from functions.train.runner import run
+from functions.train.trainer import Trainer
 from models.split import ARCHITECTURES, Architecture, Head, HeadBuilder, register_architecture
 
 SMALL = ["--num_client", "2", "--batch_size", "4", "--width", "4", "--num_epoch", "2", "--skip_linear",

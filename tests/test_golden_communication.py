@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from functions.communication import REPLAY, UPLOAD_ONLY, CommunicationSaving
-from functions.distributed import Runtime
+from functions.core.distributed import Runtime
+from functions.sfl.communication import REPLAY, UPLOAD_ONLY, CommunicationSaving
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mocosfl" / "communication.json"
 GOLDEN = json.loads(FIXTURE.read_text()) if FIXTURE.is_file() else None

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from functions.distributed import Runtime
-from functions.fedavg import DivergenceAwareAveraging, fedavg
+from functions.core.distributed import Runtime
+from functions.sfl.fedavg import DivergenceAwareAveraging, fedavg
 
 FIXTURES = Path(__file__).parent / "fixtures" / "mocosfl"
 HAVE = (FIXTURES / "divergence.json").is_file() and (FIXTURES / "divergence.pt").is_file()

@@ -31,12 +31,12 @@ import pytest
 import torch
 
 from configs import parse_args
-from functions.distributed import Runtime
-from functions.expert import mocosfl_client_state, mocosfl_server_state
-from functions.fedavg import fedavg, fedavg_positions
-from functions.loaders import StepBatch
-from functions.precision import MixedPrecision
-from functions.step import build_split_step
+from functions.core.distributed import Runtime
+from functions.core.precision import MixedPrecision
+from functions.data.loaders import StepBatch
+from functions.privacy.expert import mocosfl_client_state, mocosfl_server_state
+from functions.sfl.fedavg import fedavg, fedavg_positions
+from functions.sfl.step import build_split_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,8 +7,8 @@ import re
 
 import pytest
 import torch
-
 from mocosfl_fixtures import load_fixture
+
 from models.split import build_split_model, unit_names
 
 pytestmark = pytest.mark.usefixtures("one_thread")

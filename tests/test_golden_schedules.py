@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from sfl_helpers import moco_trainer
 
 from configs import parse_args
-from functions.schedules import LearningRateSchedule
-from functions.stacked_sgd import StackedSGD
-from sfl_helpers import moco_trainer
+from functions.methods.schedules import LearningRateSchedule
+from functions.sfl.clients.stacked_sgd import StackedSGD
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mocosfl" / "schedules.json"
 GOLDEN = json.loads(FIXTURE.read_text()) if FIXTURE.is_file() else None
@@ -117,7 +117,7 @@ def test_a_given_milestone_list_wins_and_an_empty_one_keeps_the_rate():
     constant = LearningRateSchedule(parse_args("moco", ["--moco_version", "V1", "--milestones"]), 10)
     assert constant.rates(199, 0) == pytest.approx((0.06, 0.06)) and not constant.depends_on_num_epoch
     swav = parse_args("swav", ["--num_epoch", "10"])
-    from functions.sflswav_functions import SwavServer
+    from functions.methods.swav import SwavServer
     assert SwavServer.learning_rate_schedule(swav, 10).rates(9, 0) == pytest.approx((swav.lr, swav.c_lr))
 
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from mocosfl_fixtures import load_fixture
 from PIL import Image
 from torchvision import transforms
 
-from functions.datasets import resolved_entry
-from functions.sflmoco_functions import moco_view_spec
-from mocosfl_fixtures import load_fixture
+from functions.data.datasets import resolved_entry
+from functions.methods.moco import moco_view_spec
 from multicropdataset import FederatedViewsDataset, RadiusGaussianBlur, moco_transform, multicrop_transforms
 
 pytestmark = pytest.mark.usefixtures("one_thread")

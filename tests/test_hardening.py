@@ -13,16 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO_ROOT
+from sfl_helpers import TINY_SWAV, moco_trainer
+from test_robustness import FAST, SUBPROCESS_TIMEOUT_S, assert_clean_user_error, cli_error, entry_env
 
 import run_sflmoco
 import run_sflswav
-from conftest import REPO_ROOT
-from functions import checkpoint as checkpoint_module
-from functions.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from functions.errors import TrainingInterrupted
-from functions.files import RunFolderLock
-from sfl_helpers import TINY_SWAV, moco_trainer
-from test_robustness import FAST, SUBPROCESS_TIMEOUT_S, assert_clean_user_error, cli_error, entry_env
+from functions.core import checkpoint as checkpoint_module
+from functions.core.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from functions.core.errors import TrainingInterrupted
+from functions.core.files import RunFolderLock
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 SAMPLE_CIFAR10 = REPO_ROOT / "sample_data" / "cifar10"
@@ -60,7 +60,7 @@ def test_the_numpy_random_state_of_a_real_checkpoint_still_loads():
 
 def hold_lock(folder: Path) -> subprocess.Popen:
     """Another process that holds the run-folder lock of `folder` until its stdin closes."""
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); from functions.files import RunFolderLock; "
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from functions.core.files import RunFolderLock; "
             "lock = RunFolderLock(sys.argv[2]); lock.acquire(); print('held', flush=True); sys.stdin.read()")
     holder = subprocess.Popen([sys.executable, "-c", code, str(REPO_ROOT), str(folder)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
@@ -195,7 +195,7 @@ def test_a_path_that_is_not_utf8_is_one_line(tmp_path, capsys):
 
 
 def test_eval_only_takes_the_runs_data_dir_and_this_commands_evaluation_options(tmp_path, monkeypatch):
-    from functions import evaluation
+    from functions.evaluation import probes as evaluation
 
     run_dir = tmp_path / "run"
     run_sflmoco.main([*FAST, "--dataset", "cifar10", "--data_dir", str(SAMPLE_CIFAR10), "--max_steps", "1",
@@ -284,8 +284,9 @@ SIGNAL_AT = """
 import os, signal, sys
 sys.path.insert(0, {repo!r})
 import run_sflmoco
-from functions import data, simulator
-from functions.errors import run_cli
+from functions.train import federated_data as data
+from functions.train import trainer as simulator
+from functions.core.errors import run_cli
 
 where, number = sys.argv[1], getattr(signal, sys.argv[2])
 if where == "start":

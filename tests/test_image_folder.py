@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from configs import parse_args
-from functions import image_folder
-from functions.datasets import load_dataset, resolved_entry
-from functions.distributed import Runtime
-from functions.errors import UserError
-from functions.image_folder import ImageFiles, read_image_folder
-from functions.simulator import Trainer
+from functions.core.distributed import Runtime
+from functions.core.errors import UserError
+from functions.data import image_folder
+from functions.data.datasets import load_dataset, resolved_entry
+from functions.data.image_folder import ImageFiles, read_image_folder
+from functions.train.trainer import Trainer
 
 
 def write_folder(root: Path, classes=("cat", "dog", "eel"), train: int = 6, val: int = 2) -> Path:

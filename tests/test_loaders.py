@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from functions.errors import UserError
-from functions.loaders import (
+from functions.core.errors import UserError
+from functions.data.loaders import (
     FederatedSchedule,
     NormalisedImageLoader,
     StepBatch,

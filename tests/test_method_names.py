@@ -7,7 +7,8 @@ import inspect
 from pathlib import Path
 
 from conftest import REPO_ROOT
-from functions.server_method import METHODS, method_names
+
+from functions.methods.registry import METHODS, method_names
 
 SKIPPED_FOLDERS = {"tests", ".git", "outputs", "data", "__pycache__"}
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from functions.errors import UserError
-from functions.sflmoco_functions import KeyQueue, info_nce_loss, momentum_update_, symmetric_info_nce_loss
+from functions.core.errors import UserError
+from functions.losses.moco import KeyQueue, info_nce_loss, symmetric_info_nce_loss
+from functions.sfl.clients.loop import momentum_update_
 
 
 def _unit(vector: list[float]) -> list[float]:

@@ -11,17 +11,18 @@ import json
 
 import pytest
 import torch
+from sfl_helpers import moco_trainer, swav_trainer
+from test_moco_losses import reference_info_nce
 from torch import nn
 
 from configs import parse_args
-from functions import communication
-from functions.communication import FULL, REPLAY, UPLOAD_ONLY, next_status
-from functions.distributed import Runtime
-from functions.server_method import StepLayout
-from functions.sflmoco_functions import LARGE_V2_HIDDEN, MOCO_VERSIONS, MocoServer, build_moco_head
+from functions.core.distributed import Runtime
+from functions.data.layout import StepLayout
+from functions.methods.heads import LARGE_V2_HIDDEN, MOCO_VERSIONS, build_moco_head
+from functions.methods.moco import MocoServer
+from functions.sfl import communication
+from functions.sfl.communication import FULL, REPLAY, UPLOAD_ONLY, next_status
 from models.split import architecture, build_split_model
-from sfl_helpers import moco_trainer, swav_trainer
-from test_moco_losses import reference_info_nce
 
 CPU = Runtime(device=torch.device("cpu"))
 
@@ -46,7 +47,7 @@ NEGATIVES = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.6, 0.8, 0.0]]
 
 
 def test_symmetric_loss_is_mocosfls_two_terms_with_the_momentum_smashed_data_as_second_query():
-    # MocoSFL (functions/sflmoco_functions.py): loss12 = InfoNCE(server(query), t_server(pkey)) and
+    # MocoSFL (functions/methods/moco.py): loss12 = InfoNCE(server(query), t_server(pkey)) and
     # loss21 = InfoNCE(server(pkey), t_server(query)), summed; query: the client's smashed data, pkey: its
     # momentum copy's. Written out here by hand with the server's weights.
     method = _tiny_moco("--symmetric")
@@ -190,7 +191,7 @@ def test_a_version_sets_its_options_unless_they_are_given():
 # that the loop runs it on its client engines and logs the divergences.
 def _fedavg_around(trainer, monkeypatch) -> list[tuple[dict, dict]]:
     """Record the client weights just before and just after each FedAvg of the trainer."""
-    from functions import simulator
+    from functions.train import trainer as simulator
 
     seen, real = [], simulator.fedavg
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torchvision import transforms
 
-from functions.errors import UserError
-from functions.loaders import FederatedSchedule
-from functions.views import ViewSpec
+from functions.core.errors import UserError
+from functions.data.loaders import FederatedSchedule
+from functions.data.views import ViewSpec
 from multicropdataset import (
     FederatedViewsDataset,
     GaussianBlur,

@@ -4,10 +4,10 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from functions.overhead import BYTES_PER_VALUE, MOCOSFL_FLOP_UNIT, main
 from mocosfl_fixtures import load_fixture
 from sfl_helpers import moco_trainer
+
+from functions.sfl.overhead import BYTES_PER_VALUE, MOCOSFL_FLOP_UNIT, main
 
 SMASHED_VALUES_CUT_1 = 64 * 32 * 32          # ResNet-18's stem output for one 32x32 image
 STEM_CONV_FLOPS = 2 * 3 * 64 * 9 * 32 * 32   # multiply and add of the 3x3 convolution, 3 -> 64 channels

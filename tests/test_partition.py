@@ -10,10 +10,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from functions.datasets import load_dataset
-from functions.errors import UserError
-from functions.partition import (add_partition_arguments, classes_per_client, main, make_partition,
-                                 partition_hash, partition_summary, resolve_partition_method, save_partition)
+from functions.core.errors import UserError
+from functions.data.datasets import load_dataset
+from functions.data.partition import (
+    add_partition_arguments,
+    classes_per_client,
+    main,
+    make_partition,
+    partition_hash,
+    partition_summary,
+    resolve_partition_method,
+    save_partition,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_DIR = REPO_ROOT / "sample_data" / "cifar10"
@@ -278,7 +286,7 @@ def test_cli_on_real_mini_set(tmp_path: Path, cifar10_mini_dir: Path) -> None:
 
 def test_cli_bad_request_exits_2_with_one_line(tmp_path: Path) -> None:
     completed = subprocess.run(
-        [sys.executable, "-m", "functions.partition", "--dataset", "synthetic", "--num_client", "100000",
+        [sys.executable, "-m", "functions.data.partition", "--dataset", "synthetic", "--num_client", "100000",
          "--output_dir", str(tmp_path)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert completed.returncode == 2

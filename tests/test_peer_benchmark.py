@@ -4,9 +4,9 @@ from __future__ import annotations
 import sys
 
 import pytest
-
 from conftest import REPO_ROOT
-from functions.errors import UserError
+
+from functions.core.errors import UserError
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import peer_mocosfl  # noqa: E402

@@ -5,9 +5,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO_ROOT
-from functions.errors import UserError
+
+from functions.core.errors import UserError
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import peer_learning  # noqa: E402

@@ -8,17 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from sfl_helpers import TINY_MOCO
 
 import run_sflmoco
 from configs import parse_args
-from functions.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from functions.errors import UserError
-from functions.expert import MOCOSFL_CLIENT_FILE, load_initial_weights, mocosfl_client_state
-from functions.ressfl import SimulatedAttacker, client_penalty, per_image_ssim, ressfl_penalty
-from functions.server_method import method_class
+from functions.core.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from functions.core.errors import UserError
+from functions.methods.registry import method_class
+from functions.privacy.expert import MOCOSFL_CLIENT_FILE, load_initial_weights, mocosfl_client_state
+from functions.privacy.ressfl import SimulatedAttacker, client_penalty, per_image_ssim, ressfl_penalty
 from models.bottleneck import parse_bottleneck_option
 from models.split import build_split_model, merge_split, merge_state_dicts, split_state_dict
-from sfl_helpers import TINY_MOCO
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from functions.expert import MOCOSFL_CLIENT_FILE, load_initial_weights, mocosfl_client_state
-from functions.image_quality import ssim, ssim_per_image
-from functions.ressfl import SimulatedAttacker
+from functions.privacy.expert import MOCOSFL_CLIENT_FILE, load_initial_weights, mocosfl_client_state
+from functions.privacy.image_quality import ssim, ssim_per_image
+from functions.privacy.ressfl import SimulatedAttacker
 from models.decoders import inversion_decoder, parameter_count
 from models.split import build_split_model
 
@@ -160,7 +160,7 @@ def test_expert_client_parts_compute_what_mocosfls_do(golden, cutlayer: int) -> 
 
 # -------------------------------------------------------------------------------------------- the attack protocol
 def test_mocosfls_attack_loop_keeps_the_best_validation_batch_and_scores_image_by_image(golden) -> None:
-    from functions.attack_mocosfl import attack_figures, train_decoder
+    from functions.privacy.attack_mocosfl import attack_figures, train_decoder
 
     protocol = golden[0]["protocol"]
     small = torch.rand(17, 3, 4, 4, generator=torch.Generator().manual_seed(6))

@@ -7,14 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from dataset_files import write_stl10, write_svhn, write_tiny_imagenet
 
 from configs import parse_args
-from dataset_files import write_stl10, write_svhn, write_tiny_imagenet
-from functions import cifar, readers
-from functions.datasets import dataset_entry, load_dataset
-from functions.distributed import Runtime
-from functions.errors import UserError
-from functions.simulator import Trainer
+from functions.core.distributed import Runtime
+from functions.core.errors import UserError
+from functions.data import cifar, readers
+from functions.data.datasets import dataset_entry, load_dataset
+from functions.train.trainer import Trainer
 
 
 def test_stl10_reads_images_upright_and_labels_from_zero(tmp_path: Path) -> None:

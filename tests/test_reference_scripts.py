@@ -22,10 +22,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from reference_scripts import ScriptLine, all_script_lines, full_size_copies, translate
 
 from configs import parse_args
-from functions.runner import run
-from reference_scripts import ScriptLine, all_script_lines, full_size_copies, translate
+from functions.train.runner import run
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LINES = all_script_lines()

@@ -8,10 +8,9 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
-from functions.errors import UserError
-from functions.server_method import method_class
-from functions.sflmoco_functions import build_moco_head
-from functions.sflswav_functions import build_swav_head
+from functions.core.errors import UserError
+from functions.methods.heads import build_moco_head, build_swav_head
+from functions.methods.registry import method_class
 from models.layers import WSConv2d, group_norm_groups
 from models.split import (
     build_split_model,

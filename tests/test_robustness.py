@@ -17,19 +17,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from sfl_helpers import TINY_MOCO, TINY_SWAV, moco_trainer
 
 import run_sflmoco
 import run_sflswav
-from functions import checkpoint as checkpoint_module
-from functions import cifar
-from functions import files as files_module
-from functions.checkpoint import CHECKPOINT_NAME, load_checkpoint, remove_stale_temporaries, save_atomic, stale_temporaries
-from functions.errors import TrainingInterrupted, UserError, exit_with_error, run_cli
-from functions.files import write_text_atomic
-from functions.loaders import FederatedSchedule
-from functions.datasets import NO_DOWNLOAD_ENV
-from functions.stopping import StopSignal
-from sfl_helpers import TINY_MOCO, TINY_SWAV, moco_trainer
+from functions.core import checkpoint as checkpoint_module
+from functions.core import files as files_module
+from functions.core.checkpoint import (
+    CHECKPOINT_NAME,
+    load_checkpoint,
+    remove_stale_temporaries,
+    save_atomic,
+    stale_temporaries,
+)
+from functions.core.errors import TrainingInterrupted, UserError, exit_with_error, run_cli
+from functions.core.files import write_text_atomic
+from functions.data import cifar
+from functions.data.datasets import NO_DOWNLOAD_ENV
+from functions.data.loaders import FederatedSchedule
+from functions.train.stopping import StopSignal
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_CIFAR10 = REPO_ROOT / "sample_data" / "cifar10"
@@ -126,8 +132,8 @@ SLOW_DRIVER = """
 import sys, time
 sys.path.insert(0, {repo!r})
 import run_sflmoco
-from functions import simulator
-from functions.errors import run_cli
+from functions.train import trainer as simulator
+from functions.core.errors import run_cli
 
 progress = sys.argv[1]
 original_step = simulator.Trainer.train_step
@@ -367,7 +373,7 @@ KILLED_SAVE = """
 import os, signal, sys
 sys.path.insert(0, {repo!r})
 import torch
-from functions import checkpoint
+from functions.core import checkpoint
 path = sys.argv[1]
 checkpoint.save_atomic({{"format": 1, "weights": torch.ones(3)}}, path)
 checkpoint.os.replace = lambda *args: os.kill(os.getpid(), signal.SIGKILL)  # die between write and rename

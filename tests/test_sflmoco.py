@@ -6,16 +6,16 @@ import json
 
 import pytest
 import torch
+from sfl_helpers import TINY_MOCO, moco_trainer
 from torch import nn
 
 import run_sflmoco
-from functions.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from functions.clients import ClientSide, query_index
-from functions.distributed import Runtime
-from functions.errors import UserError
-from functions.fedavg import fedavg
-from functions.sflmoco_functions import info_nce_loss, symmetric_info_nce_loss
-from sfl_helpers import TINY_MOCO, moco_trainer
+from functions.core.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from functions.core.distributed import Runtime
+from functions.core.errors import UserError
+from functions.losses.moco import info_nce_loss, symmetric_info_nce_loss
+from functions.sfl.clients.loop import ClientSide, query_index
+from functions.sfl.fedavg import fedavg
 
 
 def _parameters(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -189,7 +189,7 @@ def test_cudnn_benchmark_is_on_only_when_asked(tmp_path):
 
 def test_the_best_knn_epoch_is_kept_in_checkpoint_best(tmp_path, monkeypatch):
     # The kNN monitor is replaced by a fixed sequence: epoch 2 is the best, epoch 3 worse (not saved over it).
-    from functions import simulator
+    from functions.train import trainer as simulator
 
     scores = iter([10.0, 30.0, 50.0, 40.0])  # before training, then epochs 1-3
     monkeypatch.setattr(simulator, "knn_evaluation", lambda context: {"knn_acc": next(scores)})

@@ -5,11 +5,11 @@ import copy
 
 import pytest
 import torch
+from sfl_helpers import swav_trainer
 from torch import nn
 
-import functions.sflswav_functions as swav
-from functions.errors import UserError
-from sfl_helpers import swav_trainer
+import functions.methods.swav as swav
+from functions.core.errors import UserError
 
 MULTI_CROP = ["--nmb_crops", "2", "2", "--size_crops", "16", "8", "--min_scale_crops", "0.3", "0.1",
               "--max_scale_crops", "1", "0.3", "--crops_for_assign", "0", "1"]
@@ -147,9 +147,10 @@ def test_crop_options_are_validated():
 def test_swav_resume_continues_exactly_with_its_queue(tmp_path):
     import json
 
-    import run_sflswav
-    from functions.checkpoint import CHECKPOINT_NAME, load_checkpoint
     from sfl_helpers import TINY_SWAV
+
+    import run_sflswav
+    from functions.core.checkpoint import CHECKPOINT_NAME, load_checkpoint
 
     def run(name, *extra):
         run_sflswav.main([*TINY_SWAV, *MULTI_CROP, "--num_client", "2", "--batch_size", "4", "--queue_length", "16",

@@ -7,15 +7,15 @@ import math
 
 import numpy as np
 import pytest
+from sfl_helpers import TINY_MOCO, moco_trainer
 
 import run_sflmoco
 from configs import parse_args
-from functions.data import client_batch_sizes
-from functions.fedavg import fedavg_positions
-from functions.partition import hetero_partition
-from functions.schedules import LearningRateSchedule
-from functions.sflswav_functions import SwavServer
-from sfl_helpers import TINY_MOCO, moco_trainer
+from functions.data.partition import hetero_partition
+from functions.methods.schedules import LearningRateSchedule
+from functions.methods.swav import SwavServer
+from functions.sfl.fedavg import fedavg_positions
+from functions.train.federated_data import client_batch_sizes
 
 
 def test_cosine_schedule_steps_once_per_epoch_for_server_and_clients():

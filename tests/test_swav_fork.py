@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from sfl_helpers import swav_trainer
 from torch import nn
 
 from configs import parse_args
-from functions.errors import UserError
-from functions.server_method import StepLayout
-from functions.sflswav_functions import SwavServer, seed_fork_accumulated_loss
-from sfl_helpers import swav_trainer
+from functions.core.errors import UserError
+from functions.data.layout import StepLayout
+from functions.losses.swav import seed_fork_accumulated_loss
+from functions.methods.swav import SwavServer
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "mocosfl" / "swav_fork"
 MULTI_CROP = ["--nmb_crops", "2", "2", "--size_crops", "16", "8", "--min_scale_crops", "0.3", "0.1",
@@ -109,7 +110,7 @@ def test_compat_refuses_the_per_client_server_update():
 
 
 def test_compat_queue_gives_each_client_the_queue_before_its_own_rows(tmp_path, monkeypatch):
-    import functions.sflswav_functions as swav
+    import functions.methods.swav as swav
 
     trainer = swav_trainer(tmp_path, "--num_client", "2", "--batch_size", "4", "--queue_length", "16",
                            "--epoch_queue_starts", "0", "--compat", "mocosfl", *MULTI_CROP)

@@ -10,16 +10,16 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from functions.errors import UserError
-from functions.sflswav_functions import (
+from functions.core.errors import UserError
+from functions.losses.swav import (
     EmbeddingQueue,
     code_entropy,
     embedding_std,
-    normalize_prototypes_,
     prototypes_used,
     sinkhorn_knopp,
     swapped_prediction_loss,
 )
+from functions.methods.swav import normalize_prototypes_
 
 
 def reference_sinkhorn(scores: list[list[float]], epsilon: float, iterations: int) -> list[list[float]]:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from functions.errors import UserError
-from functions.sweep import build_jobs, main, mean_std, parse_assignments, preset_method
+from functions.core.errors import UserError
+from functions.train.sweep import build_jobs, main, mean_std, parse_assignments, preset_method
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,7 +42,7 @@ def presets(folder: Path) -> list[str]:
 
 
 def sweep_command(preset_files: list[str], output_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "functions.sweep", "--presets", *preset_files, "--seeds", "0", "1",
+    return [sys.executable, "-m", "functions.train.sweep", "--presets", *preset_files, "--seeds", "0", "1",
             "--output_dir", str(output_dir)]
 
 
@@ -107,7 +107,7 @@ def test_sweep_options_make_one_job_per_preset_variant_and_seed(tmp_path: Path) 
     assert jobs[0].folder == tmp_path / "out" / "tiny_moco_cutlayer1" / "seed3"
     assert preset_method(Path(files[0])) == "moco" and preset_method(Path(files[1])) == "swav"
     assert preset_method(REPO_ROOT / "configs" / "swav_cpu.yaml") == "swav"
-    from functions.sweep import job_command
+    from functions.train.sweep import job_command
 
     plain = job_command(jobs[0], Path("c.yaml"), resume=False, nproc_per_node=1)
     assert plain[1].endswith("run_sflmoco.py") and plain[-4:] == ["--seed", "3", "--output_dir", str(jobs[0].folder)]
@@ -137,7 +137,7 @@ def test_mean_and_sample_std() -> None:
 def test_a_folder_made_with_other_options_is_refused(tmp_path: Path) -> None:
     files = presets(tmp_path)
     [job] = build_jobs(files[:1], [0], {}, {}, tmp_path / "out")
-    from functions.sweep import write_job_config
+    from functions.train.sweep import write_job_config
 
     write_job_config(job)
     [changed] = build_jobs(files[:1], [0], {"num_epoch": 9}, {}, tmp_path / "out")

@@ -1,0 +1,1 @@
+"""Run infrastructure: processes and devices, errors, files, logs, precision, checkpoint files, compatibility switches."""

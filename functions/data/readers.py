@@ -1,0 +1,258 @@
+"""Readers of STL-10 (binary), SVHN (.mat) and Tiny-ImageNet-200 (JPEG folders) into uint8 NHWC arrays and int64
+labels, downloading the official files when they are missing (never with SFL_NO_DOWNLOAD=1).
+
+Each reader takes the folder that holds the dataset's official layout (as its archive extracts) and returns
+(train images, train labels, test images, test labels, source); functions.data.datasets registers them. Unlabelled
+images carry the label -1 (UNLABELLED).
+"""
+from __future__ import annotations
+
+import os
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from functions.core.errors import UserError
+from functions.data import cifar
+
+UNLABELLED = -1
+
+
+@dataclass(frozen=True)
+class OfficialFile:
+    """One file of a dataset's official release: where it comes from and what appears in the data folder."""
+
+    display_name: str
+    url: str
+    md5: str
+    target: str  # the folder an archive extracts to, or the file itself
+
+    @property
+    def file_name(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
+
+def _extract(archive: Path, data_dir: Path) -> None:
+    """Extract a .tar.gz or .zip into data_dir, refusing members that would land outside it."""
+    if archive.name.endswith(".zip"):
+        root = data_dir.resolve()
+        with zipfile.ZipFile(archive) as bundle:
+            for member in bundle.namelist():
+                if not (data_dir / member).resolve().is_relative_to(root):
+                    raise zipfile.BadZipFile(f"unsafe member {member}")
+            bundle.extractall(data_dir)
+    else:
+        cifar.extract_tar_gz(archive, data_dir)
+
+
+def ensure_official(official: OfficialFile, data_dir: Path, download: bool) -> Path:
+    """The dataset folder or file in data_dir, downloaded (md5-checked) and extracted first when it is missing."""
+    target = data_dir / official.target
+    if target.exists():
+        return target
+    where = (f"download {official.url}" + ("" if official.target == official.file_name else " and extract it")
+             + f" into {data_dir}, or pass --data_dir pointing to the folder that contains {official.target}")
+    if not download:
+        raise UserError(f"{official.display_name} not found at {target} (download disabled); {where}")
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fetched = data_dir / official.file_name
+        if not (fetched.is_file() and cifar.file_md5(fetched) == official.md5):
+            cifar.download_file(official.url, fetched)
+            checksum = cifar.file_md5(fetched)
+            if checksum != official.md5:
+                fetched.unlink()
+                raise ValueError(f"md5 {checksum} of the downloaded file differs from the official {official.md5}")
+        if fetched != target:
+            _extract(fetched, data_dir)
+    except (OSError, ValueError, tarfile.TarError, zipfile.BadZipFile, EOFError) as error:
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise UserError(f"{official.display_name} not found at {target} and it could not be downloaded ({reason}); "
+                        f"{where}") from error
+    if not target.exists():
+        raise UserError(f"{official.display_name}: the archive did not contain {official.target}; {where}")
+    return target
+
+
+def _check_labels(labels: np.ndarray, num_classes: int, source: str) -> np.ndarray:
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise UserError(f"{source} has labels outside 0..{num_classes - 1}; the file is damaged or not the "
+                        "dataset's; download it again")
+    return labels
+
+
+# ------------------------------------------------------------------------------------------------ STL-10
+STL10 = OfficialFile("STL-10", "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz",
+                     "91f7769df0f17e558f3565bffb0c7dfb", "stl10_binary")
+STL10_SIZE = 96
+
+
+def read_stl10_images(path: Path) -> np.ndarray:
+    """Images of an STL-10 *_X.bin file: each stored channel by channel, each channel column by column."""
+    raw = np.fromfile(path, dtype=np.uint8)
+    per_image = 3 * STL10_SIZE * STL10_SIZE
+    if raw.size == 0 or raw.size % per_image:
+        raise UserError(f"{path} holds {raw.size} bytes, not a whole number of 96x96 colour images; the file is "
+                        "damaged; download STL-10 again")
+    # (N, channel, column, row) as stored -> (N, row, column, channel).
+    return np.ascontiguousarray(raw.reshape(-1, 3, STL10_SIZE, STL10_SIZE).transpose(0, 3, 2, 1))
+
+
+def read_stl10_labels(path: Path, count: int) -> np.ndarray:
+    """Labels of an STL-10 *_y.bin file (stored 1..10) as 0..9."""
+    labels = np.fromfile(path, dtype=np.uint8).astype(np.int64) - 1
+    if labels.size != count:
+        raise UserError(f"{path} has {labels.size} labels for {count} images; download STL-10 again")
+    return _check_labels(labels, 10, str(path))
+
+
+def read_stl10(data_dir: Path, *, download: bool = True, seed: int = 0,
+               with_unlabelled: bool = False) -> tuple[Any, ...]:
+    """STL-10's labelled train (5,000) and test (8,000) images; with_unlabelled adds the 100,000 unlabelled images
+    to the training images (label UNLABELLED)."""
+    folder = ensure_official(STL10, data_dir, download)
+    parts = {}
+    for split in ("train", "test"):
+        images_file, labels_file = folder / f"{split}_X.bin", folder / f"{split}_y.bin"
+        for path in (images_file, labels_file):
+            if not path.is_file():
+                raise UserError(f"STL-10 folder {folder} has no {path.name}; download STL-10 again")
+        images = read_stl10_images(images_file)
+        parts[split] = (images, read_stl10_labels(labels_file, images.shape[0]))
+    train_images, train_labels = parts["train"]
+    if with_unlabelled:
+        unlabelled_file = folder / "unlabeled_X.bin"
+        if not unlabelled_file.is_file():
+            raise UserError(f"STL-10 folder {folder} has no unlabeled_X.bin (the unlabelled split); download STL-10 "
+                            "again, or use --dataset stl10 (labelled images only)")
+        unlabelled = read_stl10_images(unlabelled_file)
+        train_images = np.concatenate([train_images, unlabelled])
+        train_labels = np.concatenate([train_labels, np.full(unlabelled.shape[0], UNLABELLED, dtype=np.int64)])
+    return train_images, train_labels, *parts["test"], str(folder)
+
+
+# -------------------------------------------------------------------------------------------------- SVHN
+SVHN_FILES = {
+    "train": OfficialFile("SVHN train", "http://ufldl.stanford.edu/housenumbers/train_32x32.mat",
+                          "e26dedcc434d2e4c54c9b2d4a06d8373", "train_32x32.mat"),
+    "test": OfficialFile("SVHN test", "http://ufldl.stanford.edu/housenumbers/test_32x32.mat",
+                         "eb5a983be6a315427106f1b164d9cef3", "test_32x32.mat"),
+    "extra": OfficialFile("SVHN extra", "http://ufldl.stanford.edu/housenumbers/extra_32x32.mat",
+                          "a93ce644f1a588dc4d68dda5feec44a7", "extra_32x32.mat"),
+}
+
+
+def read_svhn_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Images and labels of an SVHN *_32x32.mat file (X is 32x32x3xN; the digit 0 is stored as 10)."""
+    from scipy.io import loadmat
+    from scipy.io.matlab import MatReadError
+
+    try:
+        content = loadmat(path)
+        images, labels = content["X"], content["y"]
+    except (OSError, ValueError, KeyError, TypeError, MatReadError) as error:
+        raise UserError(f"{path} is not an SVHN .mat file ({' '.join(str(error).split())[:120]}); download it "
+                        "again") from None
+    if images.ndim != 4 or images.shape[:3] != (32, 32, 3) or labels.size != images.shape[3]:
+        raise UserError(f"{path} holds arrays of shape {images.shape} and {labels.shape}, not SVHN's 32x32x3xN "
+                        "images and N labels; download it again")
+    labels = labels.reshape(-1).astype(np.int64) % 10
+    return np.ascontiguousarray(images.transpose(3, 0, 1, 2).astype(np.uint8)), _check_labels(labels, 10, str(path))
+
+
+def read_svhn(data_dir: Path, *, download: bool = True, seed: int = 0, with_extra: bool = False) -> tuple[Any, ...]:
+    """SVHN's train (73,257) and test (26,032) digits; with_extra adds the 531,131 extra digits to the training
+    images."""
+    splits = ["train", "test", *(["extra"] if with_extra else [])]
+    read = {split: read_svhn_mat(ensure_official(SVHN_FILES[split], data_dir, download)) for split in splits}
+    train_images, train_labels = read["train"]
+    if with_extra:
+        train_images = np.concatenate([train_images, read["extra"][0]])
+        train_labels = np.concatenate([train_labels, read["extra"][1]])
+    return train_images, train_labels, *read["test"], str(data_dir)
+
+
+# --------------------------------------------------------------------------------------- Tiny-ImageNet-200
+TINY_IMAGENET = OfficialFile("Tiny-ImageNet-200", "http://cs231n.stanford.edu/tiny-imagenet-200.zip",
+                             "90528d7ca1a48142e341f4ef8d21d0de", "tiny-imagenet-200")
+TINY_SIZE = 64
+DECODED_CACHE = ".decoded"  # beside the JPEGs: the decoded arrays, so later runs skip decoding
+
+
+def _decode(paths: list[Path], size: int) -> np.ndarray:
+    """Decode image files into one uint8 NHWC array (RGB); every image must be size x size."""
+    from PIL import Image
+
+    images = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    for index, path in enumerate(paths):
+        try:
+            with Image.open(path) as image:
+                pixels = np.asarray(image.convert("RGB"))
+        except OSError as error:
+            raise UserError(f"cannot decode {path} ({error}); the file is damaged") from None
+        if pixels.shape[:2] != (size, size):
+            raise UserError(f"{path} is {pixels.shape[1]}x{pixels.shape[0]} pixels, Tiny-ImageNet's are {size}x{size}")
+        images[index] = pixels
+    return images
+
+
+def _cached_decode(folder: Path, split: str, paths: list[Path], size: int) -> np.ndarray:
+    """The decoded images of a split: read from the cache when it matches the file list, else decoded (and
+    cached when the folder is writable)."""
+    cache = folder / DECODED_CACHE / f"{split}.npy"
+    listing = folder / DECODED_CACHE / f"{split}.txt"
+    names = "\n".join(str(path.relative_to(folder)) for path in paths)
+    if cache.is_file() and listing.is_file() and listing.read_text() == names:
+        images = np.load(cache)
+        if images.shape == (len(paths), size, size, 3) and images.dtype == np.uint8:
+            return images
+    images = _decode(paths, size)
+    try:
+        cache.parent.mkdir(exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=cache.parent, suffix=".npy", delete=False) as handle:
+            np.save(handle, images)
+        os.replace(handle.name, cache)
+        listing.write_text(names)
+    except OSError:
+        pass  # a read-only dataset folder: decode again next time
+    return images
+
+
+def read_tiny_imagenet(data_dir: Path, *, download: bool = True, seed: int = 0) -> tuple[Any, ...]:
+    """Tiny-ImageNet-200: 500 training images of each of its 200 classes (train/<wnid>/images) and the 10,000
+    labelled validation images (val/images, labels in val/val_annotations.txt) as the test set."""
+    folder = ensure_official(TINY_IMAGENET, data_dir, download)
+    wnids_file = folder / "wnids.txt"
+    if not wnids_file.is_file():
+        raise UserError(f"Tiny-ImageNet folder {folder} has no wnids.txt; download it again")
+    wnids = [line.strip() for line in wnids_file.read_text().splitlines() if line.strip()]
+    class_of = {wnid: index for index, wnid in enumerate(wnids)}
+    train_paths: list[Path] = []
+    train_labels: list[int] = []
+    for wnid in wnids:
+        files = sorted((folder / "train" / wnid / "images").glob("*.JPEG"))
+        if not files:
+            raise UserError(f"Tiny-ImageNet folder {folder} has no training images of class {wnid}; download it again")
+        train_paths += files
+        train_labels += [class_of[wnid]] * len(files)
+    annotations = folder / "val" / "val_annotations.txt"
+    if not annotations.is_file():
+        raise UserError(f"Tiny-ImageNet folder {folder} has no val/val_annotations.txt; download it again")
+    test_paths: list[Path] = []
+    test_labels: list[int] = []
+    for line in annotations.read_text().splitlines():
+        fields = line.split("\t")
+        if len(fields) < 2:
+            continue
+        if fields[1] not in class_of:
+            raise UserError(f"{annotations} names class {fields[1]}, which wnids.txt does not list")
+        test_paths.append(folder / "val" / "images" / fields[0])
+        test_labels.append(class_of[fields[1]])
+    return (_cached_decode(folder, "train", train_paths, TINY_SIZE), np.asarray(train_labels, dtype=np.int64),
+            _cached_decode(folder, "val", test_paths, TINY_SIZE), np.asarray(test_labels, dtype=np.int64),
+            str(folder))

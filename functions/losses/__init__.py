@@ -1,0 +1,1 @@
+"""Self-supervised losses as pure functions, and the queues they read."""

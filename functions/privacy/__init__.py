@@ -1,0 +1,1 @@
+"""Privacy: the model-inversion attack on smashed data, the ResSFL defence, expert initialisation."""

@@ -1,0 +1,133 @@
+"""The data of one run: the dataset, its split across clients, each client's batch, the step schedule and the
+loaders of this process (torchvision or DALI; the loop cannot tell which)."""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from functions.core.distributed import Runtime, check_clients_per_rank, client_shares
+from functions.core.errors import UserError
+from functions.data.datasets import ImageDataset, download_allowed, load_dataset
+from functions.data.loaders import FederatedLoaders, FederatedSchedule, StepBatch, default_steps_per_epoch
+from functions.data.partition import hetero_partition, make_partition, partition_hash, save_partition
+from functions.data.views import ViewSpec
+
+logger = logging.getLogger("sfl")
+
+
+def client_batch_sizes(args: argparse.Namespace, client_sizes: Sequence[int]) -> list[int]:
+    """Rows each client sends per step: --batch_size, or with --hetero proportional to the client's data size."""
+    if not args.hetero:
+        return [args.batch_size] * len(client_sizes)
+    mean_size = float(np.mean(client_sizes))
+    return [max(1, int(round(args.batch_size * size / mean_size))) for size in client_sizes]
+
+
+def build_loaders(dataset: ImageDataset, schedule: FederatedSchedule, view_spec: ViewSpec, *, use_dali: bool,
+                  dali_device: str | None, device: torch.device, eval_batch_size: int, num_workers: int,
+                  seed: int) -> FederatedLoaders:
+    """The torch (torchvision) or DALI data path; both return the same FederatedLoaders contract."""
+    if use_dali:
+        try:
+            from Dali.get_dali_dataloader import build_dali_loaders
+        except ImportError as error:
+            if "nvidia" not in str(error):
+                raise
+            raise UserError("--use_dali needs NVIDIA DALI: pip install nvidia-dali-cuda120 (or drop --use_dali)") from None
+        return build_dali_loaders(dataset, schedule, view_spec, device=device, dali_device=dali_device,
+                                  eval_batch_size=eval_batch_size, num_threads=max(1, num_workers), seed=seed)
+    from multicropdataset import build_torch_loaders, multicrop_transforms
+
+    return build_torch_loaders(dataset.train_images, dataset.train_labels, dataset.test_images, dataset.test_labels,
+                               dataset.mean, dataset.std, schedule,
+                               multicrop_transforms(dataset.mean, dataset.std, view_spec),
+                               eval_batch_size=eval_batch_size, num_workers=num_workers, device=device,
+                               num_classes=dataset.num_classes, memory=dataset.memory_split)
+
+
+class FederatedData:
+    """The dataset, the partition (saved to the run folder by rank 0), the schedule and the loaders of a run."""
+
+    def __init__(self, args: argparse.Namespace, view_spec: ViewSpec, runtime: Runtime, output_dir: Path) -> None:
+        self.runtime = runtime
+        self.dataset = load_dataset(args.dataset, args.data_dir, download=download_allowed(),
+                                    data_proportion=args.data_proportion, seed=args.seed, data_size=args.data_size)
+        self.client_indices = self._partition(args, output_dir)
+        self.client_sizes = [len(indices) for indices in self.client_indices]
+        self.partition_hash = partition_hash(self.client_indices)
+        self.batch_sizes = client_batch_sizes(args, self.client_sizes)
+        self._warn_small_shards()
+        steps = default_steps_per_epoch(self.client_indices, self.batch_sizes, args.client_sample_ratio)
+        if args.scheme == "fl":
+            steps *= args.local_epoch  # FL-MoCo: an epoch is --local_epoch passes of every client over its data
+        self.schedule = FederatedSchedule(self.client_indices, self.batch_sizes, args.client_sample_ratio, steps,
+                                          args.seed)
+        if runtime.is_distributed:
+            check_clients_per_rank(self.schedule.pool_size, args.num_client, args.client_sample_ratio,
+                                   runtime.world_size)
+        self.loaders = build_loaders(self.dataset, self.schedule, view_spec, use_dali=args.use_dali,
+                                     dali_device=args.dali_device, device=runtime.device,
+                                     eval_batch_size=args.eval_batch_size, num_workers=args.num_workers,
+                                     seed=args.seed)
+        self.steps_per_epoch = self.loaders.train.steps_per_epoch
+        self._pool_rows: dict[int, int] = {}
+
+    def _partition(self, args: argparse.Namespace, output_dir: Path) -> list[np.ndarray]:
+        """Each client's training-sample indices (rank 0 writes partition.json and partition.png)."""
+        labels, num_classes = self.dataset.train_labels, self.dataset.num_classes
+        if self.dataset.has_unlabelled:
+            if args.partition != "iid":
+                raise UserError(f"--dataset {args.dataset} trains on unlabelled images too: a {args.partition} "
+                                "partition follows labels they do not have; use --partition iid, or a dataset of "
+                                "labelled images only for non-IID clients")
+            # Unlabelled images count as one more column of the class counts (the last one).
+            labels, num_classes = np.where(labels < 0, num_classes, labels), num_classes + 1
+        if args.hetero and args.partition == "iid":
+            indices = hetero_partition(len(labels), args.num_client, args.hetero_string, args.seed)
+        else:
+            indices = make_partition(labels, args.num_client, args.partition, num_classes,
+                                     dirichlet_alpha=args.dirichlet_alpha, noniid_ratio=args.noniid_ratio,
+                                     min_client_samples=args.min_client_samples, seed=args.seed)
+        if self.runtime.is_main:
+            save_partition(output_dir, labels, indices, num_classes,
+                           extra={"partition": args.partition, "dirichlet_alpha": args.dirichlet_alpha,
+                                  "noniid_ratio": args.noniid_ratio, "seed": args.seed, "hetero": args.hetero})
+        return indices
+
+    def _warn_small_shards(self) -> None:
+        """Say when clients hold fewer samples than their batch: their batches repeat samples within a step."""
+        # Not an error: a client reads its shard as an endless stream of reshuffled passes (there is no drop-last),
+        # so a batch larger than the shard wraps around; each repeat is a new stream position with its own augmentation.
+        small = [(size, batch) for size, batch in zip(self.client_sizes, self.batch_sizes) if size < batch]
+        if small:
+            size, batch = min(small)
+            logger.warning(f"{len(small)} of {len(self.client_sizes)} clients hold fewer samples than their batch "
+                           f"(smallest: {size} samples, batch {batch}); their batches repeat samples within a step")
+
+    def pool(self, epoch: int) -> list[int]:
+        """The clients sampled for `epoch`, ascending (every rank's)."""
+        return self.loaders.train.pool(epoch)
+
+    def own_clients(self, epoch: int) -> list[int]:
+        """The clients of `epoch`'s pool this process trains (all of them in a single process)."""
+        pool = self.pool(epoch)
+        if not self.runtime.is_distributed:
+            return pool
+        return client_shares(pool, self.runtime.world_size)[self.runtime.rank]
+
+    def pool_rows(self, epoch: int) -> int:
+        """Rows of one step of `epoch` over the whole pool (every rank's clients)."""
+        if epoch not in self._pool_rows:
+            self._pool_rows[epoch] = sum(self.batch_sizes[c] for c in self.pool(epoch))
+        return self._pool_rows[epoch]
+
+    def row_share(self, batch: StepBatch, epoch: int) -> float:
+        """This process's fraction of the step's rows (1 in a single process)."""
+        if not self.runtime.is_distributed:
+            return 1.0
+        return batch.num_rows / self.pool_rows(epoch)

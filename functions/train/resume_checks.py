@@ -1,0 +1,50 @@
+"""Whether a saved run may be continued by this one: the same method, the same training configuration."""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from configs import training_signature
+from functions.core.errors import UserError
+from functions.methods.registry import METHODS
+
+
+def check_same_method(state: dict[str, Any], args: argparse.Namespace, source: str | os.PathLike) -> None:
+    """Refuse to continue a checkpoint of another method with this entry script, naming the right one."""
+    saved_args = state.get("args") if isinstance(state.get("args"), dict) else {}
+    saved = saved_args.get("method")
+    if saved is not None and saved != args.method:
+        method = METHODS.get(saved)
+        how = f"resume it with {method.entry_script}" if method is not None and method.entry_script else "resume it"
+        raise UserError(f"{source} is a checkpoint of method {saved!r}, not {args.method!r}; {how} and the same "
+                        "options, or use a new --output_dir")
+    method = METHODS.get(args.method)
+    problem = method.checkpoint_problem(saved_args) if method is not None else None
+    if problem:
+        raise UserError(f"{source} {problem}")
+
+
+def _effective_signature(signature: dict[str, Any]) -> dict[str, Any]:
+    """The options that change what a run computes: under --cos the MultiStepLR options do not."""
+    if signature.get("cos"):
+        return {key: value for key, value in signature.items() if key not in ("milestones", "s_gamma", "c_gamma")}
+    return signature
+
+
+def check_same_configuration(state: dict[str, Any], args: argparse.Namespace, current_hash: str) -> None:
+    """Refuse to resume a checkpoint made under different training options (names the first difference)."""
+    saved = _effective_signature(state["signature"])
+    current = _effective_signature(training_signature(args))
+    given = set(getattr(args, "_given", ()))
+    # An option newer than the checkpoint did not exist for that run: its value here applies, unless set on purpose.
+    differing = [key for key in sorted(set(saved) | set(current))
+                 if saved.get(key) != current.get(key) and (key in saved or key in given)]
+    if differing:
+        was = " ".join(f"--{key} {saved.get(key)!r}" for key in differing)
+        now = " ".join(f"--{key} {current.get(key)!r}" for key in differing)
+        raise UserError(f"the checkpoint in {args.output_dir} was made with {was}, this run has {now}; "
+                        "use the same options, or a new --output_dir")
+    if state["partition_hash"] != current_hash:
+        raise UserError(f"the checkpoint in {args.output_dir} was made on a different data partition; "
+                        "use the same data and partition options, or a new --output_dir")

@@ -1,0 +1,101 @@
+"""Stop signals (SIGTERM from a scheduler, Ctrl-C) turned into a request the training loop polls between steps,
+and the command that resumes a stopped run."""
+from __future__ import annotations
+
+import argparse
+import shlex
+import signal
+import sys
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from functions.core.distributed import launcher_prefix
+from functions.core.errors import TrainingInterrupted
+from functions.methods.registry import method_class
+
+
+class StopSignal:
+    """SIGTERM / SIGINT turned into a request the loop polls between steps; a second SIGINT stops at once.
+
+    Outside the training loop (loading data, building the model, the final evaluation) there is no step to finish:
+    after `outside_training(situation)` a signal stops the run at once with TrainingInterrupted, whose message is
+    the signal's name followed by `situation` (what was saved, what to run next).
+    """
+
+    HANDLED = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, announce: bool = True) -> None:
+        self.signal_number: int | None = None
+        self.announce = announce  # False on torchrun's other ranks: rank 0 prints the message
+        self._previous: dict[int, Any] = {}
+        self._situation: str | None = None  # None while the loop polls
+
+    def outside_training(self, situation: str) -> None:
+        """From now on a signal stops the run at once, saying `situation` (e.g. "before training started: ...")."""
+        self._situation = situation
+
+    @contextmanager
+    def polling(self) -> Iterator["StopSignal"]:
+        """While the training loop runs: a signal is a request it answers after the current step."""
+        situation, self._situation = self._situation, None
+        try:
+            yield self
+        finally:
+            self._situation = situation
+
+    @property
+    def requested(self) -> bool:
+        """True once a stop signal arrived."""
+        return self.signal_number is not None
+
+    @property
+    def name(self) -> str:
+        """Name of the signal received (SIGTERM, SIGINT)."""
+        return signal.Signals(self.signal_number).name if self.signal_number is not None else ""
+
+    def request(self, signal_number: int) -> None:
+        """Ask the loop to stop after the current step (what the handler does; tests may call it directly)."""
+        self.signal_number = signal_number
+
+    def _handle(self, signal_number: int, frame: Any) -> None:
+        if self._situation is not None:
+            self.request(signal_number)
+            raise TrainingInterrupted(f"{self.name} received {self._situation}", signal_number, announce=self.announce)
+        if self.requested:
+            if signal_number == signal.SIGINT:
+                # The user insists (a second Ctrl-C): abandon the step; save_atomic removes its temporary file.
+                raise KeyboardInterrupt
+            # A repeated SIGTERM changes nothing: torchrun sends it more than once while stopping its workers,
+            # and a scheduler that will not wait follows up with SIGKILL anyway.
+            return
+        self.request(signal_number)
+        # A signal sent to the whole process group (Ctrl-C, Slurm) also ends the data-loader workers; torch's
+        # SIGCHLD handler would then raise in the middle of the step. The loop fetches no further batch now.
+        sigchld = getattr(signal, "SIGCHLD", None)
+        if sigchld is not None and sigchld not in self._previous:
+            self._previous[sigchld] = signal.signal(sigchld, signal.SIG_DFL)
+
+    def __enter__(self) -> "StopSignal":
+        # Handlers can only be installed from the main thread (a loop driven from another thread keeps the defaults).
+        if threading.current_thread() is threading.main_thread():
+            for number in self.HANDLED:
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for number, previous in self._previous.items():
+            signal.signal(number, previous)
+        self._previous.clear()
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    """The command that continues this run: the one that started it plus --resume, or its saved config."""
+    script = method_class(args.method).entry_script
+    if Path(sys.argv[0]).name == script:
+        arguments = [sys.argv[0], *(a for a in sys.argv[1:] if a != "--resume"), "--resume"]
+    else:
+        # Called from Python (not the entry script): the run folder's config.yaml holds every resolved option.
+        arguments = [script, "--config", str(Path(args.output_dir) / "config.yaml"), "--resume"]
+    return f"{launcher_prefix()} {shlex.join(arguments)}"
