@@ -394,5 +394,5 @@ def test_unknown_dataset_lists_choices() -> None:
 
 
 def test_cifar_module_does_not_import_dali() -> None:
-    source = (REPO_ROOT / "functions" / "cifar.py").read_text()
+    source = (REPO_ROOT / "functions" / "data" / "cifar.py").read_text()
     assert "dali" not in source.lower()

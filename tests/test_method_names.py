@@ -55,7 +55,7 @@ def test_no_file_compares_with_a_method_name_outside_that_methods_module():
     assert {"moco", "swav"} <= names
     home = {name: Path(inspect.getsourcefile(METHODS[name])).resolve() for name in names}
     sources = _project_sources()
-    assert REPO_ROOT / "functions" / "simulator.py" in sources and REPO_ROOT / "configs" / "__init__.py" in sources
+    assert REPO_ROOT / "functions" / "train" / "trainer.py" in sources and REPO_ROOT / "configs" / "__init__.py" in sources
     offending = []
     for path in sources:
         for line, name in method_name_tests(path.read_text(), names):
