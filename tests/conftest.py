@@ -1,4 +1,4 @@
-"""Shared test fixtures: locations of real data, CPU-only defaults."""
+"""Shared test setup: the repository and tests/helpers on the import path, one torch thread, real-data fixtures."""
 from __future__ import annotations
 
 import os
@@ -7,16 +7,16 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    # One worker per core (pytest.ini): each keeps to one thread, set before torch is first imported, and so do the
-    # programs the tests start.
-    os.environ["OMP_NUM_THREADS"] = "1"
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+# One thread per test process (pytest-xdist runs one worker per core), set before torch is first imported; the
+# programs the tests start inherit it. Tiny tensors run as fast on one thread, and in-process and child runs then
+# reduce in the same order, so their results match bit for bit.
+os.environ["OMP_NUM_THREADS"] = "1"
+HELPERS = Path(__file__).resolve().parent / "helpers"
+for folder in (HELPERS.parent.parent, HELPERS):
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
 
-# Real CIFAR-10 images (a trimmed official layout) kept beside the repository; override with SFL_CIFAR10_MINI.
-CIFAR10_MINI = Path(os.environ.get("SFL_CIFAR10_MINI", REPO_ROOT.parent / "shared" / "data" / "cifar10-mini"))
+from paths import CIFAR10_MINI  # noqa: E402  (after the path is set)
 
 
 @pytest.fixture

@@ -5,8 +5,8 @@ import ast
 from pathlib import Path
 
 import pytest
+from paths import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("functions", "models", "configs", "Dali")
 TOP_MODULES = ("multicropdataset", "run_sflmoco", "run_sflswav")
 # Imported inside a function on purpose: optional or heavy dependencies, loaded only when a feature needs them.

@@ -1,0 +1,53 @@
+"""The runner: starting, resuming and evaluating a run, and its one-line refusals."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from entry_runs import FAST, SUBPROCESS_TIMEOUT_S, cli_error, entry_env
+from paths import REPO_ROOT, SAMPLE_CIFAR10
+
+import run_sflmoco
+from functions.core.checkpoint import (
+    CHECKPOINT_NAME,
+)
+
+
+def test_unwritable_output_dir_exits_2(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    code, line = cli_error(run_sflmoco.main, [*FAST, "--output_dir", str(blocker / "run")], capsys)
+    assert code == 2 and f"--output_dir {blocker / 'run'} is not writable" in line
+
+
+def test_eval_only_takes_the_runs_data_dir_and_this_commands_evaluation_options(tmp_path, monkeypatch):
+    from functions.evaluation import probes as evaluation
+
+    run_dir = tmp_path / "run"
+    run_sflmoco.main([*FAST, "--dataset", "cifar10", "--data_dir", str(SAMPLE_CIFAR10), "--max_steps", "1",
+                      "--knn_k", "30", "--knn_t", "0.2", "--output_dir", str(run_dir)])
+    monkeypatch.setenv("SFL_NO_DOWNLOAD", "1")  # ./data does not hold CIFAR-10: reading it would fail
+    monkeypatch.chdir(tmp_path)
+    asked = []
+    real_knn = evaluation.knn_accuracy
+    monkeypatch.setattr(evaluation, "knn_accuracy", lambda *a, **k: asked.append(k) or real_knn(*a, **k))
+    results_dir = tmp_path / "evaluated"
+    results = run_sflmoco.main(["--eval_only", "--checkpoint", str(run_dir / CHECKPOINT_NAME), "--knn_k", "7",
+                                "--knn_t", "0.5", "--output_dir", str(results_dir), "--skip_linear"])
+    assert asked == [{"k": 7, "temperature": 0.5}]
+    assert json.loads((results_dir / "metrics.json").read_text())["final"]["knn_acc"] == results["knn_acc"]
+    assert not (run_dir / "eval_only").exists()
+    run_sflmoco.main(["--eval_only", "--checkpoint", str(run_dir / CHECKPOINT_NAME), "--skip_linear"])
+    assert asked[-1] == {"k": 30, "temperature": 0.2}  # not given here: the run's own
+    assert (run_dir / "eval_only" / "metrics.json").is_file()
+
+
+def test_torchrun_prints_a_bad_option_once(tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO_ROOT / "run_sflmoco.py"),
+               "--no_such_option", "--output_dir", str(tmp_path / "run")]
+    result = subprocess.run(command, cwd=REPO_ROOT, env=entry_env(), capture_output=True, text=True,
+                            timeout=SUBPROCESS_TIMEOUT_S)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: unrecognized arguments: --no_such_option (see run_sflmoco.py --help)"], result.stderr

@@ -1,0 +1,180 @@
+"""Stopping a run: SIGTERM and SIGINT mid-epoch and outside training, what is saved, and resuming exactly."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from entry_runs import FAST, SLOW_DRIVER, SUBPROCESS_TIMEOUT_S, checkpoint_tensors, entry_env
+from paths import REPO_ROOT
+from sfl_helpers import moco_trainer
+
+import run_sflmoco
+from functions.core.checkpoint import (
+    CHECKPOINT_NAME,
+    load_checkpoint,
+    stale_temporaries,
+)
+from functions.core.errors import TrainingInterrupted
+from functions.train.stopping import StopSignal
+
+# Runs the real entry script in a child process; each step also writes its number to a progress file and pauses,
+# so the test can send SIGTERM from outside while the run is mid-epoch.
+
+
+def start_slow_run(tmp_path: Path, argv: list[str], **popen: object) -> tuple[subprocess.Popen, Path]:
+    """Start the slowed entry script; return the process once it has finished two steps."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(SLOW_DRIVER.format(repo=str(REPO_ROOT)))
+    progress = tmp_path / "progress.txt"
+    child = subprocess.Popen([sys.executable, str(driver), str(progress), *argv], cwd=REPO_ROOT, env=entry_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    deadline = time.monotonic() + SUBPROCESS_TIMEOUT_S
+    while not (progress.is_file() and len(progress.read_text().split()) >= 2):
+        if child.poll() is not None or time.monotonic() > deadline:
+            child.kill()
+            raise AssertionError(f"the run made no progress: {child.communicate()}")
+        time.sleep(0.05)
+    return child, progress
+
+
+def test_sigterm_mid_epoch_saves_and_the_printed_resume_reaches_the_uninterrupted_weights(tmp_path):
+    interrupted_dir = tmp_path / "interrupted"
+    child, _ = start_slow_run(tmp_path, [*FAST, "--output_dir", str(interrupted_dir)])
+    try:
+        child.send_signal(signal.SIGTERM)
+        _, stderr = child.communicate(timeout=SUBPROCESS_TIMEOUT_S)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "Traceback" not in stderr
+    resume_lines = [line for line in stderr.splitlines() if "resume with: " in line]
+    assert len(resume_lines) == 1 and resume_lines[0].startswith("interrupted: SIGTERM received"), stderr
+    assert "resume with" in (interrupted_dir / "output.log").read_text()
+
+    saved = load_checkpoint(interrupted_dir / CHECKPOINT_NAME)
+    stopped_at = saved["global_step"]
+    steps_per_epoch = json.loads((interrupted_dir / "metrics.json").read_text())["steps_per_epoch"]
+    assert 2 <= stopped_at < steps_per_epoch - 2 and saved["epoch"] == 0, "not stopped mid-epoch"
+    assert saved["step_in_epoch"] == stopped_at
+    assert stale_temporaries(interrupted_dir / CHECKPOINT_NAME) == []
+
+    # Resume with exactly the printed command (in this process), a few steps further.
+    command = shlex.split(resume_lines[0].split("resume with: ", 1)[1])
+    assert Path(command[1]).name == "run_sflmoco.py" and command[-1] == "--resume"
+    final_step = stopped_at + 2
+    run_sflmoco.main([*command[2:], "--max_steps", str(final_step)])
+    straight_dir = tmp_path / "straight"
+    run_sflmoco.main([*FAST, "--output_dir", str(straight_dir), "--max_steps", str(final_step)])
+
+    resumed, straight = load_checkpoint(interrupted_dir / CHECKPOINT_NAME), load_checkpoint(straight_dir / CHECKPOINT_NAME)
+    assert resumed["global_step"] == straight["global_step"] == final_step
+    expected, actual = checkpoint_tensors(straight), checkpoint_tensors(resumed)
+    assert expected.keys() == actual.keys() and len(expected) > 10
+    for name, tensor in expected.items():
+        assert torch.equal(actual[name], tensor), name
+    losses = lambda folder: json.loads((folder / "metrics.json").read_text())["train_loss"]  # noqa: E731
+    assert losses(interrupted_dir) == losses(straight_dir)
+
+
+def test_sigterm_to_the_whole_process_group_with_data_workers_stops_cleanly(tmp_path):
+    # Slurm and Ctrl-C signal every process of the group: the data-loader workers die too, the step must not.
+    run_dir = tmp_path / "run"
+    child, _ = start_slow_run(tmp_path, [*FAST, "--num_workers", "2", "--output_dir", str(run_dir)],
+                              start_new_session=True)
+    try:
+        os.killpg(child.pid, signal.SIGTERM)
+        _, stderr = child.communicate(timeout=SUBPROCESS_TIMEOUT_S)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "Traceback" not in stderr and "resume with: " in stderr
+    saved = load_checkpoint(run_dir / CHECKPOINT_NAME)
+    assert saved["global_step"] >= 2 and saved["step_in_epoch"] == saved["global_step"]
+
+
+def test_stop_signal_requests_once_ignores_repeated_sigterm_and_stops_at_a_second_sigint():
+    before = signal.getsignal(signal.SIGTERM)
+    with StopSignal() as stop:
+        assert not stop.requested
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)  # the handler runs in the main thread between bytecodes
+        assert stop.requested and stop.name == "SIGTERM"
+        os.kill(os.getpid(), signal.SIGTERM)  # torchrun repeats SIGTERM while stopping its workers
+        time.sleep(0.01)
+        assert stop.requested and stop.name == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_stop_before_the_first_step_saves_a_resumable_step_zero(tmp_path):
+    trainer = moco_trainer(tmp_path, "--client_exec", "loop", "--num_client", "2", "--batch_size", "8")
+    trainer.stop.request(signal.SIGINT)
+    with pytest.raises(TrainingInterrupted, match="SIGINT received: stopped after step 0") as interrupted:
+        trainer.train()
+    assert interrupted.value.exit_code == 130
+    assert load_checkpoint(tmp_path / CHECKPOINT_NAME)["global_step"] == 0
+
+
+SIGNAL_AT = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+import run_sflmoco
+from functions.train import federated_data as data
+from functions.train import trainer as simulator
+from functions.core.errors import run_cli
+
+where, number = sys.argv[1], getattr(signal, sys.argv[2])
+if where == "start":
+    real_init = data.FederatedData.__init__
+
+    def init_then_signal(self, *args, **kwargs):
+        os.kill(os.getpid(), number)
+        real_init(self, *args, **kwargs)
+
+    data.FederatedData.__init__ = init_then_signal
+else:
+    real_evaluation = simulator.Trainer.final_evaluation
+
+    def evaluation_then_signal(self):
+        os.kill(os.getpid(), number)
+        return real_evaluation(self)
+
+    simulator.Trainer.final_evaluation = evaluation_then_signal
+run_cli(lambda: run_sflmoco.main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize("where", ["start", "evaluation"])
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
+def test_a_signal_outside_training_says_what_was_saved(tmp_path, where, name):
+    script = tmp_path / "signal_at.py"
+    script.write_text(SIGNAL_AT.format(repo=str(REPO_ROOT)))
+    run_dir = tmp_path / "run"
+    result = subprocess.run([sys.executable, str(script), where, name, *FAST, "--max_steps", "2", "--output_dir",
+                             str(run_dir)], env=entry_env(), capture_output=True, text=True,
+                            timeout=SUBPROCESS_TIMEOUT_S)
+    assert result.returncode == 128 + getattr(signal, name), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("interrupted: ")]
+    assert len(lines) == 1, result.stderr[-2000:]
+    if where == "start":
+        assert lines[0] == f"interrupted: {name} received before training started; nothing new was saved (run the same command again)"
+        assert not (run_dir / CHECKPOINT_NAME).exists()
+    else:
+        checkpoint = run_dir / CHECKPOINT_NAME
+        assert lines[0].startswith(f"interrupted: {name} received during the final evaluation; training is "
+                                   f"complete and saved in {checkpoint} (step 2)")
+        assert f"run_sflmoco.py --eval_only --checkpoint {checkpoint}" in lines[0]
+        assert load_checkpoint(checkpoint)["global_step"] == 2
