@@ -5,9 +5,13 @@ import math
 import os
 import signal
 import sys
+import time
 from typing import Callable, NoReturn
 
 USER_ERROR_EXIT_CODE = 2
+# A torchrun rank that leaves the printing of a shared error to its node's first rank waits this long before it
+# exits: torchrun ends every rank as soon as one exits, which could otherwise end the first before it printed.
+QUIET_RANK_EXIT_DELAY_S = 10.0
 
 
 class UserError(Exception):
@@ -59,7 +63,8 @@ def run_cli(main: Callable[[], object]) -> None:
         main()
     except UserError as error:
         if error.on_every_rank and os.environ.get("LOCAL_RANK", "0") != "0":
-            raise SystemExit(USER_ERROR_EXIT_CODE) from None  # the node's first rank prints the same line
+            time.sleep(QUIET_RANK_EXIT_DELAY_S)  # the node's first rank prints the same line, then torchrun ends us
+            raise SystemExit(USER_ERROR_EXIT_CODE) from None
         exit_with_error(str(error))
     except TrainingInterrupted as interrupted:
         if interrupted.announce:
