@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from functions.core.distributed import Runtime
-from functions.sfl.fedavg import DivergenceAwareAveraging, fedavg
+from functions.sfl.fedavg import fedavg
+from functions.sfl.fedavg_rules import DivergenceAwareAveraging, FedAvgOptions
 
 FIXTURES = Path(__file__).parent / "fixtures" / "mocosfl"
 HAVE = (FIXTURES / "divergence.json").is_file() and (FIXTURES / "divergence.pt").is_file()
@@ -55,7 +56,8 @@ class _Clients:
 def _run(case: str, compat: bool, sizes: list[int], aware: bool = True):
     """This project's FedAvg over the case's calls (weights set as MocoSFL's were before each call)."""
     golden, tensors = GOLDEN[case], TENSORS[case]
-    mixer = DivergenceAwareAveraging(GOLDEN["num_client"], golden["div_lambda"], mocosfl_compat=compat) if aware else None
+    options = FedAvgOptions(GOLDEN["num_client"], golden["div_lambda"], compat="mocosfl" if compat else "none")
+    mixer = DivergenceAwareAveraging(options) if aware else None
     clients, results = None, []
     for call, pool in enumerate(golden["pools"]):
         if clients is None:
@@ -63,7 +65,7 @@ def _run(case: str, compat: bool, sizes: list[int], aware: bool = True):
         else:  # MocoSFL's clients moved between the calls by these steps (the golden's "before" of the next call)
             moved = tensors["before"][call] - tensors["after"][call - 1]
             clients = _Clients(clients.flat() + moved)
-        divergences = fedavg(clients, pool, sizes, CPU, divergence_aware=mixer, measure=True, mocosfl_compat=compat)
+        divergences = fedavg(clients, pool, sizes, CPU, rule=mixer, measure=True, mocosfl_compat=compat)
         results.append((clients.flat().clone(), divergences, None if mixer is None else mixer.lambdas.clone()))
     return results
 

@@ -223,7 +223,7 @@ def test_divergence_awareness_mixes_each_client_by_one_mu_in_the_loop(tmp_path, 
         mixed = torch.cat([(after[n][client].double() - average[n]).flatten() for n in names])
         mu = float(mixed @ own / (own @ own))
         assert 0 < mu < 1 and torch.allclose(mixed, mu * own, atol=1e-6)
-    assert not trainer.divergence_aware.lambdas.isnan().any() and trainer.divergence_aware.rescaled.all()
+    assert not trainer.fedavg_rule.lambdas.isnan().any() and trainer.fedavg_rule.rescaled.all()
 
 
 def test_compat_divergence_awareness_leaves_the_pool_clients_as_they_are(tmp_path, monkeypatch):
@@ -233,7 +233,7 @@ def test_compat_divergence_awareness_leaves_the_pool_clients_as_they_are(tmp_pat
     trainer.train()
     before, after = seen[-1]
     assert all(torch.equal(before[name], after[name]) for name in before)
-    assert not trainer.divergence_aware.auto_scaler
+    assert not trainer.fedavg_rule.auto_scaler
 
 
 # --------------------------------------------------------------------------- loss-threshold communication
