@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from configs import parse_args
-from functions.core.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from functions.core.checkpoint import CHECKPOINT_NAME, FORMAT_1_PARTS, load_checkpoint, save_atomic
 from functions.core.errors import UserError
 from functions.privacy.defences import (
     DEFENCES,
@@ -150,10 +150,22 @@ def _same(expected, actual, where: str = "") -> None:
         assert expected == actual, where
 
 
-def _resumes_exactly(tmp_path: Path, *options: str) -> dict:
-    """4 steps straight == 2 steps, then --resume to 4: weights, optimizers, parts and losses; the checkpoint."""
+def _as_format_1(path: Path) -> None:
+    """Rewrite a checkpoint as format 1 wrote it: each part under a key of its own, None for a part the run lacks."""
+    state = load_checkpoint(path)
+    parts = state.pop("parts")
+    state.update({key: parts.pop(part, None) for key, part in FORMAT_1_PARTS.items()}, format=1)
+    assert not parts  # every part of the run has a format-1 key
+    save_atomic(state, path)
+
+
+def _resumes_exactly(tmp_path: Path, *options: str, format_1: bool = False) -> dict:
+    """4 steps straight == 2 steps, then --resume to 4 (from a format-1 checkpoint with `format_1`): weights,
+    optimizers, parts and losses; the checkpoint."""
     straight = _train(tmp_path / "straight", "--max_steps", "4", *options)
     _train(tmp_path / "split", "--max_steps", "2", *options)
+    if format_1:
+        _as_format_1(tmp_path / "split" / CHECKPOINT_NAME)
     resumed = _train(tmp_path / "split", "--max_steps", "4", "--resume", *options)
     for key in ("method", "clients", "server_optimizer", "parts"):
         _same(straight[key], resumed[key], key)
@@ -179,6 +191,13 @@ def test_a_defence_registered_here_trains_checkpoints_and_resumes_exactly(tmp_pa
     assert part["steps"] == 4 and part["mean"] is not None
     assert state["metrics"]["centring_distance"][0][1] > 0  # its statistics are logged like the method's
     assert not torch.equal(_client_weights(plain_run), _client_weights(state))
+
+
+def test_format_1_checkpoints_resume_their_parts_exactly(tmp_path):
+    # Divergence-aware FedAvg, ResSFL, communication saving and the method's queue, each under its format-1 key.
+    _resumes_exactly(tmp_path, "--divergence_aware", "--div_lambda", "0.5", "--enable_ressfl", "--ressfl_alpha", "2",
+                     "--ressfl_target_ssim", "0.1", "--MIA_arch", "conv_normN0C8", "--loss_threshold", "0.1",
+                     format_1=True)
 
 
 def test_the_defence_receives_its_typed_options(centring_defence):
