@@ -440,7 +440,8 @@ def check_privacy_options(args: argparse.Namespace) -> None:
     defences = selected_defences(args.defence, args.enable_ressfl)
     ressfl = RESSFL_DEFENCE in defences
     if args.ressfl_alpha > 0 and not ressfl:
-        raise UserError("--ressfl_alpha needs --enable_ressfl or --defence ressfl (the simulated attacker it penalises)")
+        raise UserError("--ressfl_alpha needs --enable_ressfl or --defence ressfl (the simulated attacker it "
+                        "penalises)")
     if args.enable_ressfl and args.scheme == "fl":
         raise UserError("--enable_ressfl defends smashed data; --scheme fl sends none")
     if defences and args.scheme == "fl":

@@ -84,7 +84,8 @@ Defence = TypeVar("Defence", bound=PrivacyDefence)
 
 
 def register_defence(name: str) -> Callable[[type[Defence]], type[Defence]]:
-    """Class decorator: make a PrivacyDefence known as `name` (a later registration of the name replaces the earlier)."""
+    """Class decorator: make a PrivacyDefence known as `name` (a later registration of the name replaces the
+    earlier one)."""
     def register(defence: type[Defence]) -> type[Defence]:
         if not (isinstance(defence, type) and issubclass(defence, PrivacyDefence)):
             raise TypeError("register_defence decorates PrivacyDefence subclasses")

@@ -142,7 +142,8 @@ class DivergenceAwareAveraging(FedAvgRule):
         self.num_client = options.num_client
         self.mocosfl_compat = options.mocosfl_compat
         self.lambdas = torch.full((options.num_client,), float(options.div_lambda), dtype=torch.float64)
-        self.rescaled = torch.zeros(options.num_client, dtype=torch.bool)  # each client's first aggregation is behind it
+        # Whether each client's first aggregation is behind it.
+        self.rescaled = torch.zeros(options.num_client, dtype=torch.bool)
         self.auto_scaler = True  # --compat mocosfl: MocoSFL's one flag, cleared by the first aggregation
 
     def mix(self, client_ids: Sequence[int], stacked: dict[str, Tensor], average: dict[str, Tensor],

@@ -169,7 +169,8 @@ def _resumes_exactly(tmp_path: Path, *options: str, format_1: bool = False) -> d
     resumed = _train(tmp_path / "split", "--max_steps", "4", "--resume", *options)
     for key in ("method", "clients", "server_optimizer", "parts"):
         _same(straight[key], resumed[key], key)
-    losses = [json.loads((tmp_path / name / "metrics.json").read_text())["train_loss"] for name in ("straight", "split")]
+    losses = [json.loads((tmp_path / run_dir / "metrics.json").read_text())["train_loss"]
+              for run_dir in ("straight", "split")]
     assert losses[0] == losses[1] and len(losses[0]) == 4
     return straight
 
