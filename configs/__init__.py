@@ -20,6 +20,8 @@ from functions.core.files import write_text_atomic
 from functions.data.datasets import dataset_entry, dataset_names, resolved_entry
 from functions.data.partition import add_partition_arguments, parse_hetero_string, resolve_partition_method
 from functions.methods.registry import method_class
+from functions.privacy.defences import RESSFL_DEFENCE, selected_defences
+from functions.sfl.fedavg_rules import selected_fedavg_rule
 from models.bottleneck import parse_bottleneck_option
 from models.decoders import check_decoder_name
 from models.split import ARCHITECTURES, check_cutlayer
@@ -130,6 +132,9 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                      help="divergence-aware FedAvg (FedEMA, as MocoSFL means it): each pool client keeps mu * its own "
                           "weights + (1 - mu) * the average, mu = min(lambda * divergence, 1), the divergence summed "
                           "over its layers")
+    sfl.add_argument("--fedavg_rule", type=str, default=None, metavar="NAME",
+                     help="what the clients load after FedAvg, a registered rule: fedavg (the data-size-weighted "
+                          "average, the default) or divergence_aware (what --divergence_aware selects)")
     sfl.add_argument("--div_lambda", type=float, default=1.0,
                      help="lambda of --divergence_aware at the first FedAvg; from then on each client's lambda is "
                           "scaled so that its first mu is kept (FedEMA's auto-scaler)")
@@ -175,6 +180,9 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     privacy.add_argument("--attack_epochs", type=int, default=50, help="epochs of the attacker's decoder training")
     privacy.add_argument("--attack_client", type=int, default=0, help="the client whose images are attacked")
     privacy.add_argument("--attack_images", type=int, default=128, help="target images rebuilt and scored")
+    privacy.add_argument("--defence", type=str, nargs="+", default=None, metavar="NAME",
+                         help="privacy defences of the smashed data, registered names (ressfl: what --enable_ressfl "
+                              "selects); none by default")
     privacy.add_argument("--enable_ressfl", action="store_true", help="ResSFL: attacker-aware training of the clients")
     privacy.add_argument("--ressfl_alpha", type=float, default=0.0, help="ResSFL strength (0 = off)")
     privacy.add_argument("--ressfl_target_ssim", type=float, default=0.5, help="ResSFL: SSIM the attacker should not exceed")
@@ -355,6 +363,7 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
             "outputs", f"{args.method}_{args.dataset}_{args.arch}_cut{args.cutlayer}_client{args.num_client}_seed{args.seed}")
     apply_auto_adjust(args)
     _check_ranges(args)
+    selected_fedavg_rule(args.fedavg_rule, args.divergence_aware)
     check_privacy_options(args)
     check_dataset_options(args)
     for name in ("output_dir", "data_dir", "config", "checkpoint"):
@@ -414,7 +423,7 @@ def apply_auto_adjust(args: argparse.Namespace) -> None:
 
 
 def check_privacy_options(args: argparse.Namespace) -> None:
-    """The bottleneck, expert initialisation and ResSFL options: their combinations, one clear line each.
+    """The bottleneck, expert initialisation, defence and ResSFL options: their combinations, one clear line each.
 
     As in MocoSFL, a --bottleneck_option other than None adds the bottleneck (and sets --adds_bottleneck);
     --adds_bottleneck alone names no bottleneck and is refused rather than ignored.
@@ -428,11 +437,16 @@ def check_privacy_options(args: argparse.Namespace) -> None:
         raise UserError("--bottleneck_option sits at the cut of split learning; --scheme fl has no cut")
     if args.load_server and args.initialze_path == "None":
         raise UserError("--load_server needs --initialze_path (the run whose server part to load)")
-    if args.ressfl_alpha > 0 and not args.enable_ressfl:
-        raise UserError("--ressfl_alpha needs --enable_ressfl (the simulated attacker it penalises)")
+    defences = selected_defences(args.defence, args.enable_ressfl)
+    ressfl = RESSFL_DEFENCE in defences
+    if args.ressfl_alpha > 0 and not ressfl:
+        raise UserError("--ressfl_alpha needs --enable_ressfl or --defence ressfl (the simulated attacker it "
+                        "penalises)")
     if args.enable_ressfl and args.scheme == "fl":
         raise UserError("--enable_ressfl defends smashed data; --scheme fl sends none")
-    if args.enable_ressfl or (args.attack and args.attack_protocol == "auxiliary"):
+    if defences and args.scheme == "fl":
+        raise UserError(f"--defence {' '.join(defences)} defends smashed data; --scheme fl sends none")
+    if ressfl or (args.attack and args.attack_protocol == "auxiliary"):
         check_decoder_name(args.MIA_arch)
     if args.attack:
         if args.attack_client >= args.num_client:

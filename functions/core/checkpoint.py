@@ -9,7 +9,7 @@ import random
 import re
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -19,10 +19,27 @@ from functions.core.files import TEMPORARY_SUFFIX, temporary_prefix, write_atomi
 
 CHECKPOINT_NAME = "checkpoint_last.pt"
 BEST_CHECKPOINT_NAME = "checkpoint_best.pt"  # the state of the epoch with the best kNN monitor so far
-CHECKPOINT_FORMAT = 1
-# Keys every checkpoint of this format holds; a file without them is refused before anything is loaded.
+CHECKPOINT_FORMAT = 2
+# Keys every checkpoint of this format holds; a file without them is refused before anything is loaded. "parts":
+# the state of every stateful part of the run by the part's name (the method's extra state, the FedAvg rule's, the
+# defences', communication saving's).
 CHECKPOINT_KEYS = frozenset({"format", "args", "signature", "partition_hash", "epoch", "step_in_epoch", "global_step",
-                             "method", "method_extra", "clients", "server_optimizer", "scaler", "rng", "metrics"})
+                             "method", "parts", "clients", "server_optimizer", "scaler", "rng", "metrics"})
+# Format 1 kept each stateful part under a key of its own (None when the run had no such part): its key -> the part.
+FORMAT_1_PARTS = {"method_extra": "method_extra", "fedavg_state": "fedavg.divergence_aware",
+                  "ressfl": "defence.ressfl", "communication": "communication"}
+FORMAT_1_KEYS = (CHECKPOINT_KEYS - {"parts"}) | {"method_extra"}
+KEYS_OF_FORMAT = {1: FORMAT_1_KEYS, CHECKPOINT_FORMAT: CHECKPOINT_KEYS}
+
+
+class Stateful(Protocol):
+    """A part of a run whose state a checkpoint keeps."""
+
+    def state_dict(self) -> dict:
+        ...
+
+    def load_state_dict(self, state: dict) -> None:
+        ...
 
 
 def save_atomic(state: dict[str, Any], path: str | os.PathLike) -> None:
@@ -87,13 +104,22 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def check_checkpoint_layout(state: dict[str, Any], source: str) -> None:
-    """Refuse a checkpoint that lacks a key of this format, or has another format."""
-    missing = sorted(CHECKPOINT_KEYS - set(state))
+    """Refuse a checkpoint that lacks a key of its format, or has a format this version does not read."""
+    known = isinstance(state["format"], int) and state["format"] in KEYS_OF_FORMAT
+    missing = sorted((KEYS_OF_FORMAT[state["format"]] if known else CHECKPOINT_KEYS) - set(state))
     if missing:
         raise UserError(f"{source} is incomplete (no {', '.join(missing)}); delete it or pass another --output_dir")
-    if state["format"] != CHECKPOINT_FORMAT:
-        raise UserError(f"{source} has format {state['format']!r}, this version reads format {CHECKPOINT_FORMAT}; "
-                        "evaluate or resume it with the version that wrote it")
+    if not known:
+        raise UserError(f"{source} has format {state['format']!r}, this version reads formats "
+                        f"{' and '.join(str(f) for f in sorted(KEYS_OF_FORMAT))}; evaluate or resume it with the "
+                        "version that wrote it")
+
+
+def checkpoint_parts(state: dict[str, Any]) -> dict[str, Any]:
+    """The states of a checkpoint's stateful parts by part name (format 1's own keys read as their parts)."""
+    if state["format"] == 1:
+        return {part: state[key] for key, part in FORMAT_1_PARTS.items() if state.get(key) is not None}
+    return state["parts"]
 
 
 def first_non_finite(tree: Any, name: str = "") -> str | None:

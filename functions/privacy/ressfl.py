@@ -1,4 +1,4 @@
-"""ResSFL (--enable_ressfl): attacker-aware training of the client parts.
+"""ResSFL (--defence ressfl, or --enable_ressfl): attacker-aware training of the client parts.
 
 A simulated attacker (an inversion decoder, --MIA_arch) learns during training to rebuild the clients' images
 from their smashed data (Adam, loss = -SSIM, as in MocoSFL); each client's loss then gets ResSFL's penalty,
@@ -13,13 +13,14 @@ rows (for one client: MocoSFL's alpha * (SSIM - target)).
 """
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from functions.privacy.defences import DefenceSetting, PrivacyDefence, SmashedStep, register_defence
 from functions.privacy.image_quality import ssim_per_image
 from functions.sfl.clients.loop import query_index
 from models.decoders import inversion_decoder, xavier_initialise
@@ -32,6 +33,18 @@ ATTACKER_MILESTONES = (60, 120, 160)
 
 # MocoSFL's simulated attacker uses GroupNorm and weight-standardised convolutions below this batch size.
 GROUP_NORM_BELOW_BATCH = 20
+
+
+@dataclass(frozen=True)
+class ResSFLOptions:
+    """The run options ResSFL reads."""
+
+    ressfl_alpha: float
+    ressfl_target_ssim: float
+    MIA_arch: str
+    seed: int
+    batch_size: int
+    client_sample_ratio: float
 
 
 def per_image_ssim(reconstructed: Tensor, originals: Tensor) -> Tensor:
@@ -68,10 +81,10 @@ class SimulatedAttacker:
     """ResSFL's attacker and penalty: train the decoder on a step's smashed rows, then give the gradient of the
     clients' penalty with respect to those rows."""
 
-    def __init__(self, args: argparse.Namespace, client: nn.Module, image_size: int, mean: Sequence[float],
+    def __init__(self, options: ResSFLOptions, client: nn.Module, image_size: int, mean: Sequence[float],
                  std: Sequence[float], device: torch.device, distributed: bool = False) -> None:
-        self.alpha = float(args.ressfl_alpha)
-        self.target_ssim = float(args.ressfl_target_ssim)
+        self.alpha = float(options.ressfl_alpha)
+        self.target_ssim = float(options.ressfl_target_ssim)
         self.device = device
         self.distributed = distributed
         shape = _client_output_shape(client, image_size, device)
@@ -79,13 +92,13 @@ class SimulatedAttacker:
         # MocoSFL: --MIA_arch as named (custom: its small custom decoder), GroupNorm for small client batches,
         # Xavier-initialised plain convolutions.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(args.seed)
+            torch.manual_seed(options.seed)
             self.decoder = xavier_initialise(inversion_decoder(
-                args.MIA_arch, shape[1], shape[-1], image_size,
-                group_norm=args.batch_size < GROUP_NORM_BELOW_BATCH)).to(device)
+                options.MIA_arch, shape[1], shape[-1], image_size,
+                group_norm=options.batch_size < GROUP_NORM_BELOW_BATCH)).to(device)
         self.optimizer = torch.optim.Adam(self.decoder.parameters(), lr=ATTACKER_LR)
         # MocoSFL stretches the milestones when only part of the clients work per epoch.
-        stretch = 1.0 / args.client_sample_ratio if args.client_sample_ratio < 1.0 else 1.0
+        stretch = 1.0 / options.client_sample_ratio if options.client_sample_ratio < 1.0 else 1.0
         self.milestones = tuple(int(m * stretch) for m in ATTACKER_MILESTONES)
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
@@ -138,3 +151,30 @@ class SimulatedAttacker:
     def load_state_dict(self, state: dict) -> None:
         self.decoder.load_state_dict(state["decoder"])
         self.optimizer.load_state_dict(state["optimizer"])
+
+
+@register_defence("ressfl")
+class ResSFL(PrivacyDefence):
+    """ResSFL as a defence of the step: the simulated attacker trains on the smashed data of the method's first
+    trainable crop, and its penalty's gradient joins the server's (steps where that crop sends gradients only)."""
+
+    options_type = ResSFLOptions
+
+    def __init__(self, options: ResSFLOptions, setting: DefenceSetting) -> None:
+        super().__init__(options, setting)
+        self.attacker = SimulatedAttacker(options, setting.client, setting.image_size, setting.mean, setting.std,
+                                          setting.device, distributed=setting.distributed)
+
+    def client_gradients(self, step: SmashedStep) -> tuple[list[Tensor | None], dict[str, Tensor]]:
+        extra: list[Tensor | None] = [None] * len(step.smashed)
+        if step.server_gradients[0] is None:
+            return extra, {}
+        extra[0], stats = self.attacker(step.smashed[0], step.images[0], step.rows_per_client, step.epoch,
+                                        step.row_share)
+        return extra, stats
+
+    def state_dict(self) -> dict:
+        return self.attacker.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.attacker.load_state_dict(state)

@@ -2,7 +2,8 @@
 
 One weighting rule (`fedavg_weights`) and one average (`weighted_average`) serve both client engines (the loop
 and the vectorised one hand over their clients' weights stacked, `stacked_state`) and torchrun (each rank
-averages its own clients with the global weights, then one all-reduce sums the parts).
+averages its own clients with the global weights, then one all-reduce sums the parts). What the clients load
+after the average is the run's FedAvg rule's (functions.sfl.fedavg_rules).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from torch import Tensor
 
 from functions.core.distributed import Runtime, all_reduce_sum, client_shares
-from functions.core.errors import UserError
+from functions.sfl.fedavg_rules import FedAvgRule
 
 logger = logging.getLogger("sfl")
 
@@ -94,80 +95,6 @@ def layer_divergences(stacked: Mapping[str, Tensor], average: Mapping[str, Tenso
                         for name in names], dim=1)
 
 
-class DivergenceAwareAveraging:
-    """Divergence-aware FedAvg as MocoSFL means it (FedEMA, Zhuang et al., 2022): each pool client keeps
-    mu * its own weights + (1 - mu) * the average, one mu per client, mu = min(lambda * divergence, 1), the divergence
-    being the sum over its learned tensors of the L2 norm of its difference from the average (BatchNorm statistics
-    left out of the sum, mixed like the weights); lambda starts at --div_lambda and, at a client's first
-    aggregation, becomes mu / divergence, so that the same divergence keeps that mu (FedEMA's auto-scaler). Clients
-    outside the pool take the average.
-
-    `mocosfl_compat` (--compat mocosfl) reproduces MocoSFL's code: it assigns each mix into a copy of the client's
-    state dict, so the pool's clients keep their own weights (no averaging at all), and its auto-scaler rescales
-    only the first client of the first aggregation.
-    """
-
-    def __init__(self, num_client: int, div_lambda: float, mocosfl_compat: bool = False) -> None:
-        self.num_client = num_client
-        self.mocosfl_compat = mocosfl_compat
-        self.lambdas = torch.full((num_client,), float(div_lambda), dtype=torch.float64)
-        self.rescaled = torch.zeros(num_client, dtype=torch.bool)  # each client's first aggregation is behind it
-        self.auto_scaler = True  # --compat mocosfl: MocoSFL's one flag, cleared by the first aggregation
-
-    def mix(self, client_ids: Sequence[int], stacked: dict[str, Tensor], average: dict[str, Tensor],
-            runtime: Runtime, divergence: Tensor, pool: Sequence[int]) -> dict[str, Tensor]:
-        """The weights of these clients (this process's pool clients) after the aggregation, given their summed
-        divergences (in client_ids order); updates the lambdas."""
-        index = torch.as_tensor(list(client_ids), dtype=torch.long)
-        divergence = divergence.double().cpu()
-        lambdas = self.lambdas[index]
-        mu = (lambdas * divergence).clamp(max=1.0)
-        if self.mocosfl_compat:
-            if self.auto_scaler and pool:
-                first = [j for j, client in enumerate(client_ids) if client == pool[0]]
-                if first:
-                    lambdas[first[0]] = mu[first[0]] / divergence[first[0]]
-                self.auto_scaler = False
-            self._store(index, lambdas, torch.zeros_like(index, dtype=torch.bool), runtime)
-            return {name: rows.clone() for name, rows in stacked.items()}
-        first = ~self.rescaled[index]
-        rescaled = torch.where(divergence > 0, mu / divergence.clamp_min(1e-300), lambdas)
-        self._store(index, torch.where(first, rescaled, lambdas), torch.ones_like(first), runtime)
-        mixed = {}
-        for name, rows in stacked.items():
-            mean = average[name].to(rows.device, rows.dtype).unsqueeze(0)
-            if not rows.is_floating_point():
-                mixed[name] = mean.expand_as(rows).clone()  # counters take the average's
-                continue
-            weight = mu.to(rows.device, rows.dtype).view(-1, *([1] * (rows.dim() - 1)))
-            mixed[name] = weight * rows + (1 - weight) * mean
-        return mixed
-
-    def _store(self, index: Tensor, lambdas: Tensor, rescaled: Tensor, runtime: Runtime) -> None:
-        """Keep the new lambdas; under torchrun every rank gets every rank's (each rank mixed its own clients)."""
-        if not runtime.is_distributed:
-            self.lambdas[index] = lambdas
-            self.rescaled[index] |= rescaled
-            return
-        values = torch.zeros(self.num_client, 3, dtype=torch.float64)
-        values[index, 0], values[index, 1], values[index, 2] = lambdas, rescaled.double(), 1.0
-        values = all_reduce_sum(values.to(runtime.device)).cpu()
-        present = values[:, 2] > 0
-        self.lambdas[present] = values[present, 0]
-        self.rescaled |= values[:, 1] > 0
-
-    def state_dict(self) -> dict:
-        return {"lambdas": self.lambdas.clone(), "rescaled": self.rescaled.clone(), "auto_scaler": self.auto_scaler}
-
-    def load_state_dict(self, state: dict) -> None:
-        if "lambdas" not in state:
-            raise UserError("the checkpoint's divergence-aware FedAvg kept one lambda per layer (an earlier version); "
-                            "this version keeps one per client, as MocoSFL: start a new --output_dir")
-        self.lambdas = state["lambdas"].clone().double()
-        self.rescaled = state["rescaled"].clone().bool()
-        self.auto_scaler = bool(state["auto_scaler"])
-
-
 def mocosfl_average_members(pool: Sequence[int]) -> list[int]:
     """The clients MocoSFL's average_weights sums (then divides by the pool's size): client 0 in place of the
     pool's first client (the same clients when client 0 is in the pool, whose first client it is here)."""
@@ -175,12 +102,13 @@ def mocosfl_average_members(pool: Sequence[int]) -> list[int]:
 
 
 def fedavg(clients: StackedClients, pool: Sequence[int], client_sizes: Sequence[int], runtime: Runtime,
-           include_momentum_copies: bool = False, divergence_aware: DivergenceAwareAveraging | None = None,
-           measure: bool = False, mocosfl_compat: bool = False) -> list[float] | None:
-    """FedAvg: the weighted average of the pool's clients is loaded into every client (over all ranks); with
-    `divergence_aware`, the pool's clients keep their personalised mix instead. With `measure` (or divergence
-    awareness), returns the divergence of every pool client from the average (sum over layers of the L2 norms, as
-    MocoSFL measures it), in pool order on every rank.
+           include_momentum_copies: bool = False, rule: FedAvgRule | None = None, measure: bool = False,
+           mocosfl_compat: bool = False) -> list[float] | None:
+    """FedAvg: the weighted average of the pool's clients, made the global state by the `rule` (default: plain
+    FedAvg, the average itself), is loaded into every client (over all ranks); with a personalised rule (e.g.
+    divergence-aware), the pool's clients keep the rule's mix instead. With `measure` (or a personalised rule),
+    returns the divergence of every pool client from the global state (sum over layers of the L2 norms, as MocoSFL
+    measures it), in pool order on every rank.
 
     `mocosfl_compat` (--compat mocosfl): MocoSFL's average, of client 0 and the pool's other clients with equal
     weights (see mocosfl_average_members)."""
@@ -189,16 +117,19 @@ def fedavg(clients: StackedClients, pool: Sequence[int], client_sizes: Sequence[
         average = average_pool(clients, mocosfl_average_members(pool), [1] * len(client_sizes), runtime)
     else:
         average = average_pool(clients, pool, client_sizes, runtime)
+    personalised = rule is not None and rule.personalised
+    if rule is not None:
+        average = rule.global_state(average)
     divergences = None
-    if divergence_aware is not None or measure:
+    if personalised or measure:
         own = client_shares(pool, runtime.world_size)[runtime.rank] if runtime.is_distributed else list(pool)
         own_state = clients.stacked_state(own)
         own_divergences = layer_divergences(own_state, average).sum(dim=1)
         divergences = _pool_divergences(own_divergences, own, pool, runtime)
-        if divergence_aware is not None:
-            mixed = divergence_aware.mix(own, own_state, average, runtime, own_divergences, pool)
+        if personalised:
+            mixed = rule.mix(own, own_state, average, runtime, own_divergences, pool)
     clients.set_every_client(average)
-    if divergence_aware is not None:
+    if personalised:
         clients.set_clients(own, mixed)
     if include_momentum_copies:
         clients.set_every_client(average_pool(clients, pool, client_sizes, runtime, momentum_copies=True),

@@ -21,8 +21,8 @@ from functions.data.layout import StepLayout
 from functions.data.loaders import StepBatch
 from functions.methods.base import ServerMethod
 from functions.methods.registry import method_class
+from functions.privacy.defences import PrivacyDefence, SmashedStep
 from functions.privacy.expert import load_initial_weights
-from functions.privacy.ressfl import SimulatedAttacker
 from functions.sfl.clients.engines import ClientEngine, build_client_engine
 from functions.sfl.clients.loop import query_index
 from models.split import build_split_model
@@ -43,8 +43,8 @@ class SplitStep:
     precision: MixedPrecision
     runtime: Runtime
     memory_format: torch.memory_format = torch.contiguous_format
-    # ResSFL (--enable_ressfl): trained on every step's first trainable crop, its penalty joins the gradients.
-    attacker: SimulatedAttacker | None = None
+    # Privacy defences (--defence): their extra gradients join the server's on the way to the clients.
+    defences: Sequence[PrivacyDefence] = ()
     sends_smashed_data: ClassVar[bool] = True  # split learning: smashed data up, gradients down
 
     def encoder(self, client_model: nn.Module) -> Callable[[Tensor], Tensor]:
@@ -92,12 +92,10 @@ class SplitStep:
             if self.runtime.world_size > 1:
                 # The smashed rows' gradients are not averaged by DDP: undo the world-size factor of the weight.
                 gradients = [g / self.runtime.world_size if g is not None else None for g in gradients]
-            if self.attacker is not None and gradients[0] is not None:
-                penalty_gradient, attacker_stats = self.attacker(
-                    server_inputs[0], crops[method.trainable_crops[0]], batch.rows_per_client, epoch, row_share)
-                # Scaled like the server's gradients (fp16), which the clients' step unscales.
-                gradients[0] = gradients[0] + precision.scaler.scale(penalty_gradient).to(gradients[0].dtype)
-                stats = {**stats, **attacker_stats}
+            if self.defences:
+                defended = SmashedStep(server_inputs, [crops[k] for k in method.trainable_crops], gradients,
+                                       batch.rows_per_client, epoch, row_share)
+                gradients, stats = self.defend(defended, stats)
             clients.backward(gradients)
             clients.step(pool, precision.scaler)
         else:
@@ -105,6 +103,19 @@ class SplitStep:
         precision.end_step(self.server_optimizer)
         method.after_server_step()
         return loss, stats
+
+    def defend(self, step: SmashedStep, stats: dict[str, Tensor]) -> tuple[list[Tensor | None], dict[str, Tensor]]:
+        """The gradients the clients receive: the server's plus every defence's extra gradient (where the server
+        sends one), and the step's statistics with the defences'."""
+        gradients = list(step.server_gradients)
+        for defence in self.defences:
+            extra, defence_stats = defence.client_gradients(step)
+            for k, gradient in enumerate(extra):
+                if gradient is not None and gradients[k] is not None:
+                    # Scaled like the server's gradients (fp16), which the clients' step unscales.
+                    gradients[k] = gradients[k] + self.precision.scaler.scale(gradient).to(gradients[k].dtype)
+            stats = {**stats, **defence_stats}
+        return gradients, stats
 
     def replay(self, server_inputs: list[Tensor], momentum_smashed: list[Tensor], layout: StepLayout, epoch: int,
                global_step: int, row_share: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:

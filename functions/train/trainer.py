@@ -23,7 +23,9 @@ from functions.core.checkpoint import (
     BEST_CHECKPOINT_NAME,
     CHECKPOINT_FORMAT,
     CHECKPOINT_NAME,
+    Stateful,
     check_checkpoint_layout,
+    checkpoint_parts,
     first_non_finite,
     restore_rng_state,
     rng_state,
@@ -40,10 +42,11 @@ from functions.evaluation.context import Evaluation, EvaluationContext
 from functions.methods.base import ServerMethod
 from functions.methods.registry import method_class
 from functions.privacy.attack_mocosfl import attack_set_size
-from functions.privacy.ressfl import SimulatedAttacker
+from functions.privacy.defences import DefenceSetting, build_defences
 from functions.sfl.clients.engines import ClientEngine
 from functions.sfl.communication import CommunicationSaving
-from functions.sfl.fedavg import DivergenceAwareAveraging, average_pool, divergence_summary, fedavg, fedavg_positions
+from functions.sfl.fedavg import average_pool, divergence_summary, fedavg, fedavg_positions
+from functions.sfl.fedavg_rules import build_fedavg_rule
 from functions.sfl.fl_step import build_fl_step
 from functions.sfl.overhead import client_overhead
 from functions.sfl.step import build_split_step
@@ -63,6 +66,19 @@ def seed_everything(seed: int) -> None:
 def _reason(error: Exception) -> str:
     """An exception's message on one line, shortened."""
     return " ".join(str(error).split())[:200] or type(error).__name__
+
+
+class MethodExtraState:
+    """The server method's extra state (queues, counters) as a stateful part of the run."""
+
+    def __init__(self, method: ServerMethod) -> None:
+        self.method = method
+
+    def state_dict(self) -> dict:
+        return self.method.extra_state()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.method.load_extra_state(state)
 
 
 class Trainer:
@@ -90,8 +106,11 @@ class Trainer:
         build_step = build_fl_step if args.scheme == "fl" else build_split_step
         self.split_step = build_step(args, runtime, self.precision)
         self.overhead = client_overhead(self.split_step, view_spec, args.batch_size, args.cutlayer)
-        if args.enable_ressfl:
-            self.split_step.attacker = self._simulated_attacker(view_spec)
+        # Privacy defences (--defence) act on smashed data: --scheme fl sends none (configs refuse the two together).
+        self.defences = (build_defences(args, lambda: self._defence_setting(view_spec))
+                         if self.split_step.sends_smashed_data else [])
+        if self.defences:
+            self.split_step.defences = self.defences
         if runtime.is_distributed and self.method.per_client_server_updates:
             raise UserError("per-client server updates (--server_update per_client) step the server once per client "
                             "in pool order and cannot be split over processes; run one process or the joint update")
@@ -109,8 +128,7 @@ class Trainer:
                                world_size=runtime.world_size, steps_per_epoch=self.steps_per_epoch,
                                partition_hash=self.data.partition_hash, overhead=asdict(self.overhead))
         self.epoch_statistics = EpochStatistics(runtime)
-        self.divergence_aware = (DivergenceAwareAveraging(args.num_client, args.div_lambda, mocosfl_compat(args))
-                                 if args.divergence_aware else None)
+        self.fedavg_rule = build_fedavg_rule(args)
         if runtime.is_distributed and mocosfl_compat(args) and args.client_sample_ratio < 1:
             raise UserError("--compat mocosfl averages client 0 into pools without it (as MocoSFL's FedAvg), which "
                             "torchrun's processes do not hold; run it in one process or with --client_sample_ratio 1")
@@ -118,19 +136,20 @@ class Trainer:
         self.communication = (CommunicationSaving(args.loss_threshold, output_dir / "replay_tensors", runtime,
                                                   count_next_status=mocosfl_compat(args))
                               if args.loss_threshold > 0 else None)
+        # What a checkpoint keeps besides the weights, optimizers and position, by part name.
+        self.parts: dict[str, Stateful] = {"method_extra": MethodExtraState(self.method),
+                                           f"fedavg.{self.fedavg_rule.name}": self.fedavg_rule,
+                                           **{f"defence.{defence.name}": defence for defence in self.defences}}
+        if self.communication is not None:
+            self.parts["communication"] = self.communication
 
-    def _simulated_attacker(self, view_spec: Any) -> SimulatedAttacker:
-        """ResSFL's attacker for the smashed data of the method's first trainable crop."""
+    def _defence_setting(self, view_spec: Any) -> DefenceSetting:
+        """What the privacy defences are built for: client 0's part, the method's first trainable crop's size."""
         first_client = self.clients.module_with({name: rows[0] for name, rows in self.clients.stacked_state([0]).items()})
         image_size = view_spec.crops()[self.method.trainable_crops[0]][0]
         dataset = self.data.dataset
-        return SimulatedAttacker(self.args, first_client, image_size, dataset.mean, dataset.std, self.device,
-                                 distributed=self.runtime.is_distributed)
-
-    @property
-    def attacker(self) -> SimulatedAttacker | None:
-        """ResSFL's simulated attacker (--enable_ressfl), else None (and always None with --scheme fl)."""
-        return getattr(self.split_step, "attacker", None)
+        return DefenceSetting(first_client, image_size, dataset.mean, dataset.std, self.device,
+                              distributed=self.runtime.is_distributed)
 
     @property
     def method(self) -> ServerMethod:
@@ -175,10 +194,11 @@ class Trainer:
         return (*self.split_step.replay(inputs, momentum, layout, self.epoch, self.global_step, share), share)
 
     def fedavg(self, pool: Sequence[int]) -> None:
-        """FedAvg of the pool's clients weighted by data size, loaded into every client (over all ranks)."""
+        """FedAvg of the pool's clients weighted by data size, made the clients' weights by the run's FedAvg rule
+        (over all ranks)."""
         include_momentum = self.method.average_momentum_copies and self.method.client_momentum > 0
         divergences = fedavg(self.clients, pool, self.data.client_sizes, self.runtime, include_momentum,
-                             self.divergence_aware, measure=self.args.divergence_measure,
+                             self.fedavg_rule, measure=self.args.divergence_measure,
                              mocosfl_compat=mocosfl_compat(self.args))
         if divergences is not None:
             self.divergences = divergences
@@ -323,7 +343,8 @@ class Trainer:
             "signature": training_signature(self.args),
             "partition_hash": self.data.partition_hash,
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-            "method": self.method.state_dict(), "method_extra": self.method.extra_state(),
+            "method": self.method.state_dict(),
+            "parts": {name: part.state_dict() for name, part in self.parts.items()},
             "clients": self.clients.state_dict(),
             "server_optimizer": self.split_step.server_optimizer.state_dict(),
             "scaler": self.precision.scaler.state_dict(),
@@ -331,9 +352,6 @@ class Trainer:
             "rng": rng_state(),
             "metrics": self.log.metrics.data,
             "epoch_statistics": self.epoch_statistics.state_dict(),
-            "fedavg_state": self.divergence_aware.state_dict() if self.divergence_aware is not None else None,
-            "communication": self.communication.state_dict() if self.communication is not None else None,
-            "ressfl": self.attacker.state_dict() if self.attacker is not None else None,
             "client_steps": self.client_steps.tolist(),
         }
 
@@ -353,7 +371,7 @@ class Trainer:
         if self.runtime.is_distributed:
             self.hand_over.share(self.clients, range(self.args.num_client))
         state = self.state_dict()
-        broken = first_non_finite({key: state[key] for key in ("method", "method_extra", "clients", "server_optimizer")})
+        broken = first_non_finite({key: state[key] for key in ("method", "parts", "clients", "server_optimizer")})
         if broken is not None:
             where = f"; {self._last_good_checkpoint()} (try a lower --lr)" if self.runtime.is_main else ""
             raise UserError(f"{broken} became non-finite by step {self.global_step}; stopped without saving that "
@@ -399,8 +417,11 @@ class Trainer:
             check_same_configuration(state, self.args, self.data.partition_hash)
             self._check_num_epoch(state["args"].get("num_epoch", self.args.num_epoch))
         self._load_weights(state["method"], state["clients"], source)
+        saved_parts = checkpoint_parts(state)
         try:
-            self.method.load_extra_state(state["method_extra"])
+            for name, part in self.parts.items():
+                if saved_parts.get(name) is not None:
+                    part.load_state_dict(saved_parts[name])
             self.split_step.server_optimizer.load_state_dict(state["server_optimizer"])
             self.precision.scaler.load_state_dict(state["scaler"])
         except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as error:
@@ -409,10 +430,6 @@ class Trainer:
         self.precision.skipped_steps.fill_(int(state.get("skipped_steps", 0)))
         self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         self.epoch_statistics.load_state_dict(state.get("epoch_statistics", {"sums": {}, "steps": 0}))
-        for part, key in ((self.divergence_aware, "fedavg_state"), (self.communication, "communication"),
-                          (self.attacker, "ressfl")):
-            if part is not None and state.get(key) is not None:
-                part.load_state_dict(state[key])
         self.client_steps[:] = state["client_steps"] if "client_steps" in state else self._client_steps_so_far()
         restore_rng_state(state["rng"])
         metrics = self.log.metrics

@@ -52,6 +52,11 @@ def _losses(output_dir: Path) -> list[list[float]]:
     return json.loads((output_dir / "metrics.json").read_text())["train_loss"]
 
 
+def _model_side(state: dict, key: str):
+    """A checkpoint's entry `key`; the method's extra state is one of its parts."""
+    return state["parts"][key] if key == "method_extra" else state[key]
+
+
 def _tensors(tree, path: str = ""):
     """(path, tensor) of every tensor in nested dicts and lists."""
     if isinstance(tree, torch.Tensor):
@@ -88,7 +93,8 @@ def _assert_same_run(expected_dir: Path, actual_dir: Path, loss_tolerance: float
     expected, actual = load_checkpoint(expected_dir / CHECKPOINT_NAME), load_checkpoint(actual_dir / CHECKPOINT_NAME)
     assert actual["global_step"] == expected["global_step"]
     for key in ("method", "method_extra", "clients", "server_optimizer"):
-        expected_tensors, actual_tensors = dict(_tensors(expected[key], key)), dict(_tensors(actual[key], key))
+        expected_tensors, actual_tensors = dict(_tensors(_model_side(expected, key), key)), dict(
+            _tensors(_model_side(actual, key), key))
         assert actual_tensors.keys() == expected_tensors.keys(), key
         for name, value in expected_tensors.items():
             if not value.is_floating_point():
@@ -135,7 +141,7 @@ def test_two_processes_train_mocosfl_symmetric_with_client_queues_like_one_proce
     one = _train("run_sflmoco.py", options, tmp_path / "one", 1)
     two = _train("run_sflmoco.py", options, tmp_path / "two", 2)
     _assert_same_run(one, two, loss_tolerance=1e-4, weight_tolerance=1e-4, exact_steps=2)
-    assert len(load_checkpoint(two / CHECKPOINT_NAME)["method_extra"]["client_queues"]) == 4
+    assert len(load_checkpoint(two / CHECKPOINT_NAME)["parts"]["method_extra"]["client_queues"]) == 4
 
 
 def test_two_processes_run_divergence_aware_fedavg_like_one_process(tmp_path):

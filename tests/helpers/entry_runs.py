@@ -66,7 +66,7 @@ def checkpoint_tensors(state: dict) -> dict[str, torch.Tensor]:
             for index, value in enumerate(node):
                 walk(value, f"{name}[{index}]")
 
-    for key in ("method", "method_extra", "clients", "server_optimizer"):
+    for key in ("method", "parts", "clients", "server_optimizer"):
         walk(state[key], key)
     return flat
 

@@ -88,7 +88,8 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path):
     for expected_client, actual_client in zip(expected["clients"]["models"], actual["clients"]["models"]):
         for key, value in expected_client.items():
             assert torch.equal(actual_client[key], value), key
-    assert torch.equal(actual["method_extra"]["queue"]["negatives"], expected["method_extra"]["queue"]["negatives"])
+    assert torch.equal(actual["parts"]["method_extra"]["queue"]["negatives"],
+                       expected["parts"]["method_extra"]["queue"]["negatives"])
     expected_losses = json.loads((straight / "metrics.json").read_text())["train_loss"]
     actual_losses = json.loads((split / "metrics.json").read_text())["train_loss"]
     assert actual_losses == expected_losses

@@ -163,7 +163,8 @@ def test_swav_resume_continues_exactly_with_its_queue(tmp_path):
     expected, actual = load_checkpoint(straight / CHECKPOINT_NAME), load_checkpoint(split / CHECKPOINT_NAME)
     for key, value in expected["method"].items():
         assert torch.equal(actual["method"][key], value), key
-    assert torch.equal(actual["method_extra"]["queue"]["embeddings"], expected["method_extra"]["queue"]["embeddings"])
+    assert torch.equal(actual["parts"]["method_extra"]["queue"]["embeddings"],
+                       expected["parts"]["method_extra"]["queue"]["embeddings"])
     assert (json.loads((split / "metrics.json").read_text())["train_loss"]
             == json.loads((straight / "metrics.json").read_text())["train_loss"])
 

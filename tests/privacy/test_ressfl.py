@@ -88,11 +88,11 @@ def test_resume_with_the_attackers_state_continues_exactly(tmp_path) -> None:
     ressfl = ("--enable_ressfl", "--ressfl_alpha", "2", "--ressfl_target_ssim", "0.1", "--MIA_arch", "conv_normN0C8")
     straight = run_moco_with_bottleneck(tmp_path, "straight", "--max_steps", "4", *ressfl)
     split = run_moco_with_bottleneck(tmp_path, "split", "--max_steps", "2", *ressfl)
-    assert load_checkpoint(split / CHECKPOINT_NAME)["ressfl"]["decoder"]
+    assert load_checkpoint(split / CHECKPOINT_NAME)["parts"]["defence.ressfl"]["decoder"]
     run_moco_with_bottleneck(tmp_path, "split", "--max_steps", "4", "--resume", *ressfl)
     expected, actual = load_checkpoint(straight / CHECKPOINT_NAME), load_checkpoint(split / CHECKPOINT_NAME)
-    for key, value in expected["ressfl"]["decoder"].items():
-        assert torch.equal(actual["ressfl"]["decoder"][key], value), key
+    for key, value in expected["parts"]["defence.ressfl"]["decoder"].items():
+        assert torch.equal(actual["parts"]["defence.ressfl"]["decoder"][key], value), key
     for expected_client, actual_client in zip(expected["clients"]["models"], actual["clients"]["models"]):
         for key, value in expected_client.items():
             assert torch.equal(actual_client[key], value), key

@@ -17,7 +17,8 @@ from torch import nn
 
 from functions.core.distributed import Runtime
 from functions.sfl.clients.loop import ClientSide
-from functions.sfl.fedavg import DivergenceAwareAveraging, fedavg, fedavg_positions
+from functions.sfl.fedavg import fedavg, fedavg_positions
+from functions.sfl.fedavg_rules import DivergenceAwareAveraging, FedAvgOptions
 
 FIXTURES = MOCOSFL_FIXTURES
 HAVE = (FIXTURES / "divergence.json").is_file() and (FIXTURES / "divergence.pt").is_file()
@@ -58,7 +59,8 @@ class _Clients:
 def _run(case: str, compat: bool, sizes: list[int], aware: bool = True):
     """This project's FedAvg over the case's calls (weights set as MocoSFL's were before each call)."""
     golden, tensors = GOLDEN[case], TENSORS[case]
-    mixer = DivergenceAwareAveraging(GOLDEN["num_client"], golden["div_lambda"], mocosfl_compat=compat) if aware else None
+    options = FedAvgOptions(GOLDEN["num_client"], golden["div_lambda"], compat="mocosfl" if compat else "none")
+    mixer = DivergenceAwareAveraging(options) if aware else None
     clients, results = None, []
     for call, pool in enumerate(golden["pools"]):
         if clients is None:
@@ -66,7 +68,7 @@ def _run(case: str, compat: bool, sizes: list[int], aware: bool = True):
         else:  # MocoSFL's clients moved between the calls by these steps (the golden's "before" of the next call)
             moved = tensors["before"][call] - tensors["after"][call - 1]
             clients = _Clients(clients.flat() + moved)
-        divergences = fedavg(clients, pool, sizes, CPU, divergence_aware=mixer, measure=True, mocosfl_compat=compat)
+        divergences = fedavg(clients, pool, sizes, CPU, rule=mixer, measure=True, mocosfl_compat=compat)
         results.append((clients.flat().clone(), divergences, None if mixer is None else mixer.lambdas.clone()))
     return results
 
@@ -166,7 +168,7 @@ def test_divergence_awareness_mixes_each_client_by_one_mu_in_the_loop(tmp_path, 
         mixed = torch.cat([(after[n][client].double() - average[n]).flatten() for n in names])
         mu = float(mixed @ own / (own @ own))
         assert 0 < mu < 1 and torch.allclose(mixed, mu * own, atol=1e-6)
-    assert not trainer.divergence_aware.lambdas.isnan().any() and trainer.divergence_aware.rescaled.all()
+    assert not trainer.fedavg_rule.lambdas.isnan().any() and trainer.fedavg_rule.rescaled.all()
 
 
 def test_compat_divergence_awareness_leaves_the_pool_clients_as_they_are(tmp_path, monkeypatch):
@@ -176,7 +178,7 @@ def test_compat_divergence_awareness_leaves_the_pool_clients_as_they_are(tmp_pat
     trainer.train()
     before, after = seen[-1]
     assert all(torch.equal(before[name], after[name]) for name in before)
-    assert not trainer.divergence_aware.auto_scaler
+    assert not trainer.fedavg_rule.auto_scaler
 
 
 def test_fedavg_is_weighted_by_data_size_and_loaded_into_every_client():
