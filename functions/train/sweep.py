@@ -29,6 +29,7 @@ from typing import Any, Sequence
 
 import yaml
 
+from configs import build_parser as build_run_parser
 from configs import load_config_file
 from functions.core.checkpoint import CHECKPOINT_NAME
 from functions.core.errors import UserError, run_cli
