@@ -33,6 +33,7 @@ from functions.core.compat import mocosfl_compat
 from functions.core.distributed import ClientHandOver, Runtime, all_reduce_max_flag, run_agreed
 from functions.core.errors import TrainingInterrupted, UserError
 from functions.core.logs import EpochStatistics, LogWindow, ProgressBar, TrainingLog, logger
+from functions.core.options import FedAvgOptions
 from functions.core.precision import MixedPrecision, amp_dtype_of
 from functions.data.datasets import resolved_entry
 from functions.data.layout import StepLayout
@@ -109,9 +110,11 @@ class Trainer:
                                world_size=runtime.world_size, steps_per_epoch=self.steps_per_epoch,
                                partition_hash=self.data.partition_hash, overhead=asdict(self.overhead))
         self.epoch_statistics = EpochStatistics(runtime)
-        self.divergence_aware = (DivergenceAwareAveraging(args.num_client, args.div_lambda, mocosfl_compat(args))
-                                 if args.divergence_aware else None)
-        if runtime.is_distributed and mocosfl_compat(args) and args.client_sample_ratio < 1:
+        self.averaging = FedAvgOptions.from_args(args)
+        self.divergence_aware = (DivergenceAwareAveraging(args.num_client, self.averaging.div_lambda,
+                                                          self.averaging.mocosfl_compat)
+                                 if self.averaging.divergence_aware else None)
+        if runtime.is_distributed and self.averaging.mocosfl_compat and args.client_sample_ratio < 1:
             raise UserError("--compat mocosfl averages client 0 into pools without it (as MocoSFL's FedAvg), which "
                             "torchrun's processes do not hold; run it in one process or with --client_sample_ratio 1")
         self.divergences: list[float] = []  # of the pool's clients at the last FedAvg (--divergence_measure)
@@ -178,8 +181,8 @@ class Trainer:
         """FedAvg of the pool's clients weighted by data size, loaded into every client (over all ranks)."""
         include_momentum = self.method.average_momentum_copies and self.method.client_momentum > 0
         divergences = fedavg(self.clients, pool, self.data.client_sizes, self.runtime, include_momentum,
-                             self.divergence_aware, measure=self.args.divergence_measure,
-                             mocosfl_compat=mocosfl_compat(self.args))
+                             self.divergence_aware, measure=self.averaging.divergence_measure,
+                             mocosfl_compat=self.averaging.mocosfl_compat)
         if divergences is not None:
             self.divergences = divergences
 
@@ -239,7 +242,7 @@ class Trainer:
             self.hand_over.hand_over(self.clients, pool)
         self.method.start_epoch(epoch)
         self.method.train()
-        avg_after = fedavg_positions(self.steps_per_epoch, args.avg_freq)
+        avg_after = fedavg_positions(self.steps_per_epoch, self.averaging.avg_freq)
         window = LogWindow()
         if self.step_in_epoch == 0:
             self.epoch_statistics.reset()
