@@ -11,10 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from dataset_files import nhwc_to_rows
 
 from functions.core.errors import UserError
 from functions.data import cifar
-from functions.data.cifar import CIFAR_SPECS, nhwc_to_rows, rows_to_nhwc
+from functions.data.cifar import CIFAR_SPECS, rows_to_nhwc
 from functions.data.datasets import ImageDataset, channel_stats, load_dataset
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

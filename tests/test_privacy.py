@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from sfl_helpers import TINY_MOCO
+from split_states import merge_split, merge_state_dicts, split_state_dict
 
 import run_sflmoco
 from configs import parse_args
@@ -18,7 +19,7 @@ from functions.methods.registry import method_class
 from functions.privacy.expert import MOCOSFL_CLIENT_FILE, load_initial_weights, mocosfl_client_state
 from functions.privacy.ressfl import SimulatedAttacker, client_penalty, per_image_ssim, ressfl_penalty
 from models.bottleneck import parse_bottleneck_option
-from models.split import build_split_model, merge_split, merge_state_dicts, split_state_dict
+from models.split import build_split_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
