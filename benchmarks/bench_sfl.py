@@ -56,46 +56,17 @@ if str(REPO_ROOT) not in sys.path:
 
 import torch  # noqa: E402
 from bench_data import DATA_MODE, data_records, peak_rss_mb  # noqa: E402
+from bench_steps import Setting, Step, build_step, method_args, view_spec_of  # noqa: E402
+from bench_table import format_table  # noqa: E402
 
 from benchmarks.bench_loaders import dali_import_error  # noqa: E402
-from configs import parse_args  # noqa: E402
-from functions.core.distributed import Runtime  # noqa: E402
 from functions.core.errors import UserError, run_cli  # noqa: E402
-from functions.core.precision import MixedPrecision  # noqa: E402
-from functions.data.datasets import dataset_entry  # noqa: E402
-from functions.data.layout import StepLayout
-from functions.data.loaders import StepBatch  # noqa: E402
-from functions.data.views import ViewSpec  # noqa: E402
-from functions.methods.base import ServerMethod
-from functions.methods.registry import method_class, method_names  # noqa: E402
-from functions.sfl.clients.vmap import ENGINES, VectorisedClientSide  # noqa: E402
-from functions.sfl.step import SplitStep, build_split_step  # noqa: E402
-from models.split import build_unsplit_model, check_cutlayer  # noqa: E402
+from functions.methods.registry import method_names  # noqa: E402
+from functions.sfl.clients.vmap import ENGINES  # noqa: E402
+from models.split import check_cutlayer  # noqa: E402
 
 MODES = ("centralised", "loop", "vmap")   # the train-step modes, measured by default
 LOADERS = ("torch", "dali")
-Step = Callable[[], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class Setting:
-    """One measured configuration."""
-
-    method: str
-    mode: str
-    device: str
-    clients: int
-    sampled_clients: int
-    per_client_batch: int
-    cutlayer: int | None   # None for the centralised step, which has no cut
-    amp: bool
-    arch: str
-    width: int
-    engine: str | None     # the vectorised client side's engine (vmap mode only)
-    client_only: bool = False
-    channels_last: bool = False   # convolutions in NHWC, as --channels_last of the training scripts
-    compile: bool = False         # torch.compile of the server part, as --compile of the training scripts
-    method_config: str | None = None  # YAML preset of the method options (None: the entry script's defaults)
 
 
 # ------------------------------------------------------------------------------------------------- options
@@ -243,128 +214,6 @@ def resolve_device(name: str | None) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise UserError(f"--device {name}: only cpu and cuda are supported")
     return device
-
-
-# ------------------------------------------------------------------------------------------ building a step
-def method_args(method: str, seed: int, method_config: str | None = None) -> argparse.Namespace:
-    """The method's options: the defaults of run_sflmoco.py / run_sflswav.py, or those of a YAML preset."""
-    preset = ["--config", method_config] if method_config else []
-    return parse_args(method, [*preset, "--seed", str(seed), "--output_dir", "unused"])
-
-
-def synthetic_crops(views: ViewSpec, rows: int, device: torch.device, seed: int) -> list[torch.Tensor]:
-    """Random image crops of the global batch, one tensor per crop of the method's views."""
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randn(rows, 3, size, size, generator=generator).to(device) for size, _ in views.crops()]
-
-
-def view_spec_of(method: str, args: argparse.Namespace) -> ViewSpec:
-    """The views the method's loader makes of the options' dataset (CIFAR-10 by default)."""
-    return method_class(method).view_spec(args, dataset_entry(args.dataset))
-
-
-def precision_for(device: torch.device, amp: bool) -> MixedPrecision:
-    """The step's precision: fp16 autocast with a loss scaler on CUDA, bf16 autocast on CPU, or full precision."""
-    if not amp:
-        return MixedPrecision(None, Runtime(device=device))
-    return MixedPrecision(torch.float16 if device.type == "cuda" else torch.bfloat16, Runtime(device=device))
-
-
-def centralised_step(method: ServerMethod, optimizer: torch.optim.Optimizer, precision: MixedPrecision,
-                     crops: Sequence[torch.Tensor]) -> Step:
-    """One step of the unsplit network: the method's loss on the raw crops, one backward, one optimizer step."""
-    state = {"step": 0}
-    scaler = precision.scaler
-
-    layout = StepLayout.of([0], [crops[0].shape[0]])
-
-    def step() -> torch.Tensor:
-        method.start_step(layout)
-        optimizer.zero_grad(set_to_none=True)
-        with precision.autocast():
-            momentum_inputs = [crops[k] for k in method.momentum_crops]
-            loss, _ = method.compute_loss([crops[k] for k in method.trainable_crops], momentum_inputs, 0)
-        scaler.scale(loss).backward()
-        method.before_server_step(state["step"])
-        scaler.step(optimizer)
-        scaler.update()
-        method.after_server_step()
-        state["step"] += 1
-        return loss.detach()
-
-    return step
-
-
-def sfl_step(split_step: SplitStep, crops: Sequence[torch.Tensor], pool: list[int], rows: list[int]) -> Step:
-    """The training loop's own step (functions.step.SplitStep) on fixed crops, for either client engine."""
-    batch = StepBatch(crops=list(crops), client_ids=pool, rows_per_client=rows,
-                      sample_indices=torch.zeros(sum(rows), dtype=torch.long))
-    state = {"step": 0}
-
-    def step() -> torch.Tensor:
-        loss, _ = split_step(batch, epoch=0, global_step=state["step"])
-        state["step"] += 1
-        return loss
-
-    return step
-
-
-def client_only_step(split_step: SplitStep, crops: Sequence[torch.Tensor], pool: list[int], rows: list[int]) -> Step:
-    """The client half of an SFL step alone: a fixed server gradient stands in for the server."""
-    clients, method, precision = split_step.clients, split_step.method, split_step.precision
-    scaler = precision.scaler
-    gradients: list[torch.Tensor] = []
-
-    def step() -> torch.Tensor:
-        if method.client_momentum > 0:
-            clients.update_momentum_copies(pool, method.client_momentum)
-        clients.zero_grad(pool)
-        with precision.autocast():
-            smashed = clients.forward([crops[k] for k in method.trainable_crops], pool, rows)
-            if method.momentum_crops:
-                clients.momentum_forward([crops[k] for k in method.momentum_crops], pool, rows)
-        if not gradients:
-            generator = torch.Generator().manual_seed(0)
-            gradients.extend(torch.randn(s.shape, generator=generator).to(s.device, s.dtype) for s in smashed)
-        clients.backward(gradients)
-        clients.step(pool, scaler)
-        scaler.update()
-        return torch.stack([s.detach().float().square().mean() for s in smashed]).sum()
-
-    return step
-
-
-def build_step(setting: Setting, device: torch.device, seed: int) -> tuple[Step, str | None]:
-    """The train step of one setting, built from the same initial weights and data in every mode."""
-    args = method_args(setting.method, seed, setting.method_config)
-    args.arch, args.width, args.num_client = setting.arch, setting.width, setting.clients
-    args.channels_last, args.compile = setting.channels_last, setting.compile
-    rows = [setting.per_client_batch] * setting.sampled_clients
-    memory_format = torch.channels_last if setting.channels_last else torch.contiguous_format
-    crops = [crop.contiguous(memory_format=memory_format)
-             for crop in synthetic_crops(view_spec_of(setting.method, args), sum(rows), device, seed)]
-    precision = precision_for(device, setting.amp)
-    torch.manual_seed(seed)
-    if setting.mode == "centralised":
-        method_cls = method_class(setting.method)
-        network = build_unsplit_model(args.arch, head=method_cls.head_builder(args), use_ws=not args.disable_WS,
-                                      width=args.width, image_size=args.data_size)
-        method = method_cls(args, network.to(device, memory_format=memory_format), device)
-        if setting.compile:
-            method.server.compile()
-        optimizer = torch.optim.SGD(method.optimized_parameters(), lr=args.lr, momentum=args.momentum,
-                                    weight_decay=args.weight_decay)
-        return centralised_step(method, optimizer, precision, crops), None
-    args.cutlayer = setting.cutlayer
-    args.client_exec = "loop" if setting.mode == "loop" else "vmap"
-    split_step = build_split_step(args, Runtime(device=device), precision, engine=setting.engine or "auto")
-    generator = torch.Generator().manual_seed(seed + 1)
-    pool = sorted(torch.randperm(setting.clients, generator=generator)[: setting.sampled_clients].tolist())
-    clients = split_step.clients
-    engine = clients.engine if isinstance(clients, VectorisedClientSide) else None
-    if setting.client_only:
-        return client_only_step(split_step, crops, pool, rows), engine
-    return sfl_step(split_step, crops, pool, rows), engine
 
 
 # --------------------------------------------------------------------------------------------- measuring
@@ -623,58 +472,6 @@ def max_batch_record(setting: Setting, device: torch.device, *, limit: int, step
 def _setting_label(setting: Setting) -> str:
     """mode (and cut) of a setting, for progress lines."""
     return setting.mode if setting.cutlayer is None else f"{setting.mode}@cut{setting.cutlayer}"
-
-
-def _cell(value: float | None, spec: str) -> str:
-    """`value` formatted with `spec`, or "-" when there is none."""
-    return "-" if value is None else format(value, spec)
-
-
-def mode_label(record: dict[str, Any]) -> str:
-    """The table's mode column: data:<loader>, vmap:<engine> or the mode, prefixed max: for a batch search."""
-    if record["mode"] == DATA_MODE:
-        return f"data:{record['loader']}"
-    label = f"vmap:{record['engine']}" if record["engine"] else record["mode"]
-    label += "+nhwc" * bool(record.get("channels_last")) + "+compile" * bool(record.get("compile"))
-    return f"max:{label}" if record.get("max_batch_search") else label
-
-
-def _machine(record: dict[str, Any]) -> str:
-    """BUSY when other programs loaded the machine while the record was timed, idle when not, - when unknown."""
-    if record.get("other_processes_cores") is None:
-        return "-"
-    return "BUSY" if record.get("busy_machine") else "idle"
-
-
-def _spread(record: dict[str, Any]) -> str:
-    """The spread of a record's repetitions, e.g. 4.2%, or - without one."""
-    value = record.get("spread_pct")
-    return "-" if value is None else f"{value:.1f}%"
-
-
-def format_table(records: Sequence[dict[str, Any]]) -> str:
-    """A plain-text table of the records, with each step mode's speed relative to the loop of the same setting."""
-    loop_speed = {(r["clients"], r["cutlayer"]): r["images_per_sec"] for r in records
-                  if r["mode"] == "loop" and r["images_per_sec"] is not None}
-    best_loop = {clients: max(v for (c, _), v in loop_speed.items() if c == clients) for clients, _ in loop_speed}
-    header = (f"{'method':<6} {'mode':<24} {'device':<6} {'clients':>7} {'pool':>5} {'batch':>5} {'global':>7} "
-              f"{'cut':>3} {'amp':>3} {'img/s':>10} {'ms/step':>9} {'spread':>7} {'cpu ms':>9} {'peak MB':>9} "
-              f"{'machine':>7} {'x loop':>7}")
-    lines = [header, "-" * len(header)]
-    for r in records:
-        # The centralised step has no cut: it is compared with the fastest loop of the same client count.
-        reference = (None if r["mode"] == DATA_MODE or r["images_per_sec"] is None
-                     else best_loop.get(r["clients"]) if r["cutlayer"] is None
-                     else loop_speed.get((r["clients"], r["cutlayer"])))
-        relative = f"{r['images_per_sec'] / reference:.2f}" if reference else "-"
-        cut = "-" if r["cutlayer"] is None else str(r["cutlayer"])
-        lines.append(f"{r['method']:<6} {mode_label(r):<24} {r['device']:<6} {r['clients']:>7} "
-                     f"{r['sampled_clients']:>5} {r['per_client_batch']:>5} "
-                     f"{r['sampled_clients'] * r['per_client_batch']:>7} {cut:>3} {'yes' if r['amp'] else 'no':>3} "
-                     f"{_cell(r['images_per_sec'], '.1f'):>10} {_cell(r['step_ms'], '.2f'):>9} "
-                     f"{_spread(r):>7} {_cell(r['cpu_step_ms'], '.2f'):>9} {_cell(r['peak_mem_mb'], '.1f'):>9} "
-                     f"{_machine(r):>7} {relative:>7}")
-    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:

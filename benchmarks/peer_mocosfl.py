@@ -180,19 +180,19 @@ def auto_engine(cutlayer: int, width: int, batch: int) -> str:
 
 
 def own_step(options: argparse.Namespace, side: str) -> Callable[[], None]:
-    """This project's step (benchmarks/bench_sfl.py's build) on the same images: loop, vmap, auto or centralised."""
+    """This project's step (benchmarks/bench_steps.py's build) on the same images: loop, vmap, auto or centralised."""
     sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
     sys.path.insert(0, str(REPO_ROOT))
-    import bench_sfl
+    import bench_steps
     import torch
 
     mode = auto_engine(options.cutlayer, options.width, options.batch) if side == "auto" else side
-    setting = bench_sfl.Setting(method="moco", mode=mode, device="cpu", clients=options.clients,
-                                sampled_clients=options.clients, per_client_batch=options.batch,
-                                cutlayer=None if side == "centralised" else options.cutlayer, amp=False,
-                                arch="ResNet18", width=options.width, engine="auto" if mode == "vmap" else None,
-                                method_config=str(REPO_ROOT / "configs" / "mocosfl_table3_100clients.yaml"))
-    step, _ = bench_sfl.build_step(setting, torch.device("cpu"), options.seed)
+    setting = bench_steps.Setting(method="moco", mode=mode, device="cpu", clients=options.clients,
+                                  sampled_clients=options.clients, per_client_batch=options.batch,
+                                  cutlayer=None if side == "centralised" else options.cutlayer, amp=False,
+                                  arch="ResNet18", width=options.width, engine="auto" if mode == "vmap" else None,
+                                  method_config=str(REPO_ROOT / "configs" / "mocosfl_table3_100clients.yaml"))
+    step, _ = bench_steps.build_step(setting, torch.device("cpu"), options.seed)
     return step
 
 

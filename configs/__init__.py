@@ -4,17 +4,25 @@ Option names follow the seed scripts (MocoSFL and its SwAV descendant). The loop
 registered method adds its own group (functions.methods.base). `parse_args(method, argv)` returns the resolved
 options; values come from, in increasing priority: the defaults here, the `--config` YAML
 file, the command line.
+
+Besides the options, the namespace parse_args returns carries where they came from, set by `_record_sources` only
+and read through `given_options` and `unused_options` (absent, e.g. in a namespace rebuilt from a checkpoint, both
+are empty):
+  _given   sorted names of the options the user set, in the config file or on the command line (an option given
+           wins over a preset; --eval_only takes those from the command and everything else from the checkpoint);
+  _unused  sorted names of the seed's other method's options the user set, which have no effect on this method.
+The names start with "_" so that run_options (what a checkpoint and config.yaml keep) leaves them out.
 """
 from __future__ import annotations
 
 import argparse
 import os
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import Any, Iterable, NoReturn, Sequence
 
 import yaml
 
-from functions.core.compat import COMPAT_MODES
+from functions.core.compat import add_compat_arguments, add_ignored_seed_flags, add_seed_options, unused_seed_options
 from functions.core.errors import UserError, check_range
 from functions.core.files import write_text_atomic
 from functions.data.datasets import dataset_entry, dataset_names, resolved_entry
@@ -80,15 +88,7 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     run.add_argument("--cudnn_benchmark", action="store_true",
                      help="let cuDNN time its convolution algorithms and keep the fastest (CUDA; faster for fixed "
                           "shapes, but runs are no longer bit-reproducible)")
-    run.add_argument("--compat", type=str, default="none", choices=list(COMPAT_MODES),
-                     help="none: MocoSFL's option names with MocoSFL's choices and its bugs fixed; mocosfl: reproduce "
-                          "MocoSFL's code as it ran, bugs included (client lr stepped per client step, its "
-                          "divergence-aware FedAvg, its communication-saving count, ...), to re-run a published "
-                          "number; for SwAV, the seed fork's (SL-FedSwAV) per-client loss summed with its running "
-                          "per-client sum never reset, and client gradients from the global crops only; every "
-                          "difference is listed in docs/mocosfl.md")
-    run.add_argument("--is_distributed", action="store_true",
-                     help="accepted for compatibility with the seed scripts; torchrun's environment decides")
+    add_compat_arguments(run)
 
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", type=str, default="cifar10", choices=dataset_names(),
@@ -156,10 +156,7 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                       help="classes of the dataset (MocoSFL's option; taken from --dataset, a different value is refused)")
     data.add_argument("--data_size", type=int, default=None,
                       help="image side in pixels (MocoSFL's option; taken from --dataset, a different value is refused)")
-    data.add_argument("--augmentation_option", action="store_true",
-                      help="MocoSFL's augmentation switch for supervised training; self-supervised views are always "
-                           "augmented, so it changes nothing here (as in MocoSFL)")
-    run.add_argument("--debug", action="store_true", help="accepted as in MocoSFL and the seed, which never read it")
+    add_ignored_seed_flags(data, run)
 
     privacy = parser.add_argument_group(
         "privacy (model-inversion attack, the ResSFL defence, the bottleneck and expert initialisation)")
@@ -230,42 +227,6 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     return parser
 
 
-# Options of the seed's and MocoSFL's shared parser (configs/__init__.py of both) that belong to the other method:
-# every entry script accepts them, as the seed's scripts pass them to both, and says when one has no effect here.
-SEED_OPTIONS: dict[str, dict[str, Any]] = {
-    "moco_version": dict(type=str), "pairloader_option": dict(type=str), "K": dict(type=int),
-    "K_dim": dict(type=int), "T": dict(type=float), "symmetric": dict(action="store_true"),
-    "mlp": dict(action="store_true"), "aug_plus": dict(action="store_true"), "CLR_option": dict(type=str),
-    "loss_type": dict(type=str), "disable_feature_sharing": dict(action="store_true"),
-    "nmb_crops": dict(type=int, nargs="+"), "size_crops": dict(type=int, nargs="+"),
-    "min_scale_crops": dict(type=float, nargs="+"), "max_scale_crops": dict(type=float, nargs="+"),
-    "crops_for_assign": dict(type=int, nargs="+"), "aug_type": dict(type=str), "temperature": dict(type=float),
-    "epsilon": dict(type=float), "sinkhorn_iterations": dict(type=int), "feat_dim": dict(type=int),
-    "nmb_prototypes": dict(type=int), "queue_length": dict(type=int), "epoch_queue_starts": dict(type=int),
-    "freeze_prototypes_niters": dict(type=int), "use_swav_scheduler": dict(action="store_true"),
-    "warmup_epochs": dict(type=int), "final_s_lr": dict(type=float), "final_c_lr": dict(type=float),
-    "start_warmup": dict(type=float),
-}
-
-
-def add_seed_options(parser: argparse.ArgumentParser) -> None:
-    """Accept the seed's options that this entry script's method does not define (they change nothing here)."""
-    defined = {action.dest for action in parser._actions}
-    missing = [name for name in SEED_OPTIONS if name not in defined]
-    if not missing:
-        return
-    group = parser.add_argument_group("options of the seed's other method (accepted, no effect on this one)")
-    for name in missing:
-        group.add_argument(f"--{name}", default=None, help=argparse.SUPPRESS, **SEED_OPTIONS[name])
-
-
-def unused_seed_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
-    """The options of the other method that this run was given (to say that they have no effect)."""
-    compat = {action.dest for group in parser._action_groups if group.title and group.title.startswith("options of the seed")
-              for action in group._group_actions}
-    return sorted(name for name in compat & set(getattr(args, "_given", ())) if getattr(args, name) not in (None, False))
-
-
 def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
     """Read a YAML preset; every key must be an option of this entry script, every value of that option's type."""
     config_path = Path(path)
@@ -319,11 +280,8 @@ def _scalar_problem(action: argparse.Action, value: Any) -> str | None:
 
 
 def parse_args(method: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse defaults <- --config YAML <- command line, validate, and fill derived values.
-
-    `args._given` holds the options the user set (in the config file or on the command line); --eval_only takes
-    those from the command, and everything else from the checkpoint.
-    """
+    """Parse defaults <- --config YAML <- command line, validate, and fill derived values (and where they came from:
+    given_options, unused_options)."""
     parser = build_parser(method)
     pre = OptionParser(add_help=False, prog=parser.prog)
     pre.add_argument("--config", type=str, default=None)
@@ -333,12 +291,28 @@ def parse_args(method: str, argv: Sequence[str] | None = None) -> argparse.Names
     args = parser.parse_args(argv)
     given = set(config) | set(vars(_given_on_command_line(parser, argv)))
     args.method = method
-    args._given = sorted(given)
-    args._unused = unused_seed_options(args, parser)
+    _record_sources(args, given, unused_seed_options(args, parser, given))
     try:
         return finalize_args(args)
     except UserError as error:
         raise UserError(str(error), on_every_rank=True) from None
+
+
+def _record_sources(args: argparse.Namespace, given: Iterable[str], unused: Iterable[str]) -> None:
+    """Keep on `args` the options the user set and those of the other method among them (see the module's
+    docstring)."""
+    args._given = sorted(given)
+    args._unused = sorted(unused)
+
+
+def given_options(args: argparse.Namespace) -> frozenset[str]:
+    """The options the user set (config file or command line); none for a namespace parse_args did not make."""
+    return frozenset(getattr(args, "_given", ()))
+
+
+def unused_options(args: argparse.Namespace) -> list[str]:
+    """The seed's other method's options the user set, which have no effect on this run."""
+    return list(getattr(args, "_unused", ()))
 
 
 def _given_on_command_line(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
@@ -411,7 +385,7 @@ def apply_auto_adjust(args: argparse.Namespace) -> None:
     the user gave keep their value."""
     if not args.auto_adjust:
         return
-    given, clients = set(getattr(args, "_given", ())), args.num_client
+    given, clients = given_options(args), args.num_client
     adjusted = {"batch_size": 100 // clients if clients <= 50 else 1}
     batch_size = args.batch_size if "batch_size" in given else adjusted["batch_size"]
     if clients <= 1000:

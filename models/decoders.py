@@ -170,8 +170,3 @@ def xavier_initialise(decoder: nn.Module) -> nn.Module:
                 nn.init.zeros_(module.bias)
     return decoder
 
-
-def parameter_count(module: nn.Module) -> int:
-    """The number of trainable values of `module`."""
-    return sum(parameter.numel() for parameter in module.parameters())
-

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -112,11 +112,6 @@ def num_cut_points(arch: str) -> int:
     return architecture(arch).num_cut_points
 
 
-def feature_dim_of(arch: str, width: int = 64) -> int:
-    """Dimension of the pooled backbone features of `arch` at `width`."""
-    return architecture(arch).feature_dim(width)
-
-
 def check_cutlayer(arch: str, cutlayer: int) -> None:
     """UserError unless 1 <= cutlayer <= num_cut_points(arch)."""
     entry = architecture(arch)
@@ -161,10 +156,6 @@ class ServerNet(nn.Module):
     def features(self, smashed: torch.Tensor) -> torch.Tensor:
         """Remaining units, global average pool and flatten: (B, feature_dim)."""
         return _features(self.backbone, smashed)
-
-    def features_multi(self, smashed_groups: Sequence[torch.Tensor]) -> torch.Tensor:
-        """features() of each group (one pass each) concatenated in the given order (multi-crop)."""
-        return _features_any(self.backbone, list(smashed_groups))
 
     def forward(self, smashed: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         """head(features(...)) of one tensor or of several resolution groups."""
@@ -269,41 +260,3 @@ def build_split_model(arch: str = "ResNet18", cutlayer: int = 1, *, head: HeadBu
     model = build_unsplit_model(arch, cutlayer=cutlayer, head=head, use_ws=use_ws, client_residual=client_residual,
                                 width=width, bottleneck=bottleneck, image_size=image_size)
     return split_unsplit(model, cutlayer)
-
-
-def merge_split(split: SplitModel) -> UnsplitNet:
-    """The unsplit network made of the split model's modules (shared, not copied): client units then server."""
-    units = list(split.client.named_children()) + list(split.server.backbone.named_children())
-    names = [name for name, _ in units]
-    if [name for name in names if name not in (CLIENT_BOTTLENECK, SERVER_BOTTLENECK)] != unit_names(split.arch):
-        raise ValueError(f"client and server units do not form a {split.arch} backbone")
-    has_dropped_shortcut = any(getattr(module, "residual", True) is False for _, module in split.client.named_children())
-    return UnsplitNet(nn.Sequential(OrderedDict(units)), split.server.head, split.server.prototypes,
-                      split.server.feature_dim, split.arch, split.cutlayer if has_dropped_shortcut else None,
-                      split.cutlayer if CLIENT_BOTTLENECK in names else None)
-
-
-def split_state_dict(unsplit_state: Mapping[str, torch.Tensor], arch: str,
-                     cutlayer: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(client_state, server_state) for a split at `cutlayer` from an unsplit model's state dict."""
-    check_cutlayer(arch, cutlayer)
-    client_units = set(unit_names(arch)[:cutlayer]) | {CLIENT_BOTTLENECK}
-    client_state: dict[str, torch.Tensor] = {}
-    server_state: dict[str, torch.Tensor] = {}
-    for key, value in unsplit_state.items():
-        if key.startswith(BACKBONE_PREFIX) and key[len(BACKBONE_PREFIX):].split(".", 1)[0] in client_units:
-            client_state[key[len(BACKBONE_PREFIX):]] = value
-        else:
-            server_state[key] = value
-    return client_state, server_state
-
-
-def merge_state_dicts(client_state: Mapping[str, torch.Tensor],
-                      server_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """An unsplit model's state dict from a client state dict and a server state dict."""
-    merged = {BACKBONE_PREFIX + key: value for key, value in client_state.items()}
-    overlap = merged.keys() & server_state.keys()
-    if overlap:
-        raise ValueError(f"client and server both hold {sorted(overlap)[0]}")
-    merged.update(server_state)
-    return merged

@@ -124,11 +124,6 @@ def rows_to_nhwc(rows: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(planar.transpose(0, 2, 3, 1), dtype=np.uint8)
 
 
-def nhwc_to_rows(images: np.ndarray) -> np.ndarray:
-    """Inverse of rows_to_nhwc: (N, 32, 32, 3) uint8 images to (N, 3072) planar rows."""
-    return np.ascontiguousarray(images.transpose(0, 3, 1, 2).reshape(-1, ROW_LENGTH), dtype=np.uint8)
-
-
 def read_batch(path: str | os.PathLike, label_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """Read one CIFAR python-format batch file into (NHWC uint8 images, int64 labels), checking its layout."""
     path = Path(path)

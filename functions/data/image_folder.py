@@ -118,14 +118,6 @@ def read_image_folder(data_dir: Path, *, download: bool = True, seed: int = 0,
     return (*splits[train_folder], *splits[test_folder], str(data_dir))
 
 
-def image_folder_classes(data_dir: Path) -> int:
-    """How many classes an image folder holds (subfolders of its train split)."""
-    train_folder = _split_folder(data_dir, TRAIN_SPLITS)
-    if train_folder is None:
-        return 0
-    return sum(1 for path in train_folder.iterdir() if path.is_dir())
-
-
 # MocoSFL's prepare_imagenet12.py writes data/imagnet-12/{train,val}/<class>/ (its spelling).
 IMAGENET12_FOLDERS = ("imagnet-12", "imagenet-12", "imagenet12")
 

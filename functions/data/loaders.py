@@ -199,14 +199,6 @@ class FederatedSchedule:
             self._epochs_in_pool_before.append(counts)
         return self._epochs_in_pool_before[epoch]
 
-    def stream_position(self, client: int, epoch: int, step: int) -> int:
-        """Position in `client`'s sample stream of its first row at (epoch, step); the client must be in the pool."""
-        self._check_step(epoch, step)
-        if client not in self.pool(epoch):
-            raise ValueError(f"client {client} is not in the pool of epoch {epoch}")
-        earlier_steps = int(self._pool_epochs_before(epoch)[client]) * self.steps_per_epoch + step
-        return earlier_steps * self.batch_sizes[client]
-
     def _check_step(self, epoch: int, step: int) -> None:
         """Reject an epoch or step outside the schedule."""
         if epoch < 0:

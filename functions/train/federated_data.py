@@ -12,6 +12,7 @@ import torch
 
 from functions.core.distributed import Runtime, check_clients_per_rank, client_shares
 from functions.core.errors import UserError
+from functions.core.options import ClientOptions
 from functions.data.datasets import ImageDataset, download_allowed, load_dataset
 from functions.data.loaders import FederatedLoaders, FederatedSchedule, StepBatch, default_steps_per_epoch
 from functions.data.partition import hetero_partition, make_partition, partition_hash, save_partition
@@ -20,12 +21,12 @@ from functions.data.views import ViewSpec
 logger = logging.getLogger("sfl")
 
 
-def client_batch_sizes(args: argparse.Namespace, client_sizes: Sequence[int]) -> list[int]:
+def client_batch_sizes(clients: ClientOptions, client_sizes: Sequence[int]) -> list[int]:
     """Rows each client sends per step: --batch_size, or with --hetero proportional to the client's data size."""
-    if not args.hetero:
-        return [args.batch_size] * len(client_sizes)
+    if not clients.hetero:
+        return [clients.batch_size] * len(client_sizes)
     mean_size = float(np.mean(client_sizes))
-    return [max(1, int(round(args.batch_size * size / mean_size))) for size in client_sizes]
+    return [max(1, int(round(clients.batch_size * size / mean_size))) for size in client_sizes]
 
 
 def build_loaders(dataset: ImageDataset, schedule: FederatedSchedule, view_spec: ViewSpec, *, use_dali: bool,
@@ -60,15 +61,16 @@ class FederatedData:
         self.client_indices = self._partition(args, output_dir)
         self.client_sizes = [len(indices) for indices in self.client_indices]
         self.partition_hash = partition_hash(self.client_indices)
-        self.batch_sizes = client_batch_sizes(args, self.client_sizes)
+        clients = ClientOptions.from_args(args)
+        self.batch_sizes = client_batch_sizes(clients, self.client_sizes)
         self._warn_small_shards()
-        steps = default_steps_per_epoch(self.client_indices, self.batch_sizes, args.client_sample_ratio)
+        steps = default_steps_per_epoch(self.client_indices, self.batch_sizes, clients.client_sample_ratio)
         if args.scheme == "fl":
             steps *= args.local_epoch  # FL-MoCo: an epoch is --local_epoch passes of every client over its data
-        self.schedule = FederatedSchedule(self.client_indices, self.batch_sizes, args.client_sample_ratio, steps,
+        self.schedule = FederatedSchedule(self.client_indices, self.batch_sizes, clients.client_sample_ratio, steps,
                                           args.seed)
         if runtime.is_distributed:
-            check_clients_per_rank(self.schedule.pool_size, args.num_client, args.client_sample_ratio,
+            check_clients_per_rank(self.schedule.pool_size, clients.num_client, clients.client_sample_ratio,
                                    runtime.world_size)
         self.loaders = build_loaders(self.dataset, self.schedule, view_spec, use_dali=args.use_dali,
                                      dali_device=args.dali_device, device=runtime.device,

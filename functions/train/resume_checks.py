@@ -5,7 +5,7 @@ import argparse
 import os
 from typing import Any
 
-from configs import training_signature
+from configs import given_options, training_signature
 from functions.core.errors import UserError
 from functions.methods.registry import METHODS
 
@@ -36,7 +36,7 @@ def check_same_configuration(state: dict[str, Any], args: argparse.Namespace, cu
     """Refuse to resume a checkpoint made under different training options (names the first difference)."""
     saved = _effective_signature(state["signature"])
     current = _effective_signature(training_signature(args))
-    given = set(getattr(args, "_given", ()))
+    given = given_options(args)
     # An option newer than the checkpoint did not exist for that run: its value here applies, unless set on purpose.
     differing = [key for key in sorted(set(saved) | set(current))
                  if saved.get(key) != current.get(key) and (key in saved or key in given)]

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
-from configs import RUNTIME_OPTIONS, build_parser, run_options, save_resolved_config
+from configs import RUNTIME_OPTIONS, build_parser, given_options, run_options, save_resolved_config, unused_options
 from functions.core.checkpoint import (
     BEST_CHECKPOINT_NAME,
     CHECKPOINT_NAME,
@@ -129,7 +129,7 @@ def _run_on(runtime: Runtime, args: argparse.Namespace, evaluations: Sequence[Ev
     if state is not None:
         check_checkpoint_layout(state, str(checkpoint_path))
         check_same_method(state, args, checkpoint_path)
-    unused = getattr(args, "_unused", [])
+    unused = unused_options(args)
     if unused:
         logger.warning(f"{', '.join('--' + name for name in unused)}: no effect on {args.method} (options of the "
                        "seed's other method, accepted for its command lines)")
@@ -199,7 +199,7 @@ def evaluate_checkpoint(args: argparse.Namespace, runtime: Runtime,
     check_same_method(state, argparse.Namespace(method=method), args.checkpoint)
     # Options newer than the file take the defaults of the checkpoint's own method.
     saved = argparse.Namespace(**{**run_options(build_parser(method).parse_args([])), **state["args"]})
-    given = set(getattr(args, "_given", ()))
+    given = given_options(args)
     for key in (RUNTIME_OPTIONS & given) - {"config", "resume", "checkpoint", "eval_only"}:
         setattr(saved, key, getattr(args, key))
     if "output_dir" not in given:

@@ -259,7 +259,7 @@ class Trainer:
             self.hand_over.hand_over(self.clients, pool)
         self.method.start_epoch(epoch)
         self.method.train()
-        avg_after = fedavg_positions(self.steps_per_epoch, args.avg_freq)
+        avg_after = fedavg_positions(self.steps_per_epoch, self.args.avg_freq)
         window = LogWindow()
         if self.step_in_epoch == 0:
             self.epoch_statistics.reset()

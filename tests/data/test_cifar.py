@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from dataset_files import nhwc_to_rows
 from entry_runs import FAST, assert_clean_user_error, cli_error, run_entry
 from paths import REPO_ROOT, SAMPLE_CIFAR10
 from sfl_helpers import moco_trainer
@@ -19,7 +20,7 @@ from sfl_helpers import moco_trainer
 import run_sflmoco
 from functions.core.errors import UserError
 from functions.data import cifar
-from functions.data.cifar import CIFAR_SPECS, nhwc_to_rows, rows_to_nhwc
+from functions.data.cifar import CIFAR_SPECS, rows_to_nhwc
 from functions.data.datasets import NO_DOWNLOAD_ENV, ImageDataset, channel_stats, load_dataset
 
 SAMPLE_DIR = REPO_ROOT / "sample_data" / "cifar10"

@@ -1,9 +1,17 @@
-"""Small copies of STL-10, SVHN and Tiny-ImageNet-200 in their official layouts, written by the tests (no network)."""
+"""Small copies of STL-10, SVHN and Tiny-ImageNet-200 in their official layouts (and CIFAR's rows), written by the
+tests (no network)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+
+from functions.data.cifar import ROW_LENGTH
+
+
+def nhwc_to_rows(images: np.ndarray) -> np.ndarray:
+    """CIFAR's python-format rows of (N, 32, 32, 3) uint8 images: (N, 3072), planar R, G, B (rows_to_nhwc's inverse)."""
+    return np.ascontiguousarray(images.transpose(0, 3, 1, 2).reshape(-1, ROW_LENGTH), dtype=np.uint8)
 
 
 def random_images(count: int, size: int, seed: int) -> np.ndarray:

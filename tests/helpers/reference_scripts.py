@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from dataset_files import nhwc_to_rows
 
-from functions.data.cifar import nhwc_to_rows, read_batch
+from functions.data.cifar import read_batch
 
 FULL_TRAIN_SIZE = 50_000  # CIFAR-10's and CIFAR-100's training sets: the scripts' client counts are sized for it
 

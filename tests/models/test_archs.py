@@ -17,6 +17,7 @@ from engine_comparison import (
     train_side_by_side,
 )
 from sfl_helpers import moco_trainer, swav_trainer
+from split_states import merge_state_dicts
 from torch import nn
 
 import run_sflmoco
@@ -26,10 +27,9 @@ from functions.core.errors import UserError
 from functions.losses.moco import info_nce_loss
 from functions.methods.registry import method_class
 from models.split import (
+    architecture,
     build_split_model,
     build_unsplit_model,
-    feature_dim_of,
-    merge_state_dicts,
     num_cut_points,
     unit_names,
 )
@@ -143,7 +143,7 @@ def test_split_equals_unsplit_at_every_cut_and_any_input_size(arch):
               for size in (16, 32, 64, 96)}
     with torch.no_grad():
         expected = {size: unsplit(x) for size, x in images.items()}
-        assert all(out.shape == (2, feature_dim_of(arch, 4)) for out in expected.values())
+        assert all(out.shape == (2, architecture(arch).feature_dim(4)) for out in expected.values())
         for cut in range(1, num_cut_points(arch) + 1):
             torch.manual_seed(5)
             split = build_split_model(arch, cut, width=4)
@@ -175,14 +175,14 @@ def test_architectures_cut_points_and_feature_dims():
                                    "layer5_0", "layer5_1"]
     names = unit_names("MobileNetV2")
     assert names[:4] == ["stem", "layer1_0", "layer2_0", "layer2_1"] and names[-2:] == ["layer7_0", "last_conv"]
-    assert [feature_dim_of(arch) for arch in ("VGG11", "VGG19", "MobileNetV2")] == [512, 512, 1280]
+    assert [architecture(arch).feature_dim(64) for arch in ("VGG11", "VGG19", "MobileNetV2")] == [512, 512, 1280]
 
 
 @pytest.mark.parametrize("arch, expansion", [("VGG11", 1), ("MobileNetV2", 1), ("ResNet18", 1), ("ResNet50", 4)])
 def test_moco_v2_head_widens_by_mocosfls_expansion(arch, expansion):
     """MocoSFL's model.expansion, not features / 512: MobileNetV2's 1280 features feed a K_dim-wide hidden layer."""
     args = parse_args("moco", ["--arch", arch, "--width", "8", "--K_dim", "16", "--moco_version", "V2", "--mlp"])
-    head = method_class("moco").head_builder(args)(feature_dim_of(arch, 8)).projection
+    head = method_class("moco").head_builder(args)(architecture(arch).feature_dim(8)).projection
     assert [layer.out_features for layer in head if isinstance(layer, nn.Linear)] == [16 * expansion, 16]
 
 

@@ -6,21 +6,14 @@ from functools import partial
 import pytest
 import torch
 import torch.nn as nn
+from split_states import merge_split, merge_state_dicts, split_state_dict
 from torch.func import functional_call
 
 from functions.core.errors import UserError
 from functions.methods.heads import build_moco_head, build_swav_head
 from functions.methods.registry import method_class
 from models.layers import WSConv2d, group_norm_groups
-from models.split import (
-    build_split_model,
-    build_unsplit_model,
-    merge_split,
-    merge_state_dicts,
-    num_cut_points,
-    split_state_dict,
-    unit_names,
-)
+from models.split import build_split_model, build_unsplit_model, num_cut_points, unit_names
 
 
 def moco_head(**options):
@@ -168,17 +161,15 @@ def test_smashed_shapes() -> None:
     assert build_split_model("ResNet50", 2, width=WIDTH).client(x).shape == (2, 4 * WIDTH, 32, 32)
 
 
-def test_features_multi_equals_separate_calls() -> None:
+def test_the_server_pools_each_resolution_group_separately() -> None:
     split = build_split_model("ResNet18", 2, width=WIDTH, head=swav_head(hidden_mlp=16, nmb_prototypes=4))
     for module in (split.client, split.server):
         module.eval()
     large, small = _images(batch=3, size=32, seed=1), _images(batch=2, size=16, seed=2)
     with torch.no_grad():
         groups = [split.client(large), split.client(small)]
-        multi = split.server.features_multi(groups)
         separate = torch.cat([split.server.features(groups[0]), split.server.features(groups[1])])
-        assert multi.shape == (5, 8 * WIDTH)
-        assert torch.allclose(multi, separate)
+        assert separate.shape == (5, 8 * WIDTH)
         assert torch.allclose(split.server(groups), split.server.head(separate))
 
 

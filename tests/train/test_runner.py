@@ -12,6 +12,7 @@ import run_sflmoco
 from functions.core.checkpoint import (
     CHECKPOINT_NAME,
 )
+from functions.train import evaluations
 
 
 def test_unwritable_output_dir_exits_2(tmp_path, capsys):
@@ -22,16 +23,14 @@ def test_unwritable_output_dir_exits_2(tmp_path, capsys):
 
 
 def test_eval_only_takes_the_runs_data_dir_and_this_commands_evaluation_options(tmp_path, monkeypatch):
-    from functions.evaluation import probes as evaluation
-
     run_dir = tmp_path / "run"
     run_sflmoco.main([*FAST, "--dataset", "cifar10", "--data_dir", str(SAMPLE_CIFAR10), "--max_steps", "1",
                       "--knn_k", "30", "--knn_t", "0.2", "--output_dir", str(run_dir)])
     monkeypatch.setenv("SFL_NO_DOWNLOAD", "1")  # ./data does not hold CIFAR-10: reading it would fail
     monkeypatch.chdir(tmp_path)
     asked = []
-    real_knn = evaluation.knn_accuracy
-    monkeypatch.setattr(evaluation, "knn_accuracy", lambda *a, **k: asked.append(k) or real_knn(*a, **k))
+    real_knn = evaluations.knn_accuracy
+    monkeypatch.setattr(evaluations, "knn_accuracy", lambda *a, **k: asked.append(k) or real_knn(*a, **k))
     results_dir = tmp_path / "evaluated"
     results = run_sflmoco.main(["--eval_only", "--checkpoint", str(run_dir / CHECKPOINT_NAME), "--knn_k", "7",
                                 "--knn_t", "0.5", "--output_dir", str(results_dir), "--skip_linear"])

@@ -22,6 +22,7 @@ from functions.core.checkpoint import (
     load_checkpoint,
 )
 from functions.core.errors import TrainingInterrupted, UserError
+from functions.core.options import ClientOptions
 from functions.data.partition import hetero_partition
 from functions.methods.schedules import LearningRateSchedule
 from functions.methods.swav import SwavServer
@@ -65,7 +66,7 @@ def test_hetero_clients_send_rows_in_proportion_to_their_data():
     assert sum(sizes) == 1000 and len(np.unique(np.concatenate(parts))) == 1000
     assert sizes[:2] == [400, 400] and all(size == 25 for size in sizes[2:])
     args = parse_args("moco", ["--hetero", "--batch_size", "4"])
-    batches = client_batch_sizes(args, sizes)
+    batches = client_batch_sizes(ClientOptions.from_args(args), sizes)
     assert batches[:2] == [16, 16] and batches[2:] == [1] * 8
 
 

@@ -1,0 +1,48 @@
+"""Typed groups of the resolved options, each built from the namespace of configs.parse_args, for the parts that
+need one concern's options only (and can be called without a whole namespace)."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from functions.core.compat import mocosfl_compat
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    """The simulated clients: how many, their batch, and how they are sampled into each epoch's pool."""
+
+    num_client: int
+    batch_size: int              # rows per client per step (the mean one under --hetero)
+    hetero: bool                 # batches proportional to the clients' data sizes
+    client_sample_ratio: float   # fraction of the clients in each epoch's pool
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ClientOptions:
+        """The group of a parsed namespace."""
+        return cls(num_client=args.num_client, batch_size=args.batch_size, hetero=args.hetero,
+                   client_sample_ratio=args.client_sample_ratio)
+
+
+@dataclass(frozen=True)
+class ScheduleOptions:
+    """The learning rates over the run: --lr and --c_lr, and --cos or MultiStepLR."""
+
+    lr: float
+    c_lr: float
+    cos: bool
+    milestones: tuple[int, ...] | None  # None: the method's default milestones
+    s_gamma: float
+    c_gamma: float | None               # None: the method's default client factor
+    num_epoch: int
+    client_sample_ratio: float
+    scheme: str                         # sfl, or fl (MocoSFL's FL-MoCo baseline)
+    mocosfl_compat: bool                # --compat mocosfl
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ScheduleOptions:
+        """The group of a parsed namespace."""
+        milestones = None if args.milestones is None else tuple(args.milestones)
+        return cls(lr=args.lr, c_lr=args.c_lr, cos=bool(args.cos), milestones=milestones, s_gamma=args.s_gamma,
+                   c_gamma=args.c_gamma, num_epoch=args.num_epoch, client_sample_ratio=args.client_sample_ratio,
+                   scheme=getattr(args, "scheme", "sfl"), mocosfl_compat=mocosfl_compat(args))
