@@ -66,7 +66,7 @@ from functions.data.datasets import dataset_entry  # noqa: E402
 from functions.data.layout import StepLayout
 from functions.data.loaders import StepBatch  # noqa: E402
 from functions.data.views import ViewSpec  # noqa: E402
-from functions.methods.base import ServerMethod
+from functions.methods.base import ServerMethod, StepContext  # noqa: E402
 from functions.methods.registry import method_class, method_names  # noqa: E402
 from functions.sfl.clients.vmap import ENGINES, VectorisedClientSide  # noqa: E402
 from functions.sfl.step import SplitStep, build_split_step  # noqa: E402
@@ -276,14 +276,14 @@ def centralised_step(method: ServerMethod, optimizer: torch.optim.Optimizer, pre
     state = {"step": 0}
     scaler = precision.scaler
 
-    layout = StepLayout.of([0], [crops[0].shape[0]])
+    context = StepContext(0, StepLayout.of([0], [crops[0].shape[0]]))
 
     def step() -> torch.Tensor:
-        method.start_step(layout)
+        method.start_server_step()
         optimizer.zero_grad(set_to_none=True)
         with precision.autocast():
             momentum_inputs = [crops[k] for k in method.momentum_crops]
-            loss, _ = method.compute_loss([crops[k] for k in method.trainable_crops], momentum_inputs, 0)
+            loss, _ = method.compute_loss([crops[k] for k in method.trainable_crops], momentum_inputs, context)
         scaler.scale(loss).backward()
         method.before_server_step(state["step"])
         scaler.step(optimizer)

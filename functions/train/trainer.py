@@ -46,7 +46,7 @@ from functions.sfl.communication import CommunicationSaving
 from functions.sfl.fedavg import DivergenceAwareAveraging, average_pool, divergence_summary, fedavg, fedavg_positions
 from functions.sfl.fl_step import build_fl_step
 from functions.sfl.overhead import client_overhead
-from functions.sfl.step import build_split_step
+from functions.sfl.step import build_split_step, per_client_server_updates
 from functions.train.evaluations import FINAL_EVALUATIONS, knn_evaluation
 from functions.train.federated_data import FederatedData
 from functions.train.resume_checks import check_same_configuration
@@ -92,7 +92,7 @@ class Trainer:
         self.overhead = client_overhead(self.split_step, view_spec, args.batch_size, args.cutlayer)
         if args.enable_ressfl:
             self.split_step.attacker = self._simulated_attacker(view_spec)
-        if runtime.is_distributed and self.method.per_client_server_updates:
+        if runtime.is_distributed and per_client_server_updates(args):
             raise UserError("per-client server updates (--server_update per_client) step the server once per client "
                             "in pool order and cannot be split over processes; run one process or the joint update")
         self.steps_per_epoch = self.data.steps_per_epoch
