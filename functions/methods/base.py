@@ -52,10 +52,10 @@ class ServerMethod(nn.Module):
     `compute_loss(smashed, momentum_smashed, context)` on the smashed rows of `trainable_crops` (with graph) and of
     `momentum_crops` (the clients' momentum copies, no graph), one backward of the returned loss,
     `before_server_step(global_step)`, the optimizer step of `optimized_parameters()`, and, once the clients have
-    stepped, `after_server_step()`. With `--server_update per_client` (an option of the loop, for the methods that
-    offer it) the loop runs `compute_loss`, backward, `before_server_step` and the optimizer step once per client on
-    that client's rows (its own layout in the context), in pool order; `start_server_step` and `after_server_step`
-    still run once.
+    stepped, `after_server_step()`. With `--server_update per_client` (an option the loop reads from the options of
+    a method that declares it, as SwAV does; one process only) the loop runs `compute_loss`, backward,
+    `before_server_step` and the optimizer step once per client on that client's rows (its own layout in the
+    context), in pool order; `start_server_step` and `after_server_step` still run once.
 
     The rules that keep a method right under torchrun (each process holds a contiguous block of the pool's clients,
     and a process's rows stacked in rank order are the single-process rows):

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from test_distributed import _assert_same_run, _launch
+from test_distributed import _assert_same_run, _launch, _losses
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -104,6 +104,7 @@ def test_a_method_from_the_docstring_trains_under_torchrun_as_in_one_process(tmp
         result = _launch(str(entry), [*TINY, "--output_dir", str(runs[processes])], processes)
         assert result.returncode == 0, result.stderr[-3000:]
     # Same losses and the same server, clients and optimizer state after 2 steps (one full step and the next).
+    assert len(_losses(runs[2])) == 2
     _assert_same_run(runs[1], runs[2], loss_tolerance=1e-5, weight_tolerance=1e-4)
 
 
