@@ -144,8 +144,9 @@ class SplitStep:
             precision.scaler.step(self.server_optimizer)
         return loss.detach(), {name: value.detach() for name, value in stats.items()}
 
-    def _per_client_server_updates(self, server_inputs: list[Tensor], momentum_smashed: list[Tensor], layout: StepLayout,
-                                   epoch: int, global_step: int) -> tuple[Tensor, dict[str, Tensor]]:
+    def _per_client_server_updates(self, server_inputs: list[Tensor], momentum_smashed: list[Tensor],
+                                   layout: StepLayout, epoch: int,
+                                   global_step: int) -> tuple[Tensor, dict[str, Tensor]]:
         """The seed's 2023-07-27 variant (ablation): one loss and one server step per client, in pool order (one
         process: the trainer refuses it under torchrun)."""
         losses = []
