@@ -16,7 +16,7 @@ from functions.data.datasets import dataset_entry
 from functions.data.layout import StepLayout
 from functions.data.loaders import StepBatch
 from functions.data.views import ViewSpec
-from functions.methods.base import ServerMethod
+from functions.methods.base import ServerMethod, StepContext
 from functions.methods.registry import method_class
 from functions.sfl.clients.vmap import VectorisedClientSide
 from functions.sfl.step import SplitStep, build_split_step
@@ -77,14 +77,14 @@ def centralised_step(method: ServerMethod, optimizer: torch.optim.Optimizer, pre
     state = {"step": 0}
     scaler = precision.scaler
 
-    layout = StepLayout.of([0], [crops[0].shape[0]])
+    context = StepContext(0, StepLayout.of([0], [crops[0].shape[0]]))
 
     def step() -> torch.Tensor:
-        method.start_step(layout)
+        method.start_server_step()
         optimizer.zero_grad(set_to_none=True)
         with precision.autocast():
             momentum_inputs = [crops[k] for k in method.momentum_crops]
-            loss, _ = method.compute_loss([crops[k] for k in method.trainable_crops], momentum_inputs, 0)
+            loss, _ = method.compute_loss([crops[k] for k in method.trainable_crops], momentum_inputs, context)
         scaler.scale(loss).backward()
         method.before_server_step(state["step"])
         scaler.step(optimizer)

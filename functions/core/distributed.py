@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from functions.core.errors import UserError
 
@@ -266,22 +267,12 @@ def convert_to_global_batchnorm(module: nn.Module) -> nn.Module:
 
 
 # ------------------------------------------------------------------------------------- the server under DDP
-def wrap_server(method: nn.Module, runtime: Runtime) -> None:
-    """Prepare a server method for a multi-process run: global BatchNorm, DDP around its server, collectives on."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    convert_to_global_batchnorm(method.server)
-    ddp = DistributedDataParallel(method.server, device_ids=[runtime.device.index] if runtime.is_cuda else None,
-                                  find_unused_parameters=False)
-    # Kept outside the module tree, so state dicts (checkpoints) keep the single-process keys.
-    object.__setattr__(method, "server_ddp", ddp)
-    method.distributed = True
-
-
-def forward_server(method: nn.Module, inputs: Any) -> torch.Tensor:
-    """The method's server on `inputs`, through its DDP wrapper when the run has one (gradients then sync)."""
-    ddp = method.__dict__.get("server_ddp")
-    return (ddp if ddp is not None else method.server)(inputs)
+def data_parallel(module: nn.Module, runtime: Runtime) -> DistributedDataParallel:
+    """`module` as one process of a multi-process run: its BatchNorm1d layers made global, then DDP around it (the
+    gradients of a forward pass through the wrapper are averaged over processes)."""
+    convert_to_global_batchnorm(module)
+    return DistributedDataParallel(module, device_ids=[runtime.device.index] if runtime.is_cuda else None,
+                                   find_unused_parameters=False)
 
 
 # ------------------------------------------------------------------------------------------ client hand-over

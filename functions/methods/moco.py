@@ -14,12 +14,12 @@ import torch
 from torch import Tensor, nn
 
 from functions.core.compat import mocosfl_compat
-from functions.core.distributed import all_gather_rows, forward_server
+from functions.core.distributed import all_gather_rows
 from functions.core.errors import UserError
 from functions.data.layout import StepLayout
 from functions.data.views import ViewSpec
 from functions.losses.moco import ClientQueues, dual_temperature_loss, info_nce_loss
-from functions.methods.base import ServerMethod
+from functions.methods.base import ServerMethod, StepContext
 from functions.methods.heads import MOCO_VERSIONS, build_moco_head
 from functions.methods.registry import register_method
 from functions.sfl.clients.loop import momentum_update_
@@ -152,17 +152,14 @@ class MocoServer(ServerMethod):
         # logits); --compat mocosfl starts them as MocoSFL does.
         self.queues = ClientQueues(args.K, args.K_dim, args.num_client if args.disable_feature_sharing else 0,
                                    device=device, generator=generator, unit_client_rows=not mocosfl_compat(args))
-        self._pending_keys: Tensor | None = None
-        self._layout = StepLayout.single()
+        # The step's keys and their rows' layout, enqueued once the step is done.
+        self._pending_keys: tuple[Tensor, StepLayout] | None = None
         # With BatchNorm in the server (largeV2's head) each view goes through it in a pass of its own, as in
         # MocoSFL, so that its statistics are those of one view; without, one pass over the stacked views gives
         # the same values faster.
         self.pass_per_view = any(isinstance(layer, nn.modules.batchnorm._BatchNorm) for layer in server.modules())
-        # Set by the distributed set-up: keys of every rank then join the queues, identical on every rank.
-        self.distributed = False
 
-    def start_step(self, layout: "StepLayout") -> None:
-        self._layout = layout
+    def start_server_step(self) -> None:
         if not self.simco:
             # MocoSFL moves its momentum encoder at the start of the server's step, before the forward passes.
             momentum_update_(self.server_momentum, self.server, self.momentum)
@@ -174,12 +171,12 @@ class MocoServer(ServerMethod):
         return list(network(torch.cat(list(views))).split([view.shape[0] for view in views]))
 
     def compute_loss(self, smashed: Sequence[Tensor], momentum_smashed: Sequence[Tensor],
-                     epoch: int) -> tuple[Tensor, dict[str, Tensor]]:
+                     context: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
         if self.simco:
-            first, second = forward_server(self, torch.cat(list(smashed))).chunk(2)
+            first, second = self.forward_server(torch.cat(list(smashed))).chunk(2)
             loss, accuracy = dual_temperature_loss(first, second, self.simco_temperature)
             return loss, {"contrastive_acc": accuracy}
-        online_server = partial(forward_server, self)
+        online_server = self.forward_server
         if self.both_views:
             queries = self._views(online_server, smashed)
             with torch.no_grad():
@@ -197,23 +194,23 @@ class MocoServer(ServerMethod):
             # only the online rows' keys: it takes each client's rows of the first block (client_id * batch_size).
             enqueued = [keys[0]] if self.queues.per_client else [keys[0], keys[1]]
         else:
-            query = forward_server(self, smashed[0])
+            query = self.forward_server(smashed[0])
             with torch.no_grad():
                 key = self.server_momentum(momentum_smashed[0])
             pairs, enqueued = [(query, key)], [key]
-        terms = [self._info_nce(query, key) for query, key in pairs]
+        terms = [self._info_nce(query, key, context.layout) for query, key in pairs]
         loss = sum(term[0] for term in terms)
         accuracy = torch.stack([term[1] for term in terms]).mean()
         # Keys join the queue only after this step's loss: they are never their own negatives.
         # Under torchrun each block's keys are gathered in rank order, which is the single-process row order.
-        self._pending_keys = torch.cat([all_gather_rows(k) for k in enqueued] if self.distributed else enqueued)
+        keys = torch.cat([all_gather_rows(k) for k in enqueued] if self.distributed else enqueued)
+        self._pending_keys = keys, context.layout
         return loss, {"contrastive_acc": accuracy}
 
-    def _info_nce(self, query: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
+    def _info_nce(self, query: Tensor, key: Tensor, layout: StepLayout) -> tuple[Tensor, Tensor]:
         """InfoNCE of the step's rows, each against its own client's queue when clients keep their own."""
         if not self.queues.per_client:
             return info_nce_loss(query, key, self.queues.shared.negatives, self.temperature)
-        layout = self._layout
         losses, accuracies = [], []
         for client, begin, end in layout.local_blocks():
             loss, accuracy = info_nce_loss(query[begin:end], key[begin:end], self.queues.of(client).negatives,
@@ -227,7 +224,7 @@ class MocoServer(ServerMethod):
         if self.simco:
             return
         if self._pending_keys is not None:
-            self.queues.enqueue(self._pending_keys, self._layout)
+            self.queues.enqueue(*self._pending_keys)
             self._pending_keys = None
 
     def extra_state(self) -> dict:

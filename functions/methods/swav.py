@@ -17,10 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from functions.core.compat import mocosfl_compat
-from functions.core.distributed import all_gather_rows, all_reduce_sum, forward_server
+from functions.core.distributed import all_gather_rows, all_reduce_sum
 from functions.core.errors import UserError, check_range
 from functions.data.datasets import DatasetEntry, resolved_entry
-from functions.data.layout import StepLayout
 from functions.data.views import ViewSpec
 from functions.losses.swav import (
     EmbeddingQueue,
@@ -32,13 +31,12 @@ from functions.losses.swav import (
     sinkhorn_knopp,
     swapped_prediction_loss,
 )
-from functions.methods.base import ServerMethod
-from functions.methods.heads import MOCO_VERSIONS, build_swav_head
-from functions.methods.moco import MocoServer
+from functions.methods.base import ServerMethod, StepContext
+from functions.methods.heads import MOCO_VERSIONS, build_moco_head, build_swav_head
 from functions.methods.registry import register_method
 from functions.methods.schedules import LearningRateSchedule
 from models.layers import L2Normalize
-from models.split import Head, HeadBuilder
+from models.split import Head, HeadBuilder, architecture
 
 __all__ = [
     "sinkhorn_knopp",
@@ -211,7 +209,8 @@ class SwavServer(ServerMethod):
     @classmethod
     def head_builder(cls, args: argparse.Namespace) -> HeadBuilder:
         if args.moco_version is not None:
-            moco_head = MocoServer.head_builder(args)
+            moco_head = partial(build_moco_head, moco_version=args.moco_version, K_dim=args.K_dim, mlp=args.mlp,
+                                expansion=architecture(args.arch).expansion)
             return lambda feature_dim: Head(nn.Sequential(moco_head(feature_dim).projection, L2Normalize()),
                                             nn.Linear(args.K_dim, args.nmb_prototypes, bias=False))
         return partial(build_swav_head, hidden_mlp=args.hidden_mlp, feat_dim=args.feat_dim,
@@ -233,7 +232,6 @@ class SwavServer(ServerMethod):
 
     def __init__(self, args: argparse.Namespace, server: nn.Module, device: torch.device) -> None:
         super().__init__(args, server, device)
-        self.per_client_server_updates = args.server_update == "per_client"
         self.nmb_crops = tuple(args.nmb_crops)
         self.trainable_crops = tuple(range(sum(args.nmb_crops)))
         self.crops_for_assign = tuple(args.crops_for_assign)
@@ -245,13 +243,10 @@ class SwavServer(ServerMethod):
         embedding_dim = args.K_dim if args.moco_version is not None else args.feat_dim
         self.queue = (EmbeddingQueue(len(args.crops_for_assign), args.queue_length, embedding_dim, device=device)
                       if args.queue_length > 0 else None)
-        # Set by the distributed set-up: Sinkhorn sums are then all-reduced and the queue holds every rank's rows.
-        self.distributed = False
         # --compat mocosfl: the seed fork's per-client codes and loss, and client gradients of the global crops only
         # (the fork detached the local crops' smashed data); by default every crop trains the clients.
         self.seed_fork_loss = mocosfl_compat(args)
         self.gradient_crops = tuple(range(args.nmb_crops[0])) if self.seed_fork_loss else None
-        self._rows_per_client: tuple[int, ...] = ()
         self._monitor: dict[str, Tensor] = {}
         self._monitor_steps = 0
 
@@ -260,16 +255,17 @@ class SwavServer(ServerMethod):
         return self.server.prototypes
 
     def compute_loss(self, smashed: Sequence[Tensor], momentum_smashed: Sequence[Tensor],
-                     epoch: int) -> tuple[Tensor, dict[str, Tensor]]:
+                     context: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
         normalize_prototypes_(self.prototypes)
-        embeddings = forward_server(self, resolution_groups(smashed))
+        embeddings = self.forward_server(resolution_groups(smashed))
         scores = self.prototypes(embeddings)
         rows = smashed[0].shape[0]
         crop_embeddings = embeddings.split(rows)
         crop_scores = scores.split(rows)
-        use_queue = self.queue is not None and epoch >= self.epoch_queue_starts
+        use_queue = self.queue is not None and context.epoch >= self.epoch_queue_starts
         if self.seed_fork_loss:
-            loss, first_codes = self._seed_fork_loss(crop_embeddings, crop_scores, use_queue)
+            loss, first_codes = self._seed_fork_loss(crop_embeddings, crop_scores, use_queue,
+                                                     context.layout.rows_per_client)
             self._record(first_codes, crop_embeddings[0].detach())
             return loss, {}
         codes: dict[int, Tensor] = {}
@@ -290,13 +286,14 @@ class SwavServer(ServerMethod):
         return loss, {}
 
     def _seed_fork_loss(self, crop_embeddings: Sequence[Tensor], crop_scores: Sequence[Tensor],
-                        use_queue: bool) -> tuple[Tensor, Tensor]:
+                        use_queue: bool, rows_per_client: Sequence[int]) -> tuple[Tensor, Tensor]:
         """--compat mocosfl: the seed fork's loss (Sinkhorn and swapped prediction per client, accumulated as
         seed_fork_accumulated_loss) and the codes of the first assignment crop, clients in pool order."""
         if self.distributed:
             raise UserError("--compat mocosfl's SwAV (the seed fork's per-client loss) runs in one process")
-        rows = crop_scores[0].shape[0]
-        rows_per_client = self._rows_per_client if sum(self._rows_per_client) == rows else (rows,)
+        if sum(rows_per_client) != crop_scores[0].shape[0]:
+            raise ValueError(f"the step's layout ({sum(rows_per_client)} rows) does not describe the "
+                             f"{crop_scores[0].shape[0]} smashed rows")
         client_losses, first_codes, start = [], [], 0
         for client_rows in rows_per_client:
             block = slice(start, start + client_rows)
@@ -314,9 +311,6 @@ class SwavServer(ServerMethod):
                                                          self.temperature))
             first_codes.append(codes[self.crops_for_assign[0]])
         return seed_fork_accumulated_loss(client_losses, len(self.crops_for_assign)), torch.cat(first_codes)
-
-    def start_step(self, layout: StepLayout) -> None:
-        self._rows_per_client = layout.rows_per_client
 
     @torch.no_grad()
     def _record(self, codes: Tensor, embeddings: Tensor) -> None:

@@ -15,22 +15,26 @@ from typing import Callable, ClassVar, Sequence
 import torch
 from torch import Tensor, nn
 
-from functions.core.distributed import Runtime, wrap_server
+from functions.core.distributed import Runtime
 from functions.core.precision import MixedPrecision
 from functions.data.layout import StepLayout
 from functions.data.loaders import StepBatch
-from functions.methods.base import ServerMethod
+from functions.methods.base import ServerMethod, StepContext
 from functions.methods.registry import method_class
 from functions.privacy.defences import PrivacyDefence, SmashedStep
 from functions.privacy.expert import load_initial_weights
 from functions.sfl.clients.engines import ClientEngine, build_client_engine
-from functions.sfl.clients.loop import query_index
 from models.split import build_split_model
 
 
 def bottleneck_of(args: argparse.Namespace) -> str | None:
     """The --bottleneck_option code of a run, None without a bottleneck."""
     return None if getattr(args, "bottleneck_option", "None") == "None" else args.bottleneck_option
+
+
+def per_client_server_updates(args: argparse.Namespace) -> bool:
+    """--server_update per_client (an option of the methods that offer it): one server update per client."""
+    return getattr(args, "server_update", "joint") == "per_client"
 
 
 @dataclass(eq=False)
@@ -45,6 +49,8 @@ class SplitStep:
     memory_format: torch.memory_format = torch.contiguous_format
     # Privacy defences (--defence): their extra gradients join the server's on the way to the clients.
     defences: Sequence[PrivacyDefence] = ()
+    # --server_update per_client: one loss and one server update per client, in pool order (one process only).
+    per_client_server_updates: bool = False
     sends_smashed_data: ClassVar[bool] = True  # split learning: smashed data up, gradients down
 
     def encoder(self, client_model: nn.Module) -> Callable[[Tensor], Tensor]:
@@ -131,14 +137,15 @@ class SplitStep:
                     epoch: int, global_step: int, row_share: float) -> tuple[Tensor, dict[str, Tensor]]:
         """The server's half: the method's loss on the smashed rows, one backward, one server update."""
         method, precision = self.method, self.precision
-        method.start_step(layout)
+        method.start_server_step()
         self.server_optimizer.zero_grad(set_to_none=True)
-        if method.per_client_server_updates:
-            loss, stats = self._per_client_server_updates(server_inputs, momentum_smashed, layout.rows_per_client,
-                                                          epoch, global_step)
+        if self.per_client_server_updates:
+            loss, stats = self._per_client_server_updates(server_inputs, momentum_smashed, layout, epoch,
+                                                          global_step)
         else:
             with precision.autocast():
-                loss, stats = method.compute_loss(server_inputs, momentum_smashed, epoch)
+                loss, stats = method.compute_loss(server_inputs, momentum_smashed,
+                                                  StepContext(epoch, layout, row_share))
             # DDP averages the server gradients over ranks; weighting each rank's mean loss by its share of the
             # step's rows (times the world size) makes that average the gradient of the global mean loss.
             world_size = self.runtime.world_size
@@ -149,18 +156,19 @@ class SplitStep:
         return loss.detach(), {name: value.detach() for name, value in stats.items()}
 
     def _per_client_server_updates(self, server_inputs: list[Tensor], momentum_smashed: list[Tensor],
-                                   rows_per_client: Sequence[int], epoch: int,
+                                   layout: StepLayout, epoch: int,
                                    global_step: int) -> tuple[Tensor, dict[str, Tensor]]:
-        """The seed's 2023-07-27 variant (ablation): one loss and one server step per client, in pool order."""
-        offsets = query_index(rows_per_client)
+        """The seed's 2023-07-27 variant (ablation): one loss and one server step per client, in pool order (one
+        process: the trainer refuses it under torchrun)."""
         losses = []
         stats: dict[str, Tensor] = {}
-        for j in range(len(rows_per_client)):
-            rows = slice(offsets[j], offsets[j + 1])
+        for client, begin, end in layout.local_blocks():
+            rows = slice(begin, end)
             self.server_optimizer.zero_grad(set_to_none=True)
+            context = StepContext(epoch, StepLayout.of([client], [end - begin]))
             with self.precision.autocast():
                 loss, stats = self.method.compute_loss([x[rows] for x in server_inputs],
-                                                       [x[rows] for x in momentum_smashed], epoch)
+                                                       [x[rows] for x in momentum_smashed], context)
             loss.backward()  # gradient rows of this client accumulate into server_inputs[k].grad[rows]
             self.method.before_server_step(global_step)
             self.server_optimizer.step()
@@ -185,9 +193,10 @@ def build_split_step(args: argparse.Namespace, runtime: Runtime, precision: Mixe
         # In place, so parameter names (and checkpoints) stay those of the plain module.
         method.server.compile()
     if runtime.is_distributed:
-        wrap_server(method, runtime)  # before the optimizer: BatchNorm layers are replaced
+        method.distribute(runtime)  # before the optimizer: BatchNorm layers are replaced
     clients = build_client_engine(split.client, args, runtime.device, keep_momentum_copies=method.client_momentum > 0,
                                   engine=engine, memory_format=memory_format)
     server_optimizer = torch.optim.SGD(method.optimized_parameters(), lr=args.lr, momentum=args.momentum,
                                        weight_decay=args.weight_decay)
-    return SplitStep(method, clients, server_optimizer, precision, runtime, memory_format)
+    return SplitStep(method, clients, server_optimizer, precision, runtime, memory_format,
+                     per_client_server_updates=per_client_server_updates(args))

@@ -49,7 +49,7 @@ from functions.sfl.fedavg import average_pool, divergence_summary, fedavg, fedav
 from functions.sfl.fedavg_rules import build_fedavg_rule
 from functions.sfl.fl_step import build_fl_step
 from functions.sfl.overhead import client_overhead
-from functions.sfl.step import build_split_step
+from functions.sfl.step import build_split_step, per_client_server_updates
 from functions.train.evaluations import FINAL_EVALUATIONS, knn_evaluation
 from functions.train.federated_data import FederatedData
 from functions.train.resume_checks import check_same_configuration
@@ -111,7 +111,7 @@ class Trainer:
                          if self.split_step.sends_smashed_data else [])
         if self.defences:
             self.split_step.defences = self.defences
-        if runtime.is_distributed and self.method.per_client_server_updates:
+        if runtime.is_distributed and per_client_server_updates(args):
             raise UserError("per-client server updates (--server_update per_client) step the server once per client "
                             "in pool order and cannot be split over processes; run one process or the joint update")
         self.steps_per_epoch = self.data.steps_per_epoch

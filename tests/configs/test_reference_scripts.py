@@ -5,18 +5,17 @@ cifar10-mini images repeated to the full training-set size, since the scripts' 1
 each), its paths translated, `--device cuda:N` run on the CPU and torchrun's 4 processes run as 2. By default a
 covering selection trains: 5 clients with --auto_adjust, 20 sampled clients and 1000 clients, both cut layers,
 CIFAR-10 and CIFAR-100, the seed's MoCo line (its torchrun line is left to SFL_SCRIPT_LINES=all; torchrun itself
-is tested in test_distributed.py). SFL_SCRIPT_LINES=all trains every line (about
+is tested in tests/core/test_distributed.py). SFL_SCRIPT_LINES=all trains every line (about
 half an hour on 2 cores; the seed's SwAV lines run 224-pixel crops through a CIFAR ResNet-18, 3 to 4 minutes each,
 and under torchrun a rank took over 13 GB of memory). The ImageNet-12 lines parse (MocoSFL's imagnet-12 folder,
 224 pixels) but do not train here: a full-width ResNet-18 at 224 pixels is too slow for a CPU; their data path is
-the image folder's, tested in test_image_folder.py.
+the image folder's, tested in tests/data/test_image_folder.py.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import pytest
 from paths import REPO_ROOT
 from reference_scripts import ScriptLine, all_script_lines, full_size_copies, translate
+from torchrun_runs import free_port
 
 from configs import parse_args
 from functions.train.runner import run
@@ -93,10 +93,6 @@ def _trains(line: ScriptLine) -> bool:
 TRAINED = [line for line in LINES if _trains(line)]
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.mark.parametrize("line", TRAINED, ids=[line.label() for line in TRAINED])
@@ -110,7 +106,7 @@ def test_the_line_trains_two_steps(line: ScriptLine, full_size_data: Path, tmp_p
         for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             env.pop(name, None)
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                   "127.0.0.1", "--master_port", str(_free_port()), "tests/helpers/run_script_line.py", _method(line), *argv]
+                   "127.0.0.1", "--master_port", str(free_port()), "tests/helpers/run_script_line.py", _method(line), *argv]
         result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1200)
         assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((output_dir / "metrics.json").read_text())

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,58 +14,13 @@ import torch
 import torch.distributed as dist
 from paths import REPO_ROOT
 from sfl_helpers import TINY_MOCO, TINY_SWAV
+from torchrun_runs import REDUCTION_ORDER_DRIFT, assert_same_run, free_port, train
 
 from functions.core.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from functions.core.distributed import client_shares
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _launch(script: str, argv: list[str], processes: int) -> subprocess.CompletedProcess:
-    """Run an entry script as one plain process or under torchrun with `processes` CPU processes."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    if processes == 1:
-        command = [sys.executable, script, *argv]
-    else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                   "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), script, *argv]
-    return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
-
-
-def _train(script: str, base: list[str], output_dir: Path, processes: int, *extra: str) -> Path:
-    result = _launch(script, [*base, "--device", "cpu", "--output_dir", str(output_dir), *extra], processes)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return output_dir
-
-
-def _losses(output_dir: Path) -> list[list[float]]:
-    return json.loads((output_dir / "metrics.json").read_text())["train_loss"]
-
-
-def _model_side(state: dict, key: str):
-    """A checkpoint's entry `key`; the method's extra state is one of its parts."""
-    return state["parts"][key] if key == "method_extra" else state[key]
-
-
-def _tensors(tree, path: str = ""):
-    """(path, tensor) of every tensor in nested dicts and lists."""
-    if isinstance(tree, torch.Tensor):
-        yield path, tree
-    elif isinstance(tree, dict):
-        for key, value in tree.items():
-            yield from _tensors(value, f"{path}.{key}")
-    elif isinstance(tree, (list, tuple)):
-        for index, value in enumerate(tree):
-            yield from _tensors(value, f"{path}[{index}]")
 
 
 # With MocoSFL's initialisation these tiny runs are chaotic in float32: a ReLU input within rounding of zero takes the
@@ -78,31 +32,6 @@ def _tensors(tree, path: str = ""):
 # REDUCTION_ORDER_DRIFT, the same integer state (step, queue pointers, pools), float tensors of the same shapes and
 # finite. A row sent to a wrong rank or client shows at the first two steps; weights and queues after 8-14 steps
 # (GroupNorm biases, queue rows) move by their own size with the thread count alone, so they are not compared there.
-REDUCTION_ORDER_DRIFT = 0.1
-
-
-def _assert_same_run(expected_dir: Path, actual_dir: Path, loss_tolerance: float, weight_tolerance: float,
-                     exact_steps: int | None = None) -> None:
-    """Same logged losses and same checkpoint tensors (weights, momentum copies, optimizers, queues); with
-    `exact_steps`, only the first that many losses exactly, the rest of the run within the reduction-order envelope."""
-    expected_losses, actual_losses = _losses(expected_dir), _losses(actual_dir)
-    assert [step for step, _ in actual_losses] == [step for step, _ in expected_losses]
-    for index, ((step, expected), (_, actual)) in enumerate(zip(expected_losses, actual_losses)):
-        tolerance = loss_tolerance if exact_steps is None or index < exact_steps else REDUCTION_ORDER_DRIFT
-        assert actual == pytest.approx(expected, abs=tolerance), f"loss of step {step}"
-    expected, actual = load_checkpoint(expected_dir / CHECKPOINT_NAME), load_checkpoint(actual_dir / CHECKPOINT_NAME)
-    assert actual["global_step"] == expected["global_step"]
-    for key in ("method", "method_extra", "clients", "server_optimizer"):
-        expected_tensors, actual_tensors = dict(_tensors(_model_side(expected, key), key)), dict(
-            _tensors(_model_side(actual, key), key))
-        assert actual_tensors.keys() == expected_tensors.keys(), key
-        for name, value in expected_tensors.items():
-            if not value.is_floating_point():
-                assert torch.equal(actual_tensors[name], value), name
-            elif exact_steps is None:
-                assert torch.allclose(actual_tensors[name], value, rtol=weight_tolerance, atol=weight_tolerance), name
-            else:  # past the exact steps only the shape and finiteness: thread order alone moves them by their size
-                assert actual_tensors[name].shape == value.shape and bool(torch.isfinite(actual_tensors[name]).all()), name
 
 
 def test_client_shares_cut_the_pool_into_contiguous_blocks_in_rank_order():
@@ -121,12 +50,12 @@ def test_two_processes_train_moco_like_one_process(tmp_path):
     # The reference runs the loop engine: the vectorised engine packing two clients in one process rounds its
     # convolutions otherwise (1e-7), and on MocoSFL's views that moves the loss by 1e-4 at step 6 at once (a jump,
     # as when a ReLU input within rounding of zero changes side); the engines are compared in float64 in
-    # tests/test_clients_vmap.py. The two processes keep the default engine, one client each.
-    one = _train("run_sflmoco.py", MOCO_SAMPLED, tmp_path / "one", 1, "--client_exec", "loop")
-    two = _train("run_sflmoco.py", MOCO_SAMPLED, tmp_path / "two", 2)
+    # tests/sfl/clients/test_vmap.py. The two processes keep the default engine, one client each.
+    one = train("run_sflmoco.py", MOCO_SAMPLED, tmp_path / "one", 1, "--client_exec", "loop")
+    two = train("run_sflmoco.py", MOCO_SAMPLED, tmp_path / "two", 2)
     # Only the order of floating-point sums differs (DDP's gradient all-reduce, FedAvg's partial sums): the first
     # two losses agree exactly, the rest of the run stays in the envelope above (measured: losses within 4.4e-2).
-    _assert_same_run(one, two, loss_tolerance=1e-5, weight_tolerance=1e-4, exact_steps=2)
+    assert_same_run(one, two, loss_tolerance=1e-5, weight_tolerance=1e-4, exact_steps=2)
     metrics = json.loads((two / "metrics.json").read_text())
     assert metrics["world_size"] == 2
 
@@ -138,9 +67,9 @@ def test_two_processes_train_mocosfl_symmetric_with_client_queues_like_one_proce
     # replaced a whole queue of 16 by its last online keys, and the run amplified rounding (1e-7) to 1e-4 by step 8.
     options = [*MOCO_SAMPLED, "--symmetric", "--disable_feature_sharing", "--max_steps", "8", "--client_exec", "loop",
                "--K", "256"]
-    one = _train("run_sflmoco.py", options, tmp_path / "one", 1)
-    two = _train("run_sflmoco.py", options, tmp_path / "two", 2)
-    _assert_same_run(one, two, loss_tolerance=1e-4, weight_tolerance=1e-4, exact_steps=2)
+    one = train("run_sflmoco.py", options, tmp_path / "one", 1)
+    two = train("run_sflmoco.py", options, tmp_path / "two", 2)
+    assert_same_run(one, two, loss_tolerance=1e-4, weight_tolerance=1e-4, exact_steps=2)
     assert len(load_checkpoint(two / CHECKPOINT_NAME)["parts"]["method_extra"]["client_queues"]) == 4
 
 
@@ -148,9 +77,9 @@ def test_two_processes_run_divergence_aware_fedavg_like_one_process(tmp_path):
     # Each rank mixes its own clients; the lambdas of every client reach every rank. Loop engine: see above.
     options = [*MOCO_SAMPLED, "--max_steps", "8", "--divergence_aware", "--divergence_measure", "--client_exec",
                "loop"]
-    one = _train("run_sflmoco.py", options, tmp_path / "one", 1)
-    two = _train("run_sflmoco.py", options, tmp_path / "two", 2)
-    _assert_same_run(one, two, loss_tolerance=1e-4, weight_tolerance=1e-4, exact_steps=2)
+    one = train("run_sflmoco.py", options, tmp_path / "one", 1)
+    two = train("run_sflmoco.py", options, tmp_path / "two", 2)
+    assert_same_run(one, two, loss_tolerance=1e-4, weight_tolerance=1e-4, exact_steps=2)
     metrics_one, metrics_two = (json.loads((run / "metrics.json").read_text()) for run in (one, two))
     divergences = [value for _, value in metrics_two["client_divergence"]]
     # Logged at each epoch's end, past the exact steps: within the envelope (measured 4 % apart).
@@ -165,9 +94,9 @@ def test_two_processes_save_communication_like_one_process(tmp_path):
     options = [*TINY_MOCO, "--num_client", "4", "--batch_size", "8", "--data_proportion", "0.17", "--no-cos",
                "--num_epoch", "13", "--log_freq", "2", "--loss_threshold", "100", "--lr", "1e-6", "--c_lr", "1e-6",
                "--client_exec", "loop"]
-    one = _train("run_sflmoco.py", options, tmp_path / "one", 1)
-    two = _train("run_sflmoco.py", options, tmp_path / "two", 2)
-    _assert_same_run(one, two, loss_tolerance=1e-4, weight_tolerance=1e-4, exact_steps=2)
+    one = train("run_sflmoco.py", options, tmp_path / "one", 1)
+    two = train("run_sflmoco.py", options, tmp_path / "two", 2)
+    assert_same_run(one, two, loss_tolerance=1e-4, weight_tolerance=1e-4, exact_steps=2)
     metrics_one, metrics_two = (json.loads((run / "metrics.json").read_text()) for run in (one, two))
     assert [status for _, status in metrics_two["communication_status"]][-3:] == [0, 1, 2]
     for key in ("communication_status", "communication_bytes_saved", "communication_epochs_saved"):
@@ -179,9 +108,9 @@ def test_two_processes_save_communication_like_one_process(tmp_path):
 def test_two_processes_train_fl_moco_like_one_process(tmp_path):
     options = [*TINY_MOCO, "--scheme", "fl", "--local_epoch", "2", "--num_client", "4", "--batch_size", "16",
                "--client_sample_ratio", "0.5", "--max_steps", "6", "--client_exec", "loop", "--log_freq", "2"]
-    one = _train("run_sflmoco.py", options, tmp_path / "one", 1)
-    two = _train("run_sflmoco.py", options, tmp_path / "two", 2)
-    _assert_same_run(one, two, loss_tolerance=1e-4, weight_tolerance=1e-4)
+    one = train("run_sflmoco.py", options, tmp_path / "one", 1)
+    two = train("run_sflmoco.py", options, tmp_path / "two", 2)
+    assert_same_run(one, two, loss_tolerance=1e-4, weight_tolerance=1e-4)
 
 
 # SwAV with a BatchNorm projection head, the queue in use from the start and hetero clients (unequal rows per rank).
@@ -190,19 +119,19 @@ SWAV_QUEUE = [*TINY_SWAV, "--num_client", "4", "--batch_size", "8", "--queue_len
 
 
 def test_two_processes_train_swav_like_one_process(tmp_path):
-    one = _train("run_sflswav.py", SWAV_QUEUE, tmp_path / "one", 1)
-    two = _train("run_sflswav.py", SWAV_QUEUE, tmp_path / "two", 2)
+    one = train("run_sflswav.py", SWAV_QUEUE, tmp_path / "one", 1)
+    two = train("run_sflswav.py", SWAV_QUEUE, tmp_path / "two", 2)
     # Sinkhorn's exp(score / epsilon) with epsilon 0.05 amplifies reduction-order differences in the scores.
-    _assert_same_run(one, two, loss_tolerance=5e-3, weight_tolerance=5e-3, exact_steps=2)
+    assert_same_run(one, two, loss_tolerance=5e-3, weight_tolerance=5e-3, exact_steps=2)
 
 
 def test_resume_under_torchrun_continues_the_run(tmp_path):
     base = [*TINY_MOCO, "--num_client", "4", "--batch_size", "24", "--client_sample_ratio", "0.5", "--log_freq", "2"]
-    straight = _train("run_sflmoco.py", [*base, "--max_steps", "10"], tmp_path / "straight", 2)
-    _train("run_sflmoco.py", [*base, "--max_steps", "5"], tmp_path / "split", 2)
+    straight = train("run_sflmoco.py", [*base, "--max_steps", "10"], tmp_path / "straight", 2)
+    train("run_sflmoco.py", [*base, "--max_steps", "5"], tmp_path / "split", 2)
     assert load_checkpoint(tmp_path / "split" / CHECKPOINT_NAME)["global_step"] == 5
-    split = _train("run_sflmoco.py", [*base, "--max_steps", "10", "--resume"], tmp_path / "split", 2)
-    _assert_same_run(straight, split, loss_tolerance=1e-5, weight_tolerance=1e-5)
+    split = train("run_sflmoco.py", [*base, "--max_steps", "10", "--resume"], tmp_path / "split", 2)
+    assert_same_run(straight, split, loss_tolerance=1e-5, weight_tolerance=1e-5)
 
 
 def test_fewer_clients_than_processes_is_one_clear_error(tmp_path):
@@ -260,7 +189,7 @@ def test_sigterm_to_torchrun_saves_once_and_prints_the_torchrun_resume_command(t
     argv = [*TINY_MOCO, "--num_client", "4", "--batch_size", "8", "--num_epoch", "50", "--log_freq", "1",
             "--device", "cpu", "--output_dir", str(run_dir)]
     child = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                              "127.0.0.1", "--master_port", str(_free_port()), str(driver), str(progress), *argv],
+                              "127.0.0.1", "--master_port", str(free_port()), str(driver), str(progress), *argv],
                              cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -288,7 +217,7 @@ def _launch_two_nodes(script: str, argv: list[str], output_dirs: tuple[Path, Pat
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SFL_NO_DOWNLOAD": "1"}
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
-    port = str(_free_port())
+    port = str(free_port())
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
                                "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", port, script,
                                *argv, *node_options[node], "--output_dir", str(output_dirs[node])],
@@ -303,13 +232,13 @@ def _launch_two_nodes(script: str, argv: list[str], output_dirs: tuple[Path, Pat
 
 def test_resume_across_nodes_without_a_shared_disk_takes_rank_zeros_checkpoint(tmp_path):
     base = [*TINY_MOCO, "--num_client", "4", "--batch_size", "8", "--device", "cpu"]
-    straight = _train("run_sflmoco.py", [*base, "--max_steps", "5"], tmp_path / "straight", 1)
+    straight = train("run_sflmoco.py", [*base, "--max_steps", "5"], tmp_path / "straight", 1)
     node0, node1 = tmp_path / "node0", tmp_path / "node1"  # node 1 never sees node 0's files
-    _train("run_sflmoco.py", [*base, "--max_steps", "3"], node0, 1)
+    train("run_sflmoco.py", [*base, "--max_steps", "3"], node0, 1)
     results = _launch_two_nodes("run_sflmoco.py", [*base, "--max_steps", "5", "--resume"], (node0, node1))
     assert [r.returncode for r in results] == [0, 0], results[0].stderr[-2000:] + results[1].stderr[-2000:]
     assert not (node1 / CHECKPOINT_NAME).exists()
-    _assert_same_run(straight, node0, loss_tolerance=1e-4, weight_tolerance=1e-4, exact_steps=2)
+    assert_same_run(straight, node0, loss_tolerance=1e-4, weight_tolerance=1e-4, exact_steps=2)
 
     # A refusal decided on rank 0 (no checkpoint to resume) is one line on every rank, not a crash of the others.
     results = _launch_two_nodes("run_sflmoco.py", [*base, "--max_steps", "5", "--resume"], (node1, node0))

@@ -16,6 +16,7 @@ from functions.core.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from functions.core.errors import UserError
 from functions.data.layout import StepLayout
 from functions.losses.moco import info_nce_loss, symmetric_info_nce_loss
+from functions.methods.base import StepContext
 from functions.methods.moco import MocoServer
 
 
@@ -179,6 +180,7 @@ ONLINE = [[2.0, 0.0, 1.0], [0.0, 3.0, 0.5]]   # the clients' smashed data of vie
 TARGET = [[1.5, 0.2, 0.9], [1.0, -1.0, 0.0]]  # the clients' momentum copies' smashed data of view 2
 
 
+TWO_CLIENTS = StepContext(0, StepLayout.of([0, 1], [1, 1]))  # row 0 from client 0, row 1 from client 1
 NEGATIVES = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.6, 0.8, 0.0]]
 
 
@@ -190,7 +192,7 @@ def test_symmetric_loss_is_mocosfls_two_terms_with_the_momentum_smashed_data_as_
     method.queues.shared.negatives.copy_(torch.tensor(NEGATIVES))
     weight = method.server.weight.detach()
     online = torch.tensor(ONLINE, requires_grad=True)
-    loss, _ = method.compute_loss([online], [torch.tensor(TARGET)], epoch=0)
+    loss, _ = method.compute_loss([online], [torch.tensor(TARGET)], TWO_CLIENTS)
     term_12, _ = reference_info_nce(_apply(weight, ONLINE), _apply(weight, TARGET), NEGATIVES, 0.1)
     term_21, _ = reference_info_nce(_apply(weight, TARGET), _apply(weight, ONLINE), NEGATIVES, 0.1)
     assert loss.item() == pytest.approx(term_12 + term_21, rel=1e-5)
@@ -201,7 +203,7 @@ def test_symmetric_loss_is_mocosfls_two_terms_with_the_momentum_smashed_data_as_
     first_only = torch.tensor(ONLINE, requires_grad=True)
     plain = _tiny_moco("--no-symmetric")
     plain.queues.shared.negatives.copy_(torch.tensor(NEGATIVES))
-    plain_loss, _ = plain.compute_loss([first_only], [torch.tensor(TARGET)], epoch=0)
+    plain_loss, _ = plain.compute_loss([first_only], [torch.tensor(TARGET)], TWO_CLIENTS)
     assert plain_loss.item() == pytest.approx(term_12, rel=1e-5)
     plain_loss.backward()
     assert torch.allclose(online.grad, first_only.grad, atol=1e-6)
@@ -213,16 +215,16 @@ def test_symmetric_loss_enqueues_both_keys_in_a_shared_queue_but_only_the_online
     weight = torch.tensor([[1.0, 0.5, 0.0], [0.0, 1.0, -0.5], [0.3, 0.0, 1.0]])
     unit = torch.nn.functional.normalize
     shared = _tiny_moco("--symmetric")
-    shared.start_step(StepLayout.of([0, 1], [1, 1]))
-    shared.compute_loss([torch.tensor(ONLINE)], [torch.tensor(TARGET)], epoch=0)
+    shared.start_server_step()
+    shared.compute_loss([torch.tensor(ONLINE)], [torch.tensor(TARGET)], TWO_CLIENTS)
     shared.after_server_step()
     expected = unit(torch.tensor(_apply(weight, ONLINE) + _apply(weight, TARGET)), dim=1)
     assert torch.allclose(shared.queues.shared.negatives, expected, atol=1e-6)
     assert shared.queues.shared.pointer == 0  # 4 keys in a queue of 4
 
     per_client = _tiny_moco("--symmetric", "--disable_feature_sharing")
-    per_client.start_step(StepLayout.of([0, 1], [1, 1]))
-    per_client.compute_loss([torch.tensor(ONLINE)], [torch.tensor(TARGET)], epoch=0)
+    per_client.start_server_step()
+    per_client.compute_loss([torch.tensor(ONLINE)], [torch.tensor(TARGET)], TWO_CLIENTS)
     per_client.after_server_step()
     online_keys = unit(torch.tensor(_apply(weight, ONLINE)), dim=1)
     for client in (0, 1):
@@ -236,8 +238,8 @@ def test_per_client_queues_give_each_client_its_own_negatives_and_keys():
     queue_0, queue_1 = NEGATIVES[:2], NEGATIVES[2:]
     method.queues.of(0).negatives.copy_(torch.tensor(queue_0))
     method.queues.of(1).negatives.copy_(torch.tensor(queue_1))
-    method.start_step(StepLayout.of([0, 1], [1, 1]))  # row 0 from client 0, row 1 from client 1
-    loss, _ = method.compute_loss([torch.tensor(ONLINE)], [torch.tensor(TARGET)], epoch=0)
+    method.start_server_step()
+    loss, _ = method.compute_loss([torch.tensor(ONLINE)], [torch.tensor(TARGET)], TWO_CLIENTS)
     weight = method.server.weight.detach()
     queries, keys = _apply(weight, ONLINE), _apply(weight, TARGET)
     loss_0, _ = reference_info_nce(queries[:1], keys[:1], queue_0, 0.1)

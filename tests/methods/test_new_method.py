@@ -15,11 +15,11 @@ from torch import Tensor, nn
 
 from configs import build_parser, parse_args
 from functions.core.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from functions.core.distributed import Runtime, forward_server
+from functions.core.distributed import Runtime
 from functions.core.errors import UserError
 from functions.data.datasets import DATASETS, DatasetEntry, register_dataset
 from functions.data.views import ViewSpec
-from functions.methods.base import ServerMethod
+from functions.methods.base import ServerMethod, StepContext
 from functions.methods.registry import METHODS, register_method
 from functions.train.runner import run
 from functions.train.trainer import Trainer
@@ -68,8 +68,8 @@ class SimSiamServer(ServerMethod):
         return [*super().optimized_parameters(), *self.predictor.parameters()]
 
     def compute_loss(self, smashed: Sequence[Tensor], momentum_smashed: Sequence[Tensor],
-                     epoch: int) -> tuple[Tensor, dict[str, Tensor]]:
-        first, second = forward_server(self, torch.cat(list(smashed))).chunk(2)
+                     context: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
+        first, second = self.forward_server(torch.cat(list(smashed))).chunk(2)
         loss = 0.5 * (negative_cosine_similarity(self.predictor(first), second)
                       + negative_cosine_similarity(self.predictor(second), first))
         return loss, {}

@@ -10,6 +10,8 @@ from torch import nn
 
 import functions.methods.swav as swav
 from functions.core.errors import UserError
+from functions.data.layout import StepLayout
+from functions.methods.base import StepContext
 
 MULTI_CROP = ["--nmb_crops", "2", "2", "--size_crops", "16", "8", "--min_scale_crops", "0.3", "0.1",
               "--max_scale_crops", "1", "0.3", "--crops_for_assign", "0", "1"]
@@ -65,7 +67,8 @@ def test_rows_are_stacked_crop_major_across_clients(tmp_path):
         crop_major = _centralised_swav_loss(client, server, batch.crops, trainer.method)
         client_major = _centralised_swav_loss(client, server, batch.crops, trainer.method, client_major=True, clients=2)
         smashed = trainer.clients.forward(batch.crops, batch.client_ids, batch.rows_per_client)
-        sfl, _ = trainer.method.compute_loss(smashed, [], epoch=0)
+        sfl, _ = trainer.method.compute_loss(smashed, [], StepContext(0, StepLayout.of(batch.client_ids,
+                                                                                        batch.rows_per_client)))
     assert torch.allclose(sfl, crop_major, atol=1e-5)
     assert not torch.allclose(sfl, client_major, atol=1e-3)
 

@@ -19,6 +19,7 @@ from configs import parse_args
 from functions.core.errors import UserError
 from functions.data.layout import StepLayout
 from functions.losses.swav import seed_fork_accumulated_loss
+from functions.methods.base import StepContext
 from functions.methods.swav import SwavServer
 
 FIXTURE = MOCOSFL_FIXTURES / "swav_fork"
@@ -61,8 +62,7 @@ def _method_loss(compat: str) -> tuple[SwavServer, torch.Tensor, list[torch.Tens
     clients = tensors["client_crops"]
     smashed = [torch.cat([crops[k] for crops in clients]).requires_grad_(True) for k in range(sum(nmb_crops))]
     rows = values["rows_per_client"]
-    method.start_step(StepLayout.of(range(len(rows)), rows))
-    loss, _ = method.compute_loss(smashed, [], epoch=0)
+    loss, _ = method.compute_loss(smashed, [], StepContext(0, StepLayout.of(range(len(rows)), rows)))
     loss.backward()
     return method, loss.detach(), smashed, values
 

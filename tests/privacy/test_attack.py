@@ -1,6 +1,6 @@
 """The model-inversion attack: near perfect on a client that sends its images, no better than the mean image on
 one that sends nothing; decoder names and sizes; MocoSFL's protocol's pieces; the options, checked at the start.
-(tests/test_privacy_mocosfl.py compares the decoders, SSIM and MocoSFL's attack loop with MocoSFL's own code.)"""
+(tests/privacy/test_attack_mocosfl.py compares the decoders, SSIM and MocoSFL's attack loop with MocoSFL's own code.)"""
 from __future__ import annotations
 
 from pathlib import Path

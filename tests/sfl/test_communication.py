@@ -108,7 +108,7 @@ def test_upload_only_and_replay_epochs_leave_the_clients_unchanged_and_train_the
     assert [status for _, status in metrics["communication_status"]] == [0, 0, 1, 2]
     saved = [value for _, value in metrics["communication_bytes_saved"]]
     assert saved[1] == 0 < saved[2] < saved[3]
-    # C + B / 2 over the statuses the epochs trained in (MocoSFL's own count: tests/test_golden_communication.py).
+    # C + B / 2 over the statuses the epochs trained in (MocoSFL's own count: tests/sfl/test_communication.py).
     assert metrics["communication_epochs_saved"][-1][1] == statuses.count(REPLAY) + statuses.count(UPLOAD_ONLY) / 2
 
 

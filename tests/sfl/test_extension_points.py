@@ -103,7 +103,7 @@ class CentringDefence(PrivacyDefence):
 @pytest.fixture(scope="module")
 def plain_run(tmp_path_factory) -> dict:
     """The checkpoint of the same 4 steps with plain FedAvg and no defence."""
-    return _train(tmp_path_factory.mktemp("plain"), "--max_steps", "4")
+    return train(tmp_path_factory.mktemp("plain"), "--max_steps", "4")
 
 
 @pytest.fixture
@@ -123,7 +123,7 @@ def centring_defence():
 
 
 # --------------------------------------------------------------------------------------------------- helpers
-def _train(output_dir: Path, *options: str) -> dict:
+def train(output_dir: Path, *options: str) -> dict:
     """Train a tiny MoCo run into output_dir; its checkpoint."""
     run(parse_args("moco", [*TINY, "--output_dir", str(output_dir), *options]))
     return load_checkpoint(output_dir / CHECKPOINT_NAME)
@@ -162,11 +162,11 @@ def _as_format_1(path: Path) -> None:
 def _resumes_exactly(tmp_path: Path, *options: str, format_1: bool = False) -> dict:
     """4 steps straight == 2 steps, then --resume to 4 (from a format-1 checkpoint with `format_1`): weights,
     optimizers, parts and losses; the checkpoint."""
-    straight = _train(tmp_path / "straight", "--max_steps", "4", *options)
-    _train(tmp_path / "split", "--max_steps", "2", *options)
+    straight = train(tmp_path / "straight", "--max_steps", "4", *options)
+    train(tmp_path / "split", "--max_steps", "2", *options)
     if format_1:
         _as_format_1(tmp_path / "split" / CHECKPOINT_NAME)
-    resumed = _train(tmp_path / "split", "--max_steps", "4", "--resume", *options)
+    resumed = train(tmp_path / "split", "--max_steps", "4", "--resume", *options)
     for key in ("method", "clients", "server_optimizer", "parts"):
         _same(straight[key], resumed[key], key)
     losses = [json.loads((tmp_path / run_dir / "metrics.json").read_text())["train_loss"]

@@ -132,7 +132,7 @@ def test_compat_plain_fedavg_averages_client_0_in_place_of_the_pools_first():
     assert not torch.allclose(default, TENSORS[case]["after"][0], atol=1e-3)
 
 
-# Divergence-aware FedAvg's rule is checked against MocoSFL's own fedavg in tests/test_golden_divergence.py; here,
+# Divergence-aware FedAvg's rule is checked against MocoSFL's own fedavg in tests/sfl/test_fedavg.py; here,
 # that the loop runs it on its client engines and logs the divergences.
 def _fedavg_around(trainer, monkeypatch) -> list[tuple[dict, dict]]:
     """Record the client weights just before and just after each FedAvg of the trainer."""
