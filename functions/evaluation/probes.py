@@ -18,21 +18,6 @@ from tqdm import tqdm
 
 from functions.core.errors import UserError
 
-__all__ = [
-    "EvaluationContext",
-    "FINAL_EVALUATIONS",
-    "knn_evaluation",
-    "final_knn_evaluation",
-    "attack_evaluation",
-    "probe_evaluation",
-    "extract_features",
-    "knn_predict",
-    "knn_accuracy",
-    "linear_probe",
-    "label_subset",
-    "semi_supervised_probes",
-]
-
 # Called after every linear-probe epoch with (epoch index from 0, classifier); e.g. for logging.
 EpochCallback = Callable[[int, nn.Module], None]
 

@@ -28,9 +28,6 @@ from models.split import HeadBuilder, architecture
 if TYPE_CHECKING:
     from functions.data.datasets import DatasetEntry
 
-__all__ = ["info_nce_loss", "symmetric_info_nce_loss", "dual_temperature_loss", "KeyQueue", "ClientQueues",
-           "momentum_update_", "build_moco_head", "MocoServer"]
-
 
 # ------------------------------------------------------------------------------------------------ the head
 
@@ -97,8 +94,6 @@ class MocoServer(ServerMethod):
             preset = getattr(version, name)
             if getattr(args, name) is None and preset is not None:
                 setattr(args, name, preset)  # the version's value; one given explicitly wins
-        if args.cos is None:
-            args.cos = False
         if args.pairloader_option == "None":
             raise UserError("--pairloader_option None gives MoCo no augmented pairs; use mocov1 or mocov2")
         if args.symmetric and args.symmetric_both_views and "symmetric" in given:

@@ -38,21 +38,6 @@ from functions.methods.schedules import LearningRateSchedule
 from models.layers import L2Normalize
 from models.split import Head, HeadBuilder, architecture
 
-__all__ = [
-    "sinkhorn_knopp",
-    "swapped_prediction_loss",
-    "seed_fork_accumulated_loss",
-    "code_entropy",
-    "prototypes_used",
-    "embedding_std",
-    "normalize_prototypes_",
-    "EmbeddingQueue",
-    "build_swav_head",
-    "SwavWarmupCosine",
-    "SwavServer",
-    "resolution_groups",
-]
-
 
 @torch.no_grad()
 def normalize_prototypes_(prototypes: nn.Linear) -> None:
