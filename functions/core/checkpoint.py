@@ -9,7 +9,7 @@ import random
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,15 +32,18 @@ FORMAT_1_KEYS = (CHECKPOINT_KEYS - {"parts"}) | {"method_extra"}
 KEYS_OF_FORMAT = {1: FORMAT_1_KEYS, CHECKPOINT_FORMAT: CHECKPOINT_KEYS}
 
 
-class Stateful(Protocol):
-    """A part of a run whose state a checkpoint keeps."""
+
+
+class Checkpointed:
+    """A stateful part of a run (a FedAvg rule, a privacy defence): the trainer saves and restores it through these
+    two methods without knowing what it is; the defaults keep no state."""
 
     def state_dict(self) -> dict:
-        ...
+        """What the part keeps between steps (checkpointed)."""
+        return {}
 
     def load_state_dict(self, state: dict) -> None:
-        ...
-
+        """Restore what `state_dict` returned."""
 
 def save_atomic(state: dict[str, Any], path: str | os.PathLike) -> None:
     """torch.save `state` to `path` atomically: a reader sees the previous complete file or the new one."""

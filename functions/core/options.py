@@ -1,11 +1,23 @@
 """Typed groups of the resolved options, each built from the namespace of configs.parse_args, for the parts that
-need one concern's options only (and can be called without a whole namespace)."""
+need one concern's options only (and can be called without a whole namespace); `typed_options` fills any
+dataclass of run options (a FedAvg rule's, a privacy defence's)."""
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass
+from typing import Any, TypeVar
 
 from functions.core.compat import mocosfl_compat
+
+Options = TypeVar("Options")
+
+
+def typed_options(options_type: type[Options], args: argparse.Namespace) -> Options:
+    """The dataclass `options_type` filled from the run options of the same names."""
+    if not is_dataclass(options_type):
+        raise TypeError(f"{options_type.__name__} is not a dataclass of run options")
+    values: dict[str, Any] = {field.name: getattr(args, field.name) for field in fields(options_type)}
+    return options_type(**values)
 
 
 @dataclass(frozen=True)
@@ -20,8 +32,7 @@ class ClientOptions:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ClientOptions:
         """The group of a parsed namespace."""
-        return cls(num_client=args.num_client, batch_size=args.batch_size, hetero=args.hetero,
-                   client_sample_ratio=args.client_sample_ratio)
+        return typed_options(cls, args)
 
 
 @dataclass(frozen=True)

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Sequence, TypeVar
+from typing import Callable, ClassVar, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from functions.core.checkpoint import Checkpointed
 from functions.core.errors import UserError
-from functions.core.typed_options import typed_options
+from functions.core.options import typed_options
+from functions.core.registry import Registry
 
 # --enable_ressfl is the older spelling of --defence ressfl.
 RESSFL_DEFENCE = "ressfl"
@@ -56,7 +58,7 @@ class SmashedStep:
     row_share: float = 1.0  # this process's fraction of the step's rows (torchrun)
 
 
-class PrivacyDefence:
+class PrivacyDefence(Checkpointed):
     """A defence of the clients' smashed data; subclass, implement `client_gradients`, register it."""
 
     name: ClassVar[str] = ""
@@ -71,37 +73,11 @@ class PrivacyDefence:
         smashed data's dtype) and the step's statistics (detached scalars)."""
         raise NotImplementedError
 
-    def state_dict(self) -> dict:
-        """What the defence learned (checkpointed)."""
-        return {}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore what `state_dict` returned."""
-
-
-DEFENCES: dict[str, type[PrivacyDefence]] = {}
-Defence = TypeVar("Defence", bound=PrivacyDefence)
-
-
-def register_defence(name: str) -> Callable[[type[Defence]], type[Defence]]:
-    """Class decorator: make a PrivacyDefence known as `name` (a later registration of the name replaces the
-    earlier one)."""
-    def register(defence: type[Defence]) -> type[Defence]:
-        if not (isinstance(defence, type) and issubclass(defence, PrivacyDefence)):
-            raise TypeError("register_defence decorates PrivacyDefence subclasses")
-        defence.name = name
-        DEFENCES[name] = defence
-        return defence
-
-    return register
-
-
-def defence_class(name: str) -> type[PrivacyDefence]:
-    """The defence registered as `name`; a UserError naming the known ones otherwise."""
-    defence = DEFENCES.get(name)
-    if defence is None:
-        raise UserError(f"unknown --defence {name!r}; the registered defences are {', '.join(sorted(DEFENCES))}")
-    return defence
+DEFENCES: Registry[type[PrivacyDefence]] = Registry(PrivacyDefence, "--defence", "defences")
+# Class decorator: make a PrivacyDefence known as `name`.
+register_defence = DEFENCES.register
+defence_class = DEFENCES.lookup
 
 
 def selected_defences(defence: Sequence[str] | None, enable_ressfl: bool) -> list[str]:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from functions.core.checkpoint import Checkpointed
 from functions.core.distributed import Runtime, all_reduce_sum
 from functions.core.errors import UserError
 from functions.data.layout import StepLayout
@@ -41,7 +42,7 @@ def next_status(status: str, previous_loss: float, loss: float, threshold: float
     return FULL
 
 
-class CommunicationSaving:
+class CommunicationSaving(Checkpointed):
     """The status of each epoch, the smashed data kept for replay (files in the run folder) and what was saved."""
 
     def __init__(self, threshold: float, folder: Path, runtime: Runtime, count_next_status: bool = False) -> None:

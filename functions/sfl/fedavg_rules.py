@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Sequence, TypeVar
+from typing import ClassVar, Sequence
 
 import torch
 from torch import Tensor
 
+from functions.core.checkpoint import Checkpointed
 from functions.core.distributed import Runtime, all_reduce_sum
 from functions.core.errors import UserError
-from functions.core.typed_options import typed_options
+from functions.core.options import typed_options
+from functions.core.registry import Registry
 
 DEFAULT_FEDAVG_RULE = "fedavg"
 # --divergence_aware is the older spelling of --fedavg_rule divergence_aware.
@@ -45,7 +47,7 @@ class FedAvgOptions:
         return self.compat == "mocosfl"
 
 
-class FedAvgRule:
+class FedAvgRule(Checkpointed):
     """A FedAvg rule; the hooks' defaults are plain FedAvg's: every client loads the pool's average, nothing is
     kept. Subclass, override what the rule changes, register it."""
 
@@ -67,36 +69,11 @@ class FedAvgRule:
         after the aggregation, given the global state and each client's summed divergence from it."""
         raise NotImplementedError(f"FedAvg rule {self.name!r} is not personalised")
 
-    def state_dict(self) -> dict:
-        """What the rule keeps between aggregations (checkpointed)."""
-        return {}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore what `state_dict` returned."""
-
-
-FEDAVG_RULES: dict[str, type[FedAvgRule]] = {}
-Rule = TypeVar("Rule", bound=FedAvgRule)
-
-
-def register_fedavg_rule(name: str) -> Callable[[type[Rule]], type[Rule]]:
-    """Class decorator: make a FedAvgRule known as `name` (a later registration of the name replaces the earlier)."""
-    def register(rule: type[Rule]) -> type[Rule]:
-        if not (isinstance(rule, type) and issubclass(rule, FedAvgRule)):
-            raise TypeError("register_fedavg_rule decorates FedAvgRule subclasses")
-        rule.name = name
-        FEDAVG_RULES[name] = rule
-        return rule
-
-    return register
-
-
-def fedavg_rule_class(name: str) -> type[FedAvgRule]:
-    """The rule registered as `name`; a UserError naming the known ones otherwise."""
-    rule = FEDAVG_RULES.get(name)
-    if rule is None:
-        raise UserError(f"unknown --fedavg_rule {name!r}; the registered rules are {', '.join(sorted(FEDAVG_RULES))}")
-    return rule
+FEDAVG_RULES: Registry[type[FedAvgRule]] = Registry(FedAvgRule, "--fedavg_rule", "rules")
+# Class decorator: make a FedAvgRule known as `name`.
+register_fedavg_rule = FEDAVG_RULES.register
+fedavg_rule_class = FEDAVG_RULES.lookup
 
 
 def selected_fedavg_rule(fedavg_rule: str | None, divergence_aware: bool) -> str:

@@ -23,7 +23,7 @@ from functions.core.checkpoint import (
     BEST_CHECKPOINT_NAME,
     CHECKPOINT_FORMAT,
     CHECKPOINT_NAME,
-    Stateful,
+    Checkpointed,
     check_checkpoint_layout,
     checkpoint_parts,
     first_non_finite,
@@ -68,7 +68,7 @@ def _reason(error: Exception) -> str:
     return " ".join(str(error).split())[:200] or type(error).__name__
 
 
-class MethodExtraState:
+class MethodExtraState(Checkpointed):
     """The server method's extra state (queues, counters) as a stateful part of the run."""
 
     def __init__(self, method: ServerMethod) -> None:
@@ -137,7 +137,7 @@ class Trainer:
                                                   count_next_status=mocosfl_compat(args))
                               if args.loss_threshold > 0 else None)
         # What a checkpoint keeps besides the weights, optimizers and position, by part name.
-        self.parts: dict[str, Stateful] = {"method_extra": MethodExtraState(self.method),
+        self.parts: dict[str, Checkpointed] = {"method_extra": MethodExtraState(self.method),
                                            f"fedavg.{self.fedavg_rule.name}": self.fedavg_rule,
                                            **{f"defence.{defence.name}": defence for defence in self.defences}}
         if self.communication is not None:
