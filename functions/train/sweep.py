@@ -35,7 +35,7 @@ from functions.core.checkpoint import CHECKPOINT_NAME
 from functions.core.errors import UserError, run_cli
 from functions.methods.registry import method_class, method_names
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 JOB_CONFIG_NAME = "sweep_config.yaml"
 CONSOLE_NAME = "console.log"
 # Final figures that describe the run rather than measure it.

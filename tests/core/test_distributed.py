@@ -102,7 +102,7 @@ def test_two_processes_save_communication_like_one_process(tmp_path):
     for key in ("communication_status", "communication_bytes_saved", "communication_epochs_saved"):
         assert metrics_two[key] == metrics_one[key], key
     assert sorted(path.name for path in (two / "replay_tensors").iterdir()) == [
-        f"rank{rank}step{step}.pt" for rank in (0, 1) for step in range(metrics_two["steps_per_epoch"])]
+        f"rank{rank}_step{step}.pt" for rank in (0, 1) for step in range(metrics_two["steps_per_epoch"])]
 
 
 def test_two_processes_train_fl_moco_like_one_process(tmp_path):

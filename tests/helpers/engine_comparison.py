@@ -37,14 +37,14 @@ def client_sides(cutlayer: int, num_client: int, engine: str = "auto", template:
     return loop, vectorised
 
 
-def crops(total_rows: int, seed: int) -> list[torch.Tensor]:
+def random_crops(total_rows: int, seed: int) -> list[torch.Tensor]:
     """Two 16-pixel crops and one 8-pixel crop (two resolutions, as in multi-crop), rows grouped by client."""
     generator = torch.Generator().manual_seed(seed)
     shapes = [(total_rows, 3, 16, 16), (total_rows, 3, 16, 16), (total_rows, 3, 8, 8)]
     return [torch.randn(shape, generator=generator, dtype=torch.float64) for shape in shapes]
 
 
-def step(clients, crops, pool, rows, scaler, seed, poison_rows=None):
+def engine_step(clients, crops, pool, rows, scaler, seed, poison_rows=None):
     """One client step as the training loop does it; returns (loss, the server's gradient rows, client grads)."""
     clients.zero_grad(pool)
     smashed = clients.forward(crops, pool, rows)

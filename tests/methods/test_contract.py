@@ -97,7 +97,8 @@ TINY = ["--dataset", "synthetic", "--arch", "ResNet18", "--width", "4", "--num_c
 
 def test_a_method_from_the_docstring_trains_under_torchrun_as_in_one_process(tmp_path):
     entry = tmp_path / "run_contract_simsiam.py"
-    entry.write_text(ENTRY_SCRIPT.format(paths=[str(REPO_ROOT), str(REPO_ROOT / "tests"), str(Path(__file__).parent)]))
+    paths = [str(REPO_ROOT), str(REPO_ROOT / "tests" / "helpers"), str(Path(__file__).parent)]
+    entry.write_text(ENTRY_SCRIPT.format(paths=paths))
     runs = {}
     for processes in (1, 2):
         runs[processes] = tmp_path / f"processes{processes}"

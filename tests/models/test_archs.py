@@ -13,7 +13,8 @@ from engine_comparison import (
     assert_same_server,
     assert_same_step,
     client_sides,
-    crops,
+    engine_step,
+    random_crops,
     train_side_by_side,
 )
 from sfl_helpers import moco_trainer, swav_trainer
@@ -77,9 +78,9 @@ def test_vectorised_client_steps_equal_the_loop_in_float64(arch, cut, engine):
     assert vectorised.engine == engine  # the depthwise and max-pooling units pack: no fallback to vmap
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     for step in range(2):
-        crops = crops(sum(rows), seed=step)  # 16- and 8-pixel crops
-        expected = step(loop, crops, pool, rows, scaler, seed=10 + step)
-        assert_same_step(step(vectorised, crops, pool, rows, scaler, seed=10 + step), expected, pool)
+        crops = random_crops(sum(rows), seed=step)  # 16- and 8-pixel crops
+        expected = engine_step(loop, crops, pool, rows, scaler, seed=10 + step)
+        assert_same_step(engine_step(vectorised, crops, pool, rows, scaler, seed=10 + step), expected, pool)
     assert_same_clients(loop, vectorised, range(num_client))
 
 

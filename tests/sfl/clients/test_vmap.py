@@ -19,8 +19,8 @@ from engine_comparison import (
     client_sides,
     client_template,
     client_weights_of,
-    crops,
-    step,
+    engine_step,
+    random_crops,
     train_side_by_side,
 )
 from sfl_helpers import moco_trainer, swav_trainer
@@ -56,11 +56,11 @@ def test_vectorised_steps_equal_the_loop_and_leave_other_clients_alone(cutlayer,
     before_copies = {c: client_weights_of(vectorised.momentum_models, c) for c in outside}
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     for step in range(3):
-        crops = crops(sum(rows), seed=step)
-        expected = step(loop, crops, pool, rows, scaler, seed=10 + step)
-        assert_same_step(step(vectorised, crops, pool, rows, scaler, seed=10 + step), expected, pool)
+        crops = random_crops(sum(rows), seed=step)
+        expected = engine_step(loop, crops, pool, rows, scaler, seed=10 + step)
+        assert_same_step(engine_step(vectorised, crops, pool, rows, scaler, seed=10 + step), expected, pool)
         assert_same_clients(loop, vectorised, pool)
-    crops = crops(sum(rows), seed=99)
+    crops = random_crops(sum(rows), seed=99)
     for actual, expected in zip(vectorised.momentum_forward(crops, pool, rows), loop.momentum_forward(crops, pool, rows)):
         torch.testing.assert_close(actual, expected, **TOLERANCE)
     for c in outside:  # neither weight decay nor momentum copies may touch clients outside the pool
@@ -82,8 +82,8 @@ def test_strided_stems_of_64_and_224_pixel_images_run_vectorised(engine, image_s
     generator = torch.Generator().manual_seed(5)
     crops = [torch.randn(sum(rows), 3, image_size, image_size, generator=generator, dtype=torch.float64)]
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    expected = step(loop, crops, pool, rows, scaler, seed=3)
-    assert_same_step(step(vectorised, crops, pool, rows, scaler, seed=3), expected, pool)
+    expected = engine_step(loop, crops, pool, rows, scaler, seed=3)
+    assert_same_step(engine_step(vectorised, crops, pool, rows, scaler, seed=3), expected, pool)
     assert vectorised.forward(crops, pool, rows)[0].shape[-1] == image_size // 2
 
 
@@ -97,13 +97,13 @@ def test_channels_last_gives_the_contiguous_loops_numbers_and_nhwc_smashed_data(
     assert all(p.is_contiguous(memory_format=torch.channels_last) for p in nhwc_loop.models[0].parameters() if p.dim() == 4)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     for step in range(2):
-        crops = crops(sum(rows), seed=step)
+        crops = random_crops(sum(rows), seed=step)
         nhwc_crops = [crop.contiguous(memory_format=torch.channels_last) for crop in crops]
-        expected = step(loop, crops, pool, rows, scaler, seed=10 + step)
+        expected = engine_step(loop, crops, pool, rows, scaler, seed=10 + step)
         for side in (vectorised, nhwc_loop):
             smashed = side.forward(nhwc_crops, pool, rows)
             assert all(s.is_contiguous(memory_format=torch.channels_last) and not s.is_contiguous() for s in smashed)
-            assert_same_step(step(side, nhwc_crops, pool, rows, scaler, seed=10 + step), expected, pool)
+            assert_same_step(engine_step(side, nhwc_crops, pool, rows, scaler, seed=10 + step), expected, pool)
     assert_same_clients(loop, vectorised, range(num_client))
     assert_same_clients(loop, nhwc_loop, range(num_client))
 
@@ -113,7 +113,7 @@ def test_channels_last_gives_the_contiguous_loops_numbers_and_nhwc_smashed_data(
                          ids=["unequal_subset", "equal_everyone"])
 def test_forward_rows_come_back_in_input_order_for_every_client(engine, rows, pool):
     loop, vectorised = client_sides(cutlayer=2, num_client=4, engine=engine)
-    crops = crops(sum(rows), seed=5)
+    crops = random_crops(sum(rows), seed=5)
     expected = []
     begin = 0
     for client, count in zip(pool, rows):  # each client's own module on its own rows, crop by crop
@@ -136,8 +136,8 @@ def test_other_client_models_run_on_the_vmap_engine():
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     for step in range(2):
         crops = [torch.randn(5, 3, 2, 2, generator=torch.Generator().manual_seed(step), dtype=torch.float64)]
-        expected_loss, _, _ = step(loop, crops, pool, rows, scaler, seed=step)
-        loss, _, _ = step(vectorised, crops, pool, rows, scaler, seed=step)
+        expected_loss, _, _ = engine_step(loop, crops, pool, rows, scaler, seed=step)
+        loss, _, _ = engine_step(vectorised, crops, pool, rows, scaler, seed=step)
         torch.testing.assert_close(loss, expected_loss, **TOLERANCE)
     assert_same_clients(loop, vectorised, range(4))
 
@@ -147,7 +147,7 @@ def test_checkpoints_move_between_loop_and_vectorised():
     pool, rows = [1, 3], [2, 2]
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     for side in (loop, vectorised):
-        step(side, crops(4, seed=0), pool, rows, scaler, seed=1)
+        engine_step(side, random_crops(4, seed=0), pool, rows, scaler, seed=1)
         side.set_lr(0.01)
     expected, actual = loop.state_dict(), vectorised.state_dict()
     for key in ("models", "momentum_models"):
@@ -168,7 +168,7 @@ def test_checkpoints_move_between_loop_and_vectorised():
                           device=CPU)
     restored.load_state_dict(copy.deepcopy(actual))
     for side in (restored, vectorised):
-        step(side, crops(4, seed=2), pool, rows, scaler, seed=3)
+        engine_step(side, random_crops(4, seed=2), pool, rows, scaler, seed=3)
     assert_same_clients(restored, vectorised, range(4))
 
 
@@ -177,13 +177,13 @@ def test_shared_grad_scaler_unscales_and_skips_only_the_overflowing_client():
     pool, rows = [0, 2, 3], [2, 1, 2]
     scalers = [torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1) for _ in range(2)]
     for side, scaler in zip((loop, vectorised), scalers):
-        step(side, crops(5, seed=0), pool, rows, scaler, seed=1)
+        engine_step(side, random_crops(5, seed=0), pool, rows, scaler, seed=1)
     assert_same_clients(loop, vectorised, range(4))
     assert scalers[0].get_scale() == scalers[1].get_scale() == 2048.0  # finite step: the scale grew
 
     before = {c: client_weights_of(vectorised.models, c) for c in range(4)}
     for side, scaler in zip((loop, vectorised), scalers):  # client 2 (rows 2:3) gets an infinite gradient
-        step(side, crops(5, seed=1), pool, rows, scaler, seed=2, poison_rows=slice(2, 3))
+        engine_step(side, random_crops(5, seed=1), pool, rows, scaler, seed=2, poison_rows=slice(2, 3))
     assert_same_clients(loop, vectorised, range(4))
     assert scalers[0].get_scale() == scalers[1].get_scale() == 1024.0  # overflow: the scale backed off
     assert all(torch.equal(a, b) for a, b in zip(client_weights_of(vectorised.models, 2), before[2]))
@@ -194,8 +194,8 @@ def test_a_step_never_waits_for_the_host(monkeypatch):
     _, vectorised = client_sides(cutlayer=2, num_client=5)
     pool, rows = [4, 1, 2], [1, 3, 2]
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    crops = crops(6, seed=0)
-    step(vectorised, crops, pool, rows, scaler, seed=1)  # builds and caches the index plans
+    crops = random_crops(6, seed=0)
+    engine_step(vectorised, crops, pool, rows, scaler, seed=1)  # builds and caches the index plans
 
     def no_sync(*_args, **_kwargs):
         raise AssertionError("host synchronisation inside a client step")
