@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from split_states import merge_split, merge_state_dicts, split_state_dict
 
 from configs import parse_args
 from functions.core.errors import UserError
 from models.bottleneck import parse_bottleneck_option
-from models.split import build_split_model, merge_split, merge_state_dicts, split_state_dict
+from models.split import build_split_model
 
 
 @pytest.mark.parametrize("option, channels, stride, kernel, relu", [
