@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from functions.core.distributed import Runtime, all_gather_rows
 from functions.core.errors import UserError
+from functions.core.options import typed_options
 from functions.core.precision import MixedPrecision
 from functions.data.layout import StepLayout
 from functions.data.loaders import StepBatch
@@ -19,7 +20,7 @@ from functions.losses.moco import ClientQueues, info_nce_loss
 from functions.methods.base import ServerMethod
 from functions.methods.moco import MocoServer
 from functions.methods.registry import method_class
-from functions.sfl.clients.engines import ClientEngine, build_client_engine
+from functions.sfl.clients.engines import ClientEngine, ClientEngineOptions, build_client_engine
 from models.split import build_unsplit_model
 
 
@@ -108,7 +109,8 @@ def build_fl_step(args: argparse.Namespace, runtime: Runtime, precision: MixedPr
         raise UserError("--scheme fl is MocoSFL's FL-MoCo baseline: run it with run_sflmoco.py")
     network = build_unsplit_model(args.arch, head=method_class(args.method).head_builder(args),
                                   use_ws=not args.disable_WS, width=args.width, image_size=args.data_size)
-    clients = build_client_engine(network, args, runtime.device, keep_momentum_copies=True, engine=engine)
+    clients = build_client_engine(network, typed_options(ClientEngineOptions, args), runtime.device,
+                                  keep_momentum_copies=True, engine=engine)
     generator = torch.Generator().manual_seed(args.seed)
     queues = ClientQueues(args.K * args.num_client, args.K_dim, args.num_client, device=runtime.device,
                           generator=generator)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from functions.core.distributed import Runtime
+from functions.core.options import typed_options
 from functions.core.precision import MixedPrecision
 from functions.data.layout import StepLayout
 from functions.data.loaders import StepBatch
@@ -23,7 +24,7 @@ from functions.methods.base import ServerMethod, StepContext
 from functions.methods.registry import method_class
 from functions.privacy.defences import PrivacyDefence, SmashedStep
 from functions.privacy.expert import load_initial_weights
-from functions.sfl.clients.engines import ClientEngine, build_client_engine
+from functions.sfl.clients.engines import ClientEngine, ClientEngineOptions, build_client_engine
 from models.split import build_split_model
 
 
@@ -194,7 +195,8 @@ def build_split_step(args: argparse.Namespace, runtime: Runtime, precision: Mixe
         method.server.compile()
     if runtime.is_distributed:
         method.distribute(runtime)  # before the optimizer: BatchNorm layers are replaced
-    clients = build_client_engine(split.client, args, runtime.device, keep_momentum_copies=method.client_momentum > 0,
+    clients = build_client_engine(split.client, typed_options(ClientEngineOptions, args), runtime.device,
+                                  keep_momentum_copies=method.client_momentum > 0,
                                   engine=engine, memory_format=memory_format)
     server_optimizer = torch.optim.SGD(method.optimized_parameters(), lr=args.lr, momentum=args.momentum,
                                        weight_decay=args.weight_decay)

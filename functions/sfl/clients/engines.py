@@ -12,7 +12,7 @@ Client parts with buffers (BatchNorm) cannot be vectorised and always run in the
 """
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -44,15 +44,27 @@ def auto_client_exec(template: nn.Module, device: torch.device, rows_per_client:
     return "vmap"
 
 
-def build_client_engine(template: nn.Module, args: argparse.Namespace, device: torch.device, *,
+@dataclass(frozen=True)
+class ClientEngineOptions:
+    """The run options the client engines read."""
+
+    num_client: int
+    batch_size: int      # rows per client per step, for --client_exec auto's choice
+    client_exec: str     # auto, vmap or loop
+    c_lr: float
+    momentum: float
+    weight_decay: float
+
+
+def build_client_engine(template: nn.Module, options: ClientEngineOptions, device: torch.device, *,
                         keep_momentum_copies: bool, engine: str = "auto",
                         memory_format: torch.memory_format = torch.contiguous_format) -> ClientEngine:
     """--num_client copies of `template` in the engine of --client_exec (auto: auto_client_exec's choice), each
     with its SGD at --c_lr; `engine` chooses inside the vectorised engine."""
-    choice = (auto_client_exec(template, device, args.batch_size) if args.client_exec == "auto"
-              else args.client_exec)
-    options = dict(lr=args.c_lr, momentum=args.momentum, weight_decay=args.weight_decay,
-                   keep_momentum_copies=keep_momentum_copies, device=device, memory_format=memory_format)
+    choice = (auto_client_exec(template, device, options.batch_size) if options.client_exec == "auto"
+              else options.client_exec)
+    settings = dict(lr=options.c_lr, momentum=options.momentum, weight_decay=options.weight_decay,
+                    keep_momentum_copies=keep_momentum_copies, device=device, memory_format=memory_format)
     if choice == "loop":
-        return ClientSide(template, args.num_client, **options)
-    return VectorisedClientSide(template, args.num_client, engine=engine, **options)
+        return ClientSide(template, options.num_client, **settings)
+    return VectorisedClientSide(template, options.num_client, engine=engine, **settings)
