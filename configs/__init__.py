@@ -332,6 +332,8 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     args.partition = resolve_partition_method(args)
     if args.c_lr == -1.0:
         args.c_lr = args.lr
+    if isinstance(args.output_dir, str) and not args.output_dir.strip():
+        raise UserError("--output_dir is empty: it would write the run into the current folder; name a folder")
     if args.output_dir is None:
         args.output_dir = os.path.join(
             "outputs", f"{args.method}_{args.dataset}_{args.arch}_cut{args.cutlayer}_client{args.num_client}_seed{args.seed}")

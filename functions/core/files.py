@@ -54,6 +54,19 @@ def _write_reporting_os_errors(write: Callable[[BinaryIO], object], stream: Bina
         raise
 
 
+def open_run_file(path: str | os.PathLike, flags: int) -> int:
+    """os.open of a file the run writes in place (its lock, output.log) that refuses to follow a symbolic link:
+    a link planted in a run folder must not make the run write elsewhere."""
+    path = Path(path)
+    try:
+        return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    except OSError as error:
+        if path.is_symlink():
+            raise UserError(f"{path} is a symbolic link; a run writes only its own files there: remove the link or "
+                            "choose another --output_dir") from None
+        raise UserError(f"cannot write {path} ({error.strerror or error}); choose another --output_dir") from None
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """write_atomic for UTF-8 text."""
     data = text.encode("utf-8")
@@ -94,10 +107,7 @@ class RunFolderLock:
             import fcntl
         except ImportError:
             return
-        try:
-            handle = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as error:
-            raise UserError(f"cannot write {self.path} ({error.strerror or error}); choose another --output_dir") from None
+        handle = open_run_file(self.path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import threading
 import time
@@ -16,7 +17,7 @@ import torch
 
 from functions.core.distributed import Runtime, all_reduce_sum, run_agreed
 from functions.core.errors import UserError
-from functions.core.files import write_text_atomic
+from functions.core.files import open_run_file, write_text_atomic
 
 logger = logging.getLogger("sfl")
 
@@ -29,7 +30,9 @@ def setup_logging(output_dir: Path, is_main: bool) -> None:
     formatter = logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
     if is_main:
-        handlers.append(logging.FileHandler(output_dir / "output.log"))
+        # Opened without following a link: output.log may be appended to, never written through a planted link.
+        handle = open_run_file(output_dir / "output.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        handlers.append(logging.StreamHandler(os.fdopen(handle, "a", encoding="utf-8")))
     for handler in handlers:
         handler.setFormatter(formatter)
         logger.addHandler(handler)

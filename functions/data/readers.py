@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from functions.core.errors import UserError
+from functions.core.files import write_text_atomic
 from functions.data import cifar
 
 UNLABELLED = -1
@@ -217,8 +218,8 @@ def _cached_decode(folder: Path, split: str, paths: list[Path], size: int) -> np
         with tempfile.NamedTemporaryFile(dir=cache.parent, suffix=".npy", delete=False) as handle:
             np.save(handle, images)
         os.replace(handle.name, cache)
-        listing.write_text(names)
-    except OSError:
+        write_text_atomic(listing, names)  # replaces a link there rather than writing through it
+    except (OSError, UserError):
         pass  # a read-only dataset folder: decode again next time
     return images
 

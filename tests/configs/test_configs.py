@@ -187,3 +187,9 @@ def test_an_unknown_option_is_one_line_not_argparse_usage(tmp_path):
                             env=entry_env(), capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
     assert_clean_user_error(result, "unrecognized arguments: --nmb_cropz 2", "run_sflswav.py --help")
     assert "usage:" not in result.stderr
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_output_dir_is_refused(value, capsys):
+    code, line = cli_error(run_sflmoco.main, [*FAST, "--output_dir", value], capsys)
+    assert code == 2 and "--output_dir is empty" in line

@@ -83,3 +83,14 @@ def test_the_lock_goes_with_the_process(tmp_path):
     holder.kill()
     holder.wait()
     RunFolderLock(tmp_path).acquire()  # no stale lock left by a killed run
+
+
+def test_a_symlinked_lock_is_refused_and_its_target_left_alone(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me\n")
+    (folder / RunFolderLock.FILE_NAME).symlink_to(victim)
+    with pytest.raises(UserError, match="is a symbolic link"):
+        RunFolderLock(folder).acquire()
+    assert victim.read_text() == "keep me\n"

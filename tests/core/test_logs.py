@@ -6,9 +6,7 @@ import os
 import sys
 
 import pytest
-from entry_runs import (
-    FAST,
-)
+from entry_runs import FAST, cli_error
 from sfl_helpers import moco_trainer
 
 import run_sflmoco
@@ -43,3 +41,14 @@ def test_without_tensorboard_training_goes_on_with_one_warning(tmp_path, monkeyp
     results = run_sflmoco.main([*FAST, "--output_dir", str(tmp_path / "run"), "--max_steps", "2"])
     assert results["step"] == 2
     assert capsys.readouterr().out.count("tensorboard logging is off: it cannot be imported here") == 1
+
+
+def test_a_symlinked_output_log_is_refused_and_its_target_left_alone(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me\n")
+    (run_dir / "output.log").symlink_to(victim)
+    code, line = cli_error(run_sflmoco.main, [*FAST, "--max_steps", "1", "--output_dir", str(run_dir)], capsys)
+    assert code == 2 and "output.log is a symbolic link" in line
+    assert victim.read_text() == "keep me\n"

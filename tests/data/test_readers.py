@@ -143,3 +143,15 @@ def test_two_training_steps_on_each_dataset(tmp_path: Path, dataset: str, method
     memory_labels = torch.cat([labels for _, labels in trainer.data.loaders.memory])
     assert memory_labels.min() >= 0
     trainer.close()
+
+
+def test_a_symlinked_tiny_imagenet_cache_listing_is_replaced_not_written_through(tmp_path: Path) -> None:
+    write_tiny_imagenet(tmp_path)
+    cache = tmp_path / "tiny-imagenet-200" / readers.DECODED_CACHE
+    cache.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me\n")
+    (cache / "train.txt").symlink_to(victim)
+    readers.read_tiny_imagenet(tmp_path, download=False)
+    assert victim.read_text() == "keep me\n"
+    assert not (cache / "train.txt").is_symlink() and "images" in (cache / "train.txt").read_text()
