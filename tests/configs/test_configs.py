@@ -193,3 +193,15 @@ def test_an_unknown_option_is_one_line_not_argparse_usage(tmp_path):
 def test_an_empty_output_dir_is_refused(value, capsys):
     code, line = cli_error(run_sflmoco.main, [*FAST, "--output_dir", value], capsys)
     assert code == 2 and "--output_dir is empty" in line
+
+
+@pytest.mark.parametrize("option, value, interval", [
+    ("--ressfl_alpha", "-1", "[0, inf)"), ("--ressfl_alpha", "nan", "[0, inf)"), ("--ressfl_alpha", "inf", "[0, inf)"),
+    ("--ressfl_target_ssim", "2", "[-1, 1]"), ("--ressfl_target_ssim", "-5", "[-1, 1]"),
+    ("--ressfl_target_ssim", "nan", "[-1, 1]"), ("--div_lambda", "-1", "(0, inf)"), ("--div_lambda", "nan", "(0, inf)"),
+    ("--div_lambda", "0", "(0, inf)"), ("--loss_threshold", "-1", "[0, inf)"), ("--loss_threshold", "nan", "[0, inf)"),
+    ("--local_epoch", "0", "[1, inf)"), ("--local_epoch", "-1", "[1, inf)"),
+])
+def test_privacy_fedavg_and_communication_options_outside_their_range_are_refused(option, value, interval, capsys):
+    code, line = cli_error(run_sflmoco.main, [*FAST, option, value], capsys)
+    assert code == 2 and f"{option} must be in {interval}" in line
