@@ -416,6 +416,11 @@ def check_privacy_options(args: argparse.Namespace) -> None:
         raise UserError("--bottleneck_option sits at the cut of split learning; --scheme fl has no cut")
     if args.load_server and args.initialze_path == "None":
         raise UserError("--load_server needs --initialze_path (the run whose server part to load)")
+    if args.initialze_path != "None" and args.scheme == "fl":
+        raise UserError("--initialze_path loads the client (and server) part of a split run; --scheme fl trains "
+                        "whole networks on the clients and would ignore it")
+    if args.attack and args.scheme == "fl":
+        raise UserError("--attack inverts the smashed data a client sends; --scheme fl sends none")
     defences = selected_defences(args.defence, args.enable_ressfl)
     ressfl = RESSFL_DEFENCE in defences
     if args.ressfl_alpha > 0 and not ressfl:

@@ -119,6 +119,11 @@ def test_unknown_config_key_exits_2_without_traceback(tmp_path):
      "--crops_for_assign 2 is out of range: there are 2 crops"),
     (run_sflmoco.main, [*FAST, "--cutlayer", "10"], "--cutlayer 10 is past ResNet18"),
     (run_sflmoco.main, [*FAST, "--num_client", "600"], "cannot split 512 samples across 600 clients"),
+    (run_sflmoco.main, [*FAST, "--scheme", "fl", "--initialze_path", "no_such_run"],
+     "--scheme fl trains whole networks on the clients and would ignore it"),
+    (run_sflmoco.main, [*FAST, "--scheme", "fl", "--initialze_path", "no_such_run", "--load_server"],
+     "--scheme fl trains whole networks on the clients and would ignore it"),
+    (run_sflmoco.main, [*FAST, "--scheme", "fl", "--attack"], "--scheme fl sends none"),
 ])
 def test_option_contradictions_exit_2_with_one_line(tmp_path, capsys, main, argv, message):
     code, line = cli_error(main, [*argv, "--output_dir", str(tmp_path / "run")], capsys)
