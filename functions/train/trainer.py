@@ -42,6 +42,7 @@ from functions.evaluation.context import Evaluation, EvaluationContext
 from functions.methods.base import ServerMethod
 from functions.methods.registry import method_class
 from functions.privacy.attack_mocosfl import attack_set_size
+from functions.privacy.attack_run import auxiliary_images
 from functions.privacy.defences import DefenceSetting, build_defences
 from functions.sfl.clients.engines import ClientEngine
 from functions.sfl.communication import CommunicationSaving
@@ -102,6 +103,9 @@ class Trainer:
         if getattr(args, "attack", False) and getattr(args, "attack_protocol", "auxiliary") == "mocosfl":
             # Too few images for MocoSFL's attacker stops the run now, not after training.
             attack_set_size(len(self.data.dataset.train_images), args.attack_data_proportion)
+        elif getattr(args, "attack", False):
+            # Missing auxiliary data, or images of another size, stop the run now, not after training.
+            run_agreed(lambda: auxiliary_images(args, self.data.dataset.train_images.shape[1:3]))
         self.precision = MixedPrecision(amp_dtype_of(args.use_fp16, args.amp_dtype, runtime), runtime)
         build_step = build_fl_step if args.scheme == "fl" else build_split_step
         self.split_step = build_step(args, runtime, self.precision)

@@ -195,3 +195,23 @@ def test_too_few_images_for_mocosfls_attacker_stop_the_run_before_training(tmp_p
     with pytest.raises(UserError, match="raise --attack_data_proportion"):
         run(args)
     assert not (tmp_path / "run" / "checkpoint_last.pt").exists()
+
+
+@pytest.mark.parametrize("aux_data, message", [("cifar100", "CIFAR-100 not found"), ("tinyimagenet", "64-pixel images")])
+def test_auxiliary_data_missing_or_of_another_size_stops_the_run_before_training(tmp_path: Path, monkeypatch,
+                                                                                aux_data, message) -> None:
+    from dataset_files import write_tiny_imagenet
+    from sfl_helpers import TINY_MOCO
+
+    from configs import parse_args
+    from functions.data.datasets import NO_DOWNLOAD_ENV
+    from functions.train.runner import run
+
+    monkeypatch.setenv(NO_DOWNLOAD_ENV, "1")
+    write_tiny_imagenet(tmp_path / "data")  # 64-pixel images; no CIFAR-100 there
+    args = parse_args("moco", [*TINY_MOCO, "--num_client", "2", "--batch_size", "8", "--data_dir",
+                               str(tmp_path / "data"), "--output_dir", str(tmp_path / "run"), "--attack",
+                               "--aux_data", aux_data])
+    with pytest.raises(UserError, match=message):
+        run(args)
+    assert not (tmp_path / "run" / "checkpoint_last.pt").exists()
