@@ -1,6 +1,6 @@
 """The torch/torchvision data path: MoCo v2 two-view and SwAV multi-crop augmentation, per sample.
 
-Every sample is augmented from its own 64-bit key (see functions.loaders.FederatedSchedule), so a
+Every sample is augmented from its own 64-bit key (see functions.data.loaders.FederatedSchedule), so a
 client sees the same views whatever the number of worker processes or ranks.
 """
 from __future__ import annotations

@@ -9,11 +9,11 @@ numbers are the cost of the training step alone:
 
 * centralised: the unsplit network (client units, then server units and head) with one optimizer, on the same
   global batch and with the same loss; the ceiling that SFL approaches.
-* loop: the SFL step of the training loop with `functions.clients.ClientSide` (a Python loop over clients).
-* vmap: the same step with `functions.clients_vmap.VectorisedClientSide` (one pass over the whole pool; its
+* loop: the SFL step of the training loop with `functions.sfl.clients.loop.ClientSide` (a Python loop over clients).
+* vmap: the same step with `functions.sfl.clients.vmap.VectorisedClientSide` (one pass over the whole pool; its
   `--engine` is grouped convolutions when the client model allows, else torch.vmap).
 
-A step is the training loop's own `functions.step.SplitStep`: clients forward, server loss (MoCo's InfoNCE with
+A step is the training loop's own `functions.sfl.step.SplitStep`: clients forward, server loss (MoCo's InfoNCE with
 queue and momentum encoders, or SwAV's swapped prediction with Sinkhorn codes), one backward, server step, client
 steps, momentum copies. With `--client_only` only the client half is timed (loop and vmap): forward, momentum
 forward, backward of a fixed stand-in server gradient, client steps, momentum copies. `images_per_sec` counts

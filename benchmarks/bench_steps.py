@@ -97,7 +97,7 @@ def centralised_step(method: ServerMethod, optimizer: torch.optim.Optimizer, pre
 
 
 def sfl_step(split_step: SplitStep, crops: Sequence[torch.Tensor], pool: list[int], rows: list[int]) -> Step:
-    """The training loop's own step (functions.step.SplitStep) on fixed crops, for either client engine."""
+    """The training loop's own step (functions.sfl.step.SplitStep) on fixed crops, for either client engine."""
     batch = StepBatch(crops=list(crops), client_ids=pool, rows_per_client=rows,
                       sample_indices=torch.zeros(sum(rows), dtype=torch.long))
     state = {"step": 0}

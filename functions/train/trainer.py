@@ -1,7 +1,7 @@
 """The one training loop of split federated self-supervised learning, for every registered method.
 
 The Trainer owns a run's state (data, the split step, schedule, position, logs) and runs epochs of
-`functions.step.SplitStep`: FedAvg `--avg_freq` times per epoch, learning rates as a pure function of
+`functions.sfl.step.SplitStep`: FedAvg `--avg_freq` times per epoch, learning rates as a pure function of
 (epoch, step), the kNN monitor, atomic checkpoints. Starting, resuming and evaluating a run is functions.train.runner.
 """
 from __future__ import annotations
@@ -177,7 +177,7 @@ class Trainer:
         return server_lr, client_lr
 
     def train_step(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """One SFL step over the pool at the run's position (see functions.step.SplitStep)."""
+        """One SFL step over the pool at the run's position (see functions.sfl.step.SplitStep)."""
         pool, share = self.data.pool(self.epoch), self.data.row_share(batch, self.epoch)
         layout = StepLayout.of(batch.client_ids, batch.rows_per_client, pool, [self.data.batch_sizes[c] for c in pool])
         saving, step = self.communication, self.step_in_epoch

@@ -1,7 +1,7 @@
 """The client side of one process with every client's weights stacked: one vectorised pass over the pool.
 
-`VectorisedClientSide` has the interface and the semantics of `functions.clients.ClientSide` (the loop), but
-client c's parameter `name` is row c of one stacked tensor of shape (num_client, *shape), and a forward runs the
+`VectorisedClientSide` has the interface and the semantics of `functions.sfl.clients.loop.ClientSide` (the loop),
+but client c's parameter `name` is row c of one stacked tensor of shape (num_client, *shape), and a forward runs the
 whole pool at once, so the cost of a step no longer grows with a Python loop over clients. Two engines:
 
 * "grouped" (used when the client model is made of convolutions, GroupNorm and units that declare
