@@ -84,7 +84,7 @@ class MethodExtraState(Checkpointed):
 
 class Trainer:
     """One SFL run: its data, the split step (clients, server method, optimizers), schedule, position and logs;
-    its checkpoints are functions.train.trainer's."""
+    it writes and restores its own checkpoints (weights, optimizers, `parts`, position, RNG, metrics)."""
 
     def __init__(self, args: argparse.Namespace, runtime: Runtime, output_dir: Path,
                  evaluations: Sequence[Evaluation] = FINAL_EVALUATIONS, stop: StopSignal | None = None) -> None:
