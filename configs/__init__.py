@@ -372,7 +372,7 @@ _RANGES = {
     "attack_images": "[1, inf)", "attack_client": "[0, inf)", "attack_data_proportion": "(0, 1]",
     # A negative ResSFL strength would reward leakage; SSIM lies in [-1, 1].
     "ressfl_alpha": "[0, inf)", "ressfl_target_ssim": "[-1, 1]", "div_lambda": "(0, inf)",
-    "loss_threshold": "[0, inf)", "local_epoch": "[1, inf)",
+    "loss_threshold": "[0, inf)", "local_epoch": "[1, inf)", "data_size": "[1, inf)",
 }
 
 
