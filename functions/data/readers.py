@@ -279,10 +279,11 @@ def _read_cache(array_file: Path, listing_file: Path, key: dict[str, Any]) -> tu
     if not isinstance(recorded, dict) or any(recorded.get(name) != value for name, value in key.items()):
         return None, "the images changed since it was written"
     try:
-        images = np.load(array_file, allow_pickle=False)
+        with open(array_file, "rb") as handle:  # .npy only: np.load would also open a zip archive
+            images = np.lib.format.read_array(handle, allow_pickle=False)
     except (OSError, ValueError, EOFError, MemoryError) as error:
         return None, f"{array_file} is damaged ({(' '.join(str(error).split()) or type(error).__name__)[:80]})"
-    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or list(images.shape) != key["shape"]:
+    if images.dtype != np.uint8 or list(images.shape) != key["shape"]:
         return None, f"{array_file} holds another array than its listing describes"
     if images_checksum(images) != recorded.get("checksum"):
         return None, f"{array_file} differs from the array its listing describes"
