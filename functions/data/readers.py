@@ -275,9 +275,11 @@ def _read_cache(array_file: Path, listing_file: Path, key: dict[str, Any]) -> tu
     not)."""
     try:
         recorded = json.loads(listing_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        return None, f"{listing_file} is unreadable ({type(error).__name__})"
-    if not isinstance(recorded, dict) or any(recorded.get(name) != value for name, value in key.items()):
+    except (OSError, ValueError):
+        recorded = None
+    if not isinstance(recorded, dict) or recorded.get("format") != CACHE_FORMAT:
+        return None, f"{listing_file} is damaged or an older version's"
+    if any(recorded.get(name) != value for name, value in key.items()):
         return None, "the images changed since it was written"
     try:
         with open(array_file, "rb") as handle:  # .npy only: np.load would also open a zip archive

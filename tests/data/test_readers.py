@@ -2,6 +2,7 @@
 2-step training on each dataset with both methods and both data paths."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -289,3 +290,18 @@ def test_damaged_tiny_imagenet_lists_are_one_line(tmp_path: Path, name: str, con
     with pytest.raises(UserError, match=reason) as error:
         readers.read_tiny_imagenet(tmp_path, download=False)
     assert "\n" not in str(error.value)
+
+
+def test_a_tiny_imagenet_cache_listed_by_names_only_is_rebuilt(tmp_path: Path, caplog, monkeypatch) -> None:
+    write_tiny_imagenet(tmp_path)
+    first = readers.read_tiny_imagenet(tmp_path, download=False)[0]
+    cache = tmp_path / "tiny-imagenet-200" / readers.DECODED_CACHE
+    np.save(cache / "train.npy", np.zeros_like(first))
+    names = sorted(path.relative_to(tmp_path / "tiny-imagenet-200")
+                   for path in (tmp_path / "tiny-imagenet-200" / "train").rglob("*.JPEG"))
+    (cache / "train.txt").write_text("\n".join(map(str, names)))  # an older release's listing: names only
+    monkeypatch.setattr(logging.getLogger("sfl"), "propagate", True)  # to caplog's handler
+    with caplog.at_level("INFO", logger="sfl"):
+        again = readers.read_tiny_imagenet(tmp_path, download=False)[0]
+    assert np.array_equal(again, first)
+    assert "train.txt is damaged or an older version's" in caplog.text
