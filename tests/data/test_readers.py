@@ -295,11 +295,12 @@ def test_damaged_tiny_imagenet_lists_are_one_line(tmp_path: Path, name: str, con
 def test_a_tiny_imagenet_cache_listed_by_names_only_is_rebuilt(tmp_path: Path, caplog, monkeypatch) -> None:
     write_tiny_imagenet(tmp_path)
     first = readers.read_tiny_imagenet(tmp_path, download=False)[0]
-    cache = tmp_path / "tiny-imagenet-200" / readers.DECODED_CACHE
+    folder = tmp_path / "tiny-imagenet-200"
+    cache = folder / readers.DECODED_CACHE
     np.save(cache / "train.npy", np.zeros_like(first))
-    names = sorted(path.relative_to(tmp_path / "tiny-imagenet-200")
-                   for path in (tmp_path / "tiny-imagenet-200" / "train").rglob("*.JPEG"))
-    (cache / "train.txt").write_text("\n".join(map(str, names)))  # an older release's listing: names only
+    names = [str(path.relative_to(folder)) for wnid in (folder / "wnids.txt").read_text().split()
+             for path in sorted((folder / "train" / wnid / "images").glob("*.JPEG"))]
+    (cache / "train.txt").write_text("\n".join(names))  # an older release's listing: the file names only
     monkeypatch.setattr(logging.getLogger("sfl"), "propagate", True)  # to caplog's handler
     with caplog.at_level("INFO", logger="sfl"):
         again = readers.read_tiny_imagenet(tmp_path, download=False)[0]
