@@ -20,8 +20,9 @@ from functions.core.errors import UserError
 SIXTEEN_BIT_MAX = 65535
 
 
-def _one_line(error: BaseException) -> str:
-    """An exception's message on one line (its type's name when it has none), at most 160 characters."""
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (its type's name when it has none), at most 160 characters: the reason
+    part of a UserError."""
     return (" ".join(str(error).split()) or type(error).__name__)[:160]
 
 
@@ -34,8 +35,7 @@ def float_pixels_to_uint8(values: np.ndarray, source: str) -> np.ndarray:
     if low < 0 or high > 255:
         raise UserError(f"{source} holds floating-point pixels from {low:g} to {high:g}, outside [0, 1] and [0, 255]; "
                         "save it as 8-bit images")
-    scale = 255.0 if high <= 1.0 else 1.0
-    return np.rint(values.astype(np.float64) * scale).astype(np.uint8)
+    return np.rint(values * 255.0 if high <= 1.0 else values).astype(np.uint8)
 
 
 def integer_pixels_to_uint8(values: np.ndarray, source: str) -> np.ndarray:
@@ -88,10 +88,10 @@ def open_rgb(path: Path) -> Any:
     except UserError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise UserError(f"{path} is too large to decode safely ({_one_line(error)}); shrink or remove the "
+        raise UserError(f"{path} is too large to decode safely ({one_line(error)}); shrink or remove the "
                         "file") from None
     except Exception as error:  # noqa: BLE001 - PIL's plugins raise many kinds of errors on a damaged file
-        raise UserError(f"cannot decode {path} ({_one_line(error)}); the file is damaged or not an image: remove or "
+        raise UserError(f"cannot decode {path} ({one_line(error)}); the file is damaged or not an image: remove or "
                         "replace it") from None
 
 
@@ -100,4 +100,4 @@ def read_bytes(path: Path, fix: str = "remove or replace the file") -> np.ndarra
     try:
         return np.fromfile(path, dtype=np.uint8)
     except OSError as error:
-        raise UserError(f"cannot read {path} ({error.strerror or _one_line(error)}); {fix}") from None
+        raise UserError(f"cannot read {path} ({error.strerror or one_line(error)}); {fix}") from None

@@ -21,7 +21,7 @@ from functions.core.errors import UserError
 from functions.core.files import write_atomic, write_text_atomic
 from functions.core.logs import logger
 from functions.data import cifar
-from functions.data.decoding import float_pixels_to_uint8, integer_pixels_to_uint8, open_rgb, read_bytes
+from functions.data.decoding import float_pixels_to_uint8, integer_pixels_to_uint8, one_line, open_rgb, read_bytes
 
 UNLABELLED = -1
 
@@ -157,8 +157,9 @@ NUMERIC_KINDS = "iuf"  # signed, unsigned, floating point
 def _svhn_array(content: dict[str, Any], key: str, path: Path) -> np.ndarray:
     """Variable `key` of a loaded SVHN .mat file, which must be a numeric array."""
     if key not in content:
-        raise UserError(f"{path} has no variable {key!r} (found {', '.join(sorted(content)[:5]) or 'none'}), so it is "
-                        f"not an SVHN .mat file; {SVHN_FIX}")
+        found = ", ".join(sorted(name for name in content if not name.startswith("__"))[:5]) or "none"
+        raise UserError(f"{path} has no variable {key!r} (found {found}), so it is not an SVHN .mat file; "
+                        f"{SVHN_FIX}")
     value = content[key]
     if not isinstance(value, np.ndarray) or value.dtype.kind not in NUMERIC_KINDS:
         kind = {"O": "a cell array", "U": "text", "S": "text", "V": "a struct"}.get(
@@ -202,8 +203,7 @@ def read_svhn_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise UserError(f"{path} is a MATLAB v7.3 (HDF5) file, which scipy cannot read; save it in the v7 format "
                         f"(MATLAB: save(..., '-v7')) or {SVHN_FIX}") from None
     except Exception as error:  # noqa: BLE001 - scipy's parsers raise many kinds of errors on a damaged file
-        raise UserError(f"{path} is not an SVHN .mat file ({(' '.join(str(error).split()) or type(error).__name__)[:120]}"
-                        f"); {SVHN_FIX}") from None
+        raise UserError(f"{path} is not an SVHN .mat file ({one_line(error)}); {SVHN_FIX}") from None
     images, labels = _svhn_array(content, "X", path), _svhn_array(content, "y", path)
     if images.ndim != 4 or images.shape[:3] != (32, 32, 3) or labels.size != images.shape[3]:
         raise UserError(f"{path} holds arrays of shape {images.shape} and {labels.shape}, not SVHN's 32x32x3xN "
@@ -285,7 +285,7 @@ def _read_cache(array_file: Path, listing_file: Path, key: dict[str, Any]) -> tu
         with open(array_file, "rb") as handle:  # .npy only: np.load would also open a zip archive
             images = np.lib.format.read_array(handle, allow_pickle=False)
     except (OSError, ValueError, EOFError, MemoryError) as error:
-        return None, f"{array_file} is damaged ({(' '.join(str(error).split()) or type(error).__name__)[:80]})"
+        return None, f"{array_file} is damaged ({one_line(error)})"
     if images.dtype != np.uint8 or list(images.shape) != key["shape"]:
         return None, f"{array_file} holds another array than its listing describes"
     if images_checksum(images) != recorded.get("checksum"):
@@ -335,7 +335,7 @@ def _read_dataset_text(folder: Path, name: str) -> tuple[Path, list[str]]:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
-        raise UserError(f"cannot read {path} ({' '.join(str(error).split())[:120]}); {TINY_FIX}") from None
+        raise UserError(f"cannot read {path} ({one_line(error)}); {TINY_FIX}") from None
     return path, [line for line in text.splitlines() if line.strip()]
 
 

@@ -292,7 +292,8 @@ def test_a_batch_larger_than_a_shard_is_announced_and_trains(tmp_path):
 
 
 def test_a_worker_user_error_is_its_own_line_again() -> None:
-    wrapped = UserError("Caught UserError in DataLoader worker process 1.\nOriginal Traceback (most recent call last):\n"
+    wrapped = UserError("Caught UserError in DataLoader worker process 1.\n"
+                        "Original Traceback (most recent call last):\n"
                         '  File "x.py", line 3, in decode\n    raise UserError(...)\n'
                         "functions.core.errors.UserError: cannot decode a.jpg (broken); remove it\n")
     assert str(worker_user_error(wrapped)) == "cannot decode a.jpg (broken); remove it"
