@@ -44,7 +44,7 @@ def test_sixteen_bit_greyscale_keeps_its_high_byte(tmp_path: Path) -> None:
 
 
 def test_a_32_bit_image_beyond_16_bits_is_refused(tmp_path: Path) -> None:
-    Image.fromarray((RAMP.astype(np.int32) - 5)).save(tmp_path / "signed.tif")
+    Image.fromarray(RAMP.astype(np.int32) - 5).save(tmp_path / "signed.tif")
     with pytest.raises(UserError, match=r"signed.tif is a I image with values from -5 to 250, outside 16-bit"):
         decoded(tmp_path / "signed.tif")
 
