@@ -231,8 +231,11 @@ class DeviceServer:
             self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, f"refused a {message.kind} sent to Join")
         event = threading.Event()
         with self._lock:
-            if slot.connected:
-                self._disconnect(slot, f"client {slot.client_id} joined again: its earlier session ends")
+            if slot.connected:  # e.g. a restarted device: its earlier session ends
+                logger.info(f"client {slot.client_id} joined again: its earlier session ends")
+                slot.connected = False
+                if slot.task is not None and slot.task.reply is None:
+                    slot.task.failure = "it joined again"
             slot.join_request, slot.join_answer = event, None
             self._lock.notify_all()
         answered = event.wait(JOIN_WAIT_S)
