@@ -215,6 +215,9 @@ class NetworkedClients:
         self.serve_joins()
         answered = set(self._pull([c for c in pool if self.is_remote(c)], False, momentum_copies, "FedAvg"))
         kept = [c for c in pool if not self.is_remote(c) or c in answered]
+        if len(kept) < len(pool):
+            logger.info(f"FedAvg of step {self._global_step} without remote clients "
+                        f"{sorted(set(pool) - set(kept))} (not connected); they get the average when they join")
         self._log_costs()
         return kept
 

@@ -64,6 +64,7 @@ class Slot:
     client_id: int
     session: int = 0
     connected: bool = False
+    ready: bool = False  # it asked for a task in this session: built and waiting (a first join builds the model)
     task: Task | None = None
     next_seq: int = 1
     join_request: threading.Event | None = None
@@ -109,8 +110,10 @@ class DeviceServer:
 
     # ---------------------------------------------------------------------------- training thread's side
     def connected(self, client: int) -> bool:
+        """Whether `client` is in a session and ready for tasks (joined, then asked for its first task)."""
         with self._lock:
-            return self.slots[client].connected
+            slot = self.slots[client]
+            return slot.connected and slot.ready
 
     def joins_waiting(self) -> list[int]:
         """Clients whose Join waits for an answer."""
@@ -124,7 +127,7 @@ class DeviceServer:
             if slot.join_request is None:
                 return
             self._sessions += 1
-            slot.session, slot.connected = self._sessions, True
+            slot.session, slot.connected, slot.ready = self._sessions, True, False
             if slot.task is not None and slot.task.reply is None:
                 slot.task.failure = "it joined again"
             slot.task = None
@@ -138,7 +141,8 @@ class DeviceServer:
             for client in self.joins_waiting():
                 self.answer_join(client, lambda session, c=client: answer(c, session))
             with self._lock:
-                if all(self.slots[c].connected for c in clients) or time.monotonic() >= deadline:
+                if all(self.slots[c].connected and self.slots[c].ready for c in clients) \
+                        or time.monotonic() >= deadline:
                     return
                 self._lock.wait(timeout=min(0.2, max(0.0, deadline - time.monotonic())))
 
@@ -258,6 +262,10 @@ class DeviceServer:
         self._current_session(slot, message, context)
         deadline = time.monotonic() + POLL_S
         with self._lock:
+            if slot.connected and slot.session == message.session and not slot.ready:
+                slot.ready = True  # the training thread may now post to it; it asks again at once
+                self._lock.notify_all()
+                return encode(Message("idle", slot.client_id, slot.session))
             while slot.connected and slot.session == message.session and context.is_active():
                 task = slot.task
                 if task is not None and not task.delivered and task.reply is None:

@@ -3,7 +3,6 @@ exec), no torch.load without weights_only=True, no numpy load with allow_pickle.
 from __future__ import annotations
 
 import ast
-from pathlib import Path
 
 from paths import REPO_ROOT
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 import pickle
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
 
 import grpc
 import pytest
@@ -73,7 +73,10 @@ def join(server: DeviceServer, device: Link) -> int:
         while device.client_id not in server.joins_waiting() and time.monotonic() < deadline:
             time.sleep(0.01)
         server.answer_join(device.client_id, lambda session: encode(Message("welcome", device.client_id, session)))
-        return decode(answer.result(timeout=10), 100).session
+        session = decode(answer.result(timeout=10), 100).session
+    ready = device.call("Next", encode(Message("next", device.client_id, session)))  # idle: no task yet
+    assert decode(ready, 100).kind == "idle"
+    return session
 
 
 def task(server: DeviceServer, device: Link, session: int) -> Message:

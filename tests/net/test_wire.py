@@ -8,7 +8,15 @@ import struct
 import pytest
 import torch
 
-from functions.net.wire import MAGIC, Message, TensorSpec, WireError, decode, encode, expect_tensors
+from functions.net.wire import (
+    MAGIC,
+    Message,
+    TensorSpec,
+    WireError,
+    decode,
+    encode,
+    expect_tensors,
+)
 
 
 def sample() -> Message:
