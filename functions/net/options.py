@@ -46,7 +46,7 @@ def is_loopback(address: str) -> bool:
 def remote_client_ids(args: argparse.Namespace) -> list[int]:
     """The remote clients of a run (none without the options)."""
     if getattr(args, "remote_client_ids", None):
-        return sorted(set(int(c) for c in args.remote_client_ids))
+        return sorted({int(c) for c in args.remote_client_ids})
     count = int(getattr(args, "remote_clients", 0) or 0)
     return list(range(args.num_client - count, args.num_client)) if count > 0 else []
 

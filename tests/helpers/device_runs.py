@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Self
 
 import torch
 from paths import REPO_ROOT
@@ -49,7 +50,7 @@ class RunLines(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         self.lines.append(record.getMessage())
 
-    def __enter__(self) -> RunLines:
+    def __enter__(self) -> Self:
         self.previous_level = self.logger.level
         self.logger.setLevel(logging.INFO)
         self.logger.addHandler(self)

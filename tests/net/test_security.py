@@ -155,7 +155,8 @@ def test_nan_oversized_pickled_and_repeated_messages_are_refused(server, certs, 
     for payload, code, reason in cases:
         session = join(server, device)
         given = task(server, device, session)
-        refused(lambda: device.call("Reply", payload(session, given.seq)), code)
+        message = payload(session, given.seq)
+        refused(lambda message=message: device.call("Reply", message), code)
         logged = lines.take()
         assert len(logged) == 1 and reason in logged[0], logged
         assert server.wait(2, time.monotonic() + 5, "the test step")[0] is None
