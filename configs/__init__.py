@@ -361,9 +361,12 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
 
 
 # The interval each numeric option of the loop must lie in ("[" and "]" include the bound, "(" and ")" do not).
+# 16 times the standard network's 64 channels: a ResNet-18 of about 2.9 billion weights, already beyond what a run of
+# split learning trains; a wider --width only ends later, in the allocator.
+MAX_WIDTH = 1024
 _RANGES = {
     "num_client": "[1, inf)", "batch_size": "[1, inf)", "avg_freq": "[1, inf)", "num_epoch": "[1, inf)",
-    "width": "[1, inf)", "eval_batch_size": "[1, inf)", "max_steps": "[0, inf)", "num_workers": "[0, inf)",
+    "width": f"[1, {MAX_WIDTH}]", "eval_batch_size": "[1, inf)", "max_steps": "[0, inf)", "num_workers": "[0, inf)",
     "log_freq": "[1, inf)", "eval_freq": "[0, inf)", "knn_k": "[1, inf)", "knn_t": "(0, inf)",
     "linear_epochs": "[1, inf)", "seed": f"[0, {2**63 - 1}]", "lr": "(0, inf)", "c_lr": "[0, inf)",
     "momentum": "[0, 1)", "weight_decay": "[0, inf)", "s_gamma": "(0, inf)", "c_gamma": "(0, inf)",
