@@ -83,8 +83,14 @@ def starting_state(args: argparse.Namespace, runtime: Runtime, checkpoint_path: 
     """
     problem: str | None = None
     if runtime.is_main:
+        best_path = checkpoint_path.with_name(BEST_CHECKPOINT_NAME)
         if not args.resume and checkpoint_path.exists():
             problem = f"{checkpoint_path} exists: add --resume to continue that run, or choose a new --output_dir"
+        elif not args.resume and best_path.exists():
+            # A run writes its best after its last, so a best without a last is another run's: this run would
+            # report it as its own best epoch (--eval_protocol mocosfl).
+            problem = (f"{best_path} is left from an earlier run (no {CHECKPOINT_NAME} beside it); a new run writes "
+                       "its own: remove it, or choose a new --output_dir")
         elif args.resume and not checkpoint_path.exists():
             problem = f"--resume: no {CHECKPOINT_NAME} in {checkpoint_path.parent}; run without --resume to start"
     if not runtime.is_distributed:
