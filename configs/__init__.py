@@ -279,6 +279,23 @@ def _scalar_problem(action: argparse.Action, value: Any) -> str | None:
     return None
 
 
+def saved_options_problem(saved: dict[str, Any], method: str) -> str | None:
+    """What is wrong with the options a checkpoint saved (a value its option cannot take: its type, its choices,
+    its range), or None; options this version does not know are left to the checks that read them."""
+    actions = {action.dest: action for action in build_parser(method)._actions if action.dest not in ("help", "config")}
+    for key, value in saved.items():
+        problem = _config_value_problem(actions[key], value) if key in actions else None
+        if problem:
+            return f"its option {key} {problem}, got {value!r}"
+    for name, interval in _RANGES.items():
+        if saved.get(name) is not None:
+            try:
+                check_range(name, saved[name], interval)
+            except UserError as error:
+                return f"its option {error}"
+    return None
+
+
 def parse_args(method: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse defaults <- --config YAML <- command line, validate, and fill derived values (and where they came from:
     given_options, unused_options)."""

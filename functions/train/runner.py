@@ -12,7 +12,15 @@ from typing import Any, Sequence
 
 import torch
 
-from configs import RUNTIME_OPTIONS, build_parser, given_options, run_options, save_resolved_config, unused_options
+from configs import (
+    RUNTIME_OPTIONS,
+    build_parser,
+    given_options,
+    run_options,
+    save_resolved_config,
+    saved_options_problem,
+    unused_options,
+)
 from functions.core.checkpoint import (
     BEST_CHECKPOINT_NAME,
     CHECKPOINT_NAME,
@@ -199,10 +207,13 @@ def evaluate_checkpoint(args: argparse.Namespace, runtime: Runtime,
     to --output_dir, or without it to an eval_only folder beside the checkpoint.
     """
     state = load_checkpoint(args.checkpoint)
-    if not isinstance(state.get("args"), dict):
-        raise UserError(f"{args.checkpoint} is incomplete (no args); pass a checkpoint_last.pt written by a training run")
+    check_checkpoint_layout(state, args.checkpoint)
     method = state["args"].get("method", args.method)
     check_same_method(state, argparse.Namespace(method=method), args.checkpoint)
+    problem = saved_options_problem(state["args"], method)
+    if problem:
+        raise UserError(f"{args.checkpoint} is not a checkpoint this project wrote ({problem}); pass a checkpoint "
+                        "written by a training run")
     # Options newer than the file take the defaults of the checkpoint's own method.
     saved = argparse.Namespace(**{**run_options(build_parser(method).parse_args([])), **state["args"]})
     given = given_options(args)

@@ -405,7 +405,12 @@ class Trainer:
             self.epoch, self.step_in_epoch, self.global_step = own["position"]
 
     def _load_weights(self, method_state: dict[str, Any], clients_state: dict[str, Any], source: str) -> None:
-        """The server method's and the clients' weights (and client optimizers) from a checkpoint's parts."""
+        """The server method's and the clients' weights (and client optimizers) from a checkpoint's parts; weights
+        that are not finite are refused (this project never saves them, and their figures would mean nothing)."""
+        broken = first_non_finite({"method": method_state, "clients": clients_state})
+        if broken is not None:
+            raise UserError(f"{source} holds non-finite weights ({broken} is NaN or infinite); nothing can be "
+                            "evaluated or trained from it: use a checkpoint written by a run of this project")
         try:
             self.method.load_state_dict(method_state)
             self.clients.load_state_dict(clients_state)
@@ -418,6 +423,11 @@ class Trainer:
                         source: str = "the checkpoint") -> None:
         """Continue from a checkpoint: weights, optimizers, queues, position in the schedule, RNG and metrics."""
         check_checkpoint_layout(state, source)
+        if state["step_in_epoch"] >= self.steps_per_epoch or len(state.get("client_steps", self.client_steps)) != \
+                self.args.num_client:
+            raise UserError(f"{source} does not fit this run (step {state['step_in_epoch']} of an epoch of "
+                            f"{self.steps_per_epoch}, steps of {len(state.get('client_steps', self.client_steps))} "
+                            f"clients for {self.args.num_client}); delete it or pass another --output_dir")
         if check_signature:
             check_same_configuration(state, self.args, self.data.partition_hash)
             self._check_num_epoch(state["args"].get("num_epoch", self.args.num_epoch))
@@ -436,7 +446,11 @@ class Trainer:
         self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         self.epoch_statistics.load_state_dict(state.get("epoch_statistics", {"sums": {}, "steps": 0}))
         self.client_steps[:] = state["client_steps"] if "client_steps" in state else self._client_steps_so_far()
-        restore_rng_state(state["rng"])
+        try:
+            restore_rng_state(state["rng"])
+        except (RuntimeError, ValueError, TypeError) as error:
+            raise UserError(f"{source} holds a broken random state ({_reason(error)}); delete it or pass another "
+                            "--output_dir") from None
         metrics = self.log.metrics
         metrics.data = {**state["metrics"], **{key: metrics.data[key] for key in ("data_backend", "world_size")}}
 
@@ -497,14 +511,48 @@ class Trainer:
         return accuracy
 
     def final_evaluation(self, model: str = CHECKPOINT_NAME) -> dict[str, Any]:
-        """Every evaluation of the list the trainer was given, on the current model (that of `model`); saved,
-        logged, returned with the protocol, the model's file, step and epoch."""
+        """Every evaluation of the list the trainer was given, on the current model (that of `model`); logged and
+        returned with the protocol, the model's file, step and epoch.
+
+        metrics.json's `final` is written after each evaluation, so a later one that fails (or a stop signal) loses
+        none of the results before it; an evaluation that fails is recorded under `failed` beside the others, the
+        rest still run, and then the run stops with that failure.
+        """
         context = self.evaluation_context()
+        position = {"eval_protocol": self.args.eval_protocol, "model": model, "step": self.global_step,
+                    "epoch": self.epoch + self.step_in_epoch / self.steps_per_epoch}
         results: dict[str, Any] = {}
+        failed: dict[str, str] = {}
+        first_error: Exception | None = None
         for evaluation in self.evaluations:
-            results.update(evaluation(context))
+            try:
+                results.update(evaluation(context))
+            except TrainingInterrupted:
+                raise
+            except Exception as error:  # noqa: BLE001 - reported beside the other results, raised after them
+                failed[evaluation_name(evaluation)] = _reason(error)
+                first_error = first_error or error
+            self.log.metrics.data["final"] = {**results, **position, **({"failed": failed} if failed else {})}
+            self.log.metrics.save()
         self.method.train()
-        results.update(eval_protocol=self.args.eval_protocol, model=model, step=self.global_step,
-                        epoch=self.epoch + self.step_in_epoch / self.steps_per_epoch)
+        results.update(position)
+        if failed:
+            results["failed"] = failed
         self.log.final(results, self.global_step)
+        if first_error is not None:
+            raise failed_evaluation_error(failed, first_error, self.log.metrics.path)
         return results
+
+
+def evaluation_name(evaluation: Evaluation) -> str:
+    """The name an evaluation is reported under (its function's name)."""
+    return getattr(evaluation, "__name__", type(evaluation).__name__)
+
+
+def failed_evaluation_error(failed: dict[str, str], first_error: Exception, metrics_path: Path) -> Exception:
+    """What a final evaluation that failed raises once the others are saved: one line for a user's error, the error
+    itself (with its traceback) for anything else."""
+    if not isinstance(first_error, UserError):
+        return first_error
+    named = "; ".join(f"{name}: {reason}" for name, reason in failed.items())
+    return UserError(f"final evaluation failed ({named}); the other results are saved in {metrics_path}")
