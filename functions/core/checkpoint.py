@@ -106,21 +106,21 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return state
 
 
-def check_checkpoint_layout(state: dict[str, Any], source: str) -> None:
+def check_checkpoint_layout(state: dict[str, Any], source: str,
+                            fix: str = "delete it or pass another --output_dir") -> None:
     """Refuse a checkpoint that lacks a key of its format, has a format this version does not read, or holds values
     of the wrong type."""
     known = isinstance(state["format"], int) and state["format"] in KEYS_OF_FORMAT
     missing = sorted((KEYS_OF_FORMAT[state["format"]] if known else CHECKPOINT_KEYS) - set(state))
     if missing:
-        raise UserError(f"{source} is incomplete (no {', '.join(missing)}); delete it or pass another --output_dir")
+        raise UserError(f"{source} is incomplete (no {', '.join(missing)}); {fix}")
     if not known:
         raise UserError(f"{source} has format {state['format']!r}, this version reads formats "
                         f"{' and '.join(str(f) for f in sorted(KEYS_OF_FORMAT))}; evaluate or resume it with the "
                         "version that wrote it")
     problem = checkpoint_value_problem(state)
     if problem:
-        raise UserError(f"{source} is not a checkpoint this project wrote ({problem}); delete it or pass another "
-                        "--output_dir")
+        raise UserError(f"{source} is not a checkpoint this project wrote ({problem}); {fix}")
 
 
 def _is_count(value: Any) -> bool:

@@ -207,7 +207,7 @@ def evaluate_checkpoint(args: argparse.Namespace, runtime: Runtime,
     to --output_dir, or without it to an eval_only folder beside the checkpoint.
     """
     state = load_checkpoint(args.checkpoint)
-    check_checkpoint_layout(state, args.checkpoint)
+    check_checkpoint_layout(state, args.checkpoint, "pass a checkpoint written by a training run")
     method = state["args"].get("method", args.method)
     check_same_method(state, argparse.Namespace(method=method), args.checkpoint)
     problem = saved_options_problem(state["args"], method)
