@@ -45,7 +45,7 @@ from functions.privacy.attack_mocosfl import attack_set_size
 from functions.privacy.attack_run import auxiliary_images
 from functions.privacy.defences import DefenceSetting, build_defences
 from functions.sfl.clients.engines import ClientEngine
-from functions.sfl.communication import CommunicationSaving
+from functions.sfl.communication import CommunicationSaving, RowShapes
 from functions.sfl.fedavg import average_pool, divergence_summary, fedavg, fedavg_positions
 from functions.sfl.fedavg_rules import build_fedavg_rule
 from functions.sfl.fl_step import build_fl_step
@@ -138,8 +138,10 @@ class Trainer:
             raise UserError("--compat mocosfl averages client 0 into pools without it (as MocoSFL's FedAvg), which "
                             "torchrun's processes do not hold; run it in one process or with --client_sample_ratio 1")
         self.divergences: list[float] = []  # of the pool's clients at the last FedAvg (--divergence_measure)
+        crop_sizes = [size for size, _ in view_spec.crops()]
         self.communication = (CommunicationSaving(args.loss_threshold, output_dir / "replay_tensors", runtime,
-                                                  count_next_status=mocosfl_compat(args))
+                                                  count_next_status=mocosfl_compat(args), num_client=args.num_client,
+                                                  row_shapes=lambda: self._smashed_row_shapes(crop_sizes))
                               if args.loss_threshold > 0 else None)
         # What a checkpoint keeps besides the weights, optimizers and position, by part name.
         self.parts: dict[str, Checkpointed] = {"method_extra": MethodExtraState(self.method),
@@ -155,6 +157,19 @@ class Trainer:
         dataset = self.data.dataset
         return DefenceSetting(first_client, image_size, dataset.mean, dataset.std, self.device,
                               distributed=self.runtime.is_distributed)
+
+    @torch.no_grad()
+    def _smashed_row_shapes(self, crop_sizes: Sequence[int]) -> RowShapes:
+        """The shape of one row of smashed data of each trainable crop, then of each momentum crop (what a replay
+        file of --loss_threshold holds): client 0's part, in eval mode, on one blank image of each crop's size."""
+        model = self.clients.module_with({name: rows[0] for name, rows in self.clients.stacked_state([0]).items()})
+        model = model.cpu().eval()
+
+        def row_shape(crop: int) -> tuple[int, ...]:
+            return tuple(model(torch.zeros(1, 3, crop_sizes[crop], crop_sizes[crop])).shape[1:])
+
+        return [row_shape(crop) for crop in self.method.trainable_crops], [row_shape(crop) for crop in
+                                                                           self.method.momentum_crops]
 
     @property
     def method(self) -> ServerMethod:
