@@ -54,7 +54,7 @@ from functions.sfl.step import build_split_step, per_client_server_updates
 from functions.train.evaluations import FINAL_EVALUATIONS, knn_evaluation
 from functions.train.federated_data import FederatedData
 from functions.train.resume_checks import check_same_configuration
-from functions.train.stopping import StopSignal, resume_command
+from functions.train.stopping import StopSignal, WorkCutShort, resume_command
 
 
 def seed_everything(seed: int) -> None:
@@ -245,7 +245,7 @@ class Trainer:
         args = self.args
         self.agree_on_stop()
         if self.global_step == 0 and args.eval_freq > 0 and not self.stopping():
-            self.log_knn(0)
+            self.monitor_knn(0)
         while self.epoch < args.num_epoch and not self.reached_max_steps() and not self.stopping():
             self.train_epoch()
             self.agree_on_stop()
@@ -255,7 +255,7 @@ class Trainer:
                     if self.stopping():  # save first: a scheduler's grace period may be short
                         logger.info(f"{self.stop.name or 'stop'}: skipping the kNN monitor of epoch {completed}")
                     else:
-                        self.log_knn(completed)
+                        self.monitor_knn(completed)
                 if not self.stopping():
                     self.save_checkpoint(best=self.knn_improved(completed))
         self.save_checkpoint()
@@ -516,6 +516,19 @@ class Trainer:
                                  client_images=lambda client: dataset.train_images[self.data.client_indices[client]],
                                  train_images=lambda: dataset.train_images,
                                  mean=dataset.mean, std=dataset.std, is_main=self.runtime.is_main)
+
+    def monitor_knn(self, epoch: int) -> None:
+        """The kNN monitor inside the training loop; in one process a stop signal ends it at once (the loop then
+        saves and stops). Under torchrun it runs to its end: every rank must agree on the epoch's best first."""
+        if self.runtime.is_distributed:
+            self.log_knn(epoch)
+            return
+        try:
+            with self.stop.cut_short():
+                self.log_knn(epoch)
+        except WorkCutShort:
+            self.method.train()
+            logger.info(f"{self.stop.name}: the kNN monitor of epoch {epoch} was cut short")
 
     def log_knn(self, epoch: int) -> float:
         """The kNN monitor after `epoch` (0 = before training): logged, saved to metrics.json, returned."""

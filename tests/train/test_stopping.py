@@ -226,3 +226,23 @@ def test_sigterm_while_the_schedule_is_read_stops_within_seconds(tmp_path):
     assert child.returncode == 128 + signal.SIGTERM, stderr[-2000:]
     assert "Traceback" not in stderr and "interrupted: SIGTERM received: stopped after step" in stderr
     assert load_checkpoint(run_dir / CHECKPOINT_NAME)["global_step"] <= 2
+
+
+def test_sigterm_during_the_knn_monitor_cuts_it_short_and_saves(tmp_path, monkeypatch):
+    from functions.train import trainer as simulator
+
+    trainer = moco_trainer(tmp_path, "--client_exec", "loop", "--num_client", "2", "--batch_size", "8",
+                           "--eval_freq", "1")
+
+    def slow_monitor(context):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(20)  # a monitor over a large memory set
+        return {"knn_acc": 0.0}
+
+    monkeypatch.setattr(simulator, "knn_evaluation", slow_monitor)
+    started = time.monotonic()
+    with trainer.stop, pytest.raises(TrainingInterrupted, match="SIGTERM received: stopped after step 0"):
+        trainer.train()
+    assert time.monotonic() - started < 10
+    assert load_checkpoint(tmp_path / CHECKPOINT_NAME)["global_step"] == 0
+    assert trainer.method.server.training  # the monitor's eval mode did not outlive it
