@@ -450,11 +450,11 @@ class Trainer:
                         source: str = "the checkpoint") -> None:
         """Continue from a checkpoint: weights, optimizers, queues, position in the schedule, RNG and metrics."""
         check_checkpoint_layout(state, source)
-        if state["step_in_epoch"] >= self.steps_per_epoch or len(state.get("client_steps", self.client_steps)) != \
-                self.args.num_client:
-            raise UserError(f"{source} does not fit this run (step {state['step_in_epoch']} of an epoch of "
-                            f"{self.steps_per_epoch}, steps of {len(state.get('client_steps', self.client_steps))} "
-                            f"clients for {self.args.num_client}); delete it or pass another --output_dir")
+        saved_clients = len(state.get("client_steps", self.client_steps))
+        if state["step_in_epoch"] >= self.steps_per_epoch or saved_clients != self.args.num_client:
+            raise UserError(f"{source} does not fit this run (it is at step {state['step_in_epoch']} of an epoch of "
+                            f"{self.steps_per_epoch} steps and counts the steps of {saved_clients} clients, this run "
+                            f"has {self.args.num_client}); delete it or pass another --output_dir")
         if check_signature:
             check_same_configuration(state, self.args, self.data.partition_hash)
             self._check_num_epoch(state["args"].get("num_epoch", self.args.num_epoch))
