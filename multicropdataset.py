@@ -5,9 +5,10 @@ client sees the same views whatever the number of worker processes or ranks.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import random
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -179,12 +180,13 @@ def collate_crops(samples: list[list[torch.Tensor]]) -> list[torch.Tensor]:
 class _StepSampler:
     """Batch sampler: per step, the (index, key) pairs of all planned clients, client-major."""
 
-    def __init__(self, plans: list[list[tuple[int, np.ndarray, np.ndarray]]]) -> None:
+    def __init__(self, plans: Iterable[list[tuple[int, np.ndarray, np.ndarray]]], steps: int) -> None:
         self.plans = plans
+        self.steps = steps
 
     def __len__(self) -> int:
         """Number of steps."""
-        return len(self.plans)
+        return self.steps
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         """One flat list of (dataset index, sample key) per step."""
@@ -225,15 +227,16 @@ class TorchTrainLoader:
         """Step batches of `epoch` from `start_step` to the end, for the pool or the given subset of it."""
         if not (0 <= start_step <= self.steps_per_epoch):
             raise ValueError(f"start_step must be in [0, {self.steps_per_epoch}], got {start_step}")
-        # Plans are small (indices and keys only); computing them up front lets the sampler and the
-        # StepBatch metadata read the same list.
-        plans = [self.schedule.step_plan(epoch, step, clients) for step in range(start_step, self.steps_per_epoch)]
-        if not plans:
+        steps = range(start_step, self.steps_per_epoch)
+        if not steps:
             return iter(())
+        # Each step's plan is made when it is first read, so an epoch of any length starts at once; the sampler
+        # (which the DataLoader reads a few steps ahead) and the StepBatch metadata read the same plans.
+        for_sampler, plans = itertools.tee(self.schedule.step_plan(epoch, step, clients) for step in steps)
         on_cuda = self.device is not None and self.device.type == "cuda"
         loader = DataLoader(
             self.dataset,
-            batch_sampler=_StepSampler(plans),
+            batch_sampler=_StepSampler(for_sampler, len(steps)),
             collate_fn=collate_crops,
             num_workers=self.num_workers,
             prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
@@ -242,7 +245,7 @@ class TorchTrainLoader:
         return self._batches(plans, loader)
 
     def _batches(
-        self, plans: list[list[tuple[int, np.ndarray, np.ndarray]]], loader: DataLoader
+        self, plans: Iterable[list[tuple[int, np.ndarray, np.ndarray]]], loader: DataLoader
     ) -> Iterator[StepBatch]:
         """Pair each collated step with its plan's client layout; move it to the device when one is set."""
         try:

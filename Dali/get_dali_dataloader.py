@@ -492,7 +492,8 @@ class DaliTrainLoader:
         """Step batches of `epoch` from `start_step` to the end, for the pool or the given subset of it."""
         if not 0 <= start_step <= self.steps_per_epoch:
             raise ValueError(f"start_step must be in [0, {self.steps_per_epoch}], got {start_step}")
-        plans = [self.schedule.step_plan(epoch, step, clients) for step in range(start_step, self.steps_per_epoch)]
+        # Each step's plan is made when the pipeline asks for it, so an epoch of any length starts at once.
+        plans = (self.schedule.step_plan(epoch, step, clients) for step in range(start_step, self.steps_per_epoch))
         stream = self.augmenter.stream(self._step_inputs(plan) for plan in plans)
         return self._batches(stream)
 

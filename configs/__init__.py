@@ -281,6 +281,23 @@ def _scalar_problem(action: argparse.Action, value: Any) -> str | None:
     return None
 
 
+def saved_options_problem(saved: dict[str, Any], method: str) -> str | None:
+    """What is wrong with the options a checkpoint saved (a value its option cannot take: its type, its choices,
+    its range), or None; options this version does not know are left to the checks that read them."""
+    actions = {action.dest: action for action in build_parser(method)._actions if action.dest not in ("help", "config")}
+    for key, value in saved.items():
+        problem = _config_value_problem(actions[key], value) if key in actions else None
+        if problem:
+            return f"its option {key} {problem}, got {value!r}"
+    for name, interval in _RANGES.items():
+        if saved.get(name) is not None:
+            try:
+                check_range(name, saved[name], interval)
+            except UserError as error:
+                return f"its option {error}"
+    return None
+
+
 def parse_args(method: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse defaults <- --config YAML <- command line, validate, and fill derived values (and where they came from:
     given_options, unused_options)."""
@@ -364,9 +381,12 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
 
 
 # The interval each numeric option of the loop must lie in ("[" and "]" include the bound, "(" and ")" do not).
+# 16 times the standard network's 64 channels: a ResNet-18 of about 2.9 billion weights, already beyond what a run of
+# split learning trains; a wider --width only ends later, in the allocator.
+MAX_WIDTH = 1024
 _RANGES = {
     "num_client": "[1, inf)", "batch_size": "[1, inf)", "avg_freq": "[1, inf)", "num_epoch": "[1, inf)",
-    "width": "[1, inf)", "eval_batch_size": "[1, inf)", "max_steps": "[0, inf)", "num_workers": "[0, inf)",
+    "width": f"[1, {MAX_WIDTH}]", "eval_batch_size": "[1, inf)", "max_steps": "[0, inf)", "num_workers": "[0, inf)",
     "log_freq": "[1, inf)", "eval_freq": "[0, inf)", "knn_k": "[1, inf)", "knn_t": "(0, inf)",
     "linear_epochs": "[1, inf)", "seed": f"[0, {2**63 - 1}]", "lr": "(0, inf)", "c_lr": "[0, inf)",
     "momentum": "[0, 1)", "weight_decay": "[0, inf)", "s_gamma": "(0, inf)", "c_gamma": "(0, inf)",

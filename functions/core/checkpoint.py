@@ -9,7 +9,7 @@ import random
 import re
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -106,16 +106,110 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return state
 
 
-def check_checkpoint_layout(state: dict[str, Any], source: str) -> None:
-    """Refuse a checkpoint that lacks a key of its format, or has a format this version does not read."""
+def check_checkpoint_layout(state: dict[str, Any], source: str,
+                            fix: str = "delete it or pass another --output_dir") -> None:
+    """Refuse a checkpoint that lacks a key of its format, has a format this version does not read, or holds values
+    of the wrong type."""
     known = isinstance(state["format"], int) and state["format"] in KEYS_OF_FORMAT
     missing = sorted((KEYS_OF_FORMAT[state["format"]] if known else CHECKPOINT_KEYS) - set(state))
     if missing:
-        raise UserError(f"{source} is incomplete (no {', '.join(missing)}); delete it or pass another --output_dir")
+        raise UserError(f"{source} is incomplete (no {', '.join(missing)}); {fix}")
     if not known:
         raise UserError(f"{source} has format {state['format']!r}, this version reads formats "
                         f"{' and '.join(str(f) for f in sorted(KEYS_OF_FORMAT))}; evaluate or resume it with the "
                         "version that wrote it")
+    problem = checkpoint_value_problem(state)
+    if problem:
+        raise UserError(f"{source} is not a checkpoint this project wrote ({problem}); {fix}")
+
+
+def _is_count(value: Any) -> bool:
+    """A non-negative Python int (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_number(value: Any) -> bool:
+    """A real Python number (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_tensor_map(value: Any) -> bool:
+    """A mapping of names to tensors (a module's state dict)."""
+    return isinstance(value, Mapping) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in value.items())
+
+
+def _rng_problem(rng: Any) -> str | None:
+    """What is wrong with a checkpoint's saved random states (as rng_state writes them), or None."""
+    if not isinstance(rng, Mapping) or not {"python", "numpy", "torch", "cuda"} <= set(rng):
+        return "rng is not the random states of a run"
+    python, numpy_state = rng["python"], rng["numpy"]
+    if not (isinstance(python, tuple) and len(python) == 3 and isinstance(python[1], tuple)
+            and all(_is_count(n) for n in python[1])):
+        return "rng.python is not a Python random state"
+    if not (isinstance(numpy_state, tuple) and len(numpy_state) == 5 and isinstance(numpy_state[1], np.ndarray)
+            and numpy_state[1].dtype == np.uint32 and numpy_state[1].shape == (624,)
+            and all(_is_number(n) for n in numpy_state[2:])):
+        return "rng.numpy is not a NumPy random state"
+    tensors = [rng["torch"], *(rng["cuda"] if isinstance(rng["cuda"], (list, tuple)) else [None])]
+    if not all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.dim() == 1 for t in tensors):
+        return "rng.torch or rng.cuda is not a torch random state"
+    return None
+
+
+def _metrics_problem(metrics: Any) -> str | None:
+    """What is wrong with a checkpoint's metrics (lists of [index, value], a `final` mapping), or None."""
+    if not isinstance(metrics, Mapping) or not all(isinstance(key, str) for key in metrics):
+        return "metrics is not a mapping of names"
+    for key, value in metrics.items():
+        if key in ("train_loss", "knn_acc") and not isinstance(value, list):
+            return f"metrics.{key} is not a list"
+        if isinstance(value, list) and not all(isinstance(entry, (list, tuple)) and len(entry) == 2
+                                               and _is_count(entry[0]) for entry in value):
+            return f"metrics.{key} is not a list of [index, value] pairs"
+        if key == "final" and not isinstance(value, Mapping):
+            return "metrics.final is not a mapping"
+    return None
+
+
+def _clients_problem(clients: Any) -> str | None:
+    """What is wrong with a checkpoint's clients (per-client models, momentum copies, optimizers), or None."""
+    if not isinstance(clients, Mapping) or not isinstance(clients.get("models"), list) or not clients["models"]:
+        return "clients holds no client models"
+    if not all(_is_tensor_map(model) for model in [*clients["models"], *clients.get("momentum_models", [])]):
+        return "clients' models are not state dicts of tensors"
+    if not all(isinstance(optimizer, Mapping) for optimizer in clients.get("optimizers", [])):
+        return "clients' optimizers are not optimizer states"
+    return None
+
+
+def checkpoint_value_problem(state: dict[str, Any]) -> str | None:
+    """What is wrong with the values of a checkpoint that has its format's keys (types, counts), or None: a file
+    of this project never has any, a foreign or edited one may."""
+    for key in ("args", "signature", "server_optimizer", "scaler", *(["parts"] if "parts" in state else [])):
+        if not isinstance(state[key], Mapping):
+            return f"{key} is not a mapping"
+    if not all(isinstance(key, str) for key in state["args"]):
+        return "args is not a mapping of option names"
+    for key in ("epoch", "step_in_epoch", "global_step"):
+        if not _is_count(state[key]):
+            return f"{key} is {state[key]!r}, not a count"
+    if not isinstance(state["partition_hash"], str):
+        return "partition_hash is not a string"
+    if not _is_tensor_map(state["method"]):
+        return "method is not a state dict of tensors"
+    optional_counts = {"skipped_steps": state.get("skipped_steps", 0), **{
+        f"client_steps[{index}]": steps for index, steps in enumerate(state.get("client_steps", []))}}
+    if not isinstance(state.get("client_steps", []), list):
+        return "client_steps is not a list"
+    for name, value in optional_counts.items():
+        if not _is_count(value):
+            return f"{name} is {value!r}, not a count"
+    statistics = state.get("epoch_statistics", {"sums": {}, "steps": 0})
+    if not (isinstance(statistics, Mapping) and isinstance(statistics.get("sums"), Mapping)
+            and all(_is_number(v) for v in statistics["sums"].values()) and _is_count(statistics.get("steps"))):
+        return "epoch_statistics is not sums and a count of steps"
+    return _clients_problem(state["clients"]) or _rng_problem(state["rng"]) or _metrics_problem(state["metrics"])
 
 
 def checkpoint_parts(state: dict[str, Any]) -> dict[str, Any]:

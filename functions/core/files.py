@@ -17,10 +17,12 @@ def temporary_prefix(path: Path) -> str:
     return f".{path.name}."
 
 
-def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
+def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object], durable: bool = True) -> None:
     """Let `write` fill a temporary file in the same folder, flush it to disk, then rename it over `path`.
 
-    A failing file system (full disk, removed folder) is one clear error; the previous file stays as it was.
+    A failing file system (full disk, removed folder) is one clear error; the previous file stays as it was. With
+    `durable` False the data is not forced to disk (files rewritten every step, checked when read): the rename still
+    makes the file whole or absent for any reader, only a power cut may leave it damaged.
     """
     path = Path(path)
     try:
@@ -31,7 +33,8 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
             with os.fdopen(handle, "wb") as stream:
                 _write_reporting_os_errors(write, stream)
                 stream.flush()
-                os.fsync(stream.fileno())
+                if durable:
+                    os.fsync(stream.fileno())
             os.replace(temporary, path)
         except BaseException:
             temporary.unlink(missing_ok=True)
@@ -39,7 +42,8 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
     except OSError as error:
         raise UserError(f"cannot write {path} ({error.strerror or error}); the previous {path.name}, if any, "
                         "is unchanged") from None
-    _fsync_folder(path.parent)
+    if durable:
+        _fsync_folder(path.parent)
 
 
 def _write_reporting_os_errors(write: Callable[[BinaryIO], object], stream: BinaryIO) -> None:

@@ -25,6 +25,7 @@ _PASS_STREAM_TAG = 0x50415353  # "PASS"
 _POSITION_BITS = 40
 _CLIENT_BITS = 64 - _POSITION_BITS
 _MASK64 = (1 << 64) - 1
+MAX_STREAM_POSITION = 2**_POSITION_BITS  # samples a client's stream can address over a whole run
 
 
 @dataclass

@@ -10,6 +10,12 @@ from functions.core.errors import UserError
 from models.layers import L2Normalize
 from models.split import Head
 
+# Bounds of the head and queue sizes (--K_dim, --feat_dim, --hidden_mlp, --nmb_prototypes; --K, --queue_length): far
+# above any published setting (2048 dimensions, 65536 keys), low enough that a typo is one line, not an allocator's
+# traceback.
+MAX_HEAD_DIM = 65536
+MAX_QUEUE_KEYS = 2**20
+
 
 @dataclass(frozen=True)
 class MocoVersion:

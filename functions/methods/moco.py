@@ -15,12 +15,12 @@ from torch import Tensor, nn
 
 from functions.core.compat import mocosfl_compat
 from functions.core.distributed import all_gather_rows
-from functions.core.errors import UserError
+from functions.core.errors import UserError, check_range
 from functions.data.layout import StepLayout
 from functions.data.views import ViewSpec
 from functions.losses.moco import ClientQueues, dual_temperature_loss, info_nce_loss
 from functions.methods.base import ServerMethod, StepContext
-from functions.methods.heads import MOCO_VERSIONS, build_moco_head
+from functions.methods.heads import MAX_HEAD_DIM, MAX_QUEUE_KEYS, MOCO_VERSIONS, build_moco_head
 from functions.methods.registry import register_method
 from functions.sfl.clients.loop import momentum_update_
 from models.split import HeadBuilder, architecture
@@ -102,6 +102,8 @@ class MocoServer(ServerMethod):
             args.symmetric = False
         if args.K < 1 or args.K_dim < 1 or args.T <= 0 or args.temperature <= 0:
             raise UserError("--K, --K_dim, --T and --temperature must be positive")
+        check_range("K", args.K, f"[1, {MAX_QUEUE_KEYS}]")
+        check_range("K_dim", args.K_dim, f"[1, {MAX_HEAD_DIM}]")
         if not 0.0 <= args.moco_momentum < 1.0:
             raise UserError(f"--moco_momentum must be in [0, 1) (got {args.moco_momentum})")
         if args.scheme == "fl" and args.loss_type != "moco":

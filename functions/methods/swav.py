@@ -32,7 +32,7 @@ from functions.losses.swav import (
     swapped_prediction_loss,
 )
 from functions.methods.base import ServerMethod, StepContext
-from functions.methods.heads import MOCO_VERSIONS, build_moco_head, build_swav_head
+from functions.methods.heads import MAX_HEAD_DIM, MAX_QUEUE_KEYS, MOCO_VERSIONS, build_moco_head, build_swav_head
 from functions.methods.registry import register_method
 from functions.methods.schedules import LearningRateSchedule
 from models.layers import L2Normalize
@@ -175,7 +175,8 @@ class SwavServer(ServerMethod):
         if args.queue_length < 0 or args.epsilon <= 0 or args.temperature <= 0 or args.sinkhorn_iterations < 1:
             raise UserError("--queue_length must be >= 0; --epsilon, --temperature and --sinkhorn_iterations positive")
         for name, interval in (("freeze_prototypes_niters", "[0, inf)"), ("epoch_queue_starts", "[0, inf)"),
-                               ("feat_dim", "[1, inf)"), ("hidden_mlp", "[0, inf)")):
+                               ("feat_dim", f"[1, {MAX_HEAD_DIM}]"), ("hidden_mlp", f"[0, {MAX_HEAD_DIM}]"),
+                               ("nmb_prototypes", f"[2, {MAX_HEAD_DIM}]"), ("queue_length", f"[0, {MAX_QUEUE_KEYS}]")):
             check_range(name, getattr(args, name), interval)
         if args.use_swav_scheduler:
             for name, interval in (("final_s_lr", "[0, inf)"), ("start_warmup", "[0, inf)"),

@@ -15,7 +15,13 @@ from typing import Callable, Mapping
 
 import torch
 
-from functions.core.checkpoint import BEST_CHECKPOINT_NAME, CHECKPOINT_NAME, load_checkpoint
+from functions.core.checkpoint import (
+    BEST_CHECKPOINT_NAME,
+    CHECKPOINT_NAME,
+    check_checkpoint_layout,
+    first_non_finite,
+    load_checkpoint,
+)
 from functions.core.errors import UserError
 from models.bottleneck import CLIENT_BOTTLENECK, SERVER_BOTTLENECK
 from models.split import BACKBONE_PREFIX, SplitModel, architecture
@@ -164,6 +170,10 @@ def _load_mocosfl(args: argparse.Namespace, split: SplitModel, folder: Path) -> 
 def _load_own_run(args: argparse.Namespace, split: SplitModel, path: Path) -> None:
     """The clients' average (and the server part) of a checkpoint of this project."""
     state = load_checkpoint(path)
+    check_checkpoint_layout(state, f"--initialze_path: {path}", "start from another run")
+    broken = first_non_finite({"method": state["method"], "clients": state["clients"]["models"]})
+    if broken is not None:
+        raise UserError(f"--initialze_path: {path} holds non-finite weights ({broken}); start from a healthy run")
     hint = ""
     saved = state.get("args", {})
     if isinstance(saved, Mapping):

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -27,11 +28,60 @@ from torch import Tensor
 from functions.core.checkpoint import Checkpointed
 from functions.core.distributed import Runtime, all_reduce_sum
 from functions.core.errors import UserError
+from functions.core.files import write_atomic
 from functions.data.layout import StepLayout
 
 logger = logging.getLogger("sfl")
 FULL, UPLOAD_ONLY, REPLAY = "A", "B", "C"
 WARMUP_EPOCHS = 10  # MocoSFL: the first epochs always communicate
+REPLAY_KEYS = frozenset({"inputs", "momentum", "layout", "row_share"})
+REPLAY_FIX = "it is not what this run kept; delete the run's checkpoint to start over, or choose another --output_dir"
+# The shape of one row of smashed data of each trainable crop, then of each momentum crop.
+RowShapes = tuple[list[tuple[int, ...]], list[tuple[int, ...]]]
+
+
+def _is_count(value: Any) -> bool:
+    """A non-negative Python int (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _layout_problem(layout: Any, num_client: int | None) -> str | None:
+    """What is wrong with a replay file's layout (client ids and rows of this process, then of the pool), or None."""
+    if not (isinstance(layout, list) and len(layout) == 4
+            and all(isinstance(part, list) and all(_is_count(v) for v in part) for part in layout)):
+        return "its layout is not four lists of counts"
+    client_ids, rows, pool_ids, pool_rows = layout
+    if len(client_ids) != len(rows) or len(pool_ids) != len(pool_rows) or not set(client_ids) <= set(pool_ids):
+        return "its layout's clients and rows do not match"
+    if num_client is not None and any(client >= num_client for client in pool_ids):
+        return f"its layout names clients beyond this run's {num_client}"
+    return None
+
+
+def replay_file_problem(kept: Any, row_shapes: RowShapes | None, num_client: int | None) -> str | None:
+    """What is wrong with the content of a replay file (what CommunicationSaving.keep writes), or None; with
+    `row_shapes`, the shape of a row of each kept tensor is checked too."""
+    if not isinstance(kept, dict) or set(kept) != REPLAY_KEYS:
+        return "it is not the smashed data of a step"
+    problem = _layout_problem(kept["layout"], num_client)
+    if problem:
+        return problem
+    share = kept["row_share"]
+    if not (isinstance(share, float) and 0 < share <= 1):
+        return f"its row share is {share!r}"
+    rows = sum(kept["layout"][1])
+    expected = row_shapes or ([None] * len(kept["inputs"]), [None] * len(kept["momentum"]))
+    for name, tensors, shapes in (("inputs", kept["inputs"], expected[0]), ("momentum", kept["momentum"],
+                                                                          expected[1])):
+        if not isinstance(tensors, list) or len(tensors) != len(shapes):
+            return f"its {name} are not {len(shapes)} tensors"
+        for tensor, shape in zip(tensors, shapes):
+            if not (isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and tensor.dim() >= 1):
+                return f"its {name} are not floating-point tensors"
+            if tensor.shape[0] != rows or (shape is not None and tuple(tensor.shape[1:]) != tuple(shape)):
+                wanted = f"({rows}, {', '.join(map(str, shape))})" if shape is not None else f"{rows} rows"
+                return f"its {name} have shape {tuple(tensor.shape)}, expected {wanted}"
+    return None
 
 
 def next_status(status: str, previous_loss: float, loss: float, threshold: float, epoch: int) -> str:
@@ -45,8 +95,13 @@ def next_status(status: str, previous_loss: float, loss: float, threshold: float
 class CommunicationSaving(Checkpointed):
     """The status of each epoch, the smashed data kept for replay (files in the run folder) and what was saved."""
 
-    def __init__(self, threshold: float, folder: Path, runtime: Runtime, count_next_status: bool = False) -> None:
+    def __init__(self, threshold: float, folder: Path, runtime: Runtime, count_next_status: bool = False,
+                 num_client: int | None = None, row_shapes: Callable[[], RowShapes] | None = None) -> None:
         self.threshold = float(threshold)
+        # What a replay file must hold: clients below num_client, rows of these shapes (computed at the first replay).
+        self.num_client = num_client
+        self.row_shapes = row_shapes
+        self._row_shapes: RowShapes | None = None
         self.count_next_status = count_next_status  # --compat mocosfl: MocoSFL's count, shifted by one epoch
         self.folder = folder
         self.runtime = runtime
@@ -99,14 +154,30 @@ class CommunicationSaving(Checkpointed):
     def _path(self, step: int) -> Path:
         return self.folder / f"rank{self.runtime.rank}_step{step}.pt"
 
+    def _writable_folder(self) -> Path:
+        """The replay folder, created; a symbolic link there (it would take the files out of the run folder) or a
+        folder that cannot be made is one line."""
+        if self.folder.is_symlink():
+            raise UserError(f"{self.folder} is a symbolic link; a run writes its replay files only in its own folder: "
+                            "remove the link, or choose another --output_dir")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UserError(f"--loss_threshold: cannot write {self.folder} ({error.strerror or error}); choose "
+                            "another --output_dir") from None
+        return self.folder
+
     def keep(self, step: int, server_inputs: list[Tensor], momentum_smashed: list[Tensor], layout: StepLayout,
              row_share: float) -> None:
-        """Keep a step's smashed data for a later replay epoch (overwrites that step of an earlier epoch)."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        torch.save({"inputs": [x.detach().cpu() for x in server_inputs],
-                    "momentum": [x.detach().cpu() for x in momentum_smashed],
-                    "layout": [list(layout.client_ids), list(layout.rows_per_client), list(layout.pool_ids),
-                               list(layout.pool_rows)], "row_share": row_share}, self._path(step))
+        """Keep a step's smashed data for a later replay epoch (replaces that step of an earlier epoch, atomically:
+        a reader finds the previous file or this one)."""
+        self._writable_folder()
+        kept = {"inputs": [x.detach().cpu() for x in server_inputs],
+                "momentum": [x.detach().cpu() for x in momentum_smashed],
+                "layout": [list(layout.client_ids), list(layout.rows_per_client), list(layout.pool_ids),
+                           list(layout.pool_rows)], "row_share": row_share}
+        # Rewritten every step: not forced to disk (a file damaged by a power cut is refused when read).
+        write_atomic(self._path(step), lambda stream: torch.save(kept, stream), durable=False)
 
     def replay_order(self, steps: int, seed: int, epoch: int) -> list[int]:
         """`steps` kept steps in the replay order of `epoch` (shuffled, the same on every rank; when an earlier
@@ -119,8 +190,18 @@ class CommunicationSaving(Checkpointed):
         return [kept[index % len(kept)] for index in range(steps)]
 
     def replayed(self, step: int, device: torch.device) -> tuple[list[Tensor], list[Tensor], StepLayout, float]:
-        """What `keep` stored for `step`, on `device`."""
-        kept = torch.load(self._path(step), map_location="cpu", weights_only=True)
+        """What `keep` stored for `step`, on `device`; a file that is not what `keep` writes is one line."""
+        path = self._path(step)
+        try:
+            with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)), "rb") as stream:
+                kept = torch.load(stream, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - any unreadable file (truncated, crafted, a link) is refused
+            raise UserError(f"--loss_threshold: cannot replay {path} ({type(error).__name__}): {REPLAY_FIX}") from None
+        if self._row_shapes is None and self.row_shapes is not None:
+            self._row_shapes = self.row_shapes()
+        problem = replay_file_problem(kept, self._row_shapes, self.num_client)
+        if problem:
+            raise UserError(f"--loss_threshold: cannot replay {path} ({problem}): {REPLAY_FIX}")
         return ([x.to(device) for x in kept["inputs"]], [x.to(device) for x in kept["momentum"]],
                 StepLayout.of(*kept["layout"]), float(kept["row_share"]))
 

@@ -14,7 +14,13 @@ from functions.core.distributed import Runtime, check_clients_per_rank, client_s
 from functions.core.errors import UserError
 from functions.core.options import ClientOptions
 from functions.data.datasets import ImageDataset, download_allowed, load_dataset
-from functions.data.loaders import FederatedLoaders, FederatedSchedule, StepBatch, default_steps_per_epoch
+from functions.data.loaders import (
+    MAX_STREAM_POSITION,
+    FederatedLoaders,
+    FederatedSchedule,
+    StepBatch,
+    default_steps_per_epoch,
+)
 from functions.data.partition import hetero_partition, make_partition, partition_hash, save_partition
 from functions.data.views import ViewSpec
 
@@ -51,6 +57,17 @@ def build_loaders(dataset: ImageDataset, schedule: FederatedSchedule, view_spec:
                                num_classes=dataset.num_classes, memory=dataset.memory_split)
 
 
+def check_run_length(args: argparse.Namespace, steps_per_epoch: int, largest_batch: int) -> None:
+    """Refuse a run longer than a client's sample stream can address (the samples and augmentations of a step are a
+    function of its position in that stream), naming the options that make it so long."""
+    samples = args.num_epoch * steps_per_epoch * largest_batch
+    if samples >= MAX_STREAM_POSITION:
+        options = "--num_epoch" + (f" or --local_epoch {args.local_epoch}" if args.scheme == "fl" else "")
+        raise UserError(f"--num_epoch {args.num_epoch} epochs of {steps_per_epoch} steps of up to {largest_batch} "
+                        f"samples per client exceed the {MAX_STREAM_POSITION} samples a client's stream can address; "
+                        f"lower {options}")
+
+
 class FederatedData:
     """The dataset, the partition (saved to the run folder by rank 0), the schedule and the loaders of a run."""
 
@@ -67,6 +84,7 @@ class FederatedData:
         steps = default_steps_per_epoch(self.client_indices, self.batch_sizes, clients.client_sample_ratio)
         if args.scheme == "fl":
             steps *= args.local_epoch  # FL-MoCo: an epoch is --local_epoch passes of every client over its data
+        check_run_length(args, steps, max(self.batch_sizes))
         self.schedule = FederatedSchedule(self.client_indices, self.batch_sizes, clients.client_sample_ratio, steps,
                                           args.seed)
         if runtime.is_distributed:

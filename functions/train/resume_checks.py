@@ -14,6 +14,8 @@ def check_same_method(state: dict[str, Any], args: argparse.Namespace, source: s
     """Refuse to continue a checkpoint of another method with this entry script, naming the right one."""
     saved_args = state.get("args") if isinstance(state.get("args"), dict) else {}
     saved = saved_args.get("method")
+    if saved is not None and not isinstance(saved, str):
+        raise UserError(f"{source} names no method ({saved!r}); pass a checkpoint written by a training run")
     if saved is not None and saved != args.method:
         method = METHODS.get(saved)
         how = f"resume it with {method.entry_script}" if method is not None and method.entry_script else "resume it"

@@ -12,7 +12,15 @@ from typing import Any, Sequence
 
 import torch
 
-from configs import RUNTIME_OPTIONS, build_parser, given_options, run_options, save_resolved_config, unused_options
+from configs import (
+    RUNTIME_OPTIONS,
+    build_parser,
+    given_options,
+    run_options,
+    save_resolved_config,
+    saved_options_problem,
+    unused_options,
+)
 from functions.core.checkpoint import (
     BEST_CHECKPOINT_NAME,
     CHECKPOINT_NAME,
@@ -83,8 +91,14 @@ def starting_state(args: argparse.Namespace, runtime: Runtime, checkpoint_path: 
     """
     problem: str | None = None
     if runtime.is_main:
+        best_path = checkpoint_path.with_name(BEST_CHECKPOINT_NAME)
         if not args.resume and checkpoint_path.exists():
             problem = f"{checkpoint_path} exists: add --resume to continue that run, or choose a new --output_dir"
+        elif not args.resume and best_path.exists():
+            # A run writes its best after its last, so a best without a last is another run's: this run would
+            # report it as its own best epoch (--eval_protocol mocosfl).
+            problem = (f"{best_path} is left from an earlier run (no {CHECKPOINT_NAME} beside it); a new run writes "
+                       "its own: remove it, or choose a new --output_dir")
         elif args.resume and not checkpoint_path.exists():
             problem = f"--resume: no {CHECKPOINT_NAME} in {checkpoint_path.parent}; run without --resume to start"
     if not runtime.is_distributed:
@@ -193,10 +207,13 @@ def evaluate_checkpoint(args: argparse.Namespace, runtime: Runtime,
     to --output_dir, or without it to an eval_only folder beside the checkpoint.
     """
     state = load_checkpoint(args.checkpoint)
-    if not isinstance(state.get("args"), dict):
-        raise UserError(f"{args.checkpoint} is incomplete (no args); pass a checkpoint_last.pt written by a training run")
+    check_checkpoint_layout(state, args.checkpoint, "pass a checkpoint written by a training run")
     method = state["args"].get("method", args.method)
     check_same_method(state, argparse.Namespace(method=method), args.checkpoint)
+    problem = saved_options_problem(state["args"], method)
+    if problem:
+        raise UserError(f"{args.checkpoint} is not a checkpoint this project wrote ({problem}); pass a checkpoint "
+                        "written by a training run")
     # Options newer than the file take the defaults of the checkpoint's own method.
     saved = argparse.Namespace(**{**run_options(build_parser(method).parse_args([])), **state["args"]})
     given = given_options(args)

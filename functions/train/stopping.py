@@ -16,6 +16,11 @@ from functions.core.errors import TrainingInterrupted
 from functions.methods.registry import method_class
 
 
+class WorkCutShort(Exception):
+    """A stop signal ended work inside the training loop that is not a step (the kNN monitor); the loop then saves
+    and stops as after a step."""
+
+
 class StopSignal:
     """SIGTERM / SIGINT turned into a request the loop polls between steps; a second SIGINT stops at once.
 
@@ -31,6 +36,7 @@ class StopSignal:
         self.announce = announce  # False on torchrun's other ranks: rank 0 prints the message
         self._previous: dict[int, Any] = {}
         self._situation: str | None = None  # None while the loop polls
+        self._cut_short = False  # inside the loop, around work that is not a step
 
     def outside_training(self, situation: str) -> None:
         """From now on a signal stops the run at once, saying `situation` (e.g. "before training started: ...")."""
@@ -44,6 +50,16 @@ class StopSignal:
             yield self
         finally:
             self._situation = situation
+
+    @contextmanager
+    def cut_short(self) -> Iterator[None]:
+        """Around work of the training loop that is not a step (the kNN monitor): a signal ends it at once with
+        WorkCutShort instead of waiting for it to finish."""
+        self._cut_short = True
+        try:
+            yield
+        finally:
+            self._cut_short = False
 
     @property
     def requested(self) -> bool:
@@ -63,6 +79,10 @@ class StopSignal:
         if self._situation is not None:
             self.request(signal_number)
             raise TrainingInterrupted(f"{self.name} received {self._situation}", signal_number, announce=self.announce)
+        if self._cut_short and not self.requested:
+            self.request(signal_number)
+            self._cut_short = False
+            raise WorkCutShort(self.name)
         if self.requested:
             if signal_number == signal.SIGINT:
                 # The user insists (a second Ctrl-C): abandon the step; save_atomic removes its temporary file.

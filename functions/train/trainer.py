@@ -46,7 +46,7 @@ from functions.privacy.attack_mocosfl import attack_set_size
 from functions.privacy.attack_run import auxiliary_images
 from functions.privacy.defences import DefenceSetting, build_defences
 from functions.sfl.clients.engines import ClientEngine
-from functions.sfl.communication import CommunicationSaving
+from functions.sfl.communication import CommunicationSaving, RowShapes
 from functions.sfl.fedavg import average_pool, divergence_summary, fedavg, fedavg_positions
 from functions.sfl.fedavg_rules import build_fedavg_rule
 from functions.sfl.fl_step import build_fl_step
@@ -55,7 +55,7 @@ from functions.sfl.step import build_split_step, per_client_server_updates
 from functions.train.evaluations import FINAL_EVALUATIONS, knn_evaluation
 from functions.train.federated_data import FederatedData
 from functions.train.resume_checks import check_same_configuration
-from functions.train.stopping import StopSignal, resume_command
+from functions.train.stopping import StopSignal, WorkCutShort, resume_command
 
 
 def seed_everything(seed: int) -> None:
@@ -144,8 +144,10 @@ class Trainer:
             raise UserError("--compat mocosfl averages client 0 into pools without it (as MocoSFL's FedAvg), which "
                             "torchrun's processes do not hold; run it in one process or with --client_sample_ratio 1")
         self.divergences: list[float] = []  # of the pool's clients at the last FedAvg (--divergence_measure)
+        crop_sizes = [size for size, _ in view_spec.crops()]
         self.communication = (CommunicationSaving(args.loss_threshold, output_dir / "replay_tensors", runtime,
-                                                  count_next_status=mocosfl_compat(args))
+                                                  count_next_status=mocosfl_compat(args), num_client=args.num_client,
+                                                  row_shapes=lambda: self._smashed_row_shapes(crop_sizes))
                               if args.loss_threshold > 0 else None)
         # What a checkpoint keeps besides the weights, optimizers and position, by part name.
         self.parts: dict[str, Checkpointed] = {"method_extra": MethodExtraState(self.method),
@@ -161,6 +163,19 @@ class Trainer:
         dataset = self.data.dataset
         return DefenceSetting(first_client, image_size, dataset.mean, dataset.std, self.device,
                               distributed=self.runtime.is_distributed)
+
+    @torch.no_grad()
+    def _smashed_row_shapes(self, crop_sizes: Sequence[int]) -> RowShapes:
+        """The shape of one row of smashed data of each trainable crop, then of each momentum crop (what a replay
+        file of --loss_threshold holds): client 0's part, in eval mode, on one blank image of each crop's size."""
+        model = self.clients.module_with({name: rows[0] for name, rows in self.clients.stacked_state([0]).items()})
+        model = model.cpu().eval()
+
+        def row_shape(crop: int) -> tuple[int, ...]:
+            return tuple(model(torch.zeros(1, 3, crop_sizes[crop], crop_sizes[crop])).shape[1:])
+
+        return [row_shape(crop) for crop in self.method.trainable_crops], [row_shape(crop) for crop in
+                                                                           self.method.momentum_crops]
 
     @property
     def method(self) -> ServerMethod:
@@ -241,7 +256,7 @@ class Trainer:
         args = self.args
         self.agree_on_stop()
         if self.global_step == 0 and args.eval_freq > 0 and not self.stopping():
-            self.log_knn(0)
+            self.monitor_knn(0)
         while self.epoch < args.num_epoch and not self.reached_max_steps() and not self.stopping():
             self.train_epoch()
             self.agree_on_stop()
@@ -251,7 +266,7 @@ class Trainer:
                     if self.stopping():  # save first: a scheduler's grace period may be short
                         logger.info(f"{self.stop.name or 'stop'}: skipping the kNN monitor of epoch {completed}")
                     else:
-                        self.log_knn(completed)
+                        self.monitor_knn(completed)
                 if not self.stopping():
                     self.save_checkpoint(best=self.knn_improved(completed))
         self.save_checkpoint()
@@ -417,7 +432,12 @@ class Trainer:
             self.epoch, self.step_in_epoch, self.global_step = own["position"]
 
     def _load_weights(self, method_state: dict[str, Any], clients_state: dict[str, Any], source: str) -> None:
-        """The server method's and the clients' weights (and client optimizers) from a checkpoint's parts."""
+        """The server method's and the clients' weights (and client optimizers) from a checkpoint's parts; weights
+        that are not finite are refused (this project never saves them, and their figures would mean nothing)."""
+        broken = first_non_finite({"method": method_state, "clients": clients_state})
+        if broken is not None:
+            raise UserError(f"{source} holds non-finite weights ({broken} is NaN or infinite); nothing can be "
+                            "evaluated or trained from it: use a checkpoint written by a run of this project")
         try:
             self.method.load_state_dict(method_state)
             self.clients.load_state_dict(clients_state)
@@ -430,6 +450,11 @@ class Trainer:
                         source: str = "the checkpoint") -> None:
         """Continue from a checkpoint: weights, optimizers, queues, position in the schedule, RNG and metrics."""
         check_checkpoint_layout(state, source)
+        saved_clients = len(state.get("client_steps", self.client_steps))
+        if state["step_in_epoch"] >= self.steps_per_epoch or saved_clients != self.args.num_client:
+            raise UserError(f"{source} does not fit this run (it is at step {state['step_in_epoch']} of an epoch of "
+                            f"{self.steps_per_epoch} steps and counts the steps of {saved_clients} clients, this run "
+                            f"has {self.args.num_client}); delete it or pass another --output_dir")
         if check_signature:
             check_same_configuration(state, self.args, self.data.partition_hash)
             self._check_num_epoch(state["args"].get("num_epoch", self.args.num_epoch))
@@ -448,7 +473,11 @@ class Trainer:
         self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         self.epoch_statistics.load_state_dict(state.get("epoch_statistics", {"sums": {}, "steps": 0}))
         self.client_steps[:] = state["client_steps"] if "client_steps" in state else self._client_steps_so_far()
-        restore_rng_state(state["rng"])
+        try:
+            restore_rng_state(state["rng"])
+        except (RuntimeError, ValueError, TypeError) as error:
+            raise UserError(f"{source} holds a broken random state ({_reason(error)}); delete it or pass another "
+                            "--output_dir") from None
         metrics = self.log.metrics
         metrics.data = {**state["metrics"], **{key: metrics.data[key] for key in ("data_backend", "world_size")}}
 
@@ -502,6 +531,19 @@ class Trainer:
                                  train_images=lambda: dataset.train_images,
                                  mean=dataset.mean, std=dataset.std, is_main=self.runtime.is_main)
 
+    def monitor_knn(self, epoch: int) -> None:
+        """The kNN monitor inside the training loop; in one process a stop signal ends it at once (the loop then
+        saves and stops). Under torchrun it runs to its end: every rank must agree on the epoch's best first."""
+        if self.runtime.is_distributed:
+            self.log_knn(epoch)
+            return
+        try:
+            with self.stop.cut_short():
+                self.log_knn(epoch)
+        except WorkCutShort:
+            self.method.train()
+            logger.info(f"{self.stop.name}: the kNN monitor of epoch {epoch} was cut short")
+
     def log_knn(self, epoch: int) -> float:
         """The kNN monitor after `epoch` (0 = before training): logged, saved to metrics.json, returned."""
         accuracy = knn_evaluation(self.evaluation_context())["knn_acc"]
@@ -511,14 +553,48 @@ class Trainer:
         return accuracy
 
     def final_evaluation(self, model: str = CHECKPOINT_NAME) -> dict[str, Any]:
-        """Every evaluation of the list the trainer was given, on the current model (that of `model`); saved,
-        logged, returned with the protocol, the model's file, step and epoch."""
+        """Every evaluation of the list the trainer was given, on the current model (that of `model`); logged and
+        returned with the protocol, the model's file, step and epoch.
+
+        metrics.json's `final` is written after each evaluation, so a later one that fails (or a stop signal) loses
+        none of the results before it; an evaluation that fails is recorded under `failed` beside the others, the
+        rest still run, and then the run stops with that failure.
+        """
         context = self.evaluation_context()
+        position = {"eval_protocol": self.args.eval_protocol, "model": model, "step": self.global_step,
+                    "epoch": self.epoch + self.step_in_epoch / self.steps_per_epoch}
         results: dict[str, Any] = {}
+        failed: dict[str, str] = {}
+        first_error: Exception | None = None
         for evaluation in self.evaluations:
-            results.update(evaluation(context))
+            try:
+                results.update(evaluation(context))
+            except TrainingInterrupted:
+                raise
+            except Exception as error:  # noqa: BLE001 - reported beside the other results, raised after them
+                failed[evaluation_name(evaluation)] = _reason(error)
+                first_error = first_error or error
+            self.log.metrics.data["final"] = {**results, **position, **({"failed": failed} if failed else {})}
+            self.log.metrics.save()
         self.method.train()
-        results.update(eval_protocol=self.args.eval_protocol, model=model, step=self.global_step,
-                        epoch=self.epoch + self.step_in_epoch / self.steps_per_epoch)
+        results.update(position)
+        if failed:
+            results["failed"] = failed
         self.log.final(results, self.global_step)
+        if first_error is not None:
+            raise failed_evaluation_error(failed, first_error, self.log.metrics.path)
         return results
+
+
+def evaluation_name(evaluation: Evaluation) -> str:
+    """The name an evaluation is reported under (its function's name)."""
+    return getattr(evaluation, "__name__", type(evaluation).__name__)
+
+
+def failed_evaluation_error(failed: dict[str, str], first_error: Exception, metrics_path: Path) -> Exception:
+    """What a final evaluation that failed raises once the others are saved: one line for a user's error, the error
+    itself (with its traceback) for anything else."""
+    if not isinstance(first_error, UserError):
+        return first_error
+    named = "; ".join(f"{name}: {reason}" for name, reason in failed.items())
+    return UserError(f"final evaluation failed ({named}); the other results are saved in {metrics_path}")

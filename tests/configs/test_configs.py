@@ -173,6 +173,13 @@ def test_a_binary_config_file_is_one_line(tmp_path, capsys):
     ("moco", ["--knn_t", "0"], "--knn_t must be in (0, inf)"),
     ("moco", ["--seed", "-1"], "--seed must be in [0, "),
     ("moco", ["--milestones", "0"], "--milestones are epochs, each at least 1"),
+    ("moco", ["--width", "100000"], "--width must be in [1, 1024] (got 100000)"),
+    ("moco", ["--K", "100000000"], "--K must be in [1, 1048576]"),
+    ("moco", ["--K_dim", "1000000"], "--K_dim must be in [1, 65536]"),
+    ("swav", ["--hidden_mlp", "10000000"], "--hidden_mlp must be in [0, 65536]"),
+    ("swav", ["--feat_dim", "10000000"], "--feat_dim must be in [1, 65536]"),
+    ("swav", ["--nmb_prototypes", "10000000"], "--nmb_prototypes must be in [2, 65536]"),
+    ("swav", ["--queue_length", "100000000"], "--queue_length must be in [0, 1048576]"),
 ])
 def test_impossible_numbers_are_refused_before_anything_runs(tmp_path, capsys, entry, argv, fragment):
     main = run_sflmoco.main if entry == "moco" else run_sflswav.main

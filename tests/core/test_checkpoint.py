@@ -2,6 +2,7 @@
 numbers the code that wrote them printed; MoCo's, whose head predates MocoSFL's heads, are refused in one line."""
 from __future__ import annotations
 
+import copy
 import errno
 import json
 import os
@@ -244,3 +245,48 @@ def test_a_full_disk_inside_torch_save_is_one_line_and_keeps_the_previous_checkp
                                   f"the previous {CHECKPOINT_NAME}, if any, is unchanged")
     assert (run_dir / CHECKPOINT_NAME).read_bytes() == previous
     assert not [path for path in run_dir.iterdir() if path.name.endswith(".tmp")]
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> dict:
+    """The checkpoint of a one-step run (read once for the edited copies below)."""
+    run_dir = tmp_path_factory.mktemp("tiny") / "run"
+    run_sflmoco.main([*FAST, "--max_steps", "1", "--output_dir", str(run_dir)])
+    return load_checkpoint(run_dir / CHECKPOINT_NAME)
+
+
+def _edited(state: dict, edit: str) -> dict:
+    """A copy of `state` with one value a foreign or hand-edited file could hold."""
+    state = copy.deepcopy(state)
+    if edit == "num_client":
+        state["args"]["num_client"] = "four"
+    elif edit == "rng":
+        state["rng"]["numpy"] = ("MT19937", "not a state")
+    elif edit == "metrics":
+        state["metrics"] = 5
+    elif edit == "epoch":
+        state["epoch"] = "one"
+    elif edit == "nan":
+        model = state["clients"]["models"][0]
+        model[next(iter(model))].fill_(float("nan"))
+    return state
+
+
+@pytest.mark.parametrize("edit, how, fragment", [
+    ("num_client", "eval_only", "its option num_client must be a whole number, got 'four'"),
+    ("rng", "resume", "rng.numpy is not a NumPy random state"),
+    ("metrics", "eval_only", "metrics is not a mapping"),
+    ("epoch", "resume", "epoch is 'one', not a count"),
+    ("nan", "eval_only", "holds non-finite weights (clients.models[0]."),
+])
+def test_a_checkpoint_with_values_of_the_wrong_kind_is_one_line(tmp_path, capsys, tiny_checkpoint, edit, how,
+                                                                 fragment):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    path = run_dir / CHECKPOINT_NAME
+    torch.save(_edited(tiny_checkpoint, edit), path)
+    argv = (["--eval_only", "--checkpoint", str(path), "--num_workers", "0"] if how == "eval_only"
+            else [*FAST, "--max_steps", "2", "--output_dir", str(run_dir), "--resume"])
+    code, line = cli_error(run_sflmoco.main, argv, capsys)
+    assert code == 2 and str(path) in line and fragment in line, line
+    assert not (run_dir / "eval_only" / "metrics.json").exists()

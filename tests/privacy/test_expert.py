@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from paths import SHARED
+from paths import FIXTURES, SHARED
 from sfl_helpers import TINY_MOCO, run_moco_with_bottleneck
 
 from configs import parse_args
@@ -85,3 +85,24 @@ def test_a_run_starts_from_an_earlier_runs_clients_and_server(tmp_path) -> None:
     other_cut = parse_args("moco", [*TINY_MOCO, "--cutlayer", "2", "--initialze_path", str(expert)])
     with pytest.raises(UserError, match="that run used --arch ResNet18 --cutlayer 1 --bottleneck_option C4S2"):
         load_initial_weights(other_cut, build_split_model("ResNet18", 2, width=8))
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    ("missing_keys", "is incomplete (no "),
+    ("no_clients", "clients holds no client models"),
+    ("nan", "holds non-finite weights"),
+])
+def test_an_earlier_run_of_a_broken_layout_is_one_line(tmp_path, edit, fragment) -> None:
+    state = load_checkpoint(FIXTURES / "checkpoint_format1_swav.pt")
+    if edit == "missing_keys":
+        state = {"format": state["format"], "args": state["args"]}
+    elif edit == "no_clients":
+        state["clients"]["models"] = []
+    else:
+        model = state["clients"]["models"][0]
+        model[next(iter(model))].fill_(float("nan"))
+    torch.save(state, tmp_path / CHECKPOINT_NAME)
+    args = parse_args("moco", [*TINY_MOCO, "--initialze_path", str(tmp_path)])
+    with pytest.raises(UserError, match="--initialze_path") as refused:
+        load_initial_weights(args, build_split_model("ResNet18", 1, width=8))
+    assert str(tmp_path / CHECKPOINT_NAME) in str(refused.value) and fragment in str(refused.value)

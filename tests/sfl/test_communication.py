@@ -13,6 +13,8 @@ from paths import MOCOSFL_FIXTURES
 from sfl_helpers import client_weights, moco_trainer, swav_trainer, weights_changed
 
 from functions.core.distributed import Runtime
+from functions.core.errors import UserError
+from functions.data.layout import StepLayout
 from functions.sfl import communication
 from functions.sfl.communication import FULL, REPLAY, UPLOAD_ONLY, CommunicationSaving, next_status
 
@@ -132,3 +134,95 @@ def test_communication_saving_resumes_in_its_status(tmp_path, monkeypatch):
     resumed.communication.folder = trainer.communication.folder
     resumed.load_state_dict(state)
     assert resumed.communication.status == REPLAY and resumed.communication.bytes_saved > 0
+
+
+# ------------------------------------------------------------------------------- the replay files
+ROW_SHAPES = ([(4, 2, 2)], [(4, 2, 2)])  # one trainable crop, one momentum crop of 4 x 2 x 2 smashed data
+
+
+class BuildsAnything:
+    """Unpickling this would call print: a crafted file asks for a global the safe load refuses."""
+
+    def __reduce__(self):
+        return print, ("ran",)
+
+
+def _saving(folder: Path) -> CommunicationSaving:
+    return CommunicationSaving(1.0, folder, Runtime(device=torch.device("cpu")), num_client=2,
+                               row_shapes=lambda: ROW_SHAPES)
+
+
+def _keep_step_0(saving: CommunicationSaving) -> None:
+    saving.keep(0, [torch.ones(5, 4, 2, 2)], [torch.zeros(5, 4, 2, 2)], StepLayout.of([0, 1], [2, 3]), 1.0)
+
+
+def test_a_kept_step_replays_as_it_was_written(tmp_path):
+    saving = _saving(tmp_path / "replay_tensors")
+    _keep_step_0(saving)
+    inputs, momentum, layout, share = saving.replayed(0, torch.device("cpu"))
+    assert torch.equal(inputs[0], torch.ones(5, 4, 2, 2)) and torch.equal(momentum[0], torch.zeros(5, 4, 2, 2))
+    assert layout == StepLayout.of([0, 1], [2, 3]) and share == 1.0
+    assert [p.name for p in (tmp_path / "replay_tensors").iterdir()] == ["rank0_step0.pt"]  # no temporary left
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    ("truncated", "Error): it is not what this run kept"),
+    ("crafted", "(UnpicklingError)"),
+    ("not_a_step", "it is not the smashed data of a step"),
+    ("wrong_shape", "its inputs have shape (5, 8, 2, 2), expected (5, 4, 2, 2)"),
+    ("wrong_layout", "its layout names clients beyond this run's 2"),
+    ("integer_rows", "its momentum are not floating-point tensors"),
+    ("link", "(OSError)"),
+])
+def test_a_damaged_replay_file_is_one_line_naming_it(tmp_path, damage, fragment):
+    saving = _saving(tmp_path / "replay_tensors")
+    _keep_step_0(saving)
+    path = tmp_path / "replay_tensors" / "rank0_step0.pt"
+    kept = torch.load(path, weights_only=True)
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif damage == "crafted":
+        torch.save({"inputs": BuildsAnything()}, path)
+    elif damage == "not_a_step":
+        torch.save([torch.ones(2)], path)
+    elif damage == "link":
+        outside = tmp_path / "elsewhere.pt"
+        path.rename(outside)
+        path.symlink_to(outside)
+    else:
+        if damage == "wrong_shape":
+            kept["inputs"] = [torch.ones(5, 8, 2, 2)]
+        elif damage == "wrong_layout":
+            kept["layout"] = [[0, 7], [2, 3], [0, 7], [2, 3]]
+        else:
+            kept["momentum"] = [torch.zeros(5, 4, 2, 2, dtype=torch.int64)]
+        torch.save(kept, path)
+    with pytest.raises(UserError, match="--loss_threshold: cannot replay") as refused:
+        saving.replayed(0, torch.device("cpu"))
+    assert str(path) in str(refused.value) and fragment in str(refused.value)
+
+
+def test_replay_files_are_never_written_through_a_link(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "replay_tensors").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(UserError, match="replay_tensors is a symbolic link"):
+        _keep_step_0(_saving(run_dir / "replay_tensors"))
+    assert not any(outside.iterdir())
+    # A link in place of a file is replaced by the file; what it pointed to stays as it was.
+    (run_dir / "replay_tensors").unlink()
+    (run_dir / "replay_tensors").mkdir()
+    target = outside / "target.pt"
+    target.write_bytes(b"someone else's file")
+    (run_dir / "replay_tensors" / "rank0_step0.pt").symlink_to(target)
+    _keep_step_0(_saving(run_dir / "replay_tensors"))
+    assert target.read_bytes() == b"someone else's file"
+    assert not (run_dir / "replay_tensors" / "rank0_step0.pt").is_symlink()
+
+
+def test_a_replay_folder_that_cannot_be_written_is_one_line(tmp_path):
+    (tmp_path / "replay_tensors").write_text("a file where the folder should be")
+    with pytest.raises(UserError, match="--loss_threshold: cannot write .*replay_tensors"):
+        _keep_step_0(_saving(tmp_path / "replay_tensors"))

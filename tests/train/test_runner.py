@@ -50,3 +50,14 @@ def test_torchrun_prints_a_bad_option_once(tmp_path):
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert errors == ["error: unrecognized arguments: --no_such_option (see run_sflmoco.py --help)"], result.stderr
+
+
+def test_a_new_run_refuses_a_best_checkpoint_it_did_not_write(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "checkpoint_best.pt").write_bytes(b"another run's best epoch")
+    argv = [*FAST, "--max_steps", "1", "--eval_protocol", "mocosfl", "--eval_freq", "1", "--output_dir", str(run_dir)]
+    code, line = cli_error(run_sflmoco.main, argv, capsys)
+    assert code == 2 and f"{run_dir / 'checkpoint_best.pt'} is left from an earlier run" in line
+    assert (run_dir / "checkpoint_best.pt").read_bytes() == b"another run's best epoch"
+    assert not (run_dir / CHECKPOINT_NAME).exists()

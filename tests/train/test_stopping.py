@@ -178,3 +178,71 @@ def test_a_signal_outside_training_says_what_was_saved(tmp_path, where, name):
                                    f"complete and saved in {checkpoint} (step 2)")
         assert f"run_sflmoco.py --eval_only --checkpoint {checkpoint}" in lines[0]
         assert load_checkpoint(checkpoint)["global_step"] == 2
+
+
+SLOW_SCHEDULE = """
+import sys, time
+sys.path.insert(0, {repo!r})
+import run_sflmoco
+from functions.data import loaders
+from functions.core.errors import run_cli
+
+marker = sys.argv[1]
+real_plan = loaders.FederatedSchedule.step_plan
+
+def slow_plan(self, *args, **kwargs):
+    open(marker, "a").close()
+    time.sleep(0.2)  # each step's plan is slow: an epoch's whole schedule would take hours to build
+    return real_plan(self, *args, **kwargs)
+
+loaders.FederatedSchedule.step_plan = slow_plan
+run_cli(lambda: run_sflmoco.main(sys.argv[2:]))
+"""
+STOP_WITHIN_S = 15
+
+
+def test_sigterm_while_the_schedule_is_read_stops_within_seconds(tmp_path):
+    script = tmp_path / "slow_schedule.py"
+    script.write_text(SLOW_SCHEDULE.format(repo=str(REPO_ROOT)))
+    marker = tmp_path / "planning"
+    run_dir = tmp_path / "run"
+    # --local_epoch 1000: 21,000 steps an epoch, whose plans the loader must not build before the first step.
+    child = subprocess.Popen([sys.executable, str(script), str(marker), *FAST, "--scheme", "fl", "--local_epoch",
+                              "1000", "--output_dir", str(run_dir)], cwd=REPO_ROOT, env=entry_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + SUBPROCESS_TIMEOUT_S
+    while not marker.exists():
+        if child.poll() is not None or time.monotonic() > deadline:
+            child.kill()
+            raise AssertionError(f"the run never read its schedule: {child.communicate()}")
+        time.sleep(0.05)
+    child.send_signal(signal.SIGTERM)
+    try:
+        _, stderr = child.communicate(timeout=STOP_WITHIN_S)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.communicate()
+        raise AssertionError(f"still running {STOP_WITHIN_S} s after SIGTERM") from None
+    assert child.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "Traceback" not in stderr and "interrupted: SIGTERM received: stopped after step" in stderr
+    assert load_checkpoint(run_dir / CHECKPOINT_NAME)["global_step"] <= 2
+
+
+def test_sigterm_during_the_knn_monitor_cuts_it_short_and_saves(tmp_path, monkeypatch):
+    from functions.train import trainer as simulator
+
+    trainer = moco_trainer(tmp_path, "--client_exec", "loop", "--num_client", "2", "--batch_size", "8",
+                           "--eval_freq", "1")
+
+    def slow_monitor(context):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(20)  # a monitor over a large memory set
+        return {"knn_acc": 0.0}
+
+    monkeypatch.setattr(simulator, "knn_evaluation", slow_monitor)
+    started = time.monotonic()
+    with trainer.stop, pytest.raises(TrainingInterrupted, match="SIGTERM received: stopped after step 0"):
+        trainer.train()
+    assert time.monotonic() - started < 10
+    assert load_checkpoint(tmp_path / CHECKPOINT_NAME)["global_step"] == 0
+    assert trainer.method.server.training  # the monitor's eval mode did not outlive it

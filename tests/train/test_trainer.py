@@ -200,3 +200,39 @@ def test_resuming_a_checkpoint_of_step_zero_logs_the_first_knn_once(tmp_path):
     resumed.train()
     knn = json.loads((tmp_path / "metrics.json").read_text())["knn_acc"]
     assert [epoch for epoch, _ in knn] == [0]
+
+
+def _first(context) -> dict:
+    return {"first": 1.0}
+
+
+def _broken(context) -> dict:
+    raise UserError("--aux_data: no such images")
+
+
+def _stopped(context) -> dict:
+    raise TrainingInterrupted("SIGTERM received during the final evaluation", signal.SIGTERM)
+
+
+def _last(context) -> dict:
+    return {"last": 2.0}
+
+
+def test_a_failing_final_evaluation_is_reported_beside_the_others(tmp_path):
+    trainer = moco_trainer(tmp_path, "--client_exec", "loop", "--num_client", "2", "--batch_size", "8")
+    trainer.evaluations = [_first, _broken, _last]
+    with pytest.raises(UserError, match=r"final evaluation failed \(_broken: --aux_data: no such images\); the other "
+                                        r"results are saved in .*metrics.json"):
+        trainer.final_evaluation()
+    final = json.loads((tmp_path / "metrics.json").read_text())["final"]
+    assert final["first"] == 1.0 and final["last"] == 2.0 and final["model"] == CHECKPOINT_NAME
+    assert final["failed"] == {"_broken": "--aux_data: no such images"}
+
+
+def test_results_are_saved_before_a_later_evaluation_is_stopped(tmp_path):
+    trainer = moco_trainer(tmp_path, "--client_exec", "loop", "--num_client", "2", "--batch_size", "8")
+    trainer.evaluations = [_first, _stopped, _last]
+    with pytest.raises(TrainingInterrupted):
+        trainer.final_evaluation()
+    final = json.loads((tmp_path / "metrics.json").read_text())["final"]
+    assert final["first"] == 1.0 and "last" not in final and final["step"] == 0
