@@ -15,9 +15,12 @@ from __future__ import annotations
 import argparse
 import csv
 import ctypes
+import hashlib
+import io
 import itertools
 import json
 import math
+import re
 import shlex
 import signal
 import subprocess
@@ -30,9 +33,10 @@ from typing import Any, Sequence
 import yaml
 
 from configs import build_parser as build_run_parser
-from configs import load_config_file
+from configs import check_option_values, load_config_file, parse_args_with_config
 from functions.core.checkpoint import CHECKPOINT_NAME
 from functions.core.errors import UserError, run_cli
+from functions.core.files import RunFolderLock, write_atomic, write_text_atomic
 from functions.methods.registry import method_class, method_names
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -40,6 +44,12 @@ JOB_CONFIG_NAME = "sweep_config.yaml"
 CONSOLE_NAME = "console.log"
 # Final figures that describe the run rather than measure it.
 NOT_FIGURES = {"step", "epoch"}
+# Options the sweep sets itself for every run (or that make no sense across runs): --set and --vary refuse them.
+SWEEP_OWNED_OPTIONS = {"seed": "--seeds", "output_dir": "--output_dir", "resume": "rerunning the sweep command",
+                       "checkpoint": "a single run", "eval_only": "a single run", "config": "--presets"}
+# A folder name part: letters, digits and these; anything else becomes "-".
+FOLDER_NAME_CHARACTERS = re.compile(r"[^A-Za-z0-9._-]")
+MAX_GROUP_NAME = 100
 
 
 @dataclass(frozen=True)
@@ -78,14 +88,32 @@ def parse_value(text: str) -> Any:
 
 
 def parse_assignments(items: Sequence[str], flag: str) -> dict[str, Any]:
-    """KEY=VALUE pairs of --set / --vary, in order."""
+    """KEY=VALUE pairs of --set / --vary, in order; a key the sweep sets itself, or given twice, is refused."""
     values: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
+        key = key.lstrip("-")
         if not sep or not key:
             raise UserError(f"{flag} {item!r}: write KEY=VALUE, e.g. {flag} num_epoch=10")
-        values[key.lstrip("-")] = parse_value(value)
+        if key in SWEEP_OWNED_OPTIONS:
+            raise UserError(f"{flag} {key}: the sweep sets {key} for each run; use {SWEEP_OWNED_OPTIONS[key]}")
+        if key in values:
+            raise UserError(f"{flag} gives {key} twice; give it once")
+        values[key] = parse_value(value)
     return values
+
+
+def check_variants(vary: dict[str, Any], common: dict[str, Any]) -> None:
+    """Each --vary a non-empty list of distinct values, of an option --set does not also fix."""
+    for key, values in vary.items():
+        if not isinstance(values, list) or not values:
+            raise UserError(f"--vary {key}: give a list of values, e.g. --vary {key}=[1,2]")
+        repeated = next((value for index, value in enumerate(values) if value in values[:index]), None)
+        if repeated is not None or len({json.dumps(value, sort_keys=True) for value in values}) < len(values):
+            raise UserError(f"--vary {key} lists {repeated!r} twice: each variant would run (and count) twice; "
+                            "list each value once")
+        if key in common:
+            raise UserError(f"--vary {key} and --set {key} both give {key}; keep one")
 
 
 def preset_method(path: Path) -> str:
@@ -122,21 +150,40 @@ def build_jobs(presets: Sequence[str], seeds: Sequence[int], common: dict[str, A
         if path.stem in stems:
             raise UserError(f"two presets are named {path.stem}; their runs would share a folder")
         stems.add(path.stem)
-        preset = load_config_file(str(path), build_run_parser(method))
+        parser = build_run_parser(method)
+        preset = load_config_file(str(path), parser)
+        check_option_values(common, parser, f"--set (preset {path})")
         for variant in variants:
+            check_option_values(variant, parser, f"--vary (preset {path})")
             options = {**preset, **common, **variant}
+            # A preset written for single runs may name its seed or folder: the sweep sets both.
             options.pop("seed", None)
             options.pop("output_dir", None)
-            group = path.stem + "".join(f"_{key}{_compact(value)}" for key, value in variant.items())
+            group = group_name(path.stem, variant)
             for seed in seeds:
                 jobs.append(Job(path, method, group, options, seed, output_dir / group / f"seed{seed}"))
+    folders: set[Path] = set()
+    for job in jobs:
+        if job.folder in folders:
+            raise UserError(f"two runs of the sweep would share the folder {job.folder}; give presets and variant "
+                            "values that differ in letters or digits")
+        folders.add(job.folder)
     return jobs
+
+
+def group_name(stem: str, variant: dict[str, Any]) -> str:
+    """The folder name of a preset's variant: only letters, digits, '.', '-' and '_', never hidden, never too long."""
+    text = stem + "".join(f"_{key}{_compact(value)}" for key, value in variant.items())
+    name = FOLDER_NAME_CHARACTERS.sub("-", text).lstrip(".") or "preset"
+    if len(name) > MAX_GROUP_NAME:
+        name = f"{name[:MAX_GROUP_NAME - 9]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    return name
 
 
 def _compact(value: Any) -> str:
     """A value as a short folder-name part."""
     text = "-".join(map(str, value)) if isinstance(value, list) else str(value)
-    return "".join(character if character.isalnum() or character in ".-" else "-" for character in text)
+    return FOLDER_NAME_CHARACTERS.sub("-", text)
 
 
 def job_state(job: Job) -> str:
@@ -151,17 +198,62 @@ def job_state(job: Job) -> str:
     return "resume" if (job.folder / CHECKPOINT_NAME).is_file() else "start"
 
 
+def check_run_options(job: Job) -> None:
+    """The run's whole option set parsed and checked as its entry script will (one line naming the run otherwise)."""
+    argv = ["--seed", str(job.seed), "--output_dir", str(job.folder)]
+    try:
+        parse_args_with_config(job.method, build_run_parser(job.method), dict(job.options), argv)
+    except UserError as error:
+        raise UserError(f"run {job.name}: {error}") from None
+
+
+def saved_options(job: Job) -> dict[str, Any] | None:
+    """The options a run folder was made with (its sweep_config.yaml), None when it has none yet."""
+    path = job.folder / JOB_CONFIG_NAME
+    if not path.is_file():
+        return None
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        reason = (str(error).splitlines() or [type(error).__name__])[0]
+        raise UserError(f"{path} is not a sweep config the sweep wrote ({reason}); delete {job.folder} or choose "
+                        "another --output_dir") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{path} is not a sweep config the sweep wrote (no option: value lines); delete {job.folder} "
+                        "or choose another --output_dir")
+    return values
+
+
+def check_folder(job: Job) -> None:
+    """A run folder made with other options (finished or not) is refused: its figures would be reported as this
+    sweep's. The fix is the user's: another --output_dir, or the folder deleted to run it again."""
+    saved = saved_options(job)
+    if saved is None or saved == job.options:
+        return
+    key = next(key for key in sorted(set(saved) | set(job.options), key=str) if saved.get(key) != job.options.get(key))
+    finished = "a finished run" if job_state(job) == "done" else "a run"
+    raise UserError(f"{job.folder} holds {finished} made with other options ({key}: {saved.get(key)!r} there, "
+                    f"{job.options.get(key)!r} now); choose another --output_dir, or delete that folder to run it "
+                    "again")
+
+
 def write_job_config(job: Job) -> Path:
     """The job's config file (the preset with the sweep's values); a folder made with other values is refused."""
-    job.folder.mkdir(parents=True, exist_ok=True)
+    check_folder(job)
+    make_folder(job.folder)
     path = job.folder / JOB_CONFIG_NAME
-    text = f"# {job.preset} with the sweep's values (python -m functions.train.sweep)\n" + yaml.safe_dump(
-        job.options, sort_keys=True)
-    if path.is_file() and yaml.safe_load(path.read_text()) != job.options:
-        raise UserError(f"{job.folder} holds a run made with other options ({path}); keep the sweep's options or "
-                        "choose another --output_dir")
-    path.write_text(text)
+    write_text_atomic(path, f"# {job.preset} with the sweep's values (python -m functions.train.sweep)\n"
+                      + yaml.safe_dump(job.options, sort_keys=True))
     return path
+
+
+def make_folder(folder: Path) -> None:
+    """mkdir -p, a folder that cannot be made being one line."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot make the folder {folder} ({error.strerror or error}); choose another "
+                        "--output_dir") from None
 
 
 def job_command(job: Job, config: Path, resume: bool, nproc_per_node: int) -> list[str]:
@@ -174,6 +266,15 @@ def job_command(job: Job, config: Path, resume: bool, nproc_per_node: int) -> li
 
 
 # ------------------------------------------------------------------------------------------ running them
+def open_console(job: Job) -> io.TextIOWrapper:
+    """The run's console.log, to append to."""
+    try:
+        return open(job.folder / CONSOLE_NAME, "a", encoding="utf-8")
+    except OSError as error:
+        raise UserError(f"cannot write {job.folder / CONSOLE_NAME} ({error.strerror or error}); choose another "
+                        "--output_dir") from None
+
+
 def _die_with_parent() -> None:
     """In the child: receive SIGTERM when the sweep process dies (even by SIGKILL), so it saves and stops."""
     try:
@@ -211,7 +312,7 @@ class SweepRunner:
                 print(f"[{index}/{len(jobs)}] {job.name}: {'resuming' if state == 'resume' else 'starting'} "
                       f"(log {job.folder / CONSOLE_NAME})", flush=True)
                 started = time.monotonic()
-                with open(job.folder / CONSOLE_NAME, "a", encoding="utf-8") as console:
+                with open_console(job) as console:
                     console.write(f"$ {shlex.join(command)}\n")
                     console.flush()
                     # Its own session: a Ctrl-C reaches the run once, through the sweep.
@@ -293,17 +394,13 @@ def _markdown_row(cells: Sequence[str]) -> str:
 def write_results(output_dir: Path, results: Sequence[JobResult], command: str) -> None:
     """results.md, results.csv, runs.csv and one knn.png per group."""
     figures, rows = summarise(results)
-    with open(output_dir / "results.csv", "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["preset", "method", "runs", "seeds",
-                                                    *(f"{f}_{s}" for f in figures for s in ("mean", "std"))])
-        writer.writeheader()
-        writer.writerows(rows)
-    with open(output_dir / "runs.csv", "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["preset", "method", "seed", "status", *figures, "folder"])
-        writer.writeheader()
-        for result in results:
-            writer.writerow({"preset": result.job.group, "method": result.job.method, "seed": result.job.seed,
-                             "status": result.error or "finished", **result.final, "folder": str(result.job.folder)})
+    write_text_atomic(output_dir / "results.csv", csv_text(
+        ["preset", "method", "runs", "seeds", *(f"{f}_{s}" for f in figures for s in ("mean", "std"))], rows))
+    write_text_atomic(output_dir / "runs.csv", csv_text(
+        ["preset", "method", "seed", "status", *figures, "folder"],
+        [{"preset": result.job.group, "method": result.job.method, "seed": result.job.seed,
+          "status": result.error or "finished", **result.final, "folder": str(result.job.folder)}
+         for result in results]))
     lines = ["# Sweep results", "", f"`{command}`", "",
              "Mean ± sample standard deviation over the finished seeds. Figures named `_test_selected` come from "
              "`--eval_protocol mocosfl` (best test epoch, MocoSFL's protocol); the others never looked at the test "
@@ -312,9 +409,18 @@ def write_results(output_dir: Path, results: Sequence[JobResult], command: str) 
     for row in rows:
         lines.append(_markdown_row([row["preset"], row["method"], row["runs"],
                                     *(_cell(row[f"{figure}_mean"], row[f"{figure}_std"]) for figure in figures)]))
-    (output_dir / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text_atomic(output_dir / "results.md", "\n".join(lines) + "\n")
     for group in dict.fromkeys(result.job.group for result in results):
         plot_knn(output_dir / group / "knn.png", group, [result for result in results if result.job.group == group])
+
+
+def csv_text(fieldnames: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:
+    """A CSV file's text: a header and the rows."""
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=list(fieldnames))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
 
 
 def plot_knn(path: Path, title: str, results: Sequence[JobResult]) -> None:
@@ -340,8 +446,8 @@ def plot_knn(path: Path, title: str, results: Sequence[JobResult]) -> None:
     axes.grid(alpha=0.3)
     if curves:
         axes.legend(fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100, bbox_inches="tight")
+    make_folder(path.parent)
+    write_atomic(path, lambda stream: figure.savefig(stream, format="png", dpi=100, bbox_inches="tight"))
 
 
 # ------------------------------------------------------------------------------------------------ command
@@ -370,20 +476,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"--nproc_per_node must be at least 1, got {args.nproc_per_node}")
     if len(set(args.seeds)) != len(args.seeds):
         raise UserError(f"--seeds lists a seed twice: {args.seeds}")
+    common = parse_assignments(args.common, "--set")
     vary = parse_assignments(args.vary, "--vary")
-    for key, values in vary.items():
-        if not isinstance(values, list) or not values:
-            raise UserError(f"--vary {key}: give a list of values, e.g. --vary {key}=[1,2]")
+    check_variants(vary, common)
     output_dir = Path(args.output_dir)
-    jobs = build_jobs(args.presets, args.seeds, parse_assignments(args.common, "--set"), vary, output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    command = shlex.join(["python", "-m", "functions.train.sweep", *(sys.argv[1:] if argv is None else argv)])
-    runner = SweepRunner(args.nproc_per_node)
-    if not args.summarise_only:
-        print(f"sweep: {len(jobs)} runs in {output_dir}", flush=True)
-        runner.run(jobs)
-    results = [collect(job) for job in jobs]
-    write_results(output_dir, results, command)
+    jobs = build_jobs(args.presets, args.seeds, common, vary, output_dir)
+    for job in jobs:  # every run's options, before the first run starts
+        check_run_options(job)
+    make_folder(output_dir)
+    lock = RunFolderLock(output_dir)
+    lock.acquire()
+    try:
+        for job in jobs:
+            check_folder(job)
+        command = shlex.join(["python", "-m", "functions.train.sweep", *(sys.argv[1:] if argv is None else argv)])
+        runner = SweepRunner(args.nproc_per_node)
+        if not args.summarise_only:
+            print(f"sweep: {len(jobs)} runs in {output_dir}", flush=True)
+            runner.run(jobs)
+        results = [collect(job) for job in jobs]
+        write_results(output_dir, results, command)
+    finally:
+        lock.release()
     print((output_dir / "results.md").read_text(), flush=True)
     if runner.stopped_by is not None:
         print(f"sweep stopped by signal {runner.stopped_by}; run the same command to continue", file=sys.stderr)
