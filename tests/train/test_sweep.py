@@ -16,7 +16,8 @@ import pytest
 from paths import REPO_ROOT
 
 from functions.core.errors import UserError
-from functions.train.sweep import Job, build_jobs, main, mean_std, parse_assignments, preset_method
+from functions.train.sweep import main, mean_std
+from functions.train.sweep_jobs import Job, build_jobs, parse_assignments, preset_method
 
 TINY_COMMON = """dataset: synthetic
 arch: ResNet18
@@ -106,7 +107,7 @@ def test_sweep_options_make_one_job_per_preset_variant_and_seed(tmp_path: Path) 
     assert jobs[0].folder == tmp_path / "out" / "tiny_moco_cutlayer1" / "seed3"
     assert preset_method(Path(files[0])) == "moco" and preset_method(Path(files[1])) == "swav"
     assert preset_method(REPO_ROOT / "configs" / "swav_cpu.yaml") == "swav"
-    from functions.train.sweep import job_command
+    from functions.train.sweep_jobs import job_command
 
     plain = job_command(jobs[0], Path("c.yaml"), resume=False, nproc_per_node=1)
     assert plain[1].endswith("run_sflmoco.py") and plain[-4:] == ["--seed", "3", "--output_dir", str(jobs[0].folder)]
@@ -136,7 +137,7 @@ def test_mean_and_sample_std() -> None:
 def test_a_folder_made_with_other_options_is_refused(tmp_path: Path) -> None:
     files = presets(tmp_path)
     [job] = build_jobs(files[:1], [0], {}, {}, tmp_path / "out")
-    from functions.train.sweep import write_job_config
+    from functions.train.sweep_jobs import write_job_config
 
     write_job_config(job)
     [changed] = build_jobs(files[:1], [0], {"num_epoch": 9}, {}, tmp_path / "out")
@@ -164,7 +165,7 @@ def test_sweep_stops_its_run_on_sigterm_and_says_how_to_continue(tmp_path: Path)
 
 def finish_fake_run(job: Job, knn_acc: float = 50.0) -> None:
     """A run folder as a finished run leaves it (its sweep_config.yaml and final figures), without training."""
-    from functions.train.sweep import write_job_config
+    from functions.train.sweep_jobs import write_job_config
 
     write_job_config(job)
     (job.folder / "metrics.json").write_text(json.dumps({"knn_acc": [[0, 10.0], [1, knn_acc]],
@@ -243,7 +244,7 @@ def test_run_folder_names_stay_inside_the_sweep_folder(tmp_path: Path) -> None:
     for job in jobs:
         assert job.folder.parent.parent == tmp_path / "out" and job.folder.resolve().is_relative_to(tmp_path / "out")
         assert re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", job.group), job.group
-    from functions.train.sweep import group_name
+    from functions.train.sweep_jobs import group_name
 
     assert len(group_name("p", {"milestones": list(range(200))})) <= 100
     with pytest.raises(UserError, match="unknown option '../x'"):
