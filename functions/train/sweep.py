@@ -24,9 +24,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from functions.core.checkpoint import CHECKPOINT_NAME
 from functions.core.errors import UserError, run_cli
@@ -48,6 +49,7 @@ from functions.train.sweep_jobs import (
 )
 from functions.train.sweep_slurm import (
     SlurmOptions,
+    note_state,
     require_slurm,
     require_submitit,
     sbatch_script,
@@ -336,6 +338,7 @@ def launch_on_slurm(options: SlurmOptions, jobs: Sequence[Job], output_dir: Path
         elif status.state == "done":
             outcome = "done before, kept"
         else:
+            note_state(job, status)
             outcome = f"{status.state} as job {status.job_id}, not submitted again"
         print(f"[{index + 1}/{len(jobs)}] {job.name}: {outcome}", flush=True)
     print(f"sweep: {len(submitted)} runs submitted; run the same command again to resubmit failed runs, add --status "

@@ -31,6 +31,7 @@ SWEEP_OWNED_OPTIONS = {"seed": "--seeds", "output_dir": "--output_dir", "resume"
                        "checkpoint": "a single run", "eval_only": "a single run", "config": "--presets"}
 # A folder name part: letters, digits and these; anything else becomes "-".
 FOLDER_NAME_CHARACTERS = re.compile(r"[^A-Za-z0-9._-]")
+VALUE_NAME_CHARACTERS = re.compile(r"[^A-Za-z0-9.-]")
 MAX_GROUP_NAME = 100
 
 
@@ -155,7 +156,7 @@ def group_name(stem: str, variant: dict[str, Any]) -> str:
 def _compact(value: Any) -> str:
     """A value as a short folder-name part."""
     text = "-".join(map(str, value)) if isinstance(value, list) else str(value)
-    return FOLDER_NAME_CHARACTERS.sub("-", text)
+    return VALUE_NAME_CHARACTERS.sub("-", text)  # "_" too: it separates the options in the name
 
 
 def job_state(job: Job) -> str:

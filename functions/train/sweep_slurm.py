@@ -159,7 +159,16 @@ def read_record(job: Job) -> dict[str, Any] | None:
 
 def write_record(job: Job, job_id: str) -> None:
     """Keep the job id in the run folder: the next sweep command looks it up instead of submitting again."""
-    write_text_atomic(job.folder / RECORD_NAME, json.dumps({"job_id": job_id, "submitted": time.time()}) + "\n")
+    write_text_atomic(job.folder / RECORD_NAME, json.dumps({"job_id": job_id, "submitted": time.time(),
+                                                            "state": "SUBMITTED"}) + "\n")
+
+
+def note_state(job: Job, status: RunStatus) -> None:
+    """Keep the job's state as Slurm last reported it beside its id (for a reader of the folder; never trusted)."""
+    record = read_record(job)
+    if record is not None and status.slurm_state and record.get("state") != status.slurm_state:
+        record.update(state=status.slurm_state, checked=time.time())
+        write_text_atomic(job.folder / RECORD_NAME, json.dumps(record) + "\n")
 
 
 def job_states(job_ids: Sequence[str]) -> dict[str, str]:
