@@ -8,12 +8,14 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import fake_slurm
 import pytest
+from paths import REPO_ROOT
 
 from functions.core.checkpoint import CHECKPOINT_NAME
 from functions.core.errors import UserError
@@ -21,14 +23,15 @@ from functions.train.sweep import main
 from functions.train.sweep_job import CHECKPOINT_FILE, SweepJobCall, launcher_command
 from run_sflmoco import main as run_moco
 
+# Tiny runs (4 steps an epoch, no kNN monitor, no linear probe): each process costs mostly its imports.
 TINY = """dataset: synthetic
 arch: ResNet18
 width: 2
 num_client: 2
 batch_size: 8
 data_proportion: 0.25
-num_epoch: 2
-eval_freq: 1
+num_epoch: 3
+eval_freq: 0
 skip_linear: true
 num_workers: 0
 knn_k: 5
@@ -184,3 +187,37 @@ def test_a_launcher_that_is_not_there_is_one_line(tmp_path: Path, monkeypatch: p
     with pytest.raises(UserError, match=r"^--launcher slurm needs submitit: pip install submitit"):
         main([*command, "--launcher", "slurm"])
     assert main([*command, "--status"]) == 0  # the local launcher needs neither
+
+
+# A stand-in run: says it started, saves on SIGTERM (as the training loop does) and exits 128 + 15.
+STAND_IN_RUN = """
+import pathlib, signal, sys, time
+folder = pathlib.Path(sys.argv[sys.argv.index("--output_dir") + 1])
+def save(signum, frame):
+    (folder / "checkpoint_last.pt").write_text("saved")
+    sys.exit(128 + signum)
+signal.signal(signal.SIGTERM, save)
+(folder / "started").write_text(" ".join(sys.argv[1:]))
+time.sleep(60)
+"""
+
+
+def test_a_job_stopped_by_sigterm_saves_and_requeues_itself(tmp_path: Path, cluster: Path) -> None:
+    fake_slurm.set_state("7", "RUNNING")
+    run_folder = tmp_path / "run"
+    run_folder.mkdir()
+    call = SweepJobCall(["-c", STAND_IN_RUN, "--output_dir", str(run_folder)], str(run_folder))
+    job = subprocess.Popen([sys.executable, "-c", f"from functions.train.sweep_job import SweepJobCall\n{call!r}()"],
+                           env={**os.environ, "SLURM_JOB_ID": "7", "PYTHONPATH": str(REPO_ROOT)},
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 30
+    while not (run_folder / "started").is_file():
+        assert job.poll() is None and time.monotonic() < deadline, job.stdout.read()
+        time.sleep(0.02)
+    job.send_signal(signal.SIGTERM)  # pre-emption: Slurm signals the job
+    out, _ = job.communicate(timeout=30)
+    assert job.returncode == 255 and "checkpoint saved, job 7 requeued" in out, out
+    assert (run_folder / CHECKPOINT_FILE).read_text() == "saved"
+    assert "scontrol requeue 7" in (cluster / "calls.log").read_text()
+    assert "--resume" not in (run_folder / "started").read_text()
+    assert call.command({}, resume=True)[-1] == "--resume"  # what the requeued job runs, the checkpoint being there
