@@ -286,7 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-SLURM_ONLY = ("slurm_partition", "gpus_per_run", "nodes_per_run", "slurm_array_parallelism", "slurm_extra", "dry_run")
+# Options that only the Slurm launcher reads: given with --launcher local, they are refused rather than ignored.
+SLURM_ONLY = ("slurm_partition", "slurm_time", "gpus_per_run", "nodes_per_run", "slurm_array_parallelism",
+              "slurm_extra", "dry_run")
 
 
 def check_launcher_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> SlurmOptions | None:
@@ -312,8 +314,7 @@ def print_status(jobs: Sequence[Job]) -> None:
 
 def print_dry_run(options: SlurmOptions, jobs: Sequence[Job], output_dir: Path) -> None:
     """The runs that would be submitted, their commands and the sbatch script."""
-    pending = [(job, status) for job, status in zip(jobs, statuses(jobs)) if status.state != "done"
-               and not status.active]
+    pending = [(job, status) for job, status in zip(jobs, statuses(jobs)) if status.to_submit]
     print(f"would submit {len(pending)} of {len(jobs)} runs" + (" as one job array" if len(pending) > 1 else ""))
     for job, status in pending:
         call = options.call(job, job.folder / JOB_CONFIG_NAME, sys.executable)
@@ -327,7 +328,7 @@ def launch_on_slurm(options: SlurmOptions, jobs: Sequence[Job], output_dir: Path
     """Submit every run that is neither finished nor queued or running; say what became of each."""
     require_slurm()
     current = statuses(jobs)
-    pending = [index for index, status in enumerate(current) if status.state != "done" and not status.active]
+    pending = [index for index, status in enumerate(current) if status.to_submit]
     submitted = dict(zip(pending, submit(options, [jobs[index] for index in pending], output_dir, sys.executable,
                                          output_dir.name or "sweep"))) if pending else {}
     for index, (job, status) in enumerate(zip(jobs, current)):

@@ -51,7 +51,6 @@ class Job:
         return f"{self.group} seed {self.seed}"
 
 
-
 def parse_value(text: str) -> Any:
     """An option value given as KEY=VALUE, read as YAML (numbers, true/false, [lists]) like a preset's."""
     try:

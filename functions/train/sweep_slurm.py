@@ -204,6 +204,11 @@ class RunStatus:
         """Queued or running on the cluster: not to be submitted again."""
         return self.state in ("queued", "running")
 
+    @property
+    def to_submit(self) -> bool:
+        """Neither finished nor queued or running: the launcher submits it."""
+        return self.state != "done" and not self.active
+
     def describe(self) -> str:
         """One line for --status."""
         job = f"job {self.job_id}" + (f", {self.slurm_state}" if self.slurm_state and not self.active else "")
