@@ -23,6 +23,7 @@ from functions.data.loaders import (
     StepBatch,
     check_image_array,
     check_mean_std,
+    worker_user_error,
 )
 from functions.data.views import BLUR_SIGMA, SIGMA_FOLLOWING_BLUR, ViewSpec
 
@@ -244,14 +245,21 @@ class TorchTrainLoader:
         self, plans: list[list[tuple[int, np.ndarray, np.ndarray]]], loader: DataLoader
     ) -> Iterator[StepBatch]:
         """Pair each collated step with its plan's client layout; move it to the device when one is set."""
-        for plan, crops in zip(plans, loader):
-            batch = StepBatch(
-                crops=crops,
-                client_ids=[client for client, _, _ in plan],
-                rows_per_client=[len(indices) for _, indices, _ in plan],
-                sample_indices=torch.from_numpy(np.concatenate([indices for _, indices, _ in plan])),
-            )
-            yield batch.to(self.device) if self.device is not None else batch
+        try:
+            for plan, crops in zip(plans, loader):
+                yield self._step_batch(plan, crops)
+        except UserError as error:
+            raise worker_user_error(error) from None
+
+    def _step_batch(self, plan: list[tuple[int, np.ndarray, np.ndarray]], crops: list[torch.Tensor]) -> StepBatch:
+        """One collated step with its plan's client layout, on the device when one is set."""
+        batch = StepBatch(
+            crops=crops,
+            client_ids=[client for client, _, _ in plan],
+            rows_per_client=[len(indices) for _, indices, _ in plan],
+            sample_indices=torch.from_numpy(np.concatenate([indices for _, indices, _ in plan])),
+        )
+        return batch.to(self.device) if self.device is not None else batch
 
 
 def build_torch_loaders(

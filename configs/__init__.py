@@ -28,6 +28,7 @@ from functions.core.files import write_text_atomic
 from functions.data.datasets import dataset_entry, dataset_names, resolved_entry
 from functions.data.partition import add_partition_arguments, parse_hetero_string, resolve_partition_method
 from functions.methods.registry import method_class
+from functions.net.options import NETWORK_OPTIONS, add_network_arguments, check_network_options
 from functions.privacy.defences import RESSFL_DEFENCE, selected_defences
 from functions.sfl.fedavg_rules import selected_fedavg_rule
 from models.bottleneck import parse_bottleneck_option
@@ -46,7 +47,7 @@ RUNTIME_OPTIONS = frozenset({
     "attack", "MIA_arch", "aux_data", "aux_images", "attack_epochs", "attack_client", "attack_images",
     "attack_protocol", "attack_data_proportion",
     "channels_last", "cudnn_benchmark",
-})
+}) | NETWORK_OPTIONS
 
 
 class OptionParser(argparse.ArgumentParser):
@@ -144,6 +145,7 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     sfl.add_argument("--local_epoch", type=int, default=5,
                      help="--scheme fl: passes over its data each client makes per epoch")
     add_partition_arguments(parser)
+    add_network_arguments(parser.add_argument_group("real clients over the network (docs/devices.md)"))
 
     model = parser.add_argument_group("model")
     model.add_argument("--arch", type=str, default="ResNet18",
@@ -366,6 +368,7 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
         parse_hetero_string(args.hetero_string)
     check_cutlayer(args.arch, args.cutlayer)
     method_class(args.method).check_args(args)
+    check_network_options(args)
     if args.cos is None:
         args.cos = False
     return args
@@ -383,7 +386,7 @@ _RANGES = {
     "attack_images": "[1, inf)", "attack_client": "[0, inf)", "attack_data_proportion": "(0, 1]",
     # A negative ResSFL strength would reward leakage; SSIM lies in [-1, 1].
     "ressfl_alpha": "[0, inf)", "ressfl_target_ssim": "[-1, 1]", "div_lambda": "(0, inf)",
-    "loss_threshold": "[0, inf)", "local_epoch": "[1, inf)",
+    "loss_threshold": "[0, inf)", "local_epoch": "[1, inf)", "data_size": "[1, inf)",
 }
 
 

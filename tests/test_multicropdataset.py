@@ -10,6 +10,7 @@ import torch
 from torchvision import transforms
 
 from functions.core.errors import UserError
+from functions.data.image_folder import ImageFiles
 from functions.data.loaders import FederatedSchedule
 from functions.data.views import ViewSpec
 from multicropdataset import (
@@ -198,6 +199,20 @@ def test_torch_loader_same_batches_with_and_without_workers(real_images: np.ndar
         assert in_process.client_ids == in_workers.client_ids
         assert torch.equal(in_process.sample_indices, in_workers.sample_indices)
         assert all(torch.equal(a, b) for a, b in zip(in_process.crops, in_workers.crops, strict=True))
+
+
+def test_an_undecodable_image_read_in_a_worker_is_one_line_naming_it(tmp_path: Path) -> None:
+    paths = [tmp_path / f"{index}.jpg" for index in range(4)]
+    for path in paths:
+        path.write_bytes(b"not an image")
+    images = ImageFiles(paths, 16)
+    labels = np.zeros(4, dtype=np.int64)
+    schedule = FederatedSchedule([np.arange(4)], [2], 1.0, steps_per_epoch=1, seed=0)
+    loaders = build_torch_loaders(images, labels, images, labels, MEAN, STD, schedule,
+                                  [moco_transform(MEAN, STD, size=8)], num_workers=2)
+    with pytest.raises(UserError, match=r"^cannot decode .*\d.jpg \(") as error:
+        list(loaders.train.epoch(0))
+    assert "\n" not in str(error.value) and "Traceback" not in str(error.value)
 
 
 def test_torch_loader_resumes_mid_epoch_and_shards_clients() -> None:

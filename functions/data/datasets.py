@@ -112,7 +112,9 @@ def resolved_entry(name: str, data_size: int | None = None) -> DatasetEntry:
     entry = dataset_entry(name)
     if not entry.sized_by_data_size:
         return entry
-    size = int(data_size or entry.image_size)
+    size = entry.image_size if data_size is None else int(data_size)
+    if size < 1:
+        raise UserError(f"--data_size must be at least 1 pixel (got {size})")
     return replace(entry, image_size=size, crop_sizes=(size, max(1, round(size * 96 / 224))))
 
 

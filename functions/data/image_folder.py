@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from functions.core.errors import UserError
+from functions.data.decoding import open_rgb, read_bytes
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 TRAIN_SPLITS = ("train",)
@@ -44,20 +45,14 @@ class ImageFiles:
         """One image, RGB, resized to size x size (bilinear, antialiased), uint8 HWC."""
         from PIL import Image
 
-        path = self.paths[index]
-        try:
-            with Image.open(path) as image:
-                image = image.convert("RGB")
-                if image.size != (self.size, self.size):
-                    image = image.resize((self.size, self.size), Image.BILINEAR, reducing_gap=None)
-                return np.asarray(image, dtype=np.uint8)
-        except OSError as error:
-            raise UserError(f"cannot decode {path} ({' '.join(str(error).split())[:120]}); remove or replace the "
-                            "file") from None
+        image = open_rgb(self.paths[index])
+        if image.size != (self.size, self.size):
+            image = image.resize((self.size, self.size), Image.BILINEAR, reducing_gap=None)
+        return np.asarray(image, dtype=np.uint8)
 
     def encoded(self, indices: Sequence[int]) -> list[np.ndarray]:
         """The files' bytes, for a decoder that reads them itself (DALI)."""
-        return [np.fromfile(self.paths[int(index)], dtype=np.uint8) for index in indices]
+        return [read_bytes(self.paths[int(index)]) for index in indices]
 
     def __getitem__(self, key: Any) -> Any:
         if isinstance(key, (int, np.integer)):

@@ -266,6 +266,20 @@ class FederatedSchedule:
         return plan
 
 
+def worker_user_error(error: UserError) -> UserError:
+    """A UserError raised in a DataLoader worker as its own one line again.
+
+    torch re-raises a worker's exception in the main process with the worker's whole traceback as its message;
+    the exception's own message is that traceback's last line, after "UserError: ".
+    """
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    if len(lines) < 2:
+        return error
+    last = lines[-1]
+    marker = "UserError: "
+    return UserError(last[last.index(marker) + len(marker):] if marker in last else last)
+
+
 def normalise_uint8_images(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """Float (B, 3, H, W) from uint8 (B, H, W, 3): scaled to [0, 1], then per-channel (x - mean) / std."""
     mean_tensor = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)

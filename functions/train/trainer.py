@@ -41,6 +41,7 @@ from functions.data.layout import StepLayout
 from functions.evaluation.context import Evaluation, EvaluationContext
 from functions.methods.base import ServerMethod
 from functions.methods.registry import method_class
+from functions.net.remote import build_networked_clients
 from functions.privacy.attack_mocosfl import attack_set_size
 from functions.privacy.attack_run import auxiliary_images
 from functions.privacy.defences import DefenceSetting, build_defences
@@ -133,6 +134,11 @@ class Trainer:
                                world_size=runtime.world_size, steps_per_epoch=self.steps_per_epoch,
                                partition_hash=self.data.partition_hash, overhead=asdict(self.overhead))
         self.epoch_statistics = EpochStatistics(runtime)
+        # Real clients (--remote_clients): their engine wraps the loop engine, which keeps their mirrors.
+        self.remote = build_networked_clients(args, self.split_step.clients, self.data, view_spec, self.method,
+                                              runtime, run_options(args))
+        if self.remote is not None:
+            self.remote.log, self.split_step.clients = self.log, self.remote
         self.fedavg_rule = build_fedavg_rule(args)
         if runtime.is_distributed and mocosfl_compat(args) and args.client_sample_ratio < 1:
             raise UserError("--compat mocosfl averages client 0 into pools without it (as MocoSFL's FedAvg), which "
@@ -180,6 +186,9 @@ class Trainer:
     def train_step(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One SFL step over the pool at the run's position (see functions.sfl.step.SplitStep)."""
         pool, share = self.data.pool(self.epoch), self.data.row_share(batch, self.epoch)
+        if self.remote is not None:  # the remote clients' smashed data; those that did not answer sit this step out
+            batch = self.remote.gather(batch, self.epoch, self.step_in_epoch, self.global_step, pool)
+            pool = batch.client_ids
         layout = StepLayout.of(batch.client_ids, batch.rows_per_client, pool, [self.data.batch_sizes[c] for c in pool])
         saving, step = self.communication, self.step_in_epoch
         if saving is None:
@@ -202,6 +211,8 @@ class Trainer:
         """FedAvg of the pool's clients weighted by data size, made the clients' weights by the run's FedAvg rule
         (over all ranks)."""
         include_momentum = self.method.average_momentum_copies and self.method.client_momentum > 0
+        if self.remote is not None:  # remote clients that do not send their weights are left out of this average
+            pool = self.remote.available_for_fedavg(pool, include_momentum)
         divergences = fedavg(self.clients, pool, self.data.client_sizes, self.runtime, include_momentum,
                              self.fedavg_rule, measure=self.args.divergence_measure,
                              mocosfl_compat=mocosfl_compat(self.args))
@@ -275,7 +286,8 @@ class Trainer:
         replaying = self.communication is not None and self.communication.replaying
         batches = iter(self.communication.replay_order(self.steps_per_epoch, args.seed, epoch)[self.step_in_epoch:]
                        if replaying else self.data.loaders.train.epoch(
-                           epoch, start_step=self.step_in_epoch, clients=own if self.runtime.is_distributed else None))
+                           epoch, start_step=self.step_in_epoch, clients=own if self.runtime.is_distributed else
+                           self.remote.local_clients(pool) if self.remote is not None else None))
         try:
             while not self.stopping():
                 try:
@@ -471,7 +483,9 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------------- evaluation
     def close(self) -> None:
-        """Flush and close the tensorboard writer (safe to call twice)."""
+        """Flush and close the tensorboard writer and the device server (safe to call twice)."""
+        if self.remote is not None:  # after a stop signal the devices wait for the resumed run
+            self.remote.close(done=not self.stop.requested)
         self.log.close()
 
     def evaluation_context(self) -> EvaluationContext:

@@ -72,6 +72,15 @@ def test_views_follow_data_size() -> None:
         parse_args("moco", ["--dataset", "cifar10", "--data_size", "64"])
 
 
+@pytest.mark.parametrize("size", ["0", "-32"])
+def test_a_data_size_below_one_pixel_names_data_size(size: str) -> None:
+    for method in ("moco", "swav"):
+        with pytest.raises(UserError, match=f"^--data_size must be in \\[1, inf\\) \\(got {size}\\)$"):
+            parse_args(method, ["--dataset", "imagefolder", "--data_size", size])
+    with pytest.raises(UserError, match=f"--data_size must be at least 1 pixel \\(got {size}\\)"):
+        resolved_entry("imagefolder", int(size))
+
+
 def test_a_proportion_keeps_files_undecoded(tmp_path: Path) -> None:
     root = write_folder(tmp_path / "tree", train=10)
     dataset = load_dataset("imagefolder", root, data_proportion=0.5, data_size=16)

@@ -15,6 +15,7 @@ from functions.data.loaders import (
     StepBatch,
     default_steps_per_epoch,
     normalise_uint8_images,
+    worker_user_error,
 )
 
 
@@ -288,3 +289,13 @@ def test_a_batch_larger_than_a_shard_is_announced_and_trains(tmp_path):
     assert batch.rows_per_client == [160] * 4
     loss, _ = trainer.train_step(batch)
     assert torch.isfinite(loss)
+
+
+def test_a_worker_user_error_is_its_own_line_again() -> None:
+    wrapped = UserError("Caught UserError in DataLoader worker process 1.\n"
+                        "Original Traceback (most recent call last):\n"
+                        '  File "x.py", line 3, in decode\n    raise UserError(...)\n'
+                        "functions.core.errors.UserError: cannot decode a.jpg (broken); remove it\n")
+    assert str(worker_user_error(wrapped)) == "cannot decode a.jpg (broken); remove it"
+    in_process = UserError("cannot decode a.jpg (broken); remove it")
+    assert worker_user_error(in_process) is in_process

@@ -1,0 +1,1 @@
+"""A real client of a run: the device command and its certificates."""
