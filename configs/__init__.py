@@ -242,15 +242,20 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, An
         raise UserError(f"config file {path} is not valid YAML: {str(error).splitlines()[0]}") from None
     if not isinstance(values, dict):
         raise UserError(f"config file {path} must map option names to values")
+    check_option_values(values, parser, f"config file {path}")
+    return values
+
+
+def check_option_values(values: dict[str, Any], parser: argparse.ArgumentParser, source: str) -> None:
+    """Every key of `values` (from `source`, e.g. "config file X") an option of the parser, every value of its type."""
     actions = {action.dest: action for action in parser._actions if action.dest not in ("help", "config")}
     unknown = sorted(str(key) for key in set(values) - set(actions))
     if unknown:
-        raise UserError(f"unknown option {unknown[0]!r} in config file {path} (see --help for the option names)")
+        raise UserError(f"unknown option {unknown[0]!r} in {source} (see --help for the option names)")
     for key, value in values.items():
         problem = _config_value_problem(actions[key], value)
         if problem:
-            raise UserError(f"config file {path}: {key} {problem}, got {value!r}")
-    return values
+            raise UserError(f"{source}: {key} {problem}, got {value!r}")
 
 
 def _config_value_problem(action: argparse.Action, value: Any) -> str | None:
@@ -306,6 +311,12 @@ def parse_args(method: str, argv: Sequence[str] | None = None) -> argparse.Names
     pre.add_argument("--config", type=str, default=None)
     known, _ = pre.parse_known_args(argv)
     config = load_config_file(known.config, parser) if known.config else {}
+    return parse_args_with_config(method, parser, config, argv)
+
+
+def parse_args_with_config(method: str, parser: argparse.ArgumentParser, config: dict[str, Any],
+                           argv: Sequence[str] | None) -> argparse.Namespace:
+    """parse_args once the config file's values are read (and checked): they are the defaults of the command line."""
     parser.set_defaults(**config)
     args = parser.parse_args(argv)
     given = set(config) | set(vars(_given_on_command_line(parser, argv)))

@@ -22,14 +22,17 @@ class WorkCutShort(Exception):
 
 
 class StopSignal:
-    """SIGTERM / SIGINT turned into a request the loop polls between steps; a second SIGINT stops at once.
+    """SIGTERM / SIGINT / SIGUSR2 turned into a request the loop polls between steps; a second SIGINT stops at once.
+
+    SIGUSR2 is Slurm's warning before a time limit or a pre-emption (`--signal=USR2@90`, what submitit asks for): the
+    run saves and stops as for SIGTERM, instead of dying of the signal's default action.
 
     Outside the training loop (loading data, building the model, the final evaluation) there is no step to finish:
     after `outside_training(situation)` a signal stops the run at once with TrainingInterrupted, whose message is
     the signal's name followed by `situation` (what was saved, what to run next).
     """
 
-    HANDLED = (signal.SIGTERM, signal.SIGINT)
+    HANDLED = (signal.SIGTERM, signal.SIGINT, *((signal.SIGUSR2,) if hasattr(signal, "SIGUSR2") else ()))
 
     def __init__(self, announce: bool = True) -> None:
         self.signal_number: int | None = None
@@ -87,8 +90,8 @@ class StopSignal:
             if signal_number == signal.SIGINT:
                 # The user insists (a second Ctrl-C): abandon the step; save_atomic removes its temporary file.
                 raise KeyboardInterrupt
-            # A repeated SIGTERM changes nothing: torchrun sends it more than once while stopping its workers,
-            # and a scheduler that will not wait follows up with SIGKILL anyway.
+            # A repeated SIGTERM (or SIGUSR2) changes nothing: torchrun sends it more than once while stopping its
+            # workers, and a scheduler that will not wait follows up with SIGKILL anyway.
             return
         self.request(signal_number)
         # A signal sent to the whole process group (Ctrl-C, Slurm) also ends the data-loader workers; torch's

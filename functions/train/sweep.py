@@ -4,18 +4,19 @@
         --set data_dir=../shared/data/cifar10-mini --output_dir outputs/sweep_cpu
 
 Each run is its own process (`python run_sfl<method>.py --config ...`, or a torchrun job with --nproc_per_node) in
-OUTPUT_DIR/<preset>[_<variant>]/seed<S>/, from a config file holding the preset with the sweep's values. Running
-the same command again continues a sweep that was stopped or killed: finished runs are kept, a run with a
-checkpoint resumes from it, the others start. The results are OUTPUT_DIR/results.md and results.csv (mean and
-sample standard deviation over seeds of every final figure), runs.csv (one row per run) and
-OUTPUT_DIR/<preset>[_<variant>]/knn.png (kNN accuracy against epoch, one line per seed and their mean).
+OUTPUT_DIR/<preset>[_<variant>]/seed<S>/, from a config file holding the preset with the sweep's values; with
+--launcher slurm each run is a Slurm job instead (functions.train.sweep_slurm). Running the same command again
+continues a sweep that was stopped or killed: finished runs are kept, a run with a checkpoint resumes from it, the
+others start. The results are OUTPUT_DIR/results.md and results.csv (mean and sample standard deviation over seeds
+of every final figure), runs.csv (one row per run) and OUTPUT_DIR/<preset>[_<variant>]/knn.png (kNN accuracy
+against epoch, one line per seed and their mean).
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import ctypes
-import itertools
+import io
 import json
 import math
 import shlex
@@ -23,39 +24,42 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-import yaml
-
-from configs import build_parser as build_run_parser
-from configs import load_config_file
 from functions.core.checkpoint import CHECKPOINT_NAME
 from functions.core.errors import UserError, run_cli
-from functions.methods.registry import method_class, method_names
+from functions.core.files import RunFolderLock, write_atomic, write_text_atomic
+from functions.train.sweep_jobs import (
+    CONSOLE_NAME,
+    JOB_CONFIG_NAME,
+    Job,
+    build_jobs,
+    check_folder,
+    check_run_options,
+    check_variants,
+    job_command,
+    job_state,
+    make_folder,
+    open_console,
+    parse_assignments,
+    write_job_config,
+)
+from functions.train.sweep_slurm import (
+    SlurmOptions,
+    note_state,
+    require_slurm,
+    require_submitit,
+    sbatch_script,
+    slurm_options,
+    statuses,
+    submit,
+)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-JOB_CONFIG_NAME = "sweep_config.yaml"
-CONSOLE_NAME = "console.log"
 # Final figures that describe the run rather than measure it.
 NOT_FIGURES = {"step", "epoch"}
-
-
-@dataclass(frozen=True)
-class Job:
-    """One run of the sweep: a preset (with a variant of options) and a seed."""
-
-    preset: Path
-    method: str
-    group: str  # the preset's stem and variant: the results table's row
-    options: dict[str, Any]  # the preset's values with the sweep's
-    seed: int
-    folder: Path
-
-    @property
-    def name(self) -> str:
-        return f"{self.group} seed {self.seed}"
 
 
 @dataclass
@@ -66,111 +70,6 @@ class JobResult:
     final: dict[str, Any] = field(default_factory=dict)
     knn_curve: list[tuple[float, float]] = field(default_factory=list)
     error: str | None = None
-
-
-# ------------------------------------------------------------------------------------------------ the jobs
-def parse_value(text: str) -> Any:
-    """An option value given as KEY=VALUE, read as YAML (numbers, true/false, [lists]) like a preset's."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def parse_assignments(items: Sequence[str], flag: str) -> dict[str, Any]:
-    """KEY=VALUE pairs of --set / --vary, in order."""
-    values: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"{flag} {item!r}: write KEY=VALUE, e.g. {flag} num_epoch=10")
-        values[key.lstrip("-")] = parse_value(value)
-    return values
-
-
-def preset_method(path: Path) -> str:
-    """The method a preset is written for: the one for which none of its options is the other method's."""
-    fitting = []
-    for method in method_names():
-        parser = build_run_parser(method)
-        try:
-            values = load_config_file(str(path), parser)
-        except UserError:
-            continue  # an option this method does not know
-        foreign = {action.dest for group in parser._action_groups
-                   if group.title and group.title.startswith("options of the seed") for action in group._group_actions}
-        if not set(values) & foreign:
-            fitting.append(method)
-    if not fitting:
-        raise UserError(f"preset {path} fits no method (an unknown option, or options of two methods); run it alone "
-                        "with its entry script to see which option")
-    return fitting[0]
-
-
-def build_jobs(presets: Sequence[str], seeds: Sequence[int], common: dict[str, Any], vary: dict[str, list[Any]],
-               output_dir: Path) -> list[Job]:
-    """Every (preset, variant, seed) of the sweep, preset by preset, in the order given."""
-    jobs: list[Job] = []
-    variants = [dict(zip(vary, values)) for values in itertools.product(*vary.values())] if vary else [{}]
-    stems: set[str] = set()
-    for spec in presets:
-        method, _, name = spec.partition(":") if spec.split(":", 1)[0] in method_names() else ("", "", spec)
-        path = Path(name)
-        if not path.is_file():
-            raise UserError(f"preset {name} not found")
-        method = method or preset_method(path)
-        if path.stem in stems:
-            raise UserError(f"two presets are named {path.stem}; their runs would share a folder")
-        stems.add(path.stem)
-        preset = load_config_file(str(path), build_run_parser(method))
-        for variant in variants:
-            options = {**preset, **common, **variant}
-            options.pop("seed", None)
-            options.pop("output_dir", None)
-            group = path.stem + "".join(f"_{key}{_compact(value)}" for key, value in variant.items())
-            for seed in seeds:
-                jobs.append(Job(path, method, group, options, seed, output_dir / group / f"seed{seed}"))
-    return jobs
-
-
-def _compact(value: Any) -> str:
-    """A value as a short folder-name part."""
-    text = "-".join(map(str, value)) if isinstance(value, list) else str(value)
-    return "".join(character if character.isalnum() or character in ".-" else "-" for character in text)
-
-
-def job_state(job: Job) -> str:
-    """done (final figures saved), resume (a checkpoint, no final figures) or start."""
-    metrics = job.folder / "metrics.json"
-    if metrics.is_file():
-        try:
-            if json.loads(metrics.read_text()).get("final"):
-                return "done"
-        except (OSError, ValueError):
-            pass
-    return "resume" if (job.folder / CHECKPOINT_NAME).is_file() else "start"
-
-
-def write_job_config(job: Job) -> Path:
-    """The job's config file (the preset with the sweep's values); a folder made with other values is refused."""
-    job.folder.mkdir(parents=True, exist_ok=True)
-    path = job.folder / JOB_CONFIG_NAME
-    text = f"# {job.preset} with the sweep's values (python -m functions.train.sweep)\n" + yaml.safe_dump(
-        job.options, sort_keys=True)
-    if path.is_file() and yaml.safe_load(path.read_text()) != job.options:
-        raise UserError(f"{job.folder} holds a run made with other options ({path}); keep the sweep's options or "
-                        "choose another --output_dir")
-    path.write_text(text)
-    return path
-
-
-def job_command(job: Job, config: Path, resume: bool, nproc_per_node: int) -> list[str]:
-    """The command line of one run."""
-    entry = str(REPO_ROOT / method_class(job.method).entry_script)
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}"]
-                if nproc_per_node > 1 else [sys.executable])
-    return [*launcher, entry, "--config", str(config), "--seed", str(job.seed), "--output_dir", str(job.folder),
-            *(["--resume"] if resume else [])]
 
 
 # ------------------------------------------------------------------------------------------ running them
@@ -211,7 +110,7 @@ class SweepRunner:
                 print(f"[{index}/{len(jobs)}] {job.name}: {'resuming' if state == 'resume' else 'starting'} "
                       f"(log {job.folder / CONSOLE_NAME})", flush=True)
                 started = time.monotonic()
-                with open(job.folder / CONSOLE_NAME, "a", encoding="utf-8") as console:
+                with open_console(job) as console:
                     console.write(f"$ {shlex.join(command)}\n")
                     console.flush()
                     # Its own session: a Ctrl-C reaches the run once, through the sweep.
@@ -293,17 +192,13 @@ def _markdown_row(cells: Sequence[str]) -> str:
 def write_results(output_dir: Path, results: Sequence[JobResult], command: str) -> None:
     """results.md, results.csv, runs.csv and one knn.png per group."""
     figures, rows = summarise(results)
-    with open(output_dir / "results.csv", "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["preset", "method", "runs", "seeds",
-                                                    *(f"{f}_{s}" for f in figures for s in ("mean", "std"))])
-        writer.writeheader()
-        writer.writerows(rows)
-    with open(output_dir / "runs.csv", "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["preset", "method", "seed", "status", *figures, "folder"])
-        writer.writeheader()
-        for result in results:
-            writer.writerow({"preset": result.job.group, "method": result.job.method, "seed": result.job.seed,
-                             "status": result.error or "finished", **result.final, "folder": str(result.job.folder)})
+    write_text_atomic(output_dir / "results.csv", csv_text(
+        ["preset", "method", "runs", "seeds", *(f"{f}_{s}" for f in figures for s in ("mean", "std"))], rows))
+    write_text_atomic(output_dir / "runs.csv", csv_text(
+        ["preset", "method", "seed", "status", *figures, "folder"],
+        [{"preset": result.job.group, "method": result.job.method, "seed": result.job.seed,
+          "status": result.error or "finished", **result.final, "folder": str(result.job.folder)}
+         for result in results]))
     lines = ["# Sweep results", "", f"`{command}`", "",
              "Mean ± sample standard deviation over the finished seeds. Figures named `_test_selected` come from "
              "`--eval_protocol mocosfl` (best test epoch, MocoSFL's protocol); the others never looked at the test "
@@ -312,9 +207,18 @@ def write_results(output_dir: Path, results: Sequence[JobResult], command: str) 
     for row in rows:
         lines.append(_markdown_row([row["preset"], row["method"], row["runs"],
                                     *(_cell(row[f"{figure}_mean"], row[f"{figure}_std"]) for figure in figures)]))
-    (output_dir / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text_atomic(output_dir / "results.md", "\n".join(lines) + "\n")
     for group in dict.fromkeys(result.job.group for result in results):
         plot_knn(output_dir / group / "knn.png", group, [result for result in results if result.job.group == group])
+
+
+def csv_text(fieldnames: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:
+    """A CSV file's text: a header and the rows."""
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=list(fieldnames))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
 
 
 def plot_knn(path: Path, title: str, results: Sequence[JobResult]) -> None:
@@ -340,16 +244,17 @@ def plot_knn(path: Path, title: str, results: Sequence[JobResult]) -> None:
     axes.grid(alpha=0.3)
     if curves:
         axes.legend(fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100, bbox_inches="tight")
+    make_folder(path.parent)
+    write_atomic(path, lambda stream: figure.savefig(stream, format="png", dpi=100, bbox_inches="tight"))
 
 
 # ------------------------------------------------------------------------------------------------ command
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m functions.train.sweep", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Run presets x variants x seeds one after another and summarise them (mean and standard "
-                    "deviation over seeds; kNN against epoch). Run the same command again to continue a sweep.")
+        description="Run presets x variants x seeds (one after another here, or as Slurm jobs) and summarise them "
+                    "(mean and standard deviation over seeds; kNN against epoch). Run the same command again to "
+                    "continue a sweep.")
     parser.add_argument("--presets", nargs="+", required=True,
                         help="preset files (configs/*.yaml); prefix the method (moco:FILE, swav:FILE) where it is not clear")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of every preset")
@@ -358,38 +263,134 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vary", nargs="+", default=[], metavar="KEY=[V1,V2]",
                         help="options to vary: every combination is a row of the table")
     parser.add_argument("--output_dir", required=True, help="the sweep's folder (one subfolder per run)")
-    parser.add_argument("--nproc_per_node", type=int, default=1,
-                        help="run each job under torchrun with this many processes (1 = a plain process)")
+    parser.add_argument("--nproc_per_node", type=int, default=None,
+                        help="run each job under torchrun with this many processes per node (default 1: a plain "
+                             "process)")
     parser.add_argument("--summarise_only", action="store_true", help="write the table and plots of what ran")
+    parser.add_argument("--status", action="store_true",
+                        help="list each run's state (done, running, queued, failed with its log's last line) and exit")
+    slurm = parser.add_argument_group("Slurm (--launcher slurm: each run a job, submitted through submitit)")
+    slurm.add_argument("--launcher", choices=["local", "slurm"], default="local",
+                       help="local: run here one after another; slurm: submit the runs and return")
+    slurm.add_argument("--slurm_partition", default=None, help="partition(s) of the jobs (the cluster's default if none)")
+    slurm.add_argument("--slurm_time", default="24:00:00",
+                       help="time limit of one job (minutes, HH:MM:SS or D-HH:MM:SS); a run that reaches it saves "
+                            "and is requeued")
+    slurm.add_argument("--gpus_per_run", type=int, default=0, help="GPUs of each node of a run")
+    slurm.add_argument("--nodes_per_run", type=int, default=1,
+                       help="nodes of a run: one task per node, each starting torchrun with --nproc_per_node processes")
+    slurm.add_argument("--slurm_array_parallelism", type=int, default=64, help="runs of the job array at once")
+    slurm.add_argument("--slurm_extra", nargs="+", default=[], metavar="KEY=VALUE",
+                       help="more sbatch options, e.g. account=myproject qos=high cpus-per-task=8")
+    slurm.add_argument("--dry_run", action="store_true", help="print what would be submitted and exit")
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.nproc_per_node < 1:
+# Options that only the Slurm launcher reads: given with --launcher local, they are refused rather than ignored.
+SLURM_ONLY = ("slurm_partition", "slurm_time", "gpus_per_run", "nodes_per_run", "slurm_array_parallelism",
+              "slurm_extra", "dry_run")
+
+
+def check_launcher_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> SlurmOptions | None:
+    """The launcher's options checked (one line each); the Slurm ones, or None for the local launcher."""
+    if args.nproc_per_node is not None and args.nproc_per_node < 1:
         raise UserError(f"--nproc_per_node must be at least 1, got {args.nproc_per_node}")
+    if args.launcher == "local":
+        given = [name for name in SLURM_ONLY if getattr(args, name) != parser.get_default(name)]
+        if given:
+            raise UserError(f"--{given[0]} is an option of --launcher slurm; add --launcher slurm or drop it")
+        return None
+    options = slurm_options(args.slurm_partition, args.slurm_time, args.gpus_per_run, args.nodes_per_run,
+                            args.nproc_per_node, args.slurm_array_parallelism, args.slurm_extra)
+    require_submitit()
+    return options
+
+
+def print_status(jobs: Sequence[Job]) -> None:
+    """One line per run: its state, and for a failed run the last line of its console.log."""
+    for job, status in zip(jobs, statuses(jobs)):
+        print(f"{job.name}: {status.describe()}", flush=True)
+
+
+def print_dry_run(options: SlurmOptions, jobs: Sequence[Job], output_dir: Path) -> None:
+    """The runs that would be submitted, their commands and the sbatch script."""
+    pending = [(job, status) for job, status in zip(jobs, statuses(jobs)) if status.to_submit]
+    print(f"would submit {len(pending)} of {len(jobs)} runs" + (" as one job array" if len(pending) > 1 else ""))
+    for job, status in pending:
+        call = options.call(job, job.folder / JOB_CONFIG_NAME, sys.executable)
+        resume = " --resume" if (job.folder / CHECKPOINT_NAME).is_file() else ""
+        print(f"  {job.name} ({status.state}): {shlex.join(call.run)}{resume}")
+    if pending:
+        print(sbatch_script(options, output_dir, len(pending), sys.executable, output_dir.name or "sweep"))
+
+
+def launch_on_slurm(options: SlurmOptions, jobs: Sequence[Job], output_dir: Path) -> None:
+    """Submit every run that is neither finished nor queued or running; say what became of each."""
+    require_slurm()
+    current = statuses(jobs)
+    pending = [index for index, status in enumerate(current) if status.to_submit]
+    submitted = dict(zip(pending, submit(options, [jobs[index] for index in pending], output_dir, sys.executable,
+                                         output_dir.name or "sweep"))) if pending else {}
+    for index, (job, status) in enumerate(zip(jobs, current)):
+        if index in submitted:
+            resume = ", resumes from its checkpoint" if (job.folder / CHECKPOINT_NAME).is_file() else ""
+            outcome = f"submitted as job {submitted[index]}{resume}" + (
+                f" (was {status.describe()})" if status.job_id else "")
+        elif status.state == "done":
+            outcome = "done before, kept"
+        else:
+            note_state(job, status)
+            outcome = f"{status.state} as job {status.job_id}, not submitted again"
+        print(f"[{index + 1}/{len(jobs)}] {job.name}: {outcome}", flush=True)
+    print(f"sweep: {len(submitted)} runs submitted; run the same command again to resubmit failed runs, add --status "
+          "to follow them; the table fills in as they finish", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    slurm = check_launcher_options(args, parser)
     if len(set(args.seeds)) != len(args.seeds):
         raise UserError(f"--seeds lists a seed twice: {args.seeds}")
+    common = parse_assignments(args.common, "--set")
     vary = parse_assignments(args.vary, "--vary")
-    for key, values in vary.items():
-        if not isinstance(values, list) or not values:
-            raise UserError(f"--vary {key}: give a list of values, e.g. --vary {key}=[1,2]")
-    output_dir = Path(args.output_dir)
-    jobs = build_jobs(args.presets, args.seeds, parse_assignments(args.common, "--set"), vary, output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    command = shlex.join(["python", "-m", "functions.train.sweep", *(sys.argv[1:] if argv is None else argv)])
-    runner = SweepRunner(args.nproc_per_node)
-    if not args.summarise_only:
-        print(f"sweep: {len(jobs)} runs in {output_dir}", flush=True)
-        runner.run(jobs)
-    results = [collect(job) for job in jobs]
-    write_results(output_dir, results, command)
+    check_variants(vary, common)
+    # A job runs wherever the cluster starts it: its paths must not depend on this shell's folder.
+    output_dir = Path(args.output_dir).absolute() if slurm is not None else Path(args.output_dir)
+    jobs = build_jobs(args.presets, args.seeds, common, vary, output_dir)
+    for job in jobs:  # every run's options, before the first run starts
+        check_run_options(job)
+    if args.status:
+        print_status(jobs)
+        return 0
+    for job in jobs:
+        check_folder(job)
+    if slurm is not None and args.dry_run:
+        print_dry_run(slurm, jobs, output_dir)
+        return 0
+    make_folder(output_dir)
+    lock = RunFolderLock(output_dir)
+    lock.acquire()
+    try:
+        for job in jobs:  # again, now that no other sweep writes there
+            check_folder(job)
+        command = shlex.join(["python", "-m", "functions.train.sweep", *(sys.argv[1:] if argv is None else argv)])
+        runner = SweepRunner(args.nproc_per_node or 1)
+        if slurm is not None and not args.summarise_only:
+            launch_on_slurm(slurm, jobs, output_dir)
+        elif not args.summarise_only:
+            print(f"sweep: {len(jobs)} runs in {output_dir}", flush=True)
+            runner.run(jobs)
+        results = [collect(job) for job in jobs]
+        write_results(output_dir, results, command)
+    finally:
+        lock.release()
     print((output_dir / "results.md").read_text(), flush=True)
     if runner.stopped_by is not None:
         print(f"sweep stopped by signal {runner.stopped_by}; run the same command to continue", file=sys.stderr)
         return 128 + runner.stopped_by
     unfinished = [result.job.name for result in results if result.error is not None]
-    if unfinished and not args.summarise_only:
+    if unfinished and not args.summarise_only and slurm is None:
         print(f"error: {len(unfinished)} runs did not finish ({', '.join(unfinished)}); their console.log says "
               "why; run the same command to retry them", file=sys.stderr)
         return 1

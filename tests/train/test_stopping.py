@@ -118,6 +118,18 @@ def test_stop_signal_requests_once_ignores_repeated_sigterm_and_stops_at_a_secon
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_slurms_warning_signal_sigusr2_is_a_stop_request_like_sigterm():
+    before = signal.getsignal(signal.SIGUSR2)
+    with StopSignal() as stop:
+        os.kill(os.getpid(), signal.SIGUSR2)
+        time.sleep(0.01)
+        assert stop.requested and stop.name == "SIGUSR2"
+        os.kill(os.getpid(), signal.SIGTERM)  # Slurm may follow with SIGTERM: still the same request
+        time.sleep(0.01)
+        assert stop.name == "SIGUSR2"
+    assert signal.getsignal(signal.SIGUSR2) is before
+
+
 def test_a_stop_before_the_first_step_saves_a_resumable_step_zero(tmp_path):
     trainer = moco_trainer(tmp_path, "--client_exec", "loop", "--num_client", "2", "--batch_size", "8")
     trainer.stop.request(signal.SIGINT)

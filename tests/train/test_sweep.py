@@ -16,7 +16,8 @@ import pytest
 from paths import REPO_ROOT
 
 from functions.core.errors import UserError
-from functions.train.sweep import build_jobs, main, mean_std, parse_assignments, preset_method
+from functions.train.sweep import main, mean_std
+from functions.train.sweep_jobs import Job, build_jobs, parse_assignments, preset_method
 
 TINY_COMMON = """dataset: synthetic
 arch: ResNet18
@@ -106,7 +107,7 @@ def test_sweep_options_make_one_job_per_preset_variant_and_seed(tmp_path: Path) 
     assert jobs[0].folder == tmp_path / "out" / "tiny_moco_cutlayer1" / "seed3"
     assert preset_method(Path(files[0])) == "moco" and preset_method(Path(files[1])) == "swav"
     assert preset_method(REPO_ROOT / "configs" / "swav_cpu.yaml") == "swav"
-    from functions.train.sweep import job_command
+    from functions.train.sweep_jobs import job_command
 
     plain = job_command(jobs[0], Path("c.yaml"), resume=False, nproc_per_node=1)
     assert plain[1].endswith("run_sflmoco.py") and plain[-4:] == ["--seed", "3", "--output_dir", str(jobs[0].folder)]
@@ -136,7 +137,7 @@ def test_mean_and_sample_std() -> None:
 def test_a_folder_made_with_other_options_is_refused(tmp_path: Path) -> None:
     files = presets(tmp_path)
     [job] = build_jobs(files[:1], [0], {}, {}, tmp_path / "out")
-    from functions.train.sweep import write_job_config
+    from functions.train.sweep_jobs import write_job_config
 
     write_job_config(job)
     [changed] = build_jobs(files[:1], [0], {"num_epoch": 9}, {}, tmp_path / "out")
@@ -160,3 +161,109 @@ def test_sweep_stops_its_run_on_sigterm_and_says_how_to_continue(tmp_path: Path)
     assert sweep.returncode == 128 + signal.SIGTERM, out + err
     assert "run the same command to continue" in err
     assert "seed 1" not in out  # the next run was not started
+
+
+def finish_fake_run(job: Job, knn_acc: float = 50.0) -> None:
+    """A run folder as a finished run leaves it (its sweep_config.yaml and final figures), without training."""
+    from functions.train.sweep_jobs import write_job_config
+
+    write_job_config(job)
+    (job.folder / "metrics.json").write_text(json.dumps({"knn_acc": [[0, 10.0], [1, knn_acc]],
+                                                         "final": {"knn_acc": knn_acc, "step": 2}}))
+
+
+def summarise_command(preset_file: str, output_dir: Path, *extra: str) -> list[str]:
+    return ["--presets", preset_file, "--seeds", "0", "--output_dir", str(output_dir), "--summarise_only", *extra]
+
+
+def test_every_runs_options_are_checked_before_the_first_run_starts(tmp_path: Path) -> None:
+    files = presets(tmp_path)
+    output_dir = tmp_path / "sweep"
+    with pytest.raises(UserError, match=r"^run tiny_moco_lr-1 seed 0: .*lr"):
+        main(["--presets", files[0], "--seeds", "0", "--vary", "lr=[0.1,-1]", "--output_dir", str(output_dir)])
+    with pytest.raises(UserError, match=r"^--set \(preset .*\): K must be a whole number"):
+        main(["--presets", files[0], "--set", "K=many", "--output_dir", str(output_dir)])
+    with pytest.raises(UserError, match=r"^unknown option 'widht' in --vary"):
+        main(["--presets", files[0], "--vary", "widht=[2,4]", "--output_dir", str(output_dir)])
+    assert not output_dir.exists()  # nothing started
+
+
+def test_a_second_sweep_in_the_same_folder_is_refused(tmp_path: Path) -> None:
+    from functions.core.files import RunFolderLock
+
+    files = presets(tmp_path)
+    output_dir = tmp_path / "sweep"
+    output_dir.mkdir()
+    first = RunFolderLock(output_dir)
+    first.acquire()
+    try:
+        with pytest.raises(UserError, match="in use"):
+            main(summarise_command(files[0], output_dir))
+    finally:
+        first.release()
+    assert main(summarise_command(files[0], output_dir)) == 0
+
+
+def test_a_finished_run_made_with_other_options_is_not_kept_silently(tmp_path: Path) -> None:
+    files = presets(tmp_path)
+    output_dir = tmp_path / "sweep"
+    [job] = build_jobs(files[:1], [0], {}, {}, output_dir)
+    finish_fake_run(job)
+    assert main(["--presets", files[0], "--seeds", "0", "--output_dir", str(output_dir)]) == 0  # kept
+    with pytest.raises(UserError, match=r"holds a finished run made with other options \(lr: .*0.01 now\).*another "
+                                        "--output_dir"):
+        main(["--presets", files[0], "--seeds", "0", "--set", "lr=0.01", "--output_dir", str(output_dir)])
+    assert "lr=0.01" not in (output_dir / "results.md").read_text()
+
+
+def test_duplicate_variants_and_options_the_sweep_sets_are_refused(tmp_path: Path) -> None:
+    files = presets(tmp_path)
+    output_dir = tmp_path / "sweep"
+    for width in (4, 4):
+        [job] = build_jobs(files[:1], [0], {}, {"width": [width]}, output_dir)
+        finish_fake_run(job)
+    with pytest.raises(UserError, match=r"^--vary width lists 4 twice"):
+        main(summarise_command(files[0], output_dir, "--vary", "width=[4,4]"))
+    with pytest.raises(UserError, match=r"^--set seed: the sweep sets seed for each run; use --seeds"):
+        main(summarise_command(files[0], output_dir, "--set", "seed=5"))
+    with pytest.raises(UserError, match=r"^--vary output_dir: the sweep sets"):
+        main(summarise_command(files[0], output_dir, "--vary", "output_dir=[a,b]"))
+    with pytest.raises(UserError, match=r"^--vary lr and --set lr"):
+        main(summarise_command(files[0], output_dir, "--vary", "lr=[0.1,0.2]", "--set", "lr=0.3"))
+
+
+def test_run_folder_names_stay_inside_the_sweep_folder(tmp_path: Path) -> None:
+    import re
+
+    files = presets(tmp_path)
+    odd = tmp_path / ".odd name é.yaml"
+    odd.write_text(TINY_MOCO)
+    jobs = build_jobs([files[0], str(odd)], [0], {}, parse_assignments(
+        ["data_dir=['../../escape', '/etc', 'a b/é', '..']"], "--vary"), tmp_path / "out")
+    assert len({job.folder for job in jobs}) == 8
+    for job in jobs:
+        assert job.folder.parent.parent == tmp_path / "out" and job.folder.resolve().is_relative_to(tmp_path / "out")
+        assert re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", job.group), job.group
+    from functions.train.sweep_jobs import group_name
+
+    assert len(group_name("p", {"milestones": list(range(200))})) <= 100
+    with pytest.raises(UserError, match="unknown option '../x'"):
+        build_jobs(files[:1], [0], parse_assignments(["../x=1"], "--set"), {}, tmp_path / "out")
+
+
+def test_sweep_files_that_cannot_be_written_or_read_are_one_line(tmp_path: Path) -> None:
+    files = presets(tmp_path)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(UserError, match="cannot make the folder"):
+        main(summarise_command(files[0], tmp_path / "a_file" / "sweep"))
+    output_dir = tmp_path / "sweep"
+    [job] = build_jobs(files[:1], [0], {}, {}, output_dir)
+    finish_fake_run(job)
+    (output_dir / "results.md").mkdir()
+    with pytest.raises(UserError, match="cannot write .*results.md"):
+        main(summarise_command(files[0], output_dir))
+    (output_dir / "results.md").rmdir()
+    (job.folder / "sweep_config.yaml").write_text("lr: !!python/object/apply:os.system ['true']\n")
+    with pytest.raises(UserError, match=r"sweep_config.yaml is not a sweep config the sweep wrote"):
+        main(summarise_command(files[0], output_dir))
+    assert not list(output_dir.glob(".results.md.*"))  # no temporary file left behind
