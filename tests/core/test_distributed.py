@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from paths import REPO_ROOT
 from sfl_helpers import TINY_MOCO, TINY_SWAV
-from torchrun_runs import REDUCTION_ORDER_DRIFT, assert_same_run, free_port, train
+from torchrun_runs import FORKED_TORCHRUN, REDUCTION_ORDER_DRIFT, assert_same_run, free_port, train
 
 from functions.core.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from functions.core.distributed import client_shares
@@ -212,13 +212,16 @@ def test_sigterm_to_torchrun_saves_once_and_prints_the_torchrun_resume_command(t
 
 
 def _launch_two_nodes(script: str, argv: list[str], output_dirs: tuple[Path, Path],
-                      node_options: tuple[list[str], list[str]] = ([], [])) -> list[subprocess.CompletedProcess]:
-    """torchrun as two one-process "nodes" on this machine, each node with its own --output_dir (its own disk)."""
+                      node_options: tuple[list[str], list[str]] = ([], []),
+                      forked: bool = False) -> list[subprocess.CompletedProcess]:
+    """torchrun as two one-process "nodes" on this machine, each node with its own --output_dir (its own disk);
+    `forked`: each node's worker forked from its torchrun, which imported the project (torchrun_forked.py)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SFL_NO_DOWNLOAD": "1"}
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     port = str(free_port())
-    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+    launcher = [str(FORKED_TORCHRUN)] if forked else ["-m", "torch.distributed.run"]
+    nodes = [subprocess.Popen([sys.executable, *launcher, "--nnodes", "2", "--nproc_per_node", "1",
                                "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", port, script,
                                *argv, *node_options[node], "--output_dir", str(output_dirs[node])],
                               cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -235,7 +238,8 @@ def test_resume_across_nodes_without_a_shared_disk_takes_rank_zeros_checkpoint(t
     straight = train("run_sflmoco.py", [*base, "--max_steps", "5"], tmp_path / "straight", 1)
     node0, node1 = tmp_path / "node0", tmp_path / "node1"  # node 1 never sees node 0's files
     train("run_sflmoco.py", [*base, "--max_steps", "3"], node0, 1)
-    results = _launch_two_nodes("run_sflmoco.py", [*base, "--max_steps", "5", "--resume"], (node0, node1))
+    results = _launch_two_nodes("run_sflmoco.py", [*base, "--max_steps", "5", "--resume"], (node0, node1),
+                                forked=True)
     assert [r.returncode for r in results] == [0, 0], results[0].stderr[-2000:] + results[1].stderr[-2000:]
     assert not (node1 / CHECKPOINT_NAME).exists()
     assert_same_run(straight, node0, loss_tolerance=1e-4, weight_tolerance=1e-4, exact_steps=2)

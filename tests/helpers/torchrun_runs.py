@@ -13,6 +13,8 @@ import pytest
 import torch
 from paths import REPO_ROOT
 
+import run_sflmoco
+import run_sflswav
 from functions.core.checkpoint import CHECKPOINT_NAME, load_checkpoint
 
 
@@ -22,21 +24,38 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def launch(script: str, argv: list[str], processes: int) -> subprocess.CompletedProcess:
-    """Run an entry script as one plain process or under torchrun with `processes` CPU processes."""
+FORKED_TORCHRUN = REPO_ROOT / "tests" / "helpers" / "torchrun_forked.py"
+
+
+def launch(script: str, argv: list[str], processes: int, forked: bool = False) -> subprocess.CompletedProcess:
+    """Run an entry script as one plain process or under torchrun with `processes` CPU processes; `forked`: torchrun
+    forks its workers from a process that imported the project once (tests/helpers/torchrun_forked.py)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     if processes == 1:
         command = [sys.executable, script, *argv]
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                   "--master_addr", "127.0.0.1", "--master_port", str(free_port()), script, *argv]
+        launcher = [str(FORKED_TORCHRUN)] if forked else ["-m", "torch.distributed.run"]
+        command = [sys.executable, *launcher, "--nproc_per_node", str(processes), "--master_addr", "127.0.0.1",
+                   "--master_port", str(free_port()), script, *argv]
     return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
 
 
+def train_in_process(script: str, base: list[str], output_dir: Path, *extra: str) -> Path:
+    """The one-process reference run, inside this test process (one torch thread, as a child would have)."""
+    assert torch.get_num_threads() == 1
+    main = {"run_sflmoco.py": run_sflmoco.main, "run_sflswav.py": run_sflswav.main}[script]
+    main([*base, "--device", "cpu", "--output_dir", str(output_dir), *extra])
+    return output_dir
+
+
 def train(script: str, base: list[str], output_dir: Path, processes: int, *extra: str) -> Path:
-    result = launch(script, [*base, "--device", "cpu", "--output_dir", str(output_dir), *extra], processes)
+    """Train under torchrun (workers forked from a process that imported the project) or, for one process, here."""
+    if processes == 1:
+        return train_in_process(script, base, output_dir, *extra)
+    result = launch(script, [*base, "--device", "cpu", "--output_dir", str(output_dir), *extra], processes,
+                    forked=True)
     assert result.returncode == 0, result.stderr[-3000:]
     return output_dir
 

@@ -14,12 +14,14 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torchrun_runs import assert_same_run, launch, losses
 
+from configs import parse_args
 from functions.core.distributed import GlobalBatchNorm1d, Runtime
 from functions.data.datasets import DatasetEntry
 from functions.data.layout import StepLayout
 from functions.data.views import ViewSpec
 from functions.methods.base import ServerMethod, StepContext
 from functions.methods.registry import register_method
+from functions.train.runner import run
 from models.split import Head, HeadBuilder
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -99,11 +101,10 @@ def test_a_method_from_the_docstring_trains_under_torchrun_as_in_one_process(tmp
     entry = tmp_path / "run_contract_simsiam.py"
     paths = [str(REPO_ROOT), str(REPO_ROOT / "tests" / "helpers"), str(Path(__file__).parent)]
     entry.write_text(ENTRY_SCRIPT.format(paths=paths))
-    runs = {}
-    for processes in (1, 2):
-        runs[processes] = tmp_path / f"processes{processes}"
-        result = launch(str(entry), [*TINY, "--output_dir", str(runs[processes])], processes)
-        assert result.returncode == 0, result.stderr[-3000:]
+    runs = {processes: tmp_path / f"processes{processes}" for processes in (1, 2)}
+    run(parse_args(register_simsiam(), [*TINY, "--output_dir", str(runs[1])]))  # one process: this one
+    result = launch(str(entry), [*TINY, "--output_dir", str(runs[2])], 2, forked=True)
+    assert result.returncode == 0, result.stderr[-3000:]
     # Same losses and the same server, clients and optimizer state after 2 steps (one full step and the next).
     assert len(losses(runs[2])) == 2
     assert_same_run(runs[1], runs[2], loss_tolerance=1e-5, weight_tolerance=1e-4)
