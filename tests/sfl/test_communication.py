@@ -84,6 +84,10 @@ def test_loss_threshold_statuses_follow_mocosfls_rule():
     assert next_status(UPLOAD_ONLY, 4.9, 5.2, threshold, epoch=14) == REPLAY  # a rise is no fall
 
 
+# Two clients sharing 64 synthetic images, 16 rows each a step: short epochs (what these tests count is epochs).
+SMALL_EPOCHS = ("--num_client", "2", "--data_proportion", "0.125", "--batch_size", "16")
+
+
 def _server_weights(trainer) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in trainer.method.server.state_dict().items()}
 
@@ -94,8 +98,7 @@ def test_upload_only_and_replay_epochs_leave_the_clients_unchanged_and_train_the
     monkeypatch.setattr(communication, "WARMUP_EPOCHS", 0)
     # After the first epoch (no loss to compare with yet) each epoch's loss falls by less than this threshold:
     # A, A, then B, then C (replaying the B epoch's smashed data).
-    trainer = make(tmp_path, "--num_client", "2", "--num_epoch", "4", "--loss_threshold", "100", "--client_exec",
-                   engine)
+    trainer = make(tmp_path, *SMALL_EPOCHS, "--num_epoch", "4", "--loss_threshold", "100", "--client_exec", engine)
     statuses = []
     for _ in range(4):
         clients, server = client_weights(trainer), _server_weights(trainer)
@@ -116,7 +119,7 @@ def test_upload_only_and_replay_epochs_leave_the_clients_unchanged_and_train_the
 
 def test_without_a_loss_threshold_every_epoch_trains_the_clients(tmp_path, monkeypatch):
     monkeypatch.setattr(communication, "WARMUP_EPOCHS", 0)
-    trainer = moco_trainer(tmp_path, "--num_client", "2", "--num_epoch", "3")
+    trainer = moco_trainer(tmp_path, *SMALL_EPOCHS, "--num_epoch", "3")
     assert trainer.communication is None
     for _ in range(3):
         clients = client_weights(trainer)
@@ -126,11 +129,11 @@ def test_without_a_loss_threshold_every_epoch_trains_the_clients(tmp_path, monke
 
 def test_communication_saving_resumes_in_its_status(tmp_path, monkeypatch):
     monkeypatch.setattr(communication, "WARMUP_EPOCHS", 0)
-    trainer = moco_trainer(tmp_path, "--num_client", "2", "--num_epoch", "4", "--loss_threshold", "100")
+    trainer = moco_trainer(tmp_path, *SMALL_EPOCHS, "--num_epoch", "4", "--loss_threshold", "100")
     for _ in range(3):
         trainer.train_epoch()
     state = trainer.state_dict()
-    resumed = moco_trainer(tmp_path / "again", "--num_client", "2", "--num_epoch", "4", "--loss_threshold", "100")
+    resumed = moco_trainer(tmp_path / "again", *SMALL_EPOCHS, "--num_epoch", "4", "--loss_threshold", "100")
     resumed.communication.folder = trainer.communication.folder
     resumed.load_state_dict(state)
     assert resumed.communication.status == REPLAY and resumed.communication.bytes_saved > 0
