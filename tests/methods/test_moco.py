@@ -141,13 +141,17 @@ def test_cudnn_benchmark_is_on_only_when_asked(tmp_path):
         torch.backends.cudnn.benchmark = False
 
 
+# Two clients sharing 64 synthetic images, 16 rows each a step: short epochs (these tests count epochs).
+SHORT_EPOCHS = ("--num_client", "2", "--data_proportion", "0.125", "--batch_size", "16")
+
+
 def test_the_best_knn_epoch_is_kept_in_checkpoint_best(tmp_path, monkeypatch):
     # The kNN monitor is replaced by a fixed sequence: epoch 2 is the best, epoch 3 worse (not saved over it).
     from functions.train import trainer as simulator
 
     scores = iter([10.0, 30.0, 50.0, 40.0])  # before training, then epochs 1-3
     monkeypatch.setattr(simulator, "knn_evaluation", lambda context: {"knn_acc": next(scores)})
-    trainer = moco_trainer(tmp_path, "--num_epoch", "3", "--eval_freq", "1")
+    trainer = moco_trainer(tmp_path, *SHORT_EPOCHS, "--num_epoch", "3", "--eval_freq", "1")
     trainer.train()
     best, last = load_checkpoint(tmp_path / "checkpoint_best.pt"), load_checkpoint(tmp_path / "checkpoint_last.pt")
     assert best["epoch"] == 2 and last["epoch"] == 3
@@ -156,7 +160,7 @@ def test_the_best_knn_epoch_is_kept_in_checkpoint_best(tmp_path, monkeypatch):
 
 
 def test_no_best_checkpoint_without_the_knn_monitor(tmp_path):
-    trainer = moco_trainer(tmp_path, "--num_epoch", "1", "--eval_freq", "0")
+    trainer = moco_trainer(tmp_path, *SHORT_EPOCHS, "--num_epoch", "1", "--eval_freq", "0")
     trainer.train()
     assert (tmp_path / "checkpoint_last.pt").is_file() and not (tmp_path / "checkpoint_best.pt").exists()
 
