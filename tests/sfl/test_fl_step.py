@@ -9,8 +9,9 @@ from configs import parse_args
 
 
 def test_fl_baseline_trains_whole_networks_on_the_clients_for_local_epochs(tmp_path):
-    one = moco_trainer(tmp_path / "one", "--num_client", "2", "--scheme", "fl", "--local_epoch", "1")
-    two = moco_trainer(tmp_path / "two", "--num_client", "2", "--scheme", "fl", "--local_epoch", "2")
+    short = ("--num_client", "2", "--data_proportion", "0.125", "--batch_size", "16")  # epochs of a few steps
+    one = moco_trainer(tmp_path / "one", *short, "--scheme", "fl", "--local_epoch", "1")
+    two = moco_trainer(tmp_path / "two", *short, "--scheme", "fl", "--local_epoch", "2")
     assert two.steps_per_epoch == 2 * one.steps_per_epoch
     assert list(two.split_step.server_optimizer.param_groups[0]["params"][0].shape) == [0]  # no server weights
     split = moco_trainer(tmp_path / "split", "--num_client", "2")
