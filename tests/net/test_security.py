@@ -13,7 +13,6 @@ import grpc
 import pytest
 import torch
 
-from functions.device.certificates import make_certificates
 from functions.device.client import DeviceLoop, Link
 from functions.net.credentials import ClientCredentials, ServerCredentials
 from functions.net.server import SERVICE, DeviceServer
@@ -36,13 +35,6 @@ class Lines(logging.Handler):
     def take(self) -> list[str]:
         lines, self.lines = self.lines, []
         return lines
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("certs")
-    make_certificates(folder, "127.0.0.1", [0, 2, 3])
-    return folder
 
 
 @pytest.fixture(scope="module")
