@@ -101,10 +101,12 @@ class DeviceServer:
         self._server.start()
 
     def stop(self) -> None:
-        """Stop serving (calls in flight end)."""
+        """Stop serving (calls in flight end at once: a waiting Join too, rather than at the grace period's end)."""
         with self._lock:
             for slot in self.slots.values():
                 slot.connected = False
+                if slot.join_request is not None:
+                    slot.join_request.set()
             self._lock.notify_all()
         self._server.stop(grace=0.5).wait()
 

@@ -1,5 +1,5 @@
 """Real clients as separate processes on 127.0.0.1 with mutual TLS: the same numbers as the simulated run (MoCo and
-SwAV, across a FedAvg and a resume), and a killed device left out, then back."""
+SwAV, across a FedAvg and a resume), and a killed device left out, then back (restarted as the real command)."""
 from __future__ import annotations
 
 import signal
@@ -8,18 +8,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from device_runs import DEVICE_TIMEOUT_S, RunLines, small_trainer, start_device
+from device_processes import DeviceProcess
+from device_runs import DEVICE_TIMEOUT_S, RunLines, small_trainer
 
 from functions.core.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from functions.core.errors import TrainingInterrupted
-from functions.device.certificates import make_certificates
+from functions.data import partition
 
 
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("certs")
-    make_certificates(folder, "127.0.0.1", [2, 3])
-    return folder
+@pytest.fixture(autouse=True)
+def no_partition_plot(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each of the test's runs would draw partition.png (a fraction of a CPU second); nothing here reads it."""
+    monkeypatch.setattr(partition, "_plot_partition", lambda *plot: None)
 
 
 def final_state(trainer) -> dict[str, torch.Tensor]:
@@ -64,19 +64,20 @@ def test_remote_clients_give_the_simulated_runs_numbers(method: str, tmp_path: P
     network = ["--remote_clients", "2", "--credentials", str(certs), "--join_timeout", "60"]
     first = small_trainer(method, tmp_path / "networked", *network, "--listen", "127.0.0.1:0")
     port = first.remote.server.port
-    devices = [start_device(port, client, certs) for client in (2, 3)]
+    devices = [DeviceProcess(port, client, certs, tmp_path / f"device-{client}.log") for client in (2, 3)]
     try:
         stop_after_step(first, 2)
         with pytest.raises(TrainingInterrupted):
             first.train()
         first.close()  # stopped by a signal: the devices keep waiting for the resumed run
-        assert all(device.poll() is None for device in devices)
+        assert all(device.running() for device in devices)
         resumed = small_trainer(method, tmp_path / "networked", *network, "--listen", f"127.0.0.1:{port}")
         resumed.load_state_dict(load_checkpoint(tmp_path / "networked" / CHECKPOINT_NAME))
         resumed.train()
         losses, state = resumed.log.metrics.data["train_loss"], final_state(resumed)
         resumed.close()
-        assert [device.wait(timeout=DEVICE_TIMEOUT_S) for device in devices] == [0, 0]
+        exits = [device.wait(DEVICE_TIMEOUT_S) for device in devices]
+        assert exits == [0, 0], [device.lines() for device in devices]
     finally:
         for device in devices:
             device.kill()
@@ -92,18 +93,17 @@ def test_remote_clients_give_the_simulated_runs_numbers(method: str, tmp_path: P
 
 
 def test_a_killed_device_is_left_out_and_rejoins(tmp_path: Path, certs: Path) -> None:
-    trainer = small_trainer("moco", tmp_path / "run", "--num_epoch", "3", "--remote_clients", "1", "--credentials",
-                            str(certs), "--listen", "127.0.0.1:0", "--client_timeout", "2", "--join_timeout", "60")
+    trainer = small_trainer("moco", tmp_path / "run", "--remote_clients", "1", "--credentials", str(certs),
+                            "--listen", "127.0.0.1:0", "--client_timeout", "1", "--join_timeout", "60")
     port, remote = trainer.remote.server.port, trainer.remote
-    devices = [start_device(port, 3, certs)]
+    devices = [DeviceProcess(port, 3, certs, tmp_path / "device.log")]
     gather = remote.gather
 
     def gather_with_faults(batch, epoch, step, global_step, pool):
         if global_step == 1:  # before step 2: the device dies
             devices[0].kill()
-            devices[0].wait()
-        if global_step == 3:  # before step 4: a new device process for the same client joins
-            devices.append(start_device(port, 3, certs))
+        if global_step == 2:  # before step 3, after the FedAvg without it: the device command for the same client
+            devices.append(DeviceProcess(port, 3, certs, tmp_path / "restarted.log", command=True))
             deadline = time.monotonic() + DEVICE_TIMEOUT_S
             while not remote.server.connected(3) and time.monotonic() < deadline:
                 remote.serve_joins()  # what the next step does first; here until the device is ready
@@ -115,12 +115,13 @@ def test_a_killed_device_is_left_out_and_rejoins(tmp_path: Path, certs: Path) ->
         with RunLines() as lines:
             trainer.train()
             trainer.close()
-        assert devices[1].wait(timeout=DEVICE_TIMEOUT_S) == 0
+        assert devices[1].wait(DEVICE_TIMEOUT_S) == 0, devices[1].lines()
     finally:
         for device in devices:
             device.kill()
-    assert trainer.global_step == 6
+    assert trainer.global_step == 4
     left_out = [line for line in lines.lines if line.startswith("client 3 left out")]
     assert left_out == ["client 3 left out of step 2: no answer within --client_timeout"], lines.lines
+    assert any(line.startswith("FedAvg of step 2 without remote clients [3]") for line in lines.lines), lines.lines
     trained = [step for step, _ in trainer.log.metrics.data["device/3/bytes_up"] if _ > 0]
-    assert 1 in trained and 2 not in trained and {4, 5, 6} <= set(trained)
+    assert 1 in trained and 2 not in trained and {3, 4} <= set(trained)
