@@ -37,3 +37,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# Tests that run several training processes one after another: started first, so that neither core waits for one
+# of them at the end of the session (pytest-xdist hands each worker a share of the collected order).
+SERIAL_RUNS_FIRST = (
+    "tests/train/test_sweep_slurm.py::test_a_slurm_sweep_resubmits_only_what_failed",
+    "tests/train/test_sweep.py::test_a_killed_sweep_continues_and_summarises_every_seed",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: not item.nodeid.startswith(SERIAL_RUNS_FIRST))
