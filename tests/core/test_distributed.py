@@ -264,7 +264,9 @@ def test_sigterm_to_torchrun_during_the_knn_monitor_stops_every_rank_within_seco
     announced = [line for line in stderr.splitlines() if line.startswith("interrupted: SIGTERM received")]
     assert len(announced) == 1 and "stopped after step 0" in announced[0], stderr[-3000:]
     assert "the kNN monitor of epoch 0 was cut short" in stdout
-    assert "Traceback" not in stderr and "[rank" not in stderr, stderr[-3000:]
+    # The one traceback is torchrun's own report of the signal: no rank failed.
+    assert stderr.count("Traceback") == stderr.count("SignalException: Process") <= 1, stderr[-3000:]
+    assert "[rank" not in stderr, stderr[-3000:]
     assert load_checkpoint(run_dir / CHECKPOINT_NAME)["global_step"] == 0
 
 
