@@ -24,7 +24,7 @@ import yaml
 
 from functions.core.compat import add_compat_arguments, add_ignored_seed_flags, add_seed_options, unused_seed_options
 from functions.core.errors import UserError, check_range
-from functions.core.files import write_text_atomic
+from functions.core.files import check_output_folder, write_text_atomic
 from functions.data.datasets import dataset_entry, dataset_names, resolved_entry
 from functions.data.partition import add_partition_arguments, parse_hetero_string, resolve_partition_method
 from functions.methods.registry import method_class
@@ -362,13 +362,13 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     args.partition = resolve_partition_method(args)
     if args.c_lr == -1.0:
         args.c_lr = args.lr
-    if isinstance(args.output_dir, str) and not args.output_dir.strip():
-        raise UserError("--output_dir is empty: it would write the run into the current folder; name a folder")
+    if isinstance(args.output_dir, str):
+        check_output_folder("--output_dir", args.output_dir, "the run")
     if args.output_dir is None:
         args.output_dir = os.path.join(
             "outputs", f"{args.method}_{args.dataset}_{args.arch}_cut{args.cutlayer}_client{args.num_client}_seed{args.seed}")
-    apply_auto_adjust(args)
-    _check_ranges(args)
+    _check_ranges(args)  # before --auto_adjust, which divides by --num_client and --batch_size
+    apply_auto_adjust(args)  # whose values lie inside the ranges
     selected_fedavg_rule(args.fedavg_rule, args.divergence_aware)
     check_privacy_options(args)
     check_dataset_options(args)
@@ -395,8 +395,11 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
 # 16 times the standard network's 64 channels: a ResNet-18 of about 2.9 billion weights, already beyond what a run of
 # split learning trains; a wider --width only ends later, in the allocator.
 MAX_WIDTH = 1024
+# A hundred times MocoSFL's largest setting (1000 clients): every client keeps its own part of the network, momentum
+# copy and optimizer state in memory, so a far larger count only ends in the allocator.
+MAX_CLIENTS = 100_000
 _RANGES = {
-    "num_client": "[1, inf)", "batch_size": "[1, inf)", "avg_freq": "[1, inf)", "num_epoch": "[1, inf)",
+    "num_client": f"[1, {MAX_CLIENTS}]", "batch_size": "[1, inf)", "avg_freq": "[1, inf)", "num_epoch": "[1, inf)",
     "width": f"[1, {MAX_WIDTH}]", "eval_batch_size": "[1, inf)", "max_steps": "[0, inf)", "num_workers": "[0, inf)",
     "log_freq": "[1, inf)", "eval_freq": "[0, inf)", "knn_k": "[1, inf)", "knn_t": "(0, inf)",
     "linear_epochs": "[1, inf)", "seed": f"[0, {2**63 - 1}]", "lr": "(0, inf)", "c_lr": "[0, inf)",

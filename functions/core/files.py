@@ -77,6 +77,34 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     write_atomic(path, lambda stream: stream.write(data))
 
 
+def root_like_folder(path: str) -> str | None:
+    """What `path` is when it names the file system's root or the user's home folder (after `~` and symbolic links
+    are resolved), else None."""
+    expanded = Path(os.path.expanduser(path))
+    try:
+        resolved = expanded.resolve()
+    except (OSError, RuntimeError):  # a loop of symbolic links: it names neither
+        return None
+    if resolved == Path(resolved.anchor):
+        return "the file system's root"
+    try:
+        home = Path.home().resolve()
+    except (OSError, RuntimeError, KeyError):  # no home folder known for this user
+        return None
+    return "your home folder" if resolved == home else None
+
+
+def check_output_folder(option: str, path: str, contents: str) -> None:
+    """Refuse an empty folder name, the file system's root and the user's home as the folder that `contents` (the
+    run, the sweep) is written into: its files and subfolders would be spread among the user's own."""
+    if not path.strip():
+        raise UserError(f"{option} is empty: it would write {contents} into the current folder; name a folder")
+    kind = root_like_folder(path)
+    if kind is not None:
+        raise UserError(f"{option} {path} is {kind}: {contents} would spread its files there; name a folder of its "
+                        f"own inside it (e.g. {option} {Path(path) / 'runs'})")
+
+
 def _fsync_folder(folder: Path) -> None:
     """Make the rename itself durable (POSIX); a no-op where folders cannot be opened (Windows)."""
     try:

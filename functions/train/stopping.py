@@ -9,11 +9,20 @@ import sys
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Generic, Iterable, Iterator, TypeVar
 
-from functions.core.distributed import launcher_prefix
+import torch
+
+from functions.core.distributed import all_reduce_max_flag, launcher_prefix
 from functions.core.errors import TrainingInterrupted
 from functions.methods.registry import method_class
+
+
+Batch = TypeVar("Batch")
+
+# Under torchrun the ranks agree on a stop inside the kNN monitor after every this many batches: one scalar all-reduce,
+# small beside the forward pass of a batch, and a signal is answered within that many batches.
+AGREE_EVERY_BATCHES = 4
 
 
 class WorkCutShort(Exception):
@@ -111,6 +120,40 @@ class StopSignal:
         for number, previous in self._previous.items():
             signal.signal(number, previous)
         self._previous.clear()
+
+
+class AgreedStopBatches(Generic[Batch]):
+    """A loader that every rank reads alike (the kNN monitor's memory and test sets), read under torchrun: after every
+    `every` batches and at its end all ranks agree whether any got a stop signal, and then all leave it together with
+    WorkCutShort. A rank cut alone would leave the others waiting in the next collective (the best epoch, the save)."""
+
+    def __init__(self, loader: Iterable[Batch], stop: StopSignal, device: torch.device,
+                 every: int = AGREE_EVERY_BATCHES) -> None:
+        self.loader, self.stop, self.device, self.every = loader, stop, device, every
+
+    def __iter__(self) -> Iterator[Batch]:
+        batches, count = iter(self.loader), 0
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except Exception:
+                # A signal sent to the whole process group also ends this rank's data workers: the agreement below
+                # (the next in every rank's sequence) then cuts the monitor on every rank.
+                if not self.stop.requested:
+                    raise
+                break
+            yield batch
+            count += 1
+            if count % self.every == 0:
+                self._agree()
+        self._agree()
+
+    def _agree(self) -> None:
+        """One all-reduce on every rank: WorkCutShort on all of them when any got a stop signal."""
+        if all_reduce_max_flag(self.stop.requested, self.device):
+            raise WorkCutShort(self.stop.name or "a stop signal (on another rank)")
 
 
 def resume_command(args: argparse.Namespace) -> str:

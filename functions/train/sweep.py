@@ -31,7 +31,7 @@ from typing import Any
 
 from functions.core.checkpoint import CHECKPOINT_NAME
 from functions.core.errors import UserError, run_cli
-from functions.core.files import RunFolderLock, write_atomic, write_text_atomic
+from functions.core.files import RunFolderLock, check_output_folder, write_atomic, write_text_atomic
 from functions.train.sweep_jobs import (
     CONSOLE_NAME,
     JOB_CONFIG_NAME,
@@ -349,6 +349,7 @@ def launch_on_slurm(options: SlurmOptions, jobs: Sequence[Job], output_dir: Path
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_output_folder("--output_dir", args.output_dir, "the sweep")
     slurm = check_launcher_options(args, parser)
     if len(set(args.seeds)) != len(args.seeds):
         raise UserError(f"--seeds lists a seed twice: {args.seeds}")

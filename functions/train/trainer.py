@@ -55,7 +55,7 @@ from functions.sfl.step import build_split_step, per_client_server_updates
 from functions.train.evaluations import FINAL_EVALUATIONS, knn_evaluation
 from functions.train.federated_data import FederatedData
 from functions.train.resume_checks import check_same_configuration
-from functions.train.stopping import StopSignal, WorkCutShort, resume_command
+from functions.train.stopping import AgreedStopBatches, StopSignal, WorkCutShort, resume_command
 
 
 def seed_everything(seed: int) -> None:
@@ -517,36 +517,42 @@ class Trainer:
             self.remote.close(done=not self.stop.requested)
         self.log.close()
 
-    def evaluation_context(self) -> EvaluationContext:
+    def evaluation_context(self, agree_on_stop: bool = False) -> EvaluationContext:
         """The averaged client model followed by the server's backbone, in eval mode; every rank evaluates the same
-        model (only rank 0 writes), so no rank waits on another."""
+        model (only rank 0 writes), so no rank waits on another. With `agree_on_stop` the ranks agree on a stop
+        signal every few batches of its loaders (AgreedStopBatches)."""
         pool = self.data.pool(min(self.epoch, self.args.num_epoch - 1))
         client_model = self.clients.module_with(average_pool(self.clients, pool, self.data.client_sizes,
                                                              self.runtime)).eval()
         self.method.eval()
         dataset = self.data.dataset
-        return EvaluationContext(self.split_step.encoder(client_model), client_model, self.data.loaders.memory,
-                                 self.data.loaders.test, dataset.num_classes, self.args, self.device,
+        memory, test = self.data.loaders.memory, self.data.loaders.test
+        if agree_on_stop:
+            memory, test = (AgreedStopBatches(loader, self.stop, self.device) for loader in (memory, test))
+        return EvaluationContext(self.split_step.encoder(client_model), client_model, memory, test,
+                                 dataset.num_classes, self.args, self.device,
                                  client_images=lambda client: dataset.train_images[self.data.client_indices[client]],
                                  train_images=lambda: dataset.train_images,
                                  mean=dataset.mean, std=dataset.std, is_main=self.runtime.is_main)
 
     def monitor_knn(self, epoch: int) -> None:
-        """The kNN monitor inside the training loop; in one process a stop signal ends it at once (the loop then
-        saves and stops). Under torchrun it runs to its end: every rank must agree on the epoch's best first."""
-        if self.runtime.is_distributed:
-            self.log_knn(epoch)
-            return
+        """The kNN monitor inside the training loop; a stop signal ends it early, and the loop then saves and stops
+        without deciding the epoch's best. In one process the signal ends it at once; under torchrun every rank must
+        leave it at the same batch, so the ranks agree on a stop every few batches and all leave it together."""
         try:
-            with self.stop.cut_short():
-                self.log_knn(epoch)
-        except WorkCutShort:
+            if self.runtime.is_distributed:
+                self.log_knn(epoch, agree_on_stop=True)
+            else:
+                with self.stop.cut_short():
+                    self.log_knn(epoch)
+        except WorkCutShort as cut:
+            self._agreed_stop = True  # under torchrun every rank got here at the same agreement
             self.method.train()
-            logger.info(f"{self.stop.name}: the kNN monitor of epoch {epoch} was cut short")
+            logger.info(f"{cut}: the kNN monitor of epoch {epoch} was cut short")
 
-    def log_knn(self, epoch: int) -> float:
+    def log_knn(self, epoch: int, agree_on_stop: bool = False) -> float:
         """The kNN monitor after `epoch` (0 = before training): logged, saved to metrics.json, returned."""
-        accuracy = knn_evaluation(self.evaluation_context())["knn_acc"]
+        accuracy = knn_evaluation(self.evaluation_context(agree_on_stop))["knn_acc"]
         self.method.train()
         logger.info(f"kNN accuracy after epoch {epoch}: {accuracy:.2f} %")
         self.log.evaluation("knn_acc", epoch, accuracy)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -180,6 +181,10 @@ def test_a_binary_config_file_is_one_line(tmp_path, capsys):
     ("swav", ["--feat_dim", "10000000"], "--feat_dim must be in [1, 65536]"),
     ("swav", ["--nmb_prototypes", "10000000"], "--nmb_prototypes must be in [2, 65536]"),
     ("swav", ["--queue_length", "100000000"], "--queue_length must be in [0, 1048576]"),
+    ("moco", ["--num_client", "100001"], "--num_client must be in [1, 100000] (got 100001)"),
+    # --auto_adjust divides by both: the range is checked first.
+    ("moco", ["--auto_adjust", "--num_client", "0"], "--num_client must be in [1, 100000] (got 0)"),
+    ("moco", ["--auto_adjust", "--batch_size", "0"], "--batch_size must be in [1, inf) (got 0)"),
 ])
 def test_impossible_numbers_are_refused_before_anything_runs(tmp_path, capsys, entry, argv, fragment):
     main = run_sflmoco.main if entry == "moco" else run_sflswav.main
@@ -205,6 +210,37 @@ def test_an_unknown_option_is_one_line_not_argparse_usage(tmp_path):
 def test_an_empty_output_dir_is_refused(value, capsys):
     code, line = cli_error(run_sflmoco.main, [*FAST, "--output_dir", value], capsys)
     assert code == 2 and "--output_dir is empty" in line
+
+
+def root_like_folders(tmp_path: Path) -> dict[str, str]:
+    """Spellings of the file system's root and of the home folder (HOME is tmp_path/home) that a run refuses."""
+    home = tmp_path / "home"
+    (home / "sub").mkdir(parents=True)
+    (tmp_path / "to_root").symlink_to("/")
+    (tmp_path / "to_home").symlink_to(home)
+    return {"root": "/", "root through ..": "/tmp/..", "root through a link": str(tmp_path / "to_root"),
+            "home": str(home), "home with ~": "~", "home with ~/": "~/", "home through ..": str(home / "sub" / ".."),
+            "home through a link": str(tmp_path / "to_home")}
+
+
+ROOT_LIKE = ["root", "root through ..", "root through a link", "home", "home with ~", "home with ~/",
+             "home through ..", "home through a link"]
+
+
+@pytest.mark.parametrize("name", ROOT_LIKE)
+def test_a_root_like_output_dir_is_refused(tmp_path, monkeypatch, name):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    folder = root_like_folders(tmp_path)[name]
+    kind = "the file system's root" if name.startswith("root") else "your home folder"
+    with pytest.raises(UserError, match=f"^--output_dir {re.escape(folder)} is {kind}: the run would spread"):
+        parse_args("moco", [*FAST, "--output_dir", folder])
+
+
+def test_a_folder_inside_home_or_beside_the_root_is_a_run_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    root_like_folders(tmp_path)
+    for folder in ("~/runs/a", str(tmp_path / "home" / "sub"), str(tmp_path / "to_home" / "sub"), "/tmp"):
+        assert parse_args("moco", [*FAST, "--output_dir", folder]).output_dir == folder
 
 
 @pytest.mark.parametrize("option, value, interval", [

@@ -211,6 +211,65 @@ def test_sigterm_to_torchrun_saves_once_and_prints_the_torchrun_resume_command(t
     assert saved["global_step"] >= 2
 
 
+SLOW_MONITOR = """
+import sys, time
+sys.path.insert(0, {repo!r})
+import run_sflmoco
+from functions.evaluation import context
+from functions.core.errors import run_cli
+
+marker, real_extract = sys.argv[1], context.extract_features
+
+
+def slowly(batches):
+    for batch in batches:
+        open(marker, "a").close()
+        time.sleep(0.5)  # a monitor over a large memory set
+        yield batch
+
+
+context.extract_features = lambda encode, loader, *args, **kwargs: real_extract(encode, slowly(loader), *args,
+                                                                                  **kwargs)
+run_cli(lambda: run_sflmoco.main(sys.argv[2:]))
+"""
+MONITOR_STOPS_WITHIN_S = 10
+
+
+def test_sigterm_to_torchrun_during_the_knn_monitor_stops_every_rank_within_seconds(tmp_path):
+    # The monitor before training reads 40 batches at 0.5 s each; the ranks agree on a stop every 4 batches.
+    script, marker, run_dir = tmp_path / "slow_monitor.py", tmp_path / "monitoring", tmp_path / "run"
+    script.write_text(SLOW_MONITOR.format(repo=str(REPO_ROOT)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SFL_NO_DOWNLOAD": "1"}
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    argv = [*TINY_MOCO, "--num_client", "2", "--batch_size", "8", "--eval_freq", "1", "--eval_batch_size", "16",
+            "--device", "cpu", "--output_dir", str(run_dir)]
+    child = subprocess.Popen([sys.executable, str(FORKED_TORCHRUN), "--nproc_per_node", "2", "--master_addr",
+                              "127.0.0.1", "--master_port", str(free_port()), str(script), str(marker), *argv],
+                             cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert child.poll() is None and time.monotonic() < deadline, child.communicate()
+            time.sleep(0.05)
+        child.send_signal(signal.SIGTERM)
+        try:
+            stdout, stderr = child.communicate(timeout=MONITOR_STOPS_WITHIN_S)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"still running {MONITOR_STOPS_WITHIN_S} s after SIGTERM") from None
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+    announced = [line for line in stderr.splitlines() if line.startswith("interrupted: SIGTERM received")]
+    assert len(announced) == 1 and "stopped after step 0" in announced[0], stderr[-3000:]
+    assert "the kNN monitor of epoch 0 was cut short" in stdout
+    # The one traceback is torchrun's own report of the signal: no rank failed.
+    assert stderr.count("Traceback") == stderr.count("SignalException: Process") <= 1, stderr[-3000:]
+    assert "[rank" not in stderr, stderr[-3000:]
+    assert load_checkpoint(run_dir / CHECKPOINT_NAME)["global_step"] == 0
+
+
 def _launch_two_nodes(script: str, argv: list[str], output_dirs: tuple[Path, Path],
                       node_options: tuple[list[str], list[str]] = ([], []),
                       forked: bool = False) -> list[subprocess.CompletedProcess]:

@@ -8,10 +8,13 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from entry_runs import FAST, SLOW_DRIVER, SUBPROCESS_TIMEOUT_S, checkpoint_tensors, entry_env
 from paths import REPO_ROOT
 from sfl_helpers import moco_trainer
@@ -22,8 +25,9 @@ from functions.core.checkpoint import (
     load_checkpoint,
     stale_temporaries,
 )
+from functions.core.distributed import all_reduce_sum
 from functions.core.errors import TrainingInterrupted
-from functions.train.stopping import StopSignal
+from functions.train.stopping import AgreedStopBatches, StopSignal, WorkCutShort
 
 # Runs the real entry script in a child process; each step also writes its number to a progress file and pauses,
 # so the test can send SIGTERM from outside while the run is mid-epoch.
@@ -258,3 +262,67 @@ def test_sigterm_during_the_knn_monitor_cuts_it_short_and_saves(tmp_path, monkey
     assert time.monotonic() - started < 10
     assert load_checkpoint(tmp_path / CHECKPOINT_NAME)["global_step"] == 0
     assert trainer.method.server.training  # the monitor's eval mode did not outlive it
+
+
+def read_until_cut(batches: AgreedStopBatches) -> tuple[list[int], str]:
+    """The batches read from `batches` and how the reading ended: the WorkCutShort message, or "finished"."""
+    read: list[int] = []
+    try:
+        for batch in batches:
+            read.append(batch)
+    except WorkCutShort as cut:
+        return read, str(cut)
+    return read, "finished"
+
+
+def test_without_a_process_group_a_signal_cuts_the_batches_at_the_next_agreement():
+    stop = StopSignal(announce=False)
+
+    def batches():
+        for index in range(10):
+            if index == 5:
+                stop.request(signal.SIGTERM)
+            yield index
+
+    assert read_until_cut(AgreedStopBatches(batches(), stop, torch.device("cpu"), every=4)) == ([*range(8)], "SIGTERM")
+    assert read_until_cut(AgreedStopBatches(range(10), StopSignal(), torch.device("cpu"), every=4)) == (
+        [*range(10)], "finished")
+
+
+def _agreeing_rank(rank: int, store_file: str, out_dir: str) -> None:
+    """One rank of the agreement test: three monitors of ten batches, agreeing every four; records what it read."""
+    dist.init_process_group("gloo", store=dist.FileStore(store_file, 2), rank=rank, world_size=2,
+                            timeout=timedelta(seconds=30))  # collectives out of step fail instead of hanging
+    try:
+        outcomes = []
+        for signalled, failing in ((1, False), (0, True), (None, False)):
+            stop = StopSignal(announce=False)
+
+            def batches():
+                for index in range(10):
+                    if rank == signalled and index == 2 + 3 * signalled:
+                        stop.request(signal.SIGTERM)
+                        if failing:  # the signal also ended this rank's data workers
+                            raise RuntimeError("DataLoader worker exited unexpectedly")
+                    yield index
+
+            outcomes.append(read_until_cut(AgreedStopBatches(batches(), stop, torch.device("cpu"), every=4)))
+            # Every rank made the same collectives: the next one pairs with its own kind on the other rank.
+            outcomes[-1] += (float(all_reduce_sum(torch.tensor([rank + 1.0])).item()),)
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(outcomes))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="gloo is not available")
+def test_two_ranks_leave_the_monitor_at_the_same_batch_whichever_got_the_signal(tmp_path):
+    mp.start_processes(_agreeing_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True,
+                       start_method="fork")
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    elsewhere = "a stop signal (on another rank)"
+    # Rank 1 signalled before its sixth batch: both ranks read eight, then leave at the second agreement.
+    assert ranks[0][0] == [[*range(8)], elsewhere, 3.0] and ranks[1][0] == [[*range(8)], "SIGTERM", 3.0]
+    # Rank 0 signalled before its third batch, which its loader never gave: rank 1 reads on to the first agreement.
+    assert ranks[0][1] == [[0, 1], "SIGTERM", 3.0] and ranks[1][1] == [[*range(4)], elsewhere, 3.0]
+    # No signal: both read everything.
+    assert ranks[0][2] == ranks[1][2] == [[*range(10)], "finished", 3.0]

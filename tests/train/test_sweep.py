@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -126,6 +127,18 @@ def test_sweep_refuses_mistakes_in_one_line(tmp_path: Path) -> None:
         main(["--presets", files[0], "--seeds", "1", "1", "--output_dir", str(tmp_path / "o")])
     with pytest.raises(UserError, match="list of values"):
         main(["--presets", files[0], "--vary", "cutlayer=2", "--output_dir", str(tmp_path / "o")])
+
+
+def test_an_empty_or_root_like_sweep_folder_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    files = presets(tmp_path)
+    # --status writes nothing, whatever the folder.
+    for folder, refusal in (("", "is empty: it would write the sweep into the current folder"),
+                            ("/", "/ is the file system's root: the sweep would spread its files there"),
+                            ("~", "~ is your home folder: the sweep would spread its files there")):
+        with pytest.raises(UserError, match=f"^--output_dir {re.escape(refusal)}"):
+            main(["--presets", files[0], "--status", "--output_dir", folder])
 
 
 def test_mean_and_sample_std() -> None:
