@@ -304,7 +304,8 @@ def test_resume_across_nodes_without_a_shared_disk_takes_rank_zeros_checkpoint(t
     assert_same_run(straight, node0, loss_tolerance=1e-4, weight_tolerance=1e-4, exact_steps=2)
 
     # A refusal decided on rank 0 (no checkpoint to resume) is one line on every rank, not a crash of the others.
-    results = _launch_two_nodes("run_sflmoco.py", [*base, "--max_steps", "5", "--resume"], (node1, node0))
+    results = _launch_two_nodes("run_sflmoco.py", [*base, "--max_steps", "5", "--resume"], (node1, node0),
+                                forked=True)
     for result in results:
         assert result.returncode != 0
         worker_errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
@@ -335,7 +336,7 @@ def test_a_node_without_the_data_stops_every_rank_with_its_one_line(tmp_path):
     empty = tmp_path / "no_data"
     empty.mkdir()
     results = _launch_two_nodes("run_sflmoco.py", base, (tmp_path / "node0", tmp_path / "node1"),
-                                (["--data_dir", sample], ["--data_dir", str(empty)]))
+                                (["--data_dir", sample], ["--data_dir", str(empty)]), forked=True)
     for result in results:
         assert result.returncode != 0
         worker_errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
@@ -376,7 +377,7 @@ def test_a_full_disk_on_rank_zero_during_training_stops_every_rank_with_its_one_
     script.write_text(DISK_FULL_ON_RANK_ZERO.format(repo=str(REPO_ROOT)))
     node0, node1 = tmp_path / "node0", tmp_path / "node1"  # one stderr per rank: two one-process "nodes"
     results = _launch_two_nodes(str(script), [*TINY_MOCO, "--num_client", "4", "--batch_size", "8", "--device", "cpu"],
-                                (node0, node1))
+                                (node0, node1), forked=True)
     expected = (f"error: rank 0: cannot write {node0 / CHECKPOINT_NAME} (No space left on device); "
                 f"the previous {CHECKPOINT_NAME}, if any, is unchanged")
     for result in results:  # both ranks stop with rank 0's line, neither with a traceback
