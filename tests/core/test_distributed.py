@@ -175,6 +175,17 @@ def test_only_the_announcing_rank_prints_an_interruption(capsys):
         assert exit_info.value.code == 143 and capsys.readouterr().err == printed
 
 
+def _start_two_ranks(launcher: list[str], script_and_argv: list[str]) -> subprocess.Popen:
+    """torchrun (`launcher`: its module or tests/helpers/torchrun_forked.py) with two ranks on this machine, its
+    output piped, never downloading."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SFL_NO_DOWNLOAD": "1"}
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    return subprocess.Popen([sys.executable, *launcher, "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                             "--master_port", str(free_port()), *script_and_argv],
+                            cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 def test_sigterm_to_torchrun_saves_once_and_prints_the_torchrun_resume_command(tmp_path):
     # A launcher that signals twice (`timeout` forwarding to torchrun and a scheduler's own SIGTERM) makes torchrun
     # send SIGTERM twice to every worker. Every rank must still finish its step and stop together, rank 0 saving
@@ -183,14 +194,9 @@ def test_sigterm_to_torchrun_saves_once_and_prints_the_torchrun_resume_command(t
 
     driver, progress, run_dir = tmp_path / "driver.py", tmp_path / "progress.txt", tmp_path / "run"
     driver.write_text(SLOW_DRIVER.format(repo=str(REPO_ROOT)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SFL_NO_DOWNLOAD": "1"}
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
     argv = [*TINY_MOCO, "--num_client", "4", "--batch_size", "8", "--num_epoch", "50", "--log_freq", "1",
             "--device", "cpu", "--output_dir", str(run_dir)]
-    child = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                              "127.0.0.1", "--master_port", str(free_port()), str(driver), str(progress), *argv],
-                             cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = _start_two_ranks(["-m", "torch.distributed.run"], [str(driver), str(progress), *argv])
     try:
         deadline = time.monotonic() + 120
         while not (progress.is_file() and len(progress.read_text().split()) >= 4):  # both ranks, two steps each
@@ -239,14 +245,9 @@ def test_sigterm_to_torchrun_during_the_knn_monitor_stops_every_rank_within_seco
     # The monitor before training reads 40 batches at 0.5 s each; the ranks agree on a stop every 4 batches.
     script, marker, run_dir = tmp_path / "slow_monitor.py", tmp_path / "monitoring", tmp_path / "run"
     script.write_text(SLOW_MONITOR.format(repo=str(REPO_ROOT)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SFL_NO_DOWNLOAD": "1"}
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
     argv = [*TINY_MOCO, "--num_client", "2", "--batch_size", "8", "--eval_freq", "1", "--eval_batch_size", "16",
             "--device", "cpu", "--output_dir", str(run_dir)]
-    child = subprocess.Popen([sys.executable, str(FORKED_TORCHRUN), "--nproc_per_node", "2", "--master_addr",
-                              "127.0.0.1", "--master_port", str(free_port()), str(script), str(marker), *argv],
-                             cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = _start_two_ranks([str(FORKED_TORCHRUN)], [str(script), str(marker), *argv])
     try:
         deadline = time.monotonic() + 120
         while not marker.exists():

@@ -10,6 +10,7 @@ import pytest
 import torch
 from device_processes import DeviceProcess
 from device_runs import DEVICE_TIMEOUT_S, RunLines, small_trainer
+from torchrun_runs import tensors
 
 from functions.core.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from functions.core.errors import TrainingInterrupted
@@ -26,20 +27,7 @@ def final_state(trainer) -> dict[str, torch.Tensor]:
     """Every client's and the server's weights and optimizer state, by a flat name."""
     state = {"clients": trainer.clients.state_dict(), "method": trainer.method.state_dict(),
              "server_optimizer": trainer.split_step.server_optimizer.state_dict()}
-    flat = {}
-
-    def walk(node, name):
-        if isinstance(node, torch.Tensor):
-            flat[name] = node
-        elif isinstance(node, dict):
-            for key, value in node.items():
-                walk(value, f"{name}.{key}")
-        elif isinstance(node, (list, tuple)):
-            for index, value in enumerate(node):
-                walk(value, f"{name}[{index}]")
-
-    walk(state, "")
-    return flat
+    return dict(tensors(state))
 
 
 def stop_after_step(trainer, step: int) -> None:
