@@ -19,11 +19,11 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from functions.core.checkpoint import Checkpointed
 from functions.core.distributed import Runtime, all_reduce_sum
@@ -56,6 +56,19 @@ def _layout_problem(layout: Any, num_client: int | None) -> str | None:
     if num_client is not None and any(client >= num_client for client in pool_ids):
         return f"its layout names clients beyond this run's {num_client}"
     return None
+
+
+@torch.no_grad()
+def smashed_row_shapes(client_part: nn.Module, crop_sizes: Sequence[int], trainable_crops: Sequence[int],
+                       momentum_crops: Sequence[int]) -> RowShapes:
+    """The shape of one row of smashed data of each trainable crop, then of each momentum crop (what a replay file
+    holds): a copy of a client's part, in eval mode, on one blank image of each crop's size."""
+    model = client_part.cpu().eval()
+
+    def row_shape(crop: int) -> tuple[int, ...]:
+        return tuple(model(torch.zeros(1, 3, crop_sizes[crop], crop_sizes[crop])).shape[1:])
+
+    return [row_shape(crop) for crop in trainable_crops], [row_shape(crop) for crop in momentum_crops]
 
 
 def replay_file_problem(kept: Any, row_shapes: RowShapes | None, num_client: int | None) -> str | None:

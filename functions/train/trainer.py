@@ -17,6 +17,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
+from torch import nn
 
 from configs import run_options, training_signature
 from functions.core.checkpoint import (
@@ -46,7 +47,7 @@ from functions.privacy.attack_mocosfl import attack_set_size
 from functions.privacy.attack_run import auxiliary_images
 from functions.privacy.defences import DefenceSetting, build_defences
 from functions.sfl.clients.engines import ClientEngine
-from functions.sfl.communication import CommunicationSaving, RowShapes
+from functions.sfl.communication import CommunicationSaving, smashed_row_shapes
 from functions.sfl.fedavg import average_pool, divergence_summary, fedavg, fedavg_positions
 from functions.sfl.fedavg_rules import build_fedavg_rule
 from functions.sfl.fl_step import build_fl_step
@@ -147,7 +148,9 @@ class Trainer:
         crop_sizes = [size for size, _ in view_spec.crops()]
         self.communication = (CommunicationSaving(args.loss_threshold, output_dir / "replay_tensors", runtime,
                                                   count_next_status=mocosfl_compat(args), num_client=args.num_client,
-                                                  row_shapes=lambda: self._smashed_row_shapes(crop_sizes))
+                                                  row_shapes=lambda: smashed_row_shapes(
+                                                      self._first_client_part(), crop_sizes,
+                                                      self.method.trainable_crops, self.method.momentum_crops))
                               if args.loss_threshold > 0 else None)
         # What a checkpoint keeps besides the weights, optimizers and position, by part name.
         self.parts: dict[str, Checkpointed] = {"method_extra": MethodExtraState(self.method),
@@ -156,26 +159,17 @@ class Trainer:
         if self.communication is not None:
             self.parts["communication"] = self.communication
 
+    def _first_client_part(self) -> nn.Module:
+        """A copy of client 0's part of the network."""
+        return self.clients.module_with({name: rows[0] for name, rows in self.clients.stacked_state([0]).items()})
+
     def _defence_setting(self, view_spec: Any) -> DefenceSetting:
         """What the privacy defences are built for: client 0's part, the method's first trainable crop's size."""
-        first_client = self.clients.module_with({name: rows[0] for name, rows in self.clients.stacked_state([0]).items()})
+        first_client = self._first_client_part()
         image_size = view_spec.crops()[self.method.trainable_crops[0]][0]
         dataset = self.data.dataset
         return DefenceSetting(first_client, image_size, dataset.mean, dataset.std, self.device,
                               distributed=self.runtime.is_distributed)
-
-    @torch.no_grad()
-    def _smashed_row_shapes(self, crop_sizes: Sequence[int]) -> RowShapes:
-        """The shape of one row of smashed data of each trainable crop, then of each momentum crop (what a replay
-        file of --loss_threshold holds): client 0's part, in eval mode, on one blank image of each crop's size."""
-        model = self.clients.module_with({name: rows[0] for name, rows in self.clients.stacked_state([0]).items()})
-        model = model.cpu().eval()
-
-        def row_shape(crop: int) -> tuple[int, ...]:
-            return tuple(model(torch.zeros(1, 3, crop_sizes[crop], crop_sizes[crop])).shape[1:])
-
-        return [row_shape(crop) for crop in self.method.trainable_crops], [row_shape(crop) for crop in
-                                                                           self.method.momentum_crops]
 
     @property
     def method(self) -> ServerMethod:
