@@ -18,6 +18,7 @@ With a bottleneck at the cut (models.bottleneck), ``client_bottleneck`` ends the
 """
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -141,6 +142,14 @@ def _features_any(backbone: nn.Module, inputs: torch.Tensor | Sequence[torch.Ten
         return _features(backbone, inputs)
     # Crops of different resolutions cannot share one batch; their pooled features can.
     return torch.cat([_features(backbone, group) for group in inputs], dim=0)
+
+
+@torch.no_grad()
+def smashed_row_shape(client_part: nn.Module, size: int) -> tuple[int, ...]:
+    """The shape of one row of a client part's output (smashed data) for square images of `size` pixels: a CPU copy
+    of the part, in eval mode, on one blank image (the part itself, its device and its statistics are untouched)."""
+    probe = copy.deepcopy(client_part).cpu().eval()
+    return tuple(probe(torch.zeros(1, 3, size, size)).shape[1:])
 
 
 class ServerNet(nn.Module):

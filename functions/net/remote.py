@@ -14,7 +14,6 @@ backward, each remote client with a learning rate above 0 gets its gradient rows
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -44,6 +43,7 @@ from functions.net.state import (
 )
 from functions.net.wire import Message, TensorSpec, WireError, encode
 from functions.sfl.clients.loop import ClientSide, query_index
+from models.split import smashed_row_shape
 
 logger = logging.getLogger("sfl")
 
@@ -225,9 +225,7 @@ class NetworkedClients:
     def _output_shape(self, size: int) -> tuple[int, ...]:
         """The shape of one row of smashed data for a crop of `size` pixels."""
         if size not in self._output_shapes:
-            probe = copy.deepcopy(self.local.models[0]).cpu().eval()
-            with torch.no_grad():
-                self._output_shapes[size] = tuple(probe(torch.zeros(1, 3, size, size)).shape[1:])
+            self._output_shapes[size] = smashed_row_shape(self.local.models[0], size)
         return self._output_shapes[size]
 
     def _forward_specs(self, rows: int) -> dict[str, TensorSpec]:

@@ -30,6 +30,7 @@ from functions.core.distributed import Runtime, all_reduce_sum
 from functions.core.errors import UserError
 from functions.core.files import write_atomic
 from functions.data.layout import StepLayout
+from models.split import smashed_row_shape
 
 logger = logging.getLogger("sfl")
 FULL, UPLOAD_ONLY, REPLAY = "A", "B", "C"
@@ -58,17 +59,12 @@ def _layout_problem(layout: Any, num_client: int | None) -> str | None:
     return None
 
 
-@torch.no_grad()
 def smashed_row_shapes(client_part: nn.Module, crop_sizes: Sequence[int], trainable_crops: Sequence[int],
                        momentum_crops: Sequence[int]) -> RowShapes:
     """The shape of one row of smashed data of each trainable crop, then of each momentum crop (what a replay file
-    holds): a copy of a client's part, in eval mode, on one blank image of each crop's size."""
-    model = client_part.cpu().eval()
-
-    def row_shape(crop: int) -> tuple[int, ...]:
-        return tuple(model(torch.zeros(1, 3, crop_sizes[crop], crop_sizes[crop])).shape[1:])
-
-    return [row_shape(crop) for crop in trainable_crops], [row_shape(crop) for crop in momentum_crops]
+    holds)."""
+    return ([smashed_row_shape(client_part, crop_sizes[crop]) for crop in trainable_crops],
+            [smashed_row_shape(client_part, crop_sizes[crop]) for crop in momentum_crops])
 
 
 def replay_file_problem(kept: Any, row_shapes: RowShapes | None, num_client: int | None) -> str | None:
