@@ -123,7 +123,7 @@ def check_checkpoint_layout(state: dict[str, Any], source: str,
         raise UserError(f"{source} is not a checkpoint this project wrote ({problem}); {fix}")
 
 
-def _is_count(value: Any) -> bool:
+def is_count(value: Any) -> bool:
     """A non-negative Python int (not a bool)."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
@@ -145,7 +145,7 @@ def _rng_problem(rng: Any) -> str | None:
         return "rng is not the random states of a run"
     python, numpy_state = rng["python"], rng["numpy"]
     if not (isinstance(python, tuple) and len(python) == 3 and isinstance(python[1], tuple)
-            and all(_is_count(n) for n in python[1])):
+            and all(is_count(n) for n in python[1])):
         return "rng.python is not a Python random state"
     if not (isinstance(numpy_state, tuple) and len(numpy_state) == 5 and isinstance(numpy_state[1], np.ndarray)
             and numpy_state[1].dtype == np.uint32 and numpy_state[1].shape == (624,)
@@ -165,7 +165,7 @@ def _metrics_problem(metrics: Any) -> str | None:
         if key in ("train_loss", "knn_acc") and not isinstance(value, list):
             return f"metrics.{key} is not a list"
         if isinstance(value, list) and not all(isinstance(entry, (list, tuple)) and len(entry) == 2
-                                               and _is_count(entry[0]) for entry in value):
+                                               and is_count(entry[0]) for entry in value):
             return f"metrics.{key} is not a list of [index, value] pairs"
         if key == "final" and not isinstance(value, Mapping):
             return "metrics.final is not a mapping"
@@ -192,7 +192,7 @@ def checkpoint_value_problem(state: dict[str, Any]) -> str | None:
     if not all(isinstance(key, str) for key in state["args"]):
         return "args is not a mapping of option names"
     for key in ("epoch", "step_in_epoch", "global_step"):
-        if not _is_count(state[key]):
+        if not is_count(state[key]):
             return f"{key} is {state[key]!r}, not a count"
     if not isinstance(state["partition_hash"], str):
         return "partition_hash is not a string"
@@ -203,11 +203,11 @@ def checkpoint_value_problem(state: dict[str, Any]) -> str | None:
     if not isinstance(state.get("client_steps", []), list):
         return "client_steps is not a list"
     for name, value in optional_counts.items():
-        if not _is_count(value):
+        if not is_count(value):
             return f"{name} is {value!r}, not a count"
     statistics = state.get("epoch_statistics", {"sums": {}, "steps": 0})
     if not (isinstance(statistics, Mapping) and isinstance(statistics.get("sums"), Mapping)
-            and all(_is_number(v) for v in statistics["sums"].values()) and _is_count(statistics.get("steps"))):
+            and all(_is_number(v) for v in statistics["sums"].values()) and is_count(statistics.get("steps"))):
         return "epoch_statistics is not sums and a count of steps"
     return _clients_problem(state["clients"]) or _rng_problem(state["rng"]) or _metrics_problem(state["metrics"])
 

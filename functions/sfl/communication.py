@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from functions.core.checkpoint import Checkpointed
+from functions.core.checkpoint import Checkpointed, is_count
 from functions.core.distributed import Runtime, all_reduce_sum
 from functions.core.errors import UserError
 from functions.core.files import write_atomic
@@ -41,15 +41,10 @@ REPLAY_FIX = "it is not what this run kept; delete the run's checkpoint to start
 RowShapes = tuple[list[tuple[int, ...]], list[tuple[int, ...]]]
 
 
-def _is_count(value: Any) -> bool:
-    """A non-negative Python int (not a bool)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
 def _layout_problem(layout: Any, num_client: int | None) -> str | None:
     """What is wrong with a replay file's layout (client ids and rows of this process, then of the pool), or None."""
     if not (isinstance(layout, list) and len(layout) == 4
-            and all(isinstance(part, list) and all(_is_count(v) for v in part) for part in layout)):
+            and all(isinstance(part, list) and all(is_count(v) for v in part) for part in layout)):
         return "its layout is not four lists of counts"
     client_ids, rows, pool_ids, pool_rows = layout
     if len(client_ids) != len(rows) or len(pool_ids) != len(pool_rows) or not set(client_ids) <= set(pool_ids):
