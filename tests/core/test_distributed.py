@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from forked_commands import ForkedCommand
 from paths import REPO_ROOT
 from sfl_helpers import TINY_MOCO, TINY_SWAV
-from torchrun_runs import FORKED_TORCHRUN, REDUCTION_ORDER_DRIFT, assert_same_run, free_port, train
+from torchrun_runs import FORKED_TORCHRUN, REDUCTION_ORDER_DRIFT, assert_same_run, free_port, torchrun_env, train
 
 from functions.core.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from functions.core.distributed import client_shares
@@ -175,15 +176,11 @@ def test_only_the_announcing_rank_prints_an_interruption(capsys):
         assert exit_info.value.code == 143 and capsys.readouterr().err == printed
 
 
-def _start_two_ranks(launcher: list[str], script_and_argv: list[str]) -> subprocess.Popen:
-    """torchrun (`launcher`: its module or tests/helpers/torchrun_forked.py) with two ranks on this machine, its
-    output piped, never downloading."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SFL_NO_DOWNLOAD": "1"}
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    return subprocess.Popen([sys.executable, *launcher, "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                             "--master_port", str(free_port()), *script_and_argv],
-                            cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _start_two_ranks(launcher: list[str], script_and_argv: list[str]) -> ForkedCommand:
+    """torchrun (`launcher`: its module or tests/helpers/torchrun_forked.py) with two ranks on this machine, forked
+    from the tests' fork server (tests/helpers/forked_commands.py), never downloading."""
+    return ForkedCommand([*launcher, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
+                          str(free_port()), *script_and_argv], {**torchrun_env(), "SFL_NO_DOWNLOAD": "1"})
 
 
 def test_sigterm_to_torchrun_saves_once_and_prints_the_torchrun_resume_command(tmp_path):
@@ -274,17 +271,13 @@ def test_sigterm_to_torchrun_during_the_knn_monitor_stops_every_rank_within_seco
 def _launch_two_nodes(script: str, argv: list[str], output_dirs: tuple[Path, Path],
                       node_options: tuple[list[str], list[str]] = ([], []),
                       forked: bool = False) -> list[subprocess.CompletedProcess]:
-    """torchrun as two one-process "nodes" on this machine, each node with its own --output_dir (its own disk);
-    `forked`: each node's worker forked from its torchrun, which imported the project (torchrun_forked.py)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SFL_NO_DOWNLOAD": "1"}
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
+    """torchrun as two one-process "nodes" on this machine, each node with its own --output_dir (its own disk),
+    forked from the tests' fork server; `forked`: each node's worker forked from its torchrun (torchrun_forked.py)."""
     port = str(free_port())
     launcher = [str(FORKED_TORCHRUN)] if forked else ["-m", "torch.distributed.run"]
-    nodes = [subprocess.Popen([sys.executable, *launcher, "--nnodes", "2", "--nproc_per_node", "1",
-                               "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", port, script,
-                               *argv, *node_options[node], "--output_dir", str(output_dirs[node])],
-                              cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    nodes = [ForkedCommand([*launcher, "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node),
+                            "--master_addr", "127.0.0.1", "--master_port", port, script, *argv, *node_options[node],
+                            "--output_dir", str(output_dirs[node])], {**torchrun_env(), "SFL_NO_DOWNLOAD": "1"})
              for node in (0, 1)]
     results = []
     for node in nodes:

@@ -2,31 +2,22 @@
 that imported torch and the device code once (a new device starts in a fraction of a second), or started as a user
 starts one (`python -m functions.device`, which imports torch again: seconds of CPU).
 
-The fork server is a fresh interpreter started once per test process (multiprocessing's "forkserver"), never the test
-process itself, which may already run gRPC or torch threads that a fork would copy half-way. Killing a forked device
+The fork server is tests/helpers/forked_commands.py's, one per test process. Killing a forked device
 kills that process only, as killing the command would.
 """
 from __future__ import annotations
 
-import multiprocessing
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+from forked_commands import FORKSERVER
 from paths import REPO_ROOT
 
 from functions.core.errors import run_cli
 from functions.data.datasets import NO_DOWNLOAD_ENV
 from functions.device.__main__ import main
-
-# Imported once in the fork server; every device forked from it has them. torch._dynamo is what a device's first
-# optimizer imports (seconds of CPU), multicropdataset what it imports to make its views; this module holds the
-# child's entry.
-PRELOAD = ["torch", "torch._dynamo", "grpc", "multicropdataset", "functions.device.__main__", "functions.device.client",
-           "device_processes"]
-FORKSERVER = multiprocessing.get_context("forkserver")
-FORKSERVER.set_forkserver_preload(PRELOAD)
 
 
 def device_argv(port: int, client: int, certs: Path, retry_s: float) -> list[str]:
@@ -51,7 +42,7 @@ class DeviceProcess:
                  retry_s: float = 30.0) -> None:
         argv = device_argv(port, client, certs, retry_s)
         self.log = log
-        self.forked: multiprocessing.process.BaseProcess | None = None
+        self.forked = None  # a multiprocessing process when forked
         self.started: subprocess.Popen | None = None
         if command:
             env = {**os.environ, NO_DOWNLOAD_ENV: "1", "OMP_NUM_THREADS": "1"}

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from forked_commands import TORCHRUN_FORKED, run_forked
 from paths import REPO_ROOT
 
 import run_sflmoco
@@ -24,22 +25,29 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-FORKED_TORCHRUN = REPO_ROOT / "tests" / "helpers" / "torchrun_forked.py"
+FORKED_TORCHRUN = Path(TORCHRUN_FORKED)
+
+
+def torchrun_env() -> dict[str, str]:
+    """The environment of a torchrun started by a test: one torch thread, none of an outer torchrun's variables."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    return env
 
 
 def launch(script: str, argv: list[str], processes: int, forked: bool = False) -> subprocess.CompletedProcess:
     """Run an entry script as one plain process or under torchrun with `processes` CPU processes; `forked`: torchrun
-    forks its workers from a process that imported the project once (tests/helpers/torchrun_forked.py)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
+    itself forked from the tests' fork server and its workers forked from it (tests/helpers/forked_commands.py), the
+    project imported once instead of in every process."""
     if processes == 1:
-        command = [sys.executable, script, *argv]
-    else:
-        launcher = [str(FORKED_TORCHRUN)] if forked else ["-m", "torch.distributed.run"]
-        command = [sys.executable, *launcher, "--nproc_per_node", str(processes), "--master_addr", "127.0.0.1",
-                   "--master_port", str(free_port()), script, *argv]
-    return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
+        return subprocess.run([sys.executable, script, *argv], cwd=REPO_ROOT, env=torchrun_env(),
+                              capture_output=True, text=True, timeout=240)
+    ranks = ["--nproc_per_node", str(processes), "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    if forked:
+        return run_forked([TORCHRUN_FORKED, *ranks, script, *argv], torchrun_env())
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", *ranks, script, *argv], cwd=REPO_ROOT,
+                          env=torchrun_env(), capture_output=True, text=True, timeout=240)
 
 
 def train_in_process(script: str, base: list[str], output_dir: Path, *extra: str) -> Path:
