@@ -16,6 +16,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import runpy
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,13 +31,20 @@ from torch.distributed import run as torchrun
 # tests/helpers/device_processes.py, which forks its devices from the same server; this module holds the entry.
 PRELOAD = ["torch", "torch._dynamo", "torch.distributed.run", "grpc", "multicropdataset", "run_sflmoco", "run_sflswav",
            "functions.device.__main__", "functions.device.client", "device_processes", "forked_commands"]
-FORKSERVER = multiprocessing.get_context("forkserver")
+START_METHOD = "forkserver"  # for torch.multiprocessing.start_processes: ranks forked from the same server
+FORKSERVER = multiprocessing.get_context(START_METHOD)
 FORKSERVER.set_forkserver_preload(PRELOAD)
 TORCHRUN_FORKED = str(REPO_ROOT / "tests" / "helpers" / "torchrun_forked.py")
 
 
-def _forked_main(argv: list[str], env: dict[str, str], cwd: str, stdout: str, stderr: str) -> None:
-    """The forked child: `python *argv` with `env` in `cwd`, its output in the two files; exits with its code."""
+def _forked_main(argv: list[str], env: dict[str, str], cwd: str, stdout: str, stderr: str, new_session: bool) -> None:
+    """The forked child: `python *argv` with `env` in `cwd`, its output in the two files (in a session of its own
+    when `new_session`, as Popen's start_new_session); exits with its code."""
+    if new_session:
+        os.setsid()
+    # A fork server's child inherits "forkserver" as its default start method; a new interpreter has the platform's
+    # (fork), which DataLoader and torchrun workers use.
+    multiprocessing.set_start_method(None, force=True)
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
@@ -74,14 +82,15 @@ class ForkedCommand:
     """A started command with subprocess.Popen's interface for what the tests use: pid, poll, wait, send_signal,
     kill, communicate (text), returncode, args."""
 
-    def __init__(self, argv: list[str], env: dict[str, str] | None = None, cwd: Path | str = REPO_ROOT) -> None:
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None, cwd: Path | str = REPO_ROOT,
+                 new_session: bool = False) -> None:
         self.args = [sys.executable, *argv]
         self._output = Path(tempfile.mkdtemp(prefix="forked_command_"))
         self._stdout, self._stderr = self._output / "stdout", self._output / "stderr"
         # Not a daemon: torchrun and DataLoader workers start processes of their own, which daemons may not.
         self._process = FORKSERVER.Process(
             target=_forked_main, args=(list(argv), dict(os.environ if env is None else env), str(cwd),
-                                       str(self._stdout), str(self._stderr)), daemon=False)
+                                       str(self._stdout), str(self._stderr), new_session), daemon=False)
         self._process.start()
         self.pid = self._process.pid
 
@@ -114,6 +123,10 @@ class ForkedCommand:
         """What it wrote so far to stdout and stderr."""
         return tuple(path.read_text(errors="replace") if path.exists() else "" for path in (self._stdout, self._stderr))
 
+    def remove_output(self) -> None:
+        """Delete the files that hold its output (once it has ended and they were read)."""
+        shutil.rmtree(self._output, ignore_errors=True)
+
 
 def run_forked(argv: list[str], env: dict[str, str] | None = None, cwd: Path | str = REPO_ROOT,
                timeout: float = 240) -> subprocess.CompletedProcess:
@@ -125,4 +138,5 @@ def run_forked(argv: list[str], env: dict[str, str] | None = None, cwd: Path | s
         if command.poll() is None:
             command.kill()
             command.wait(30)
+        command.remove_output()
     return subprocess.CompletedProcess(command.args, command.returncode, stdout, stderr)

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from forked_commands import START_METHOD
 from torch import nn
 
 from functions.core.errors import UserError
@@ -152,7 +153,9 @@ def _sinkhorn_rank(rank: int, world_size: int, store_file: str, row_splits: list
 # Uneven on purpose: B must be the all-reduced total; a rank without rows must still take part.
 @pytest.mark.parametrize("row_splits", [[3, 5], [0, 4]])
 def test_sinkhorn_two_processes_equal_one_process_on_all_rows(tmp_path: Path, row_splits: list[int]) -> None:
-    mp.spawn(_sinkhorn_rank, args=(2, str(tmp_path / "store"), row_splits, str(tmp_path)), nprocs=2, join=True)
+    # The ranks are forked from the tests' fork server (tests/helpers/forked_commands.py), which imported torch once.
+    mp.start_processes(_sinkhorn_rank, args=(2, str(tmp_path / "store"), row_splits, str(tmp_path)), nprocs=2,
+                       join=True, start_method=START_METHOD)
     gathered = torch.cat([torch.load(tmp_path / f"codes_{rank}.pt") for rank in range(2)])
     expected = sinkhorn_knopp(_random_scores(sum(row_splits), 6, seed=5), 0.05, 3)
     assert torch.allclose(gathered, expected, atol=1e-5)

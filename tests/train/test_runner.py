@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 from entry_runs import FAST, SUBPROCESS_TIMEOUT_S, cli_error, entry_env
+from forked_commands import TORCHRUN_FORKED, run_forked
 from paths import REPO_ROOT, SAMPLE_CIFAR10
 
 import run_sflmoco
@@ -43,10 +42,10 @@ def test_eval_only_takes_the_runs_data_dir_and_this_commands_evaluation_options(
 
 
 def test_torchrun_prints_a_bad_option_once(tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO_ROOT / "run_sflmoco.py"),
-               "--no_such_option", "--output_dir", str(tmp_path / "run")]
-    result = subprocess.run(command, cwd=REPO_ROOT, env=entry_env(), capture_output=True, text=True,
-                            timeout=SUBPROCESS_TIMEOUT_S)
+    # torchrun with its workers forked from it, itself forked from the tests' fork server (forked_commands.py)
+    result = run_forked([TORCHRUN_FORKED, "--nproc_per_node", "2", str(REPO_ROOT / "run_sflmoco.py"),
+                         "--no_such_option", "--output_dir", str(tmp_path / "run")], entry_env(),
+                        timeout=SUBPROCESS_TIMEOUT_S)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert errors == ["error: unrecognized arguments: --no_such_option (see run_sflmoco.py --help)"], result.stderr

@@ -6,7 +6,6 @@ import os
 import shlex
 import signal
 import subprocess
-import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from entry_runs import FAST, SLOW_DRIVER, SUBPROCESS_TIMEOUT_S, checkpoint_tensors, entry_env
+from forked_commands import ForkedCommand, run_forked
 from paths import REPO_ROOT
 from sfl_helpers import moco_trainer
 
@@ -29,17 +29,17 @@ from functions.core.distributed import all_reduce_sum
 from functions.core.errors import TrainingInterrupted
 from functions.train.stopping import AgreedStopBatches, StopSignal, WorkCutShort
 
-# Runs the real entry script in a child process; each step also writes its number to a progress file and pauses,
+# Runs the real entry script in a child process (forked from the tests' fork server); each step also writes its number to a progress file and pauses,
 # so the test can send SIGTERM from outside while the run is mid-epoch.
 
 
-def start_slow_run(tmp_path: Path, argv: list[str], **popen: object) -> tuple[subprocess.Popen, Path]:
-    """Start the slowed entry script; return the process once it has finished two steps."""
+def start_slow_run(tmp_path: Path, argv: list[str], new_session: bool = False) -> tuple[ForkedCommand, Path]:
+    """Start the slowed entry script (forked: tests/helpers/forked_commands.py); return the process once it has
+    finished two steps."""
     driver = tmp_path / "driver.py"
     driver.write_text(SLOW_DRIVER.format(repo=str(REPO_ROOT)))
     progress = tmp_path / "progress.txt"
-    child = subprocess.Popen([sys.executable, str(driver), str(progress), *argv], cwd=REPO_ROOT, env=entry_env(),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    child = ForkedCommand([str(driver), str(progress), *argv], entry_env(), new_session=new_session)
     deadline = time.monotonic() + SUBPROCESS_TIMEOUT_S
     while not (progress.is_file() and len(progress.read_text().split()) >= 2):
         if child.poll() is not None or time.monotonic() > deadline:
@@ -93,7 +93,7 @@ def test_sigterm_to_the_whole_process_group_with_data_workers_stops_cleanly(tmp_
     # Slurm and Ctrl-C signal every process of the group: the data-loader workers die too, the step must not.
     run_dir = tmp_path / "run"
     child, _ = start_slow_run(tmp_path, [*FAST, "--num_workers", "2", "--output_dir", str(run_dir)],
-                              start_new_session=True)
+                              new_session=True)
     try:
         os.killpg(child.pid, signal.SIGTERM)
         _, stderr = child.communicate(timeout=SUBPROCESS_TIMEOUT_S)
@@ -178,9 +178,8 @@ def test_a_signal_outside_training_says_what_was_saved(tmp_path, where, name):
     script = tmp_path / "signal_at.py"
     script.write_text(SIGNAL_AT.format(repo=str(REPO_ROOT)))
     run_dir = tmp_path / "run"
-    result = subprocess.run([sys.executable, str(script), where, name, *FAST, "--max_steps", "2", "--output_dir",
-                             str(run_dir)], env=entry_env(), capture_output=True, text=True,
-                            timeout=SUBPROCESS_TIMEOUT_S)
+    result = run_forked([str(script), where, name, *FAST, "--max_steps", "2", "--output_dir", str(run_dir)],
+                        entry_env(), timeout=SUBPROCESS_TIMEOUT_S)
     assert result.returncode == 128 + getattr(signal, name), result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("interrupted: ")]
@@ -223,9 +222,8 @@ def test_sigterm_while_the_schedule_is_read_stops_within_seconds(tmp_path):
     marker = tmp_path / "planning"
     run_dir = tmp_path / "run"
     # --local_epoch 1000: 21,000 steps an epoch, whose plans the loader must not build before the first step.
-    child = subprocess.Popen([sys.executable, str(script), str(marker), *FAST, "--scheme", "fl", "--local_epoch",
-                              "1000", "--output_dir", str(run_dir)], cwd=REPO_ROOT, env=entry_env(),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = ForkedCommand([str(script), str(marker), *FAST, "--scheme", "fl", "--local_epoch", "1000",
+                           "--output_dir", str(run_dir)], entry_env())
     deadline = time.monotonic() + SUBPROCESS_TIMEOUT_S
     while not marker.exists():
         if child.poll() is not None or time.monotonic() > deadline:
