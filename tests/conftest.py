@@ -18,6 +18,21 @@ for folder in (HELPERS.parent.parent, HELPERS):
 
 from paths import CIFAR10_MINI  # noqa: E402  (after the path is set)
 
+from functions.data import partition  # noqa: E402
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "partition_plot: the test reads partition.png, so its runs draw it")
+
+
+@pytest.fixture(autouse=True)
+def no_partition_plot(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs inside a test process do not draw partition.png unless the test reads it (marked partition_plot, or in
+    tests/data/test_partition.py, which tests the picture): a drawing costs a fraction of a CPU second, and the suite
+    starts hundreds of runs. Runs started as programs draw it as usual."""
+    if request.node.get_closest_marker("partition_plot") is None and request.node.path.name != "test_partition.py":
+        monkeypatch.setattr(partition, "_plot_partition", lambda *plot: None)
+
 
 @pytest.fixture
 def cifar10_mini_dir() -> Path:

@@ -108,6 +108,7 @@ def test_a_second_run_into_the_same_folder_needs_resume(tmp_path):
         _run(tmp_path, "run", "--max_steps", "1")
 
 
+@pytest.mark.partition_plot
 def test_a_run_writes_every_output(tmp_path):
     results, output_dir = _run(tmp_path, "run", "--max_steps", "3", "--eval_freq", "1")
     for name in ("config.yaml", "partition.json", "partition.png", "output.log", "metrics.json", CHECKPOINT_NAME):

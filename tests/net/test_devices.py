@@ -14,13 +14,6 @@ from torchrun_runs import tensors
 
 from functions.core.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from functions.core.errors import TrainingInterrupted
-from functions.data import partition
-
-
-@pytest.fixture(autouse=True)
-def no_partition_plot(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each of the test's runs would draw partition.png (a fraction of a CPU second); nothing here reads it."""
-    monkeypatch.setattr(partition, "_plot_partition", lambda *plot: None)
 
 
 def final_state(trainer) -> dict[str, torch.Tensor]:
