@@ -21,6 +21,12 @@ from paths import CIFAR10_MINI  # noqa: E402  (after the path is set)
 from functions.data import partition  # noqa: E402
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """-n auto: one worker more than the cores this process may use. Many tests wait on programs they started
+    (torchrun ranks, sweeps, devices, signalled runs); the extra worker keeps both cores busy meanwhile."""
+    return len(os.sched_getaffinity(0)) + 1
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "partition_plot: the test reads partition.png, so its runs draw it")
 
