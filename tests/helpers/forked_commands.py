@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import traceback
+import weakref
 from pathlib import Path
 
 from paths import REPO_ROOT
@@ -86,6 +87,7 @@ class ForkedCommand:
                  new_session: bool = False) -> None:
         self.args = [sys.executable, *argv]
         self._output = Path(tempfile.mkdtemp(prefix="forked_command_"))
+        weakref.finalize(self, shutil.rmtree, self._output, True)  # its output files go with it
         self._stdout, self._stderr = self._output / "stdout", self._output / "stderr"
         # Not a daemon: torchrun and DataLoader workers start processes of their own, which daemons may not.
         self._process = FORKSERVER.Process(
@@ -123,11 +125,6 @@ class ForkedCommand:
         """What it wrote so far to stdout and stderr."""
         return tuple(path.read_text(errors="replace") if path.exists() else "" for path in (self._stdout, self._stderr))
 
-    def remove_output(self) -> None:
-        """Delete the files that hold its output (once it has ended and they were read)."""
-        shutil.rmtree(self._output, ignore_errors=True)
-
-
 def run_forked(argv: list[str], env: dict[str, str] | None = None, cwd: Path | str = REPO_ROOT,
                timeout: float = 240) -> subprocess.CompletedProcess:
     """`python *argv` forked, to its end: subprocess.run's result with text output."""
@@ -138,5 +135,4 @@ def run_forked(argv: list[str], env: dict[str, str] | None = None, cwd: Path | s
         if command.poll() is None:
             command.kill()
             command.wait(30)
-        command.remove_output()
     return subprocess.CompletedProcess(command.args, command.returncode, stdout, stderr)
