@@ -13,6 +13,7 @@ the image folder's, tested in tests/data/test_image_folder.py.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -51,11 +52,19 @@ def _key(line: ScriptLine) -> tuple:
 
 @pytest.fixture(scope="module")
 def full_size_data(tmp_path_factory) -> Path:
+    """The full-size copies, made once per test session: under pytest-xdist in the folder that holds every
+    worker's temporary folders, the first worker making them while the others wait."""
     from paths import CIFAR10_MINI
 
     if not (CIFAR10_MINI / "cifar-10-batches-py" / "data_batch_1").is_file():
         pytest.skip(f"real CIFAR-10 sample not found at {CIFAR10_MINI}")
-    return full_size_copies(CIFAR10_MINI, tmp_path_factory.mktemp("full_size"))
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return full_size_copies(CIFAR10_MINI, tmp_path_factory.mktemp("full_size"))
+    shared = tmp_path_factory.getbasetemp().parent / "full_size"
+    shared.mkdir(exist_ok=True)
+    with open(shared / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return full_size_copies(CIFAR10_MINI, shared)
 
 
 def test_the_scripts_expand_to_their_lines():
