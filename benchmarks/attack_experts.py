@@ -20,12 +20,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from functions.core.options import typed_options  # noqa: E402
 from functions.data.datasets import load_dataset  # noqa: E402
 from functions.evaluation.context import EvaluationContext  # noqa: E402
 from functions.privacy.attack import to_unit_images  # noqa: E402
 from functions.privacy.attack_mocosfl import attack_set_size, invert_mocosfl  # noqa: E402
 from functions.privacy.attack_run import attack_on_client, sample_images  # noqa: E402
-from functions.privacy.expert import load_initial_weights  # noqa: E402
+from functions.privacy.expert import InitialWeightsOptions, load_initial_weights  # noqa: E402
 from models.split import build_split_model  # noqa: E402
 
 MOCOSFL_CIFAR10_STD = (0.2023, 0.1994, 0.2010)  # MocoSFL's CIFAR-10 normalisation (its mean is this project's)
@@ -74,7 +75,7 @@ def main() -> None:
                                   attack_epochs=options.attack_epochs, attack_images=options.attack_images,
                                   attack_client=0, num_client=1, seed=options.seed,
                                   output_dir=str(Path(options.output_dir) / f"cut{cutlayer}"))
-        load_initial_weights(args, split)
+        load_initial_weights(typed_options(InitialWeightsOptions, args), split)
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         std = MOCOSFL_CIFAR10_STD if options.normalisation == "mocosfl" else dataset.std
         context = EvaluationContext(lambda images: images, split.client.eval(), [], [], dataset.num_classes, args,
