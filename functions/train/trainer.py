@@ -39,7 +39,7 @@ from functions.core.logs import EpochStatistics, LogWindow, ProgressBar, Trainin
 from functions.core.precision import MixedPrecision, amp_dtype_of
 from functions.data.datasets import resolved_entry
 from functions.data.layout import StepLayout
-from functions.evaluation.context import Evaluation, EvaluationContext
+from functions.evaluation.context import Evaluation, EvaluationContext, EvaluationOptions
 from functions.methods.base import ServerMethod
 from functions.methods.registry import method_class
 from functions.net.remote import build_networked_clients
@@ -524,7 +524,7 @@ class Trainer:
         if agree_on_stop:
             memory, test = (AgreedStopBatches(loader, self.stop, self.device) for loader in (memory, test))
         return EvaluationContext(self.split_step.encoder(client_model), client_model, memory, test,
-                                 dataset.num_classes, self.args, self.device,
+                                 dataset.num_classes, self.args, self.device, EvaluationOptions.from_args(self.args),
                                  client_images=lambda client: dataset.train_images[self.data.client_indices[client]],
                                  train_images=lambda: dataset.train_images,
                                  mean=dataset.mean, std=dataset.std, is_main=self.runtime.is_main)
