@@ -14,7 +14,7 @@ from functions.evaluation.probes import extract_features
 
 @dataclass(frozen=True)
 class EvaluationOptions:
-    """The run options the final evaluations read."""
+    """The run options the built-in evaluations read (the kNN monitor's too)."""
 
     knn_k: int                      # neighbours of the kNN accuracy
     knn_t: float                    # temperature of the kNN accuracy
