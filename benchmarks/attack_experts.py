@@ -21,11 +21,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from functions.data.datasets import load_dataset  # noqa: E402
-from functions.evaluation.context import EvaluationContext  # noqa: E402
+from functions.evaluation.context import EvaluationContext, EvaluationOptions  # noqa: E402
 from functions.privacy.attack import to_unit_images  # noqa: E402
 from functions.privacy.attack_mocosfl import attack_set_size, invert_mocosfl  # noqa: E402
 from functions.privacy.attack_run import attack_on_client, sample_images  # noqa: E402
-from functions.privacy.expert import load_initial_weights  # noqa: E402
+from functions.privacy.expert import InitialWeightsOptions, load_initial_weights  # noqa: E402
 from models.split import build_split_model  # noqa: E402
 
 MOCOSFL_CIFAR10_STD = (0.2023, 0.1994, 0.2010)  # MocoSFL's CIFAR-10 normalisation (its mean is this project's)
@@ -69,16 +69,19 @@ def main() -> None:
     for cutlayer in options.cuts:
         folder = sorted(Path(options.experts).glob(f"*_cut{cutlayer}_*"))[0]
         split = build_split_model("ResNet18", cutlayer, width=64, bottleneck="C4S2")
-        args = argparse.Namespace(initialze_path=str(folder), arch="ResNet18", cutlayer=cutlayer, load_server=False,
-                                  attack_protocol="mocosfl", attack_data_proportion=options.attack_data_proportion,
+        load_initial_weights(InitialWeightsOptions(initialze_path=str(folder), arch="ResNet18", cutlayer=cutlayer,
+                                                   load_server=False), split)
+        args = argparse.Namespace(attack_protocol="mocosfl", attack_data_proportion=options.attack_data_proportion,
                                   attack_epochs=options.attack_epochs, attack_images=options.attack_images,
                                   attack_client=0, num_client=1, seed=options.seed,
                                   output_dir=str(Path(options.output_dir) / f"cut{cutlayer}"))
-        load_initial_weights(args, split)
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         std = MOCOSFL_CIFAR10_STD if options.normalisation == "mocosfl" else dataset.std
+        # Only the attack runs on this context: no kNN accuracy, no probe.
+        attack_only = EvaluationOptions(knn_k=0, knn_t=0.0, skip_linear=True, linear_epochs=0, seed=options.seed,
+                                        attack=True)
         context = EvaluationContext(lambda images: images, split.client.eval(), [], [], dataset.num_classes, args,
-                                    torch.device("cpu"), client_images=lambda client: dataset.train_images,
+                                    torch.device("cpu"), attack_only, client_images=lambda client: dataset.train_images,
                                     train_images=lambda: dataset.train_images, mean=dataset.mean, std=std)
         started = time.time()
         if options.mocosfl_targets:

@@ -1,6 +1,7 @@
 """What an evaluation of a trained run may read, and the type of an evaluation."""
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -11,10 +12,31 @@ from torch import Tensor, nn
 from functions.evaluation.probes import extract_features
 
 
+@dataclass(frozen=True)
+class EvaluationOptions:
+    """The run options the built-in evaluations read (the kNN monitor's too)."""
+
+    knn_k: int                      # neighbours of the kNN accuracy
+    knn_t: float                    # temperature of the kNN accuracy
+    skip_linear: bool               # no linear and semi-supervised probes
+    linear_epochs: int              # epochs of the probes
+    seed: int                       # the probes' initialisation and order
+    attack: bool = False            # the model-inversion attack after training
+    eval_protocol: str = "honest"   # honest, or mocosfl (figures selected on the test set)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> EvaluationOptions:
+        """The group of a namespace (one not made by configs.parse_args may lack --attack and --eval_protocol)."""
+        return cls(knn_k=args.knn_k, knn_t=args.knn_t, skip_linear=args.skip_linear, linear_epochs=args.linear_epochs,
+                   seed=args.seed, attack=getattr(args, "attack", False),
+                   eval_protocol=getattr(args, "eval_protocol", "honest"))
+
+
 @dataclass(eq=False)
 class EvaluationContext:
     """What an evaluation of a trained run may read: the frozen encoder (averaged client part, then the server's
-    backbone), the client part alone, the memory and test loaders, the run's options. Features are extracted once,
+    backbone), the client part alone, the memory and test loaders, the run's options (the whole namespace, for an
+    evaluation that reads options of its own, and the group the final evaluations read). Features are extracted once,
     on first use, and shared by every evaluation."""
 
     encode: Callable[[Tensor], Tensor]
@@ -24,6 +46,7 @@ class EvaluationContext:
     num_classes: int
     args: Any
     device: torch.device
+    options: EvaluationOptions
     # For the attack: a client's own training images (uint8 NHWC), the normalisation, whether this process writes.
     client_images: Callable[[int], np.ndarray] | None = None
     train_images: Callable[[], np.ndarray] | None = None  # all the run's training images (MocoSFL's attack)
@@ -52,7 +75,7 @@ class EvaluationContext:
     @property
     def test_selected(self) -> bool:
         """Whether the figures are MocoSFL's, selected on the test set (--eval_protocol mocosfl)."""
-        return getattr(self.args, "eval_protocol", "honest") == "mocosfl"
+        return self.options.eval_protocol == "mocosfl"
 
 
 Evaluation = Callable[[EvaluationContext], dict[str, Any]]

@@ -7,9 +7,9 @@ MocoSFL's layer indices, read through a key mapping onto this project's unit nam
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -122,18 +122,28 @@ def _mocosfl_hint(state: Mapping[str, torch.Tensor]) -> str:
             f"(--bottleneck_option C{channels}S<stride>)")
 
 
-def load_initial_weights(args: argparse.Namespace, split: SplitModel) -> None:
+@dataclass(frozen=True)
+class InitialWeightsOptions:
+    """The run options that start a run from an earlier one's weights."""
+
+    initialze_path: str   # the earlier run's folder (this project's or MocoSFL's)
+    arch: str             # the architecture, for MocoSFL's layer keys
+    cutlayer: int         # the cut, for MocoSFL's layer keys
+    load_server: bool     # also the server part
+
+
+def load_initial_weights(options: InitialWeightsOptions, split: SplitModel) -> None:
     """Load --initialze_path's client part into `split.client` (and with --load_server its server part into
     `split.server`), before the clients and the server method copy them."""
-    folder = Path(args.initialze_path)
+    folder = Path(options.initialze_path)
     if not folder.is_dir():
         raise UserError(f"--initialze_path {folder} is not a folder (give an earlier run's --output_dir)")
     if (folder / MOCOSFL_CLIENT_FILE).is_file():
-        _load_mocosfl(args, split, folder)
+        _load_mocosfl(options, split, folder)
         return
     for name in (BEST_CHECKPOINT_NAME, CHECKPOINT_NAME):
         if (folder / name).is_file():
-            _load_own_run(args, split, folder / name)
+            _load_own_run(options, split, folder / name)
             return
     raise UserError(f"--initialze_path {folder} holds neither a run of this project ({BEST_CHECKPOINT_NAME} or "
                     f"{CHECKPOINT_NAME}) nor a MocoSFL run ({MOCOSFL_CLIENT_FILE})")
@@ -150,24 +160,25 @@ def _torch_file(path: Path) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
-def _load_mocosfl(args: argparse.Namespace, split: SplitModel, folder: Path) -> None:
+def _load_mocosfl(options: InitialWeightsOptions, split: SplitModel, folder: Path) -> None:
     """The client (and server) parts of a MocoSFL run folder."""
     client_file = _torch_file(folder / MOCOSFL_CLIENT_FILE)
     hint = _mocosfl_hint(client_file)
-    _fit(split.client, mocosfl_client_state(client_file, args.arch, args.cutlayer), "MocoSFL client part", hint)
+    _fit(split.client, mocosfl_client_state(client_file, options.arch, options.cutlayer), "MocoSFL client part",
+         hint)
     logger.info(f"client parts start from MocoSFL's {folder / MOCOSFL_CLIENT_FILE}")
-    if args.load_server:
+    if options.load_server:
         server_path = folder / MOCOSFL_SERVER_FILE
         if not server_path.is_file():
             raise UserError(f"--load_server: {folder} holds no {MOCOSFL_SERVER_FILE}; run without --load_server")
         decoder = getattr(split.server.backbone, SERVER_BOTTLENECK, None)
-        mapped = mocosfl_server_state(_torch_file(server_path), args.arch, args.cutlayer,
+        mapped = mocosfl_server_state(_torch_file(server_path), options.arch, options.cutlayer,
                                       len(decoder) if decoder is not None else 0)
         _fit(split.server, mapped, "MocoSFL server part", "")
         logger.info(f"the server part starts from MocoSFL's {server_path}")
 
 
-def _load_own_run(args: argparse.Namespace, split: SplitModel, path: Path) -> None:
+def _load_own_run(options: InitialWeightsOptions, split: SplitModel, path: Path) -> None:
     """The clients' average (and the server part) of a checkpoint of this project."""
     state = load_checkpoint(path)
     check_checkpoint_layout(state, f"--initialze_path: {path}", "start from another run")
@@ -183,7 +194,7 @@ def _load_own_run(args: argparse.Namespace, split: SplitModel, path: Path) -> No
     average = {key: torch.stack([model[key].float() for model in models]).mean(dim=0) for key in models[0]}
     _fit(split.client, average, f"client part in {path}", hint)
     logger.info(f"client parts start from the average of the {len(models)} clients in {path}")
-    if args.load_server:
+    if options.load_server:
         server = {key[len(SERVER_PREFIX):]: value for key, value in state["method"].items()
                   if key.startswith(SERVER_PREFIX)}
         _fit(split.server, server, f"server part in {path}", hint)

@@ -23,7 +23,7 @@ from functions.data.loaders import StepBatch
 from functions.methods.base import ServerMethod, StepContext
 from functions.methods.registry import method_class
 from functions.privacy.defences import PrivacyDefence, SmashedStep
-from functions.privacy.expert import load_initial_weights
+from functions.privacy.expert import InitialWeightsOptions, load_initial_weights
 from functions.sfl.clients.engines import ClientEngine, ClientEngineOptions, build_client_engine
 from models.split import build_split_model
 
@@ -186,7 +186,8 @@ def build_split_step(args: argparse.Namespace, runtime: Runtime, precision: Mixe
                               client_residual=not args.disable_c_residual, width=args.width,
                               bottleneck=bottleneck_of(args), image_size=args.data_size)
     if args.initialze_path != "None":
-        load_initial_weights(args, split)  # before the clients and the method copy the parts
+        # Before the clients and the method copy the parts.
+        load_initial_weights(typed_options(InitialWeightsOptions, args), split)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     # Before the method copies the server (MoCo's key encoder), so every copy has the same layout.
     method = method_cls(args, split.server.to(runtime.device, memory_format=memory_format), runtime.device)

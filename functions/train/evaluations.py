@@ -14,7 +14,7 @@ def knn_evaluation(context: EvaluationContext) -> dict[str, Any]:
     """kNN accuracy (percent) of the test set against the memory set (--knn_k, --knn_t)."""
     train_features, train_labels, test_features, test_labels = context.features
     return {"knn_acc": knn_accuracy(train_features, train_labels, test_features, test_labels, context.num_classes,
-                                    k=context.args.knn_k, temperature=context.args.knn_t)}
+                                    k=context.options.knn_k, temperature=context.options.knn_t)}
 
 
 def final_knn_evaluation(context: EvaluationContext) -> dict[str, Any]:
@@ -27,23 +27,23 @@ def final_knn_evaluation(context: EvaluationContext) -> dict[str, Any]:
 def probe_evaluation(context: EvaluationContext) -> dict[str, Any]:
     """Final-epoch linear probe on all labels and on 1 % and 10 % of them (--linear_epochs; off with --skip_linear);
     under --eval_protocol mocosfl, MocoSFL's probes and their best test epochs instead (functions.evaluation.mocosfl)."""
-    args = context.args
-    if args.skip_linear:
+    options = context.options
+    if options.skip_linear:
         return {"linear_acc_test_selected" if context.test_selected else "linear_acc": None}
     if context.test_selected:
-        return mocosfl_probes(*context.raw_features, context.num_classes, epochs=args.linear_epochs, seed=args.seed,
-                              device=context.device)
+        return mocosfl_probes(*context.raw_features, context.num_classes, epochs=options.linear_epochs,
+                              seed=options.seed, device=context.device)
     train_features, train_labels, test_features, test_labels = context.features
     probe = linear_probe(train_features, train_labels, test_features, test_labels, context.num_classes,
-                         epochs=args.linear_epochs, seed=args.seed, device=context.device)
+                         epochs=options.linear_epochs, seed=options.seed, device=context.device)
     return {"linear_acc": probe["test_acc"],
             **semi_supervised_probes(train_features, train_labels, test_features, test_labels, context.num_classes,
-                                     epochs=args.linear_epochs, seed=args.seed, device=context.device)}
+                                     epochs=options.linear_epochs, seed=options.seed, device=context.device)}
 
 
 def attack_evaluation(context: EvaluationContext) -> dict[str, Any]:
     """With --attack: the model-inversion attack on a client's smashed data (functions.privacy.attack_run)."""
-    if not getattr(context.args, "attack", False):
+    if not context.options.attack:
         return {}
     return attack_on_client(context)
 

@@ -142,7 +142,7 @@ def _run_on(runtime: Runtime, args: argparse.Namespace, evaluations: Sequence[Ev
     state = starting_state(args, runtime, checkpoint_path)  # a bad file is refused before anything changes
     if state is not None:
         check_checkpoint_layout(state, str(checkpoint_path))
-        check_same_method(state, args, checkpoint_path)
+        check_same_method(state, args.method, checkpoint_path)
     unused = unused_options(args)
     if unused:
         logger.warning(f"{', '.join('--' + name for name in unused)}: no effect on {args.method} (options of the "
@@ -209,7 +209,7 @@ def evaluate_checkpoint(args: argparse.Namespace, runtime: Runtime,
     state = load_checkpoint(args.checkpoint)
     check_checkpoint_layout(state, args.checkpoint, "pass a checkpoint written by a training run")
     method = state["args"].get("method", args.method)
-    check_same_method(state, argparse.Namespace(method=method), args.checkpoint)
+    check_same_method(state, method, args.checkpoint)
     problem = saved_options_problem(state["args"], method)
     if problem:
         raise UserError(f"{args.checkpoint} is not a checkpoint this project wrote ({problem}); pass a checkpoint "

@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, Iterable, Iterator, TypeVar
 
@@ -15,6 +16,7 @@ import torch
 
 from functions.core.distributed import all_reduce_max_flag, launcher_prefix
 from functions.core.errors import TrainingInterrupted
+from functions.core.options import typed_options
 from functions.methods.registry import method_class
 
 
@@ -156,12 +158,25 @@ class AgreedStopBatches(Generic[Batch]):
             raise WorkCutShort(self.stop.name or "a stop signal (on another rank)")
 
 
-def resume_command(args: argparse.Namespace) -> str:
+@dataclass(frozen=True)
+class ResumeCommandOptions:
+    """The run options the resume command names."""
+
+    method: str       # whose entry script continues the run
+    output_dir: str   # the run folder, whose config.yaml holds every resolved option
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ResumeCommandOptions:
+        """The group of a parsed namespace."""
+        return typed_options(cls, args)
+
+
+def resume_command(options: ResumeCommandOptions) -> str:
     """The command that continues this run: the one that started it plus --resume, or its saved config."""
-    script = method_class(args.method).entry_script
+    script = method_class(options.method).entry_script
     if Path(sys.argv[0]).name == script:
         arguments = [sys.argv[0], *(a for a in sys.argv[1:] if a != "--resume"), "--resume"]
     else:
         # Called from Python (not the entry script): the run folder's config.yaml holds every resolved option.
-        arguments = [script, "--config", str(Path(args.output_dir) / "config.yaml"), "--resume"]
+        arguments = [script, "--config", str(Path(options.output_dir) / "config.yaml"), "--resume"]
     return f"{launcher_prefix()} {shlex.join(arguments)}"

@@ -39,7 +39,7 @@ from functions.core.logs import EpochStatistics, LogWindow, ProgressBar, Trainin
 from functions.core.precision import MixedPrecision, amp_dtype_of
 from functions.data.datasets import resolved_entry
 from functions.data.layout import StepLayout
-from functions.evaluation.context import Evaluation, EvaluationContext
+from functions.evaluation.context import Evaluation, EvaluationContext, EvaluationOptions
 from functions.methods.base import ServerMethod
 from functions.methods.registry import method_class
 from functions.net.remote import build_networked_clients
@@ -55,8 +55,8 @@ from functions.sfl.overhead import client_overhead
 from functions.sfl.step import build_split_step, per_client_server_updates
 from functions.train.evaluations import FINAL_EVALUATIONS, knn_evaluation
 from functions.train.federated_data import FederatedData
-from functions.train.resume_checks import check_same_configuration
-from functions.train.stopping import AgreedStopBatches, StopSignal, WorkCutShort, resume_command
+from functions.train.resume_checks import ResumeCheckOptions, check_same_configuration
+from functions.train.stopping import AgreedStopBatches, ResumeCommandOptions, StopSignal, WorkCutShort, resume_command
 
 
 def seed_everything(seed: int) -> None:
@@ -271,7 +271,8 @@ class Trainer:
         """Log and raise the stop of a signalled run (its checkpoint is saved); the message says how to resume."""
         message = (f"{self.stop.name or 'a stop signal (on another rank)'} received: stopped after step "
                    f"{self.global_step} (epoch {self.epoch + 1}, step {self.step_in_epoch} of {self.steps_per_epoch}) "
-                   f"and saved {self.output_dir / CHECKPOINT_NAME}; resume with: {resume_command(self.args)}")
+                   f"and saved {self.output_dir / CHECKPOINT_NAME}; "
+                   f"resume with: {resume_command(ResumeCommandOptions.from_args(self.args))}")
         if self.runtime.is_main:  # every rank stops; one says so
             logger.warning(message)
         raise TrainingInterrupted(message, int(self.stop.signal_number or signal.SIGTERM), announce=self.runtime.is_main)
@@ -364,8 +365,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
         return {
-            "format": CHECKPOINT_FORMAT,
-            "args": run_options(self.args),
+            "format": CHECKPOINT_FORMAT, "args": run_options(self.args),
             "signature": training_signature(self.args),
             "partition_hash": self.data.partition_hash,
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
@@ -450,7 +450,7 @@ class Trainer:
                             f"{self.steps_per_epoch} steps and counts the steps of {saved_clients} clients, this run "
                             f"has {self.args.num_client}); delete it or pass another --output_dir")
         if check_signature:
-            check_same_configuration(state, self.args, self.data.partition_hash)
+            check_same_configuration(state, ResumeCheckOptions.from_args(self.args), self.data.partition_hash)
             self._check_num_epoch(state["args"].get("num_epoch", self.args.num_epoch))
         self._load_weights(state["method"], state["clients"], source)
         saved_parts = checkpoint_parts(state)
@@ -524,7 +524,7 @@ class Trainer:
         if agree_on_stop:
             memory, test = (AgreedStopBatches(loader, self.stop, self.device) for loader in (memory, test))
         return EvaluationContext(self.split_step.encoder(client_model), client_model, memory, test,
-                                 dataset.num_classes, self.args, self.device,
+                                 dataset.num_classes, self.args, self.device, EvaluationOptions.from_args(self.args),
                                  client_images=lambda client: dataset.train_images[self.data.client_indices[client]],
                                  train_images=lambda: dataset.train_images,
                                  mean=dataset.mean, std=dataset.std, is_main=self.runtime.is_main)

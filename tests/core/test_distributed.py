@@ -152,14 +152,14 @@ def test_fewer_clients_than_processes_is_one_clear_error(tmp_path):
 ])
 def test_the_printed_resume_command_repeats_the_launcher(monkeypatch, environment, expected):
     from configs import parse_args
-    from functions.train.stopping import resume_command
+    from functions.train.stopping import ResumeCommandOptions, resume_command
 
     for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(sys, "argv", ["run_sflmoco.py", "--lr", "0.1", "--resume"])
-    assert resume_command(parse_args("moco", ["--lr", "0.1"])) == expected
+    assert resume_command(ResumeCommandOptions.from_args(parse_args("moco", ["--lr", "0.1"]))) == expected
 
 
 def test_only_the_announcing_rank_prints_an_interruption(capsys):

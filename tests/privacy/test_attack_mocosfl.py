@@ -10,7 +10,12 @@ import torch
 from paths import MOCOSFL_FIXTURES, SHARED
 from torch import nn
 
-from functions.privacy.expert import MOCOSFL_CLIENT_FILE, load_initial_weights, mocosfl_client_state
+from functions.privacy.expert import (
+    MOCOSFL_CLIENT_FILE,
+    InitialWeightsOptions,
+    load_initial_weights,
+    mocosfl_client_state,
+)
 from functions.privacy.image_quality import ssim, ssim_per_image
 from functions.privacy.ressfl import SimulatedAttacker
 from models.decoders import inversion_decoder
@@ -145,8 +150,8 @@ def test_expert_client_parts_compute_what_mocosfls_do(golden, cutlayer: int) -> 
     if not (folder / MOCOSFL_CLIENT_FILE).is_file():
         pytest.skip(f"MocoSFL's expert client parts not found in {EXPERTS}")
     split = build_split_model("ResNet18", cutlayer, width=64, bottleneck="C4S2")
-    load_initial_weights(argparse.Namespace(initialze_path=str(folder), arch="ResNet18", cutlayer=cutlayer,
-                                            load_server=False), split)
+    load_initial_weights(InitialWeightsOptions(initialze_path=str(folder), arch="ResNet18", cutlayer=cutlayer,
+                                               load_server=False), split)
     split.client.eval()
     with torch.no_grad():
         output = split.client(tensors["expert_images"].float() / 255)

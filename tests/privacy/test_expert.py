@@ -1,7 +1,6 @@
 """Expert initialisation: MocoSFL's published client parts through the key mapping, and parts of an earlier run."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import pytest
@@ -13,8 +12,14 @@ from sfl_helpers import TINY_MOCO, run_moco_with_bottleneck
 from configs import parse_args
 from functions.core.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from functions.core.errors import UserError
+from functions.core.options import typed_options
 from functions.methods.registry import method_class
-from functions.privacy.expert import MOCOSFL_CLIENT_FILE, load_initial_weights, mocosfl_client_state
+from functions.privacy.expert import (
+    MOCOSFL_CLIENT_FILE,
+    InitialWeightsOptions,
+    load_initial_weights,
+    mocosfl_client_state,
+)
 from models.split import build_split_model
 
 EXPERTS = SHARED / "mocosfl-expert"
@@ -54,8 +59,8 @@ def test_mocosfl_expert_client_parts_load_through_the_key_mapping(cutlayer) -> N
     own = split.client.state_dict()
     assert mapped.keys() == own.keys()
     assert all(mapped[key].shape == own[key].shape for key in own)
-    load_initial_weights(argparse.Namespace(initialze_path=str(folder), arch="ResNet18", cutlayer=cutlayer,
-                                            load_server=False), split)
+    load_initial_weights(InitialWeightsOptions(initialze_path=str(folder), arch="ResNet18", cutlayer=cutlayer,
+                                               load_server=False), split)
     images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(cutlayer))
     with torch.no_grad():
         expected, actual = _mocosfl_forward(published, cutlayer, images), split.client(images)
@@ -65,9 +70,9 @@ def test_mocosfl_expert_client_parts_load_through_the_key_mapping(cutlayer) -> N
 def test_an_expert_of_another_cut_is_refused_with_what_it_holds() -> None:
     folder = _expert_folder(1)
     split = build_split_model("ResNet18", 2, width=64, bottleneck="C4S2")
-    args = argparse.Namespace(initialze_path=str(folder), arch="ResNet18", cutlayer=2, load_server=False)
+    options = InitialWeightsOptions(initialze_path=str(folder), arch="ResNet18", cutlayer=2, load_server=False)
     with pytest.raises(UserError, match="client part at --cutlayer 1 and a bottleneck of 4 channels"):
-        load_initial_weights(args, split)
+        load_initial_weights(options, split)
 
 
 def test_a_run_starts_from_an_earlier_runs_clients_and_server(tmp_path) -> None:
@@ -76,7 +81,7 @@ def test_a_run_starts_from_an_earlier_runs_clients_and_server(tmp_path) -> None:
     args = parse_args("moco", [*TINY_MOCO, "--num_client", "2", "--bottleneck_option", "C4S2",
                                "--initialze_path", str(expert), "--load_server"])
     split = build_split_model("ResNet18", 1, width=8, bottleneck="C4S2", head=method_class("moco").head_builder(args))
-    load_initial_weights(args, split)
+    load_initial_weights(typed_options(InitialWeightsOptions, args), split)
     models = saved["clients"]["models"]
     for key, value in split.client.state_dict().items():
         assert torch.allclose(value, (models[0][key] + models[1][key]) / 2), key
@@ -84,7 +89,7 @@ def test_a_run_starts_from_an_earlier_runs_clients_and_server(tmp_path) -> None:
         assert torch.equal(value, saved["method"][f"server.{key}"]), key
     other_cut = parse_args("moco", [*TINY_MOCO, "--cutlayer", "2", "--initialze_path", str(expert)])
     with pytest.raises(UserError, match="that run used --arch ResNet18 --cutlayer 1 --bottleneck_option C4S2"):
-        load_initial_weights(other_cut, build_split_model("ResNet18", 2, width=8))
+        load_initial_weights(typed_options(InitialWeightsOptions, other_cut), build_split_model("ResNet18", 2, width=8))
 
 
 @pytest.mark.parametrize("edit, fragment", [
@@ -104,5 +109,5 @@ def test_an_earlier_run_of_a_broken_layout_is_one_line(tmp_path, edit, fragment)
     torch.save(state, tmp_path / CHECKPOINT_NAME)
     args = parse_args("moco", [*TINY_MOCO, "--initialze_path", str(tmp_path)])
     with pytest.raises(UserError, match="--initialze_path") as refused:
-        load_initial_weights(args, build_split_model("ResNet18", 1, width=8))
+        load_initial_weights(typed_options(InitialWeightsOptions, args), build_split_model("ResNet18", 1, width=8))
     assert str(tmp_path / CHECKPOINT_NAME) in str(refused.value) and fragment in str(refused.value)
