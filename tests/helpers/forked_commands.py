@@ -125,6 +125,7 @@ class ForkedCommand:
         """What it wrote so far to stdout and stderr."""
         return tuple(path.read_text(errors="replace") if path.exists() else "" for path in (self._stdout, self._stderr))
 
+
 def run_forked(argv: list[str], env: dict[str, str] | None = None, cwd: Path | str = REPO_ROOT,
                timeout: float = 240) -> subprocess.CompletedProcess:
     """`python *argv` forked, to its end: subprocess.run's result with text output."""
