@@ -29,8 +29,8 @@ from functions.core.distributed import all_reduce_sum
 from functions.core.errors import TrainingInterrupted
 from functions.train.stopping import AgreedStopBatches, StopSignal, WorkCutShort
 
-# Runs the real entry script in a child process (forked from the tests' fork server); each step also writes its number to a progress file and pauses,
-# so the test can send SIGTERM from outside while the run is mid-epoch.
+# Runs the real entry script in a child process (forked from the tests' fork server); each step also writes its
+# number to a progress file and pauses, so the test can send SIGTERM from outside while the run is mid-epoch.
 
 
 def start_slow_run(tmp_path: Path, argv: list[str], new_session: bool = False) -> tuple[ForkedCommand, Path]:
