@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from forked_commands import ForkedCommand
+from forked_commands import TORCHRUN_FORKED, ForkedCommand
 from paths import REPO_ROOT
 from sfl_helpers import TINY_MOCO, TINY_SWAV
-from torchrun_runs import FORKED_TORCHRUN, REDUCTION_ORDER_DRIFT, assert_same_run, free_port, torchrun_env, train
+from torchrun_runs import REDUCTION_ORDER_DRIFT, assert_same_run, free_port, torchrun_env, train
 
 from functions.core.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from functions.core.distributed import client_shares
+from functions.data.datasets import NO_DOWNLOAD_ENV
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
@@ -180,7 +181,7 @@ def _start_two_ranks(launcher: list[str], script_and_argv: list[str]) -> ForkedC
     """torchrun (`launcher`: its module or tests/helpers/torchrun_forked.py) with two ranks on this machine, forked
     from the tests' fork server (tests/helpers/forked_commands.py), never downloading."""
     return ForkedCommand([*launcher, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
-                          str(free_port()), *script_and_argv], {**torchrun_env(), "SFL_NO_DOWNLOAD": "1"})
+                          str(free_port()), *script_and_argv], torchrun_env(**{NO_DOWNLOAD_ENV: "1"}))
 
 
 def test_sigterm_to_torchrun_saves_once_and_prints_the_torchrun_resume_command(tmp_path):
@@ -244,7 +245,7 @@ def test_sigterm_to_torchrun_during_the_knn_monitor_stops_every_rank_within_seco
     script.write_text(SLOW_MONITOR.format(repo=str(REPO_ROOT)))
     argv = [*TINY_MOCO, "--num_client", "2", "--batch_size", "8", "--eval_freq", "1", "--eval_batch_size", "16",
             "--device", "cpu", "--output_dir", str(run_dir)]
-    child = _start_two_ranks([str(FORKED_TORCHRUN)], [str(script), str(marker), *argv])
+    child = _start_two_ranks([TORCHRUN_FORKED], [str(script), str(marker), *argv])
     try:
         deadline = time.monotonic() + 120
         while not marker.exists():
@@ -269,15 +270,13 @@ def test_sigterm_to_torchrun_during_the_knn_monitor_stops_every_rank_within_seco
 
 
 def _launch_two_nodes(script: str, argv: list[str], output_dirs: tuple[Path, Path],
-                      node_options: tuple[list[str], list[str]] = ([], []),
-                      forked: bool = False) -> list[subprocess.CompletedProcess]:
+                      node_options: tuple[list[str], list[str]] = ([], [])) -> list[subprocess.CompletedProcess]:
     """torchrun as two one-process "nodes" on this machine, each node with its own --output_dir (its own disk),
-    forked from the tests' fork server; `forked`: each node's worker forked from its torchrun (torchrun_forked.py)."""
+    forked from the tests' fork server, each node's worker forked from its torchrun (torchrun_forked.py)."""
     port = str(free_port())
-    launcher = [str(FORKED_TORCHRUN)] if forked else ["-m", "torch.distributed.run"]
-    nodes = [ForkedCommand([*launcher, "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node),
+    nodes = [ForkedCommand([TORCHRUN_FORKED, "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node),
                             "--master_addr", "127.0.0.1", "--master_port", port, script, *argv, *node_options[node],
-                            "--output_dir", str(output_dirs[node])], {**torchrun_env(), "SFL_NO_DOWNLOAD": "1"})
+                            "--output_dir", str(output_dirs[node])], torchrun_env(**{NO_DOWNLOAD_ENV: "1"}))
              for node in (0, 1)]
     results = []
     for node in nodes:
@@ -291,15 +290,13 @@ def test_resume_across_nodes_without_a_shared_disk_takes_rank_zeros_checkpoint(t
     straight = train("run_sflmoco.py", [*base, "--max_steps", "5"], tmp_path / "straight", 1)
     node0, node1 = tmp_path / "node0", tmp_path / "node1"  # node 1 never sees node 0's files
     train("run_sflmoco.py", [*base, "--max_steps", "3"], node0, 1)
-    results = _launch_two_nodes("run_sflmoco.py", [*base, "--max_steps", "5", "--resume"], (node0, node1),
-                                forked=True)
+    results = _launch_two_nodes("run_sflmoco.py", [*base, "--max_steps", "5", "--resume"], (node0, node1))
     assert [r.returncode for r in results] == [0, 0], results[0].stderr[-2000:] + results[1].stderr[-2000:]
     assert not (node1 / CHECKPOINT_NAME).exists()
     assert_same_run(straight, node0, loss_tolerance=1e-4, weight_tolerance=1e-4, exact_steps=2)
 
     # A refusal decided on rank 0 (no checkpoint to resume) is one line on every rank, not a crash of the others.
-    results = _launch_two_nodes("run_sflmoco.py", [*base, "--max_steps", "5", "--resume"], (node1, node0),
-                                forked=True)
+    results = _launch_two_nodes("run_sflmoco.py", [*base, "--max_steps", "5", "--resume"], (node1, node0))
     for result in results:
         assert result.returncode != 0
         worker_errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
@@ -330,7 +327,7 @@ def test_a_node_without_the_data_stops_every_rank_with_its_one_line(tmp_path):
     empty = tmp_path / "no_data"
     empty.mkdir()
     results = _launch_two_nodes("run_sflmoco.py", base, (tmp_path / "node0", tmp_path / "node1"),
-                                (["--data_dir", sample], ["--data_dir", str(empty)]), forked=True)
+                                (["--data_dir", sample], ["--data_dir", str(empty)]))
     for result in results:
         assert result.returncode != 0
         worker_errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
@@ -371,7 +368,7 @@ def test_a_full_disk_on_rank_zero_during_training_stops_every_rank_with_its_one_
     script.write_text(DISK_FULL_ON_RANK_ZERO.format(repo=str(REPO_ROOT)))
     node0, node1 = tmp_path / "node0", tmp_path / "node1"  # one stderr per rank: two one-process "nodes"
     results = _launch_two_nodes(str(script), [*TINY_MOCO, "--num_client", "4", "--batch_size", "8", "--device", "cpu"],
-                                (node0, node1), forked=True)
+                                (node0, node1))
     expected = (f"error: rank 0: cannot write {node0 / CHECKPOINT_NAME} (No space left on device); "
                 f"the previous {CHECKPOINT_NAME}, if any, is unchanged")
     for result in results:  # both ranks stop with rank 0's line, neither with a traceback

@@ -25,12 +25,10 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-FORKED_TORCHRUN = Path(TORCHRUN_FORKED)
-
-
-def torchrun_env() -> dict[str, str]:
-    """The environment of a torchrun started by a test: one torch thread, none of an outer torchrun's variables."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def torchrun_env(**extra: str) -> dict[str, str]:
+    """The environment of a torchrun started by a test: one torch thread, none of an outer torchrun's variables,
+    and `extra`."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **extra}
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     return env
