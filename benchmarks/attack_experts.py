@@ -24,6 +24,7 @@ from functions.data.datasets import load_dataset  # noqa: E402
 from functions.evaluation.context import EvaluationContext, EvaluationOptions  # noqa: E402
 from functions.privacy.attack import to_unit_images  # noqa: E402
 from functions.privacy.attack_mocosfl import attack_set_size, invert_mocosfl  # noqa: E402
+from functions.privacy.attack_options import AttackOptions  # noqa: E402
 from functions.privacy.attack_run import attack_on_client, sample_images  # noqa: E402
 from functions.privacy.expert import InitialWeightsOptions, load_initial_weights  # noqa: E402
 from models.split import build_split_model  # noqa: E402
@@ -31,18 +32,17 @@ from models.split import build_split_model  # noqa: E402
 MOCOSFL_CIFAR10_STD = (0.2023, 0.1994, 0.2010)  # MocoSFL's CIFAR-10 normalisation (its mean is this project's)
 
 
-def _attack_given_targets(context: EvaluationContext, normalised: torch.Tensor) -> dict:
+def _attack_given_targets(context: EvaluationContext, attack: AttackOptions, normalised: torch.Tensor) -> dict:
     """attack_on_client's MocoSFL protocol with the targets given as normalised images."""
-    args = context.args
     mean = torch.tensor(context.mean).view(1, 3, 1, 1)
     std = torch.tensor(context.std).view(1, 3, 1, 1)
     train_images = context.train_images()
-    count = attack_set_size(len(train_images), args.attack_data_proportion)
-    attack_images = to_unit_images(sample_images(train_images, count, args.seed + 1))
+    count = attack_set_size(len(train_images), attack.attack_data_proportion)
+    attack_images = to_unit_images(sample_images(train_images, count, attack.seed + 1))
     targets = (normalised * std + mean).clamp(0, 1)  # MocoSFL's denormalize
     figures, _ = invert_mocosfl(context.client_model, attack_images, targets,
-                                normalise=lambda images: (images - mean) / std, epochs=args.attack_epochs,
-                                seed=args.seed)
+                                normalise=lambda images: (images - mean) / std, epochs=attack.attack_epochs,
+                                seed=attack.seed)
     return {f"attack_{key}": value for key, value in figures.items()}
 
 
@@ -71,21 +71,22 @@ def main() -> None:
         split = build_split_model("ResNet18", cutlayer, width=64, bottleneck="C4S2")
         load_initial_weights(InitialWeightsOptions(initialze_path=str(folder), arch="ResNet18", cutlayer=cutlayer,
                                                    load_server=False), split)
-        args = argparse.Namespace(attack_protocol="mocosfl", attack_data_proportion=options.attack_data_proportion,
-                                  attack_epochs=options.attack_epochs, attack_images=options.attack_images,
-                                  attack_client=0, num_client=1, seed=options.seed,
-                                  output_dir=str(Path(options.output_dir) / f"cut{cutlayer}"))
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        attack = AttackOptions(attack_client=0, attack_images=options.attack_images,
+                               attack_epochs=options.attack_epochs, seed=options.seed,
+                               output_dir=str(Path(options.output_dir) / f"cut{cutlayer}"), dataset=options.dataset,
+                               data_dir=options.data_dir, data_size=None, attack_protocol="mocosfl",
+                               attack_data_proportion=options.attack_data_proportion)
+        Path(attack.output_dir).mkdir(parents=True, exist_ok=True)
         std = MOCOSFL_CIFAR10_STD if options.normalisation == "mocosfl" else dataset.std
         # Only the attack runs on this context: no kNN accuracy, no probe.
         attack_only = EvaluationOptions(knn_k=0, knn_t=0.0, skip_linear=True, linear_epochs=0, seed=options.seed,
-                                        attack=True)
-        context = EvaluationContext(lambda images: images, split.client.eval(), [], [], dataset.num_classes, args,
+                                        attack=attack)
+        context = EvaluationContext(lambda images: images, split.client.eval(), [], [], dataset.num_classes, options,
                                     torch.device("cpu"), attack_only, client_images=lambda client: dataset.train_images,
                                     train_images=lambda: dataset.train_images, mean=dataset.mean, std=std)
         started = time.time()
         if options.mocosfl_targets:
-            figures = _attack_given_targets(context, torch.load(options.mocosfl_targets, map_location="cpu"))
+            figures = _attack_given_targets(context, attack, torch.load(options.mocosfl_targets, map_location="cpu"))
         else:
             figures = attack_on_client(context)
         figures["wall_s"] = round(time.time() - started, 1)

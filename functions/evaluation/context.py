@@ -10,34 +10,35 @@ import torch
 from torch import Tensor, nn
 
 from functions.evaluation.probes import extract_features
+from functions.privacy.attack_options import AttackOptions
 
 
 @dataclass(frozen=True)
 class EvaluationOptions:
     """The run options the built-in evaluations read (the kNN monitor's too)."""
 
-    knn_k: int                      # neighbours of the kNN accuracy
-    knn_t: float                    # temperature of the kNN accuracy
-    skip_linear: bool               # no linear and semi-supervised probes
-    linear_epochs: int              # epochs of the probes
-    seed: int                       # the probes' initialisation and order
-    attack: bool = False            # the model-inversion attack after training
-    eval_protocol: str = "honest"   # honest, or mocosfl (figures selected on the test set)
+    knn_k: int                           # neighbours of the kNN accuracy
+    knn_t: float                         # temperature of the kNN accuracy
+    skip_linear: bool                    # no linear and semi-supervised probes
+    linear_epochs: int                   # epochs of the probes
+    seed: int                            # the probes' initialisation and order
+    attack: AttackOptions | None = None  # the model-inversion attack after training (None: no attack)
+    eval_protocol: str = "honest"        # honest, or mocosfl (figures selected on the test set)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> EvaluationOptions:
         """The group of a namespace (one not made by configs.parse_args may lack --attack and --eval_protocol)."""
+        attack = AttackOptions.from_args(args) if getattr(args, "attack", False) else None
         return cls(knn_k=args.knn_k, knn_t=args.knn_t, skip_linear=args.skip_linear, linear_epochs=args.linear_epochs,
-                   seed=args.seed, attack=getattr(args, "attack", False),
-                   eval_protocol=getattr(args, "eval_protocol", "honest"))
+                   seed=args.seed, attack=attack, eval_protocol=getattr(args, "eval_protocol", "honest"))
 
 
 @dataclass(eq=False)
 class EvaluationContext:
     """What an evaluation of a trained run may read: the frozen encoder (averaged client part, then the server's
-    backbone), the client part alone, the memory and test loaders, the run's options (the whole namespace, for an
-    evaluation that reads options of its own, and the group the final evaluations read). Features are extracted once,
-    on first use, and shared by every evaluation."""
+    backbone), the client part alone, the memory and test loaders, the run's options (the typed group the built-in
+    evaluations read, the attack's included, and the whole namespace for an evaluation that reads options of its own).
+    Features are extracted once, on first use, and shared by every evaluation."""
 
     encode: Callable[[Tensor], Tensor]
     client_model: nn.Module

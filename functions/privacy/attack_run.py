@@ -23,6 +23,7 @@ from functions.data.datasets import download_allowed, load_dataset
 from functions.evaluation.context import EvaluationContext
 from functions.privacy.attack import DEFAULT_DECODER, invert, reconstruction_grid, save_reconstructions, to_unit_images
 from functions.privacy.attack_mocosfl import MOCOSFL_DECODER, attack_set_size, invert_mocosfl
+from functions.privacy.attack_options import AttackOptions
 
 HELD_OUT = "heldout"
 
@@ -38,59 +39,66 @@ def sample_images(images: Any, count: int, seed: int) -> np.ndarray:
     return np.asarray(images[picked])
 
 
-def auxiliary_images(args: Any, size: tuple[int, int]) -> np.ndarray:
+def auxiliary_images(options: AttackOptions, size: tuple[int, int]) -> np.ndarray:
     """The attacker's images: --aux_data's training images (or the run's test images for "heldout")."""
-    name = args.dataset if args.aux_data == HELD_OUT else args.aux_data
-    dataset = load_dataset(name, args.data_dir, download=download_allowed(), seed=args.seed, data_size=args.data_size)
-    images = dataset.test_images if args.aux_data == HELD_OUT else dataset.train_images
+    name = options.dataset if options.aux_data == HELD_OUT else options.aux_data
+    dataset = load_dataset(name, options.data_dir, download=download_allowed(), seed=options.seed,
+                           data_size=options.data_size)
+    images = dataset.test_images if options.aux_data == HELD_OUT else dataset.train_images
     if tuple(images.shape[1:3]) != tuple(size):
-        raise UserError(f"--aux_data {args.aux_data} has {images.shape[1]}-pixel images, the run's are {size[0]}; "
+        raise UserError(f"--aux_data {options.aux_data} has {images.shape[1]}-pixel images, the run's are {size[0]}; "
                         f"choose auxiliary data of the same size, or --aux_data {HELD_OUT}")
-    return sample_images(images, args.aux_images, args.seed + 1)
+    return sample_images(images, options.aux_images, options.seed + 1)
 
 
-def _attack_targets(context: EvaluationContext) -> tuple[np.ndarray, torch.Tensor]:
+def _attack_options(context: EvaluationContext) -> AttackOptions:
+    """The attack's group of the evaluated run; a UserError when the run has none (no --attack)."""
+    if context.options.attack is None:
+        raise UserError("this evaluation has no attack options; pass --attack")
+    return context.options.attack
+
+
+def _attack_targets(context: EvaluationContext, options: AttackOptions) -> tuple[np.ndarray, torch.Tensor]:
     """--attack_client's training images (uint8) and --attack_images of them, fixed by --seed, in [0, 1]."""
-    args = context.args
     if context.client_images is None:
         raise UserError("this evaluation has no client images to attack")
-    client_images = context.client_images(args.attack_client)
-    return client_images, to_unit_images(sample_images(client_images, args.attack_images, args.seed))
+    client_images = context.client_images(options.attack_client)
+    return client_images, to_unit_images(sample_images(client_images, options.attack_images, options.seed))
 
 
 def attack_on_client(context: EvaluationContext) -> dict[str, Any]:
     """Attack --attack_client's images with --attack_protocol's attacker; return the figures."""
-    args = context.args
-    client_images, targets = _attack_targets(context)
+    options = _attack_options(context)
+    client_images, targets = _attack_targets(context, options)
     mean = torch.tensor(context.mean, device=context.device).view(1, 3, 1, 1)
     std = torch.tensor(context.std, device=context.device).view(1, 3, 1, 1)
     client = context.client_model.eval()
-    protocol = getattr(args, "attack_protocol", "auxiliary")
-    if protocol == "mocosfl":
+    if options.attack_protocol == "mocosfl":
         if context.train_images is None:
             raise UserError("this evaluation has no training images for MocoSFL's attacker")
         train_images = context.train_images()
-        count = attack_set_size(len(train_images), args.attack_data_proportion)
-        attack_images = to_unit_images(sample_images(train_images, count, args.seed + 1))
+        count = attack_set_size(len(train_images), options.attack_data_proportion)
+        attack_images = to_unit_images(sample_images(train_images, count, options.seed + 1))
         name = MOCOSFL_DECODER
         logger.info(f"model-inversion attack (MocoSFL's protocol): decoder {name}, {count} of the run's training "
-                    f"images, {args.attack_epochs} epochs, against client {args.attack_client}'s "
+                    f"images, {options.attack_epochs} epochs, against client {options.attack_client}'s "
                     f"{targets.shape[0]} images")
         figures, reconstructed = invert_mocosfl(client, attack_images, targets,
                                                 normalise=lambda images: (images - mean) / std,
-                                                epochs=args.attack_epochs, seed=args.seed, device=context.device)
+                                                epochs=options.attack_epochs, seed=options.seed, device=context.device)
     else:
-        auxiliary = to_unit_images(auxiliary_images(args, tuple(client_images.shape[1:3])))
-        name = decoder_name(args.MIA_arch)
-        logger.info(f"model-inversion attack: decoder {name}, {auxiliary.shape[0]} images of {args.aux_data}, "
-                    f"{args.attack_epochs} epochs, against client {args.attack_client}'s {targets.shape[0]} images")
+        auxiliary = to_unit_images(auxiliary_images(options, tuple(client_images.shape[1:3])))
+        name = decoder_name(options.MIA_arch)
+        logger.info(f"model-inversion attack: decoder {name}, {auxiliary.shape[0]} images of {options.aux_data}, "
+                    f"{options.attack_epochs} epochs, against client {options.attack_client}'s {targets.shape[0]} "
+                    "images")
         figures, reconstructed = invert(client, auxiliary, targets, normalise=lambda images: (images - mean) / std,
-                                        decoder_name=name, epochs=args.attack_epochs, seed=args.seed,
+                                        decoder_name=name, epochs=options.attack_epochs, seed=options.seed,
                                         device=context.device)
     if context.is_main:
-        save_reconstructions(Path(args.output_dir) / "attack.png", targets, reconstructed)
-        board = TensorboardLog(Path(args.output_dir) / "tensorboard")
+        save_reconstructions(Path(options.output_dir) / "attack.png", targets, reconstructed)
+        board = TensorboardLog(Path(options.output_dir) / "tensorboard")
         board.image("attack/originals_above_reconstructions", reconstruction_grid(targets, reconstructed), 0)
         board.close()
     return {**{f"attack_{key}": value for key, value in figures.items()}, "attack_decoder": name,
-            "attack_client": args.attack_client, "attack_protocol": protocol}
+            "attack_client": options.attack_client, "attack_protocol": options.attack_protocol}

@@ -43,7 +43,7 @@ def probe_evaluation(context: EvaluationContext) -> dict[str, Any]:
 
 def attack_evaluation(context: EvaluationContext) -> dict[str, Any]:
     """With --attack: the model-inversion attack on a client's smashed data (functions.privacy.attack_run)."""
-    if not context.options.attack:
+    if context.options.attack is None:
         return {}
     return attack_on_client(context)
 

@@ -102,13 +102,13 @@ class Trainer:
         view_spec = method_cls.view_spec(args, resolved_entry(args.dataset, args.data_size))
         # Reads this node's disk: may fail on one rank only, so every rank stops with that rank's line.
         self.data = run_agreed(lambda: FederatedData(args, view_spec, runtime, output_dir))
-        if getattr(args, "attack", False):
+        if (attack := EvaluationOptions.from_args(args).attack) is not None:
             # What the attack needs is checked now, not after training: enough images for MocoSFL's attacker, or
             # the auxiliary data present and of the run's image size.
-            if getattr(args, "attack_protocol", "auxiliary") == "mocosfl":
-                attack_set_size(len(self.data.dataset.train_images), args.attack_data_proportion)
+            if attack.attack_protocol == "mocosfl":
+                attack_set_size(len(self.data.dataset.train_images), attack.attack_data_proportion)
             else:
-                run_agreed(lambda: auxiliary_images(args, self.data.dataset.train_images.shape[1:3]))
+                run_agreed(lambda: auxiliary_images(attack, self.data.dataset.train_images.shape[1:3]))
         self.precision = MixedPrecision(amp_dtype_of(args.use_fp16, args.amp_dtype, runtime), runtime)
         build_step = build_fl_step if args.scheme == "fl" else build_split_step
         self.split_step = build_step(args, runtime, self.precision)
