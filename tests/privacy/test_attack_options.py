@@ -4,9 +4,14 @@ from __future__ import annotations
 import argparse
 from dataclasses import MISSING, fields
 
+import pytest
+import torch
+
 from configs import parse_args
-from functions.evaluation.context import EvaluationOptions
+from functions.core.errors import UserError
+from functions.evaluation.context import EvaluationContext, EvaluationOptions
 from functions.privacy.attack_options import AttackOptions
+from functions.privacy.attack_run import attack_on_client
 
 
 def test_the_group_holds_the_attack_options_of_the_command_line() -> None:
@@ -34,3 +39,11 @@ def test_no_attack_without_the_option_and_the_auxiliary_protocol_by_default() ->
     assert EvaluationOptions.from_args(args).attack is None
     older = argparse.Namespace(**{key: value for key, value in vars(args).items() if key != "attack_protocol"})
     assert AttackOptions.from_args(older).attack_protocol == "auxiliary"
+
+
+def test_the_attack_refuses_an_evaluation_without_its_options() -> None:
+    args = parse_args("moco", [])
+    context = EvaluationContext(lambda images: images, torch.nn.Identity(), [], [], 10, args, torch.device("cpu"),
+                                EvaluationOptions.from_args(args))
+    with pytest.raises(UserError, match="no attack options; pass --attack"):
+        attack_on_client(context)
