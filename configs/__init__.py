@@ -359,7 +359,7 @@ def _given_on_command_line(parser: argparse.ArgumentParser, argv: Sequence[str] 
 
 def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     """Check contradictions (one clear line each) and fill the derived values."""
-    args.partition = resolve_partition_method(args)
+    args.partition = resolve_partition_method(args.partition, dirichlet=args.dirichlet, noniid_ratio=args.noniid_ratio)
     if args.c_lr == -1.0:
         args.c_lr = args.lr
     if isinstance(args.output_dir, str):

@@ -57,3 +57,68 @@ class ScheduleOptions:
         return cls(lr=args.lr, c_lr=args.c_lr, cos=bool(args.cos), milestones=milestones, s_gamma=args.s_gamma,
                    c_gamma=args.c_gamma, num_epoch=args.num_epoch, client_sample_ratio=args.client_sample_ratio,
                    scheme=getattr(args, "scheme", "sfl"), mocosfl_compat=mocosfl_compat(args))
+
+
+@dataclass(frozen=True)
+class DatasetOptions:
+    """The run's images: which dataset, where it lies, and the subset of its training set that is used."""
+
+    dataset: str
+    data_dir: str
+    data_proportion: float   # fraction of the training set kept
+    data_size: int | None    # image side; None: the dataset's own
+    seed: int                # seed of the subsample
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> DatasetOptions:
+        """The group of a parsed namespace."""
+        return typed_options(cls, args)
+
+
+@dataclass(frozen=True)
+class PartitionOptions:
+    """How the training set is split across the clients (the method already resolved by finalize_args)."""
+
+    partition: str               # iid, shard or dirichlet
+    dirichlet_alpha: float
+    noniid_ratio: float
+    min_client_samples: int
+    hetero: bool                 # with an iid partition: client sizes follow hetero_string
+    hetero_string: str
+    num_client: int
+    seed: int                    # seed of the split
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> PartitionOptions:
+        """The group of a parsed namespace."""
+        return typed_options(cls, args)
+
+
+@dataclass(frozen=True)
+class LoaderOptions:
+    """How the images reach the model: the torch or DALI data path, its workers and the evaluation batch."""
+
+    use_dali: bool
+    dali_device: str | None      # None: gpu when CUDA is present
+    eval_batch_size: int
+    num_workers: int
+    seed: int                    # seed of the clients' sample streams and of each epoch's client pool
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> LoaderOptions:
+        """The group of a parsed namespace."""
+        return typed_options(cls, args)
+
+
+@dataclass(frozen=True)
+class RunLengthOptions:
+    """How long the run trains: its epochs, and under --scheme fl each client's passes over its data per epoch."""
+
+    num_epoch: int
+    scheme: str                  # sfl, or fl (MocoSFL's FL-MoCo baseline)
+    local_epoch: int
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> RunLengthOptions:
+        """The group of a parsed namespace."""
+        return typed_options(cls, args)

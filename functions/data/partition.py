@@ -297,18 +297,17 @@ def add_partition_arguments(parser: argparse.ArgumentParser) -> None:
                             "it does (default: 10)")
 
 
-def resolve_partition_method(args: argparse.Namespace) -> str:
-    """Final partition method from --partition, the --dirichlet alias and --noniid_ratio; UserError on conflicts."""
-    explicit = getattr(args, "partition", None)
-    wants_dirichlet = bool(getattr(args, "dirichlet", False))
-    noniid_ratio = getattr(args, "noniid_ratio", 1.0)
-    if explicit is not None and explicit not in PARTITION_METHODS:
-        raise UserError(f"unknown --partition '{explicit}'; choose one of {', '.join(PARTITION_METHODS)}")
+def resolve_partition_method(partition: str | None = None, *, dirichlet: bool = False,
+                             noniid_ratio: float = 1.0) -> str:
+    """Final partition method from --partition (None when not given), the --dirichlet alias and --noniid_ratio;
+    UserError on conflicts."""
+    if partition is not None and partition not in PARTITION_METHODS:
+        raise UserError(f"unknown --partition '{partition}'; choose one of {', '.join(PARTITION_METHODS)}")
     if not 0.0 < noniid_ratio <= 1.0:
         raise UserError(f"--noniid_ratio must be in (0, 1], got {noniid_ratio}")
-    if wants_dirichlet and explicit not in (None, "dirichlet"):
-        raise UserError(f"--dirichlet contradicts --partition {explicit}; pass only one of them")
-    method = "dirichlet" if wants_dirichlet else explicit
+    if dirichlet and partition not in (None, "dirichlet"):
+        raise UserError(f"--dirichlet contradicts --partition {partition}; pass only one of them")
+    method = "dirichlet" if dirichlet else partition
     if noniid_ratio < 1.0 and method not in (None, "shard"):
         raise UserError(f"--noniid_ratio {noniid_ratio} only applies to shard mode but the partition is {method}; "
                         f"drop --noniid_ratio or use --partition shard")
@@ -351,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
     add_partition_arguments(parser)
     args = parser.parse_args(argv)
 
-    method = resolve_partition_method(args)
+    method = resolve_partition_method(args.partition, dirichlet=args.dirichlet, noniid_ratio=args.noniid_ratio)
     dataset = load_dataset(args.dataset, args.data_dir, download=not args.no_download,
                            data_proportion=args.data_proportion, seed=args.seed)
     client_indices = make_partition(dataset.train_labels, args.num_client, method, dataset.num_classes,

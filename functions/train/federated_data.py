@@ -12,7 +12,13 @@ import torch
 
 from functions.core.distributed import Runtime, check_clients_per_rank, client_shares
 from functions.core.errors import UserError
-from functions.core.options import ClientOptions
+from functions.core.options import (
+    ClientOptions,
+    DatasetOptions,
+    LoaderOptions,
+    PartitionOptions,
+    RunLengthOptions,
+)
 from functions.data.datasets import ImageDataset, download_allowed, load_dataset
 from functions.data.loaders import (
     MAX_STREAM_POSITION,
@@ -57,13 +63,13 @@ def build_loaders(dataset: ImageDataset, schedule: FederatedSchedule, view_spec:
                                num_classes=dataset.num_classes, memory=dataset.memory_split)
 
 
-def check_run_length(args: argparse.Namespace, steps_per_epoch: int, largest_batch: int) -> None:
+def check_run_length(length: RunLengthOptions, steps_per_epoch: int, largest_batch: int) -> None:
     """Refuse a run longer than a client's sample stream can address (the samples and augmentations of a step are a
     function of its position in that stream), naming the options that make it so long."""
-    samples = args.num_epoch * steps_per_epoch * largest_batch
+    samples = length.num_epoch * steps_per_epoch * largest_batch
     if samples >= MAX_STREAM_POSITION:
-        options = "--num_epoch" + (f" or --local_epoch {args.local_epoch}" if args.scheme == "fl" else "")
-        raise UserError(f"--num_epoch {args.num_epoch} epochs of {steps_per_epoch} steps of up to {largest_batch} "
+        options = "--num_epoch" + (f" or --local_epoch {length.local_epoch}" if length.scheme == "fl" else "")
+        raise UserError(f"--num_epoch {length.num_epoch} epochs of {steps_per_epoch} steps of up to {largest_batch} "
                         f"samples per client exceed the {MAX_STREAM_POSITION} samples a client's stream can address; "
                         f"lower {options}")
 
@@ -71,52 +77,63 @@ def check_run_length(args: argparse.Namespace, steps_per_epoch: int, largest_bat
 class FederatedData:
     """The dataset, the partition (saved to the run folder by rank 0), the schedule and the loaders of a run."""
 
-    def __init__(self, args: argparse.Namespace, view_spec: ViewSpec, runtime: Runtime, output_dir: Path) -> None:
+    def __init__(self, view_spec: ViewSpec, runtime: Runtime, output_dir: Path, *, dataset: DatasetOptions,
+                 partition: PartitionOptions, clients: ClientOptions, loaders: LoaderOptions,
+                 length: RunLengthOptions) -> None:
         self.runtime = runtime
-        self.dataset = load_dataset(args.dataset, args.data_dir, download=download_allowed(),
-                                    data_proportion=args.data_proportion, seed=args.seed, data_size=args.data_size)
-        self.client_indices = self._partition(args, output_dir)
+        self.dataset = load_dataset(dataset.dataset, dataset.data_dir, download=download_allowed(),
+                                    data_proportion=dataset.data_proportion, seed=dataset.seed,
+                                    data_size=dataset.data_size)
+        self.client_indices = self._partition(partition, output_dir)
         self.client_sizes = [len(indices) for indices in self.client_indices]
         self.partition_hash = partition_hash(self.client_indices)
-        clients = ClientOptions.from_args(args)
         self.batch_sizes = client_batch_sizes(clients, self.client_sizes)
         self._warn_small_shards()
         steps = default_steps_per_epoch(self.client_indices, self.batch_sizes, clients.client_sample_ratio)
-        if args.scheme == "fl":
-            steps *= args.local_epoch  # FL-MoCo: an epoch is --local_epoch passes of every client over its data
-        check_run_length(args, steps, max(self.batch_sizes))
+        if length.scheme == "fl":
+            steps *= length.local_epoch  # FL-MoCo: an epoch is --local_epoch passes of every client over its data
+        check_run_length(length, steps, max(self.batch_sizes))
         self.schedule = FederatedSchedule(self.client_indices, self.batch_sizes, clients.client_sample_ratio, steps,
-                                          args.seed)
+                                          loaders.seed)
         if runtime.is_distributed:
             check_clients_per_rank(self.schedule.pool_size, clients.num_client, clients.client_sample_ratio,
                                    runtime.world_size)
-        self.loaders = build_loaders(self.dataset, self.schedule, view_spec, use_dali=args.use_dali,
-                                     dali_device=args.dali_device, device=runtime.device,
-                                     eval_batch_size=args.eval_batch_size, num_workers=args.num_workers,
-                                     seed=args.seed)
+        self.loaders = build_loaders(self.dataset, self.schedule, view_spec, use_dali=loaders.use_dali,
+                                     dali_device=loaders.dali_device, device=runtime.device,
+                                     eval_batch_size=loaders.eval_batch_size, num_workers=loaders.num_workers,
+                                     seed=loaders.seed)
         self.steps_per_epoch = self.loaders.train.steps_per_epoch
         self._pool_rows: dict[int, int] = {}
 
-    def _partition(self, args: argparse.Namespace, output_dir: Path) -> list[np.ndarray]:
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, view_spec: ViewSpec, runtime: Runtime,
+                  output_dir: Path) -> FederatedData:
+        """The data of the run a parsed namespace describes."""
+        return cls(view_spec, runtime, output_dir, dataset=DatasetOptions.from_args(args),
+                   partition=PartitionOptions.from_args(args), clients=ClientOptions.from_args(args),
+                   loaders=LoaderOptions.from_args(args), length=RunLengthOptions.from_args(args))
+
+    def _partition(self, options: PartitionOptions, output_dir: Path) -> list[np.ndarray]:
         """Each client's training-sample indices (rank 0 writes partition.json and partition.png)."""
         labels, num_classes = self.dataset.train_labels, self.dataset.num_classes
         if self.dataset.has_unlabelled:
-            if args.partition != "iid":
-                raise UserError(f"--dataset {args.dataset} trains on unlabelled images too: a {args.partition} "
+            if options.partition != "iid":
+                raise UserError(f"--dataset {self.dataset.name} trains on unlabelled images too: a {options.partition} "
                                 "partition follows labels they do not have; use --partition iid, or a dataset of "
                                 "labelled images only for non-IID clients")
             # Unlabelled images count as one more column of the class counts (the last one).
             labels, num_classes = np.where(labels < 0, num_classes, labels), num_classes + 1
-        if args.hetero and args.partition == "iid":
-            indices = hetero_partition(len(labels), args.num_client, args.hetero_string, args.seed)
+        if options.hetero and options.partition == "iid":
+            indices = hetero_partition(len(labels), options.num_client, options.hetero_string, options.seed)
         else:
-            indices = make_partition(labels, args.num_client, args.partition, num_classes,
-                                     dirichlet_alpha=args.dirichlet_alpha, noniid_ratio=args.noniid_ratio,
-                                     min_client_samples=args.min_client_samples, seed=args.seed)
+            indices = make_partition(labels, options.num_client, options.partition, num_classes,
+                                     dirichlet_alpha=options.dirichlet_alpha, noniid_ratio=options.noniid_ratio,
+                                     min_client_samples=options.min_client_samples, seed=options.seed)
         if self.runtime.is_main:
             save_partition(output_dir, labels, indices, num_classes,
-                           extra={"partition": args.partition, "dirichlet_alpha": args.dirichlet_alpha,
-                                  "noniid_ratio": args.noniid_ratio, "seed": args.seed, "hetero": args.hetero})
+                           extra={"partition": options.partition, "dirichlet_alpha": options.dirichlet_alpha,
+                                  "noniid_ratio": options.noniid_ratio, "seed": options.seed,
+                                  "hetero": options.hetero})
         return indices
 
     def _warn_small_shards(self) -> None:

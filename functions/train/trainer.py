@@ -101,7 +101,7 @@ class Trainer:
         method_cls = method_class(args.method)
         view_spec = method_cls.view_spec(args, resolved_entry(args.dataset, args.data_size))
         # Reads this node's disk: may fail on one rank only, so every rank stops with that rank's line.
-        self.data = run_agreed(lambda: FederatedData(args, view_spec, runtime, output_dir))
+        self.data = run_agreed(lambda: FederatedData.from_args(args, view_spec, runtime, output_dir))
         if (attack := EvaluationOptions.from_args(args).attack) is not None:
             # What the attack needs is checked now, not after training: enough images for MocoSFL's attacker, or
             # the auxiliary data present and of the run's image size.

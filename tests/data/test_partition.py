@@ -169,11 +169,12 @@ def test_impossible_requests_raise_user_error(labels: np.ndarray, request_kwargs
     assert fragment in one_line(error)
 
 
-def parse_partition_options(argv: list[str]) -> argparse.Namespace:
-    """Parse argv with only the partition options."""
+def resolved_method(argv: list[str]) -> str:
+    """The partition method that argv's partition options resolve to."""
     parser = argparse.ArgumentParser()
     add_partition_arguments(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    return resolve_partition_method(args.partition, dirichlet=args.dirichlet, noniid_ratio=args.noniid_ratio)
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -186,7 +187,7 @@ def parse_partition_options(argv: list[str]) -> argparse.Namespace:
     (["--partition", "iid", "--noniid_ratio", "1.0"], "iid"),
 ])
 def test_resolve_partition_method(argv: list[str], expected: str) -> None:
-    assert resolve_partition_method(parse_partition_options(argv)) == expected
+    assert resolved_method(argv) == expected
 
 
 @pytest.mark.parametrize("argv", [
@@ -199,8 +200,21 @@ def test_resolve_partition_method(argv: list[str], expected: str) -> None:
 ])
 def test_contradictory_options_raise_user_error(argv: list[str]) -> None:
     with pytest.raises(UserError) as error:
-        resolve_partition_method(parse_partition_options(argv))
+        resolved_method(argv)
     one_line(error)
+
+
+def test_partition_method_without_options_is_iid_or_shard_below_a_noniid_ratio_of_one() -> None:
+    assert resolve_partition_method() == "iid"
+    assert resolve_partition_method(noniid_ratio=0.5) == "shard"
+    assert resolve_partition_method(dirichlet=True) == "dirichlet"
+
+
+def test_an_unknown_partition_method_is_one_line() -> None:
+    # A caller outside argparse (which checks the choices) may pass any string.
+    with pytest.raises(UserError) as error:
+        resolve_partition_method("random")
+    assert one_line(error) == "unknown --partition 'random'; choose one of iid, shard, dirichlet"
 
 
 def test_partition_options_defaults_and_help() -> None:
