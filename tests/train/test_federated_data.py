@@ -9,7 +9,13 @@ from sfl_helpers import TINY_MOCO, moco_trainer
 from configs import parse_args
 from functions.core.distributed import Runtime
 from functions.core.errors import UserError
-from functions.core.options import ClientOptions, DatasetOptions, LoaderOptions, PartitionOptions, RunLengthOptions
+from functions.core.options import (
+    ClientOptions,
+    DatasetOptions,
+    LoaderOptions,
+    PartitionOptions,
+    RunLengthOptions,
+)
 from functions.data.datasets import resolved_entry
 from functions.data.loaders import MAX_STREAM_POSITION
 from functions.methods.registry import method_class
@@ -40,7 +46,8 @@ def test_the_option_groups_alone_give_the_data_of_the_parsed_run(tmp_path):
     parsed = FederatedData.from_args(args, view_spec, runtime, tmp_path / "parsed")
     grouped = FederatedData(
         view_spec, runtime, tmp_path / "grouped",
-        dataset=DatasetOptions(dataset="synthetic", data_dir=args.data_dir, data_proportion=1.0, data_size=None, seed=3),
+        dataset=DatasetOptions(dataset="synthetic", data_dir=args.data_dir, data_proportion=1.0, data_size=None,
+                               seed=3),
         partition=PartitionOptions(partition="iid", dirichlet_alpha=0.4, noniid_ratio=1.0, min_client_samples=10,
                                    hetero=True, hetero_string="0.2_0.8|16|0.8_0.2", num_client=4, seed=3),
         clients=ClientOptions(num_client=4, batch_size=8, hetero=True, client_sample_ratio=1.0),
