@@ -20,19 +20,26 @@ def typed_options(options_type: type[Options], args: argparse.Namespace) -> Opti
     return options_type(**values)
 
 
+Group = TypeVar("Group", bound="OptionGroup")
+
+
+class OptionGroup:
+    """Base of a dataclass of run options whose fields are option names: `from_args` fills it from a namespace."""
+
+    @classmethod
+    def from_args(cls: type[Group], args: argparse.Namespace) -> Group:
+        """The group of a parsed namespace."""
+        return typed_options(cls, args)
+
+
 @dataclass(frozen=True)
-class ClientOptions:
+class ClientOptions(OptionGroup):
     """The simulated clients: how many, their batch, and how they are sampled into each epoch's pool."""
 
     num_client: int
     batch_size: int              # rows per client per step (the mean one under --hetero)
     hetero: bool                 # batches proportional to the clients' data sizes
     client_sample_ratio: float   # fraction of the clients in each epoch's pool
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> ClientOptions:
-        """The group of a parsed namespace."""
-        return typed_options(cls, args)
 
 
 @dataclass(frozen=True)
@@ -60,7 +67,7 @@ class ScheduleOptions:
 
 
 @dataclass(frozen=True)
-class DatasetOptions:
+class DatasetOptions(OptionGroup):
     """The run's images: which dataset, where it lies, and the subset of its training set that is used."""
 
     dataset: str
@@ -69,14 +76,9 @@ class DatasetOptions:
     data_size: int | None    # image side; None: the dataset's own
     seed: int                # seed of the subsample
 
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> DatasetOptions:
-        """The group of a parsed namespace."""
-        return typed_options(cls, args)
-
 
 @dataclass(frozen=True)
-class PartitionOptions:
+class PartitionOptions(OptionGroup):
     """How the training set is split across the clients (the method already resolved by finalize_args)."""
 
     partition: str               # iid, shard or dirichlet
@@ -88,14 +90,9 @@ class PartitionOptions:
     num_client: int
     seed: int                    # seed of the split
 
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> PartitionOptions:
-        """The group of a parsed namespace."""
-        return typed_options(cls, args)
-
 
 @dataclass(frozen=True)
-class LoaderOptions:
+class LoaderOptions(OptionGroup):
     """How the images reach the model: the torch or DALI data path, its workers and the evaluation batch."""
 
     use_dali: bool
@@ -104,21 +101,11 @@ class LoaderOptions:
     num_workers: int
     seed: int                    # seed of the clients' sample streams and of each epoch's client pool
 
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> LoaderOptions:
-        """The group of a parsed namespace."""
-        return typed_options(cls, args)
-
 
 @dataclass(frozen=True)
-class RunLengthOptions:
+class RunLengthOptions(OptionGroup):
     """How long the run trains: its epochs, and under --scheme fl each client's passes over its data per epoch."""
 
     num_epoch: int
     scheme: str                  # sfl, or fl (MocoSFL's FL-MoCo baseline)
     local_epoch: int
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> RunLengthOptions:
-        """The group of a parsed namespace."""
-        return typed_options(cls, args)

@@ -2,7 +2,6 @@
 and the command that resumes a stopped run."""
 from __future__ import annotations
 
-import argparse
 import shlex
 import signal
 import sys
@@ -16,9 +15,8 @@ import torch
 
 from functions.core.distributed import all_reduce_max_flag, launcher_prefix
 from functions.core.errors import TrainingInterrupted
-from functions.core.options import typed_options
+from functions.core.options import OptionGroup
 from functions.methods.registry import method_class
-
 
 Batch = TypeVar("Batch")
 
@@ -159,16 +157,11 @@ class AgreedStopBatches(Generic[Batch]):
 
 
 @dataclass(frozen=True)
-class ResumeCommandOptions:
+class ResumeCommandOptions(OptionGroup):
     """The run options the resume command names."""
 
     method: str       # whose entry script continues the run
     output_dir: str   # the run folder, whose config.yaml holds every resolved option
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> ResumeCommandOptions:
-        """The group of a parsed namespace."""
-        return typed_options(cls, args)
 
 
 def resume_command(options: ResumeCommandOptions) -> str:
