@@ -23,6 +23,7 @@ from functions.core.checkpoint import (
     load_checkpoint,
 )
 from functions.core.errors import UserError
+from functions.core.options import OptionGroup
 from models.bottleneck import CLIENT_BOTTLENECK, SERVER_BOTTLENECK
 from models.split import BACKBONE_PREFIX, SplitModel, architecture
 
@@ -123,7 +124,7 @@ def _mocosfl_hint(state: Mapping[str, torch.Tensor]) -> str:
 
 
 @dataclass(frozen=True)
-class InitialWeightsOptions:
+class InitialWeightsOptions(OptionGroup):
     """The run options that start a run from an earlier one's weights."""
 
     initialze_path: str   # the earlier run's folder (this project's or MocoSFL's)

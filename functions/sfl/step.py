@@ -187,7 +187,7 @@ def build_split_step(args: argparse.Namespace, runtime: Runtime, precision: Mixe
                               bottleneck=bottleneck_of(args), image_size=args.data_size)
     if args.initialze_path != "None":
         # Before the clients and the method copy the parts.
-        load_initial_weights(typed_options(InitialWeightsOptions, args), split)
+        load_initial_weights(InitialWeightsOptions.from_args(args), split)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     # Before the method copies the server (MoCo's key encoder), so every copy has the same layout.
     method = method_cls(args, split.server.to(runtime.device, memory_format=memory_format), runtime.device)
